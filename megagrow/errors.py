@@ -1,0 +1,40 @@
+"""User-facing errors and the one wrapper every CLI uses to turn them into one clear line.
+
+A `UserError` is a mistake of the person running megagrow (bad config, missing file, ...):
+the CLI prints ``error: <message>`` on one line and exits with ``EXIT_USER_ERROR``, never a
+traceback. Anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+from typing import Callable
+
+EXIT_OK = 0
+EXIT_USER_ERROR = 2
+# A stage stopped early on SIGUSR1/SIGTERM after saving a checkpoint: the job should be
+# requeued/resumed. Distinct from success and from errors (Slurm requeue logic keys on it).
+EXIT_PREEMPTED = 75
+
+
+class UserError(Exception):
+    """A problem with the user's input; reported as one line, non-zero exit."""
+
+
+def cli_entry(fn: Callable[..., int | None]) -> Callable[..., int]:
+    """Wrap a CLI main(): UserError -> one line on stderr + EXIT_USER_ERROR."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs) -> int:
+        try:
+            rc = fn(*args, **kwargs)
+            return EXIT_OK if rc is None else int(rc)
+        except UserError as e:
+            print(f"error: {e}", file=sys.stderr, flush=True)
+            return EXIT_USER_ERROR
+        except KeyboardInterrupt:
+            print("error: interrupted", file=sys.stderr, flush=True)
+            return 130
+
+    return wrapper
