@@ -1,0 +1,309 @@
+"""Typed configuration: the model, the parallel layout, the optimizer, a stage, a plan.
+
+Every config is a frozen dataclass, built from plain dicts (YAML) by `from_dict`, which
+rejects unknown keys and validates once. `to_dict` gives the JSON-able form recorded in
+every checkpoint. Nothing here imports torch: configs are cheap to load in any tool.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from megagrow.errors import UserError
+
+FLAVOURS = ("gpt2", "llama")
+DTYPES = ("fp32", "bf16")
+LR_SCHEDULES = ("cosine", "linear", "constant")
+VOCAB_MULTIPLE = 128  # vocab padded to a multiple of this, independent of TP (layout-free)
+
+
+def _from_dict(cls, d: Any, where: str):
+    """Build dataclass `cls` from dict `d`, rejecting unknown keys with a clear message."""
+    if d is None:
+        d = {}
+    if not isinstance(d, dict):
+        raise UserError(f"{where}: expected a mapping, got {type(d).__name__}")
+    names = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - set(names))
+    if unknown:
+        raise UserError(f"{where}: unknown key(s) {', '.join(unknown)} (allowed: {', '.join(names)})")
+    kwargs = {}
+    for k, v in d.items():
+        sub = _SUBCONFIGS.get((cls.__name__, k))
+        kwargs[k] = sub.from_dict(v, f"{where}.{k}") if sub is not None else v
+    try:
+        obj = cls(**kwargs)
+    except TypeError as e:  # missing required field
+        raise UserError(f"{where}: {e}") from None
+    obj.validate(where)
+    return obj
+
+
+def _need(cond: bool, where: str, msg: str) -> None:
+    if not cond:
+        raise UserError(f"{where}: {msg}")
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+class _Config:
+    """Mixin: dict round trip + `replace`."""
+
+    @classmethod
+    def from_dict(cls, d: Any, where: str | None = None):
+        return _from_dict(cls, d, where or cls.__name__)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def replace(self, **kw):
+        obj = dataclasses.replace(self, **kw)
+        obj.validate(type(self).__name__)
+        return obj
+
+
+@dataclass(frozen=True)
+class ModelConfig(_Config):
+    """A decoder-only transformer.
+
+    gpt2:  LayerNorm, GELU MLP (fc1/fc2 with biases), learned positions, biases on linears.
+    llama: RMSNorm, SwiGLU MLP (gate/up/down, no biases), rotary positions, no biases.
+    """
+
+    flavour: str = "gpt2"
+    n_layers: int = 4
+    d_model: int = 128
+    n_heads: int = 4
+    d_ff: Optional[int] = None  # default: 4*d_model (gpt2), 8/3*d_model rounded to 64 (llama)
+    vocab_size: int = 8192  # the tokenizer's size; padded to VOCAB_MULTIPLE for the embedding
+    seq_len: int = 128
+    dropout: float = 0.0  # residual/embedding dropout (megagrow's own RNG); attention has none
+    tie_embeddings: bool = True
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    init_std: float = 0.02
+
+    def validate(self, where: str = "model") -> None:
+        _need(self.flavour in FLAVOURS, where, f"flavour must be one of {FLAVOURS}, got {self.flavour!r}")
+        for k in ("n_layers", "d_model", "n_heads", "vocab_size", "seq_len"):
+            v = getattr(self, k)
+            _need(_is_int(v) and v > 0, where, f"{k} must be a positive integer, got {v!r}")
+        _need(self.d_ff is None or (_is_int(self.d_ff) and self.d_ff > 0), where, f"d_ff must be a positive integer, got {self.d_ff!r}")
+        _need(self.d_model % self.n_heads == 0, where, f"d_model {self.d_model} is not divisible by n_heads {self.n_heads}")
+        _need(0.0 <= self.dropout < 1.0, where, f"dropout must be in [0, 1), got {self.dropout}")
+        _need(self.init_std > 0, where, "init_std must be positive")
+        if self.flavour == "llama":
+            _need(self.head_dim % 2 == 0, where, f"llama (RoPE) needs an even head_dim, got {self.head_dim}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+    @property
+    def ffn_dim(self) -> int:
+        if self.d_ff is not None:
+            return self.d_ff
+        if self.flavour == "llama":
+            return 64 * ((8 * self.d_model // 3 + 63) // 64)
+        return 4 * self.d_model
+
+    @property
+    def padded_vocab(self) -> int:
+        return VOCAB_MULTIPLE * ((self.vocab_size + VOCAB_MULTIPLE - 1) // VOCAB_MULTIPLE)
+
+    def num_params(self, embeddings: bool = True) -> int:
+        """Exact parameter count of the logical model."""
+        d, f, L = self.d_model, self.ffn_dim, self.n_layers
+        bias = self.flavour == "gpt2"
+        norm = 2 * d if bias else d  # LayerNorm has a bias, RMSNorm not
+        attn = 4 * d * d + (4 * d if bias else 0)
+        mlp = (2 * d * f + (f + d if bias else 0)) if self.flavour == "gpt2" else 3 * d * f
+        n = L * (attn + mlp + 2 * norm) + norm
+        if embeddings:
+            n += self.padded_vocab * d
+            if self.flavour == "gpt2":
+                n += self.seq_len * d
+            if not self.tie_embeddings:
+                n += self.padded_vocab * d
+        return n
+
+
+@dataclass(frozen=True)
+class Layout(_Config):
+    """How one stage runs: tensor parallel x data parallel, ZeRO stage, batch shape, precision."""
+
+    tp: int = 1
+    dp: int = 1
+    zero_stage: int = 2
+    micro_batch: int = 4
+    grad_accum: int = 1
+    dtype: str = "fp32"
+    ds_config: Optional[str] = None  # extra DeepSpeed JSON (engine tuning), e.g. ds_configs/zero3.json
+
+    def validate(self, where: str = "layout") -> None:
+        for k in ("tp", "dp", "micro_batch", "grad_accum"):
+            v = getattr(self, k)
+            _need(_is_int(v) and v > 0, where, f"{k} must be a positive integer, got {v!r}")
+        _need(self.zero_stage in (0, 1, 2, 3), where, f"zero_stage must be 0, 1, 2 or 3, got {self.zero_stage!r}")
+        _need(self.dtype in DTYPES, where, f"dtype must be one of {DTYPES}, got {self.dtype!r}")
+
+    @property
+    def world_size(self) -> int:
+        return self.tp * self.dp
+
+    @property
+    def global_batch(self) -> int:
+        return self.dp * self.micro_batch * self.grad_accum
+
+    def check_model(self, model: ModelConfig, where: str = "layout") -> None:
+        """Cross-checks between a layout and the model it runs."""
+        _need(model.n_heads % self.tp == 0, where, f"n_heads {model.n_heads} is not divisible by tp {self.tp}")
+        _need(model.ffn_dim % self.tp == 0, where, f"d_ff {model.ffn_dim} is not divisible by tp {self.tp}")
+        _need(VOCAB_MULTIPLE % self.tp == 0, where, f"tp {self.tp} must divide {VOCAB_MULTIPLE} (vocab padding)")
+
+    def check_world(self, world_size: int, where: str = "layout") -> None:
+        _need(
+            world_size == self.world_size,
+            where,
+            f"world size {world_size} != tp {self.tp} x dp {self.dp} = {self.world_size}",
+        )
+
+
+@dataclass(frozen=True)
+class OptimConfig(_Config):
+    """AdamW with decoupled weight decay, global-norm clipping and a warmup + decay schedule."""
+
+    lr: float = 1e-3
+    min_lr: float = 1e-4
+    warmup_steps: int = 20
+    schedule: str = "cosine"
+    decay_steps: Optional[int] = None  # default: the stage's steps
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+
+    def validate(self, where: str = "optim") -> None:
+        _need(self.lr > 0 and self.min_lr >= 0 and self.min_lr <= self.lr, where, "need 0 <= min_lr <= lr and lr > 0")
+        _need(_is_int(self.warmup_steps) and self.warmup_steps >= 0, where, "warmup_steps must be >= 0")
+        _need(self.schedule in LR_SCHEDULES, where, f"schedule must be one of {LR_SCHEDULES}, got {self.schedule!r}")
+        _need(self.decay_steps is None or (_is_int(self.decay_steps) and self.decay_steps > 0), where, "decay_steps must be positive")
+        _need(0 <= self.beta1 < 1 and 0 <= self.beta2 < 1, where, "betas must be in [0, 1)")
+        _need(self.eps > 0 and self.weight_decay >= 0 and self.grad_clip >= 0, where, "eps > 0, weight_decay >= 0, grad_clip >= 0")
+
+
+@dataclass(frozen=True)
+class DataConfig(_Config):
+    """A memory-mapped token dataset (PREFIX.bin/.idx from tools/prepare_data.py)."""
+
+    prefix: str = "data_cache/stdlib"
+
+    def validate(self, where: str = "data") -> None:
+        _need(isinstance(self.prefix, str) and self.prefix, where, "prefix must be a path prefix")
+
+
+@dataclass(frozen=True)
+class Stage(_Config):
+    """One stage of a plan: a model, the layout it runs at, how long, and how it is logged/saved."""
+
+    name: str = "stage"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    layout: Layout = field(default_factory=Layout)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    steps: int = 100
+    save_every: int = 50
+    log_every: int = 10
+    grow: Optional[str] = None  # growth operator that produced this stage from the previous one
+
+    def validate(self, where: str = "stage") -> None:
+        _need(isinstance(self.name, str) and self.name.replace("_", "").replace("-", "").isalnum(), where, f"name must be alphanumeric (with - or _), got {self.name!r}")
+        for k in ("steps", "save_every", "log_every"):
+            v = getattr(self, k)
+            _need(_is_int(v) and v > 0, where, f"{k} must be a positive integer, got {v!r}")
+        self.layout.check_model(self.model, f"{where}.layout")
+
+
+@dataclass(frozen=True)
+class Plan(_Config):
+    """A staged run: shared data and seed, then the stages in order."""
+
+    name: str = "plan"
+    seed: int = 1234
+    data: DataConfig = field(default_factory=DataConfig)
+    stages: tuple = ()
+
+    @classmethod
+    def from_dict(cls, d: Any, where: str | None = None) -> "Plan":
+        where = where or "plan"
+        if not isinstance(d, dict):
+            raise UserError(f"{where}: expected a mapping at the top level")
+        d = dict(d)
+        stages = d.pop("stages", None)
+        if not isinstance(stages, list) or not stages:
+            raise UserError(f"{where}: 'stages' must be a non-empty list")
+        defaults = d.pop("defaults", {}) or {}
+        built = []
+        for i, s in enumerate(stages):
+            built.append(Stage.from_dict(_merge(defaults, s), f"{where}.stages[{i}]"))
+        plan = _from_dict(cls, d, where)
+        plan = dataclasses.replace(plan, stages=tuple(built))
+        plan.validate(where)
+        return plan
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "seed": self.seed, "data": self.data.to_dict(), "stages": [s.to_dict() for s in self.stages]}
+
+    def validate(self, where: str = "plan") -> None:
+        _need(_is_int(self.seed) and self.seed >= 0, where, "seed must be a non-negative integer")
+        names = [s.name for s in self.stages]
+        _need(len(set(names)) == len(names), where, f"stage names must be unique, got {names}")
+
+    def stage(self, key: int | str) -> Stage:
+        """A stage by 0-based index or by name."""
+        if isinstance(key, str) and not key.isdigit():
+            for s in self.stages:
+                if s.name == key:
+                    return s
+            raise UserError(f"plan {self.name!r} has no stage named {key!r} (stages: {', '.join(s.name for s in self.stages)})")
+        k = int(key)
+        if not 0 <= k < len(self.stages):
+            raise UserError(f"plan {self.name!r} has stages 0..{len(self.stages) - 1}, got {k}")
+        return self.stages[k]
+
+
+def _merge(base: dict, over: Any) -> Any:
+    """Deep-merge plan `defaults` under a stage's own keys."""
+    if not isinstance(over, dict) or not isinstance(base, dict):
+        return over
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _merge(base.get(k), v) if isinstance(base.get(k), dict) else v
+    return out
+
+
+_SUBCONFIGS = {
+    ("Stage", "model"): ModelConfig,
+    ("Stage", "layout"): Layout,
+    ("Stage", "optim"): OptimConfig,
+    ("Plan", "data"): DataConfig,
+}
+
+
+def load_plan(path: str) -> Plan:
+    """Read a plan YAML file, with clear errors for a missing or malformed file."""
+    import yaml
+
+    if not os.path.isfile(path):
+        raise UserError(f"plan file not found: {path}")
+    try:
+        with open(path) as f:
+            d = yaml.safe_load(f)
+    except yaml.YAMLError as e:
+        raise UserError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    return Plan.from_dict(d, os.path.basename(path))

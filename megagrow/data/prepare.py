@@ -1,0 +1,194 @@
+"""``tools/prepare_data.py``: text files -> sentencepiece tokenizer + token dataset.
+
+    python tools/prepare_data.py --out data/stdlib [--input PATH ...] [--vocab-size 8192]
+                                 [--tokenizer EXISTING.model] [--max-files N] [--json]
+
+Inputs are files or directories (searched recursively for .py/.txt/.md/.rst/.jsonl; a .jsonl
+line's "text" field is a document, any other file is one document). Without --input the
+default corpus is the Python standard library's .py source (see megagrow.data.corpus).
+
+Tokenizer: --tokenizer if given, else PREFIX.model if it exists, else one is trained to
+PREFIX.model. Then every document is encoded and written, followed by EOS, to PREFIX.bin and
+PREFIX.idx (megagrow.data.dataset). Outputs appear atomically or not at all.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+
+from megagrow.data.corpus import TEXT_SUFFIXES, default_corpus_files, find_input_files, read_documents, stdlib_dir
+from megagrow.data.dataset import DatasetWriter
+from megagrow.data.tokenizer import MIN_VOCAB_SIZE, MAX_VOCAB_SIZE, Tokenizer, train_tokenizer
+from megagrow.errors import UserError, cli_entry
+
+DEFAULT_VOCAB_SIZE = 8192
+ENCODE_BATCH_BYTES = 4 << 20  # encode this much text per sentencepiece call
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="prepare_data.py",
+        description="Train (or reuse) a sentencepiece BPE tokenizer and write a memory-mapped "
+                    "token dataset PREFIX.bin/PREFIX.idx.")
+    p.add_argument("--out", required=True, metavar="PREFIX",
+                   help="output prefix: writes PREFIX.bin, PREFIX.idx (and PREFIX.model if trained)")
+    p.add_argument("--input", action="extend", nargs="+", default=[], metavar="PATH",
+                   help=f"input files or directories (recursively: {', '.join(TEXT_SUFFIXES)}); "
+                        "default: the Python standard library's .py files")
+    p.add_argument("--vocab-size", type=int, default=None,
+                   help=f"vocabulary size of a newly trained tokenizer (default {DEFAULT_VOCAB_SIZE})")
+    p.add_argument("--tokenizer", metavar="MODEL", help="use this existing sentencepiece .model")
+    p.add_argument("--max-files", type=int, default=None, metavar="N",
+                   help="use only the first N input files (in sorted order)")
+    p.add_argument("--max-sentences", type=int, default=300_000, metavar="N",
+                   help="at most N text blocks (sampled) for tokenizer training (default 300000)")
+    p.add_argument("--seed", type=int, default=0, help="tokenizer-training seed (default 0)")
+    p.add_argument("--threads", type=int, default=2, help="threads for sentencepiece (default 2)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    p.add_argument("--json", action="store_true", help="print a JSON summary on stdout")
+    return p
+
+
+def _prepare_out_dir(prefix: str) -> None:
+    if not prefix or prefix.endswith(("/", os.sep)) or os.path.isdir(prefix):
+        raise UserError(f"--out must be a file prefix such as data/stdlib, got {prefix!r}")
+    out_dir = os.path.dirname(os.path.abspath(prefix))
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise UserError(f"output directory {out_dir} is not a directory")
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=out_dir, prefix=".prepare-probe-")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise UserError(f"output directory not writable: {out_dir} ({e.strerror or e})") from None
+
+
+def _load_tokenizer(path: str, requested_vocab: int | None, how: str) -> Tokenizer:
+    tok = Tokenizer(path)
+    if requested_vocab is not None and requested_vocab != tok.vocab_size:
+        raise UserError(f"{how} tokenizer {path} has vocab size {tok.vocab_size} but --vocab-size "
+                        f"{requested_vocab} was given (delete it to train a new one, or drop "
+                        "--vocab-size)")
+    return tok
+
+
+@cli_entry
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    t_start = time.perf_counter()
+    if args.vocab_size is not None and not MIN_VOCAB_SIZE <= args.vocab_size <= MAX_VOCAB_SIZE:
+        raise UserError(f"--vocab-size {args.vocab_size} is out of range: it must be between "
+                        f"{MIN_VOCAB_SIZE} (3 special + 256 byte pieces + characters) and "
+                        f"{MAX_VOCAB_SIZE}")
+    if args.max_files is not None and args.max_files < 1:
+        raise UserError(f"--max-files must be >= 1, got {args.max_files}")
+    if args.max_sentences < 1:
+        raise UserError(f"--max-sentences must be >= 1, got {args.max_sentences}")
+    if args.threads < 1:
+        raise UserError(f"--threads must be >= 1, got {args.threads}")
+    if args.seed < 0:
+        raise UserError(f"--seed must be >= 0, got {args.seed}")
+
+    if args.input:
+        files = find_input_files(args.input, args.max_files)
+        source = " ".join(args.input)
+    else:
+        files = default_corpus_files()
+        if args.max_files is not None:
+            files = files[:args.max_files]
+        source = f"{stdlib_dir()} (.py, default corpus)"
+    if not files:
+        raise UserError(f"no input files found in {source} (looked for {', '.join(TEXT_SUFFIXES)})")
+    input_bytes = sum(os.path.getsize(f) for f in files)
+    _prepare_out_dir(args.out)
+    progress = not args.no_progress
+
+    # ---- tokenizer -------------------------------------------------------------------------
+    t0 = time.perf_counter()
+    own_model = args.out + ".model"
+    trained = False
+    if args.tokenizer:
+        tok = _load_tokenizer(args.tokenizer, args.vocab_size, "the")
+    elif os.path.exists(own_model):
+        tok = _load_tokenizer(own_model, args.vocab_size, "existing")
+        if progress:
+            print(f"reusing tokenizer {own_model} (vocab {tok.vocab_size}); delete it to retrain",
+                  file=sys.stderr)
+    else:
+        vocab = args.vocab_size or DEFAULT_VOCAB_SIZE
+        if progress:
+            print(f"training tokenizer: vocab {vocab}, {len(files)} file(s) ...", file=sys.stderr,
+                  flush=True)
+        train_tokenizer(files, args.out, vocab, max_sentences=args.max_sentences, seed=args.seed,
+                        num_threads=args.threads)
+        tok = Tokenizer(own_model)
+        trained = True
+    tokenizer_seconds = time.perf_counter() - t0
+
+    # ---- tokenize + write ----------------------------------------------------------------------
+    t1 = time.perf_counter()
+    from tqdm import tqdm
+
+    with DatasetWriter(args.out, tok.vocab_size, tok.eos_id) as writer, \
+            tqdm(total=input_bytes, unit="B", unit_scale=True, desc="tokenizing", file=sys.stderr,
+                 disable=not progress, mininterval=1.0) as bar:
+        batch: list[str] = []
+        batch_bytes = 0  # file bytes covered by `batch`, for the progress bar
+        batch_chars = 0
+
+        def flush() -> None:
+            nonlocal batch, batch_bytes, batch_chars
+            for ids in tok.encode_batch(batch, num_threads=args.threads):
+                writer.add_document(ids)
+            bar.update(batch_bytes)
+            batch, batch_bytes, batch_chars = [], 0, 0
+
+        for path in files:
+            for doc in read_documents(path):
+                batch.append(doc)
+                batch_chars += len(doc)
+            batch_bytes += os.path.getsize(path)
+            if batch_chars >= ENCODE_BATCH_BYTES:
+                flush()
+        if batch or batch_bytes:
+            flush()
+        documents, tokens = writer.num_documents, writer.num_tokens
+        if documents == 0:  # raised inside the `with`: the writer discards its files
+            raise UserError(f"no text in the {len(files)} input file(s): all are empty")
+    tokenize_seconds = time.perf_counter() - t1
+    seconds = time.perf_counter() - t_start
+
+    summary = {
+        "prefix": args.out,
+        "tokenizer": tok.path,
+        "vocab_size": tok.vocab_size,
+        "documents": documents,
+        "tokens": tokens,
+        "seconds": round(seconds, 3),
+        "tokenizer_trained": trained,
+        "tokenizer_seconds": round(tokenizer_seconds, 3),
+        "tokenize_seconds": round(tokenize_seconds, 3),
+        "input_files": len(files),
+        "input_bytes": input_bytes,
+    }
+    if args.json:
+        print(json.dumps(summary))
+    else:
+        how = f"trained in {tokenizer_seconds:.1f} s" if trained else "reused"
+        print(f"tokenizer  {tok.path}: vocab {tok.vocab_size} ({how})")
+        print(f"dataset    {args.out}.bin/.idx: {documents:,} documents, {tokens:,} tokens "
+              f"from {len(files):,} files, {input_bytes / 1e6:.1f} MB "
+              f"({input_bytes / max(tokens, 1):.2f} bytes/token), tokenized in "
+              f"{tokenize_seconds:.1f} s")
+        print(f"total      {seconds:.1f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,253 @@
+"""A GPT language model on megatron-core's tensor-parallel layers.
+
+Two flavours from one file:
+  gpt2  - LayerNorm, learned positions, GELU MLP (fc1, fc2), biases everywhere.
+  llama - RMSNorm, rotary positions, SwiGLU MLP (gate, up, down), no biases.
+
+Parallelism: the linear layers are megatron-core's Column/RowParallelLinear and the token
+embedding is VocabParallelEmbedding; with tp=1 they are plain linears. Everything else
+(norms, positions, residual stream) is replicated over the tensor-parallel group. The
+process groups come from megatron.core.parallel_state (megagrow.parallel sets them up).
+
+Parameter names are the *logical* tensor names used by growth and checkpoint tools; a
+tensor-parallel parameter carries `partition_dim` (megatron's attribute), and its logical
+global tensor is the concatenation of the TP ranks' shards along that dim. Q, K and V are
+separate tensors so growth operators can address each.
+
+Initialisation is layout-independent: each parameter's full logical tensor is drawn from
+a generator seeded by (seed, parameter name), and each TP rank keeps its own slice.
+"""
+
+from __future__ import annotations
+
+import math
+import zlib
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from megatron.core import parallel_state, tensor_parallel
+from megatron.core.model_parallel_config import ModelParallelConfig
+
+from megagrow.config import ModelConfig
+
+
+def _megatron_config(dtype: torch.dtype) -> ModelParallelConfig:
+    return ModelParallelConfig(
+        tensor_model_parallel_size=parallel_state.get_tensor_model_parallel_world_size(),
+        use_cpu_initialization=True,  # allocate on CPU; megagrow initialises the weights itself
+        perform_initialization=False,
+        params_dtype=dtype,
+        gradient_accumulation_fusion=False,
+    )
+
+
+def _no_init(_):
+    pass
+
+
+def _sharded(layer: nn.Module, dim: int) -> nn.Module:
+    """Mark layer.weight as split along `dim` over TP (megatron only does so when it initialises)."""
+    tensor_parallel.set_tensor_model_parallel_attributes(layer.weight, True, dim, 1)
+    return layer
+
+
+def column(cfg: ModelParallelConfig, d_in: int, d_out: int, bias: bool) -> nn.Module:
+    layer = tensor_parallel.ColumnParallelLinear(d_in, d_out, config=cfg, init_method=_no_init, bias=bias, gather_output=False)
+    return _sharded(layer, 0)
+
+
+def row(cfg: ModelParallelConfig, d_in: int, d_out: int, bias: bool) -> nn.Module:
+    layer = tensor_parallel.RowParallelLinear(
+        d_in, d_out, config=cfg, init_method=_no_init, bias=bias, input_is_parallel=True, skip_bias_add=False
+    )
+    return _sharded(layer, 1)
+
+
+def dropout(x: torch.Tensor, p: float, gen: torch.Generator | None, training: bool) -> torch.Tensor:
+    """Dropout with megagrow's own generator (megatron's CUDA RNG tracker does not run on CPU).
+
+    The dropped activations are replicated over the TP group, and every TP rank seeds the
+    generator identically, so the masks agree across TP ranks.
+    """
+    if not training or p == 0.0:
+        return x
+    keep = torch.empty_like(x).bernoulli_(1.0 - p, generator=gen)
+    return x * keep / (1.0 - p)
+
+
+def rope_tables(seq_len: int, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    inv = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
+    ang = torch.outer(torch.arange(seq_len, dtype=torch.float64), inv)  # (T, hd/2)
+    ang = torch.cat([ang, ang], dim=-1)
+    return ang.cos().float(), ang.sin().float()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate-half RoPE on (B, H, T, hd)."""
+    T = x.shape[-2]
+    x1, x2 = x.chunk(2, dim=-1)
+    rotated = torch.cat([-x2, x1], dim=-1)
+    return (x * cos[:T] + rotated * sin[:T]).to(x.dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, c: ModelConfig, mp: ModelParallelConfig):
+        super().__init__()
+        bias = c.flavour == "gpt2"
+        self.q = column(mp, c.d_model, c.d_model, bias)
+        self.k = column(mp, c.d_model, c.d_model, bias)
+        self.v = column(mp, c.d_model, c.d_model, bias)
+        self.o = row(mp, c.d_model, c.d_model, bias)
+        self.head_dim = c.head_dim
+        self.rope = c.flavour == "llama"
+
+    def forward(self, x: torch.Tensor, rope: tuple | None) -> torch.Tensor:
+        B, T, _ = x.shape
+
+        def heads(t):  # (B, T, H_local*hd) -> (B, H_local, T, hd)
+            return t.view(B, T, -1, self.head_dim).transpose(1, 2)
+
+        q, k, v = heads(self.q(x)[0]), heads(self.k(x)[0]), heads(self.v(x)[0])
+        if self.rope:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        y = y.transpose(1, 2).reshape(B, T, -1)
+        return self.o(y)[0]
+
+
+class MLP(nn.Module):
+    def __init__(self, c: ModelConfig, mp: ModelParallelConfig):
+        super().__init__()
+        self.swiglu = c.flavour == "llama"
+        if self.swiglu:
+            self.gate = column(mp, c.d_model, c.ffn_dim, False)
+            self.up = column(mp, c.d_model, c.ffn_dim, False)
+            self.down = row(mp, c.ffn_dim, c.d_model, False)
+        else:
+            self.fc1 = column(mp, c.d_model, c.ffn_dim, True)
+            self.fc2 = row(mp, c.ffn_dim, c.d_model, True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.swiglu:
+            return self.down(F.silu(self.gate(x)[0]) * self.up(x)[0])[0]
+        return self.fc2(F.gelu(self.fc1(x)[0], approximate="tanh"))[0]
+
+
+def norm(c: ModelConfig, dtype: torch.dtype) -> nn.Module:
+    if c.flavour == "llama":
+        return nn.RMSNorm(c.d_model, eps=c.norm_eps, dtype=dtype)
+    return nn.LayerNorm(c.d_model, eps=c.norm_eps, dtype=dtype)
+
+
+class Block(nn.Module):
+    def __init__(self, c: ModelConfig, mp: ModelParallelConfig, dtype: torch.dtype):
+        super().__init__()
+        self.ln1 = norm(c, dtype)
+        self.attn = Attention(c, mp)
+        self.ln2 = norm(c, dtype)
+        self.mlp = MLP(c, mp)
+        self.p = c.dropout
+
+    def forward(self, x, rope, gen):
+        x = x + dropout(self.attn(self.ln1(x), rope), self.p, gen, self.training)
+        x = x + dropout(self.mlp(self.ln2(x)), self.p, gen, self.training)
+        return x
+
+
+class GPT(nn.Module):
+    def __init__(self, c: ModelConfig, dtype: torch.dtype = torch.float32):
+        super().__init__()
+        self.config = c
+        mp = _megatron_config(dtype)
+        self.tok_emb = _sharded(tensor_parallel.VocabParallelEmbedding(c.padded_vocab, c.d_model, init_method=_no_init, config=mp), 0)
+        if c.flavour == "gpt2":
+            self.pos_emb = nn.Embedding(c.seq_len, c.d_model, dtype=dtype)
+        else:
+            cos, sin = rope_tables(c.seq_len, c.head_dim, c.rope_theta)
+            self.register_buffer("rope_cos", cos, persistent=False)
+            self.register_buffer("rope_sin", sin, persistent=False)
+        self.blocks = nn.ModuleList([Block(c, mp, dtype) for _ in range(c.n_layers)])
+        self.ln_f = norm(c, dtype)
+        if not c.tie_embeddings:
+            self.lm_head = column(mp, c.d_model, c.padded_vocab, False)
+        self.dropout_gen: torch.Generator | None = None
+
+    def set_dropout_seed(self, seed: int) -> None:
+        """Seed this micro-batch's dropout masks (the trainer derives it from the data position)."""
+        if self.config.dropout > 0:
+            dev = self.ln_f.weight.device
+            self.dropout_gen = torch.Generator(device=dev).manual_seed(int(seed) % (2**63))
+
+    def logits(self, idx: torch.Tensor) -> torch.Tensor:
+        """Vocab-parallel logits (B, T, padded_vocab / tp) of token ids (B, T)."""
+        c = self.config
+        x = self.tok_emb(idx)
+        rope = None
+        if c.flavour == "gpt2":
+            x = x + self.pos_emb(torch.arange(idx.shape[1], device=idx.device))
+        else:
+            rope = (self.rope_cos, self.rope_sin)
+        x = dropout(x, c.dropout, self.dropout_gen, self.training)
+        for block in self.blocks:
+            x = block(x, rope, self.dropout_gen)
+        x = self.ln_f(x)
+        if c.tie_embeddings:
+            x = tensor_parallel.copy_to_tensor_model_parallel_region(x)
+            return F.linear(x, self.tok_emb.weight)
+        return self.lm_head(x)[0]
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Mean next-token cross entropy over all (B, T) positions."""
+        logits = self.logits(idx)
+        return tensor_parallel.vocab_parallel_cross_entropy(logits.float(), targets).mean()
+
+
+# ---------------------------------------------------------------------------------------
+# Layout-independent initialisation and the logical view of parameters
+
+
+def is_output_projection(name: str) -> bool:
+    return name.endswith(("attn.o.weight", "mlp.fc2.weight", "mlp.down.weight"))
+
+
+def logical_shape(p: torch.Tensor, tp: int) -> tuple[int, ...]:
+    shape = list(p.shape)
+    if getattr(p, "tensor_model_parallel", False):
+        shape[p.partition_dim] *= tp
+    return tuple(shape)
+
+
+def tp_slice(full: torch.Tensor, p: torch.Tensor, tp: int, rank: int) -> torch.Tensor:
+    """This TP rank's shard of the logical tensor `full` (contiguous chunk along partition_dim)."""
+    if not getattr(p, "tensor_model_parallel", False) or tp == 1:
+        return full
+    return full.chunk(tp, dim=p.partition_dim)[rank]
+
+
+def init_logical(name: str, shape: tuple[int, ...], c: ModelConfig, seed: int) -> torch.Tensor:
+    """The initial value of logical tensor `name`, a function of (seed, name, shape) only."""
+    leaf = name.rsplit(".", 1)[-1]
+    if leaf == "bias":
+        return torch.zeros(shape)
+    if len(shape) == 1:  # norm gains
+        return torch.ones(shape)
+    g = torch.Generator().manual_seed((seed * 1_000_003 + zlib.crc32(name.encode())) % (2**63))
+    std = c.init_std / math.sqrt(2 * c.n_layers) if is_output_projection(name) else c.init_std
+    return torch.randn(shape, generator=g) * std
+
+
+@torch.no_grad()
+def init_weights(model: GPT, seed: int) -> None:
+    tp = parallel_state.get_tensor_model_parallel_world_size()
+    rank = parallel_state.get_tensor_model_parallel_rank()
+    for name, p in model.named_parameters():
+        full = init_logical(name, logical_shape(p, tp), model.config, seed)
+        p.copy_(tp_slice(full, p, tp, rank))
+
+
+def build_model(c: ModelConfig, seed: int, dtype: torch.dtype = torch.float32) -> GPT:
+    """A GPT with layout-independent initial weights (needs parallel_state initialised)."""
+    model = GPT(c, dtype)
+    init_weights(model, seed)
+    return model

@@ -1,0 +1,95 @@
+"""The DeepSpeed engine for one stage: its config is derived from the typed Stage config.
+
+A stage may name a DeepSpeed JSON (`layout.ds_config`, e.g. ds_configs/zero3.json) for
+engine tuning (bucket sizes, overlap, ZeRO-3 thresholds). The keys megagrow owns (batch
+sizes, ZeRO stage, precision, optimizer, clipping) come from the typed config; a JSON that
+sets one of them to something else is rejected instead of silently winning or losing.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import torch
+
+from megagrow.config import Stage
+from megagrow.errors import UserError
+from megagrow.parallel.groups import MPU
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def resolve_ds_config(path: str) -> str:
+    """A ds_config path as given, else relative to the repository (ds_configs/ ships there)."""
+    for cand in (path, os.path.join(REPO_ROOT, path)):
+        if os.path.isfile(cand):
+            return cand
+    raise UserError(f"DeepSpeed config not found: {path}")
+
+
+def ds_config(stage: Stage) -> dict:
+    L, o = stage.layout, stage.optim
+    owned = {
+        "train_micro_batch_size_per_gpu": L.micro_batch,
+        "gradient_accumulation_steps": L.grad_accum,
+        "train_batch_size": L.global_batch,
+        "gradient_clipping": o.grad_clip,
+        "optimizer": {
+            "type": "AdamW",
+            # torch's AdamW: no JIT-built fused/CPU Adam op needed
+            "params": {"lr": o.lr, "betas": [o.beta1, o.beta2], "eps": o.eps, "weight_decay": o.weight_decay, "torch_adam": True},
+        },
+        "bf16": {"enabled": L.dtype == "bf16"},
+    }
+    cfg: dict = {}
+    if L.ds_config:
+        path = resolve_ds_config(L.ds_config)
+        try:
+            with open(path) as f:
+                cfg = json.load(f)
+        except json.JSONDecodeError as e:
+            raise UserError(f"{path}: not valid JSON ({e})") from None
+        for k, v in owned.items():
+            if k in cfg and k != "bf16" and cfg[k] != v:
+                raise UserError(f"{path}: key {k!r} is set by the stage config (layout/optim); remove it from the JSON")
+        stage_in_json = cfg.get("zero_optimization", {}).get("stage")
+        if stage_in_json is not None and stage_in_json != L.zero_stage:
+            raise UserError(f"{path}: zero_optimization.stage {stage_in_json} disagrees with layout.zero_stage {L.zero_stage}")
+    cfg.update({k: v for k, v in owned.items() if k != "bf16"})
+    cfg["bf16"] = {**cfg.get("bf16", {}), "enabled": L.dtype == "bf16"}
+    cfg.setdefault("zero_optimization", {})["stage"] = L.zero_stage
+    if L.dtype == "bf16":
+        # keep gradient accumulation and DP reduction in fp32 (matches the fp32 master)
+        cfg.setdefault("data_types", {}).setdefault("grad_accum_dtype", "fp32")
+    cfg.setdefault("steps_per_print", 10**9)
+    cfg.setdefault("wall_clock_breakdown", False)
+    return cfg
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """Decay matrices and embeddings; never biases or norm gains."""
+    decay, no_decay = [], []
+    for _, p in model.named_parameters():
+        (decay if p.dim() >= 2 else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def build_engine(model: torch.nn.Module, stage: Stage):
+    import logging
+
+    import deepspeed
+    from deepspeed.utils import logger as ds_logger
+
+    ds_logger.setLevel(logging.WARNING)  # DeepSpeed's per-engine memory/config banners
+
+    cfg = ds_config(stage)
+    engine, optimizer, _, _ = deepspeed.initialize(
+        model=model, model_parameters=param_groups(model, stage.optim.weight_decay), config=cfg, mpu=MPU()
+    )
+    return engine, optimizer
+
+
+def set_lr(optimizer, lr: float) -> None:
+    for g in optimizer.param_groups:
+        g["lr"] = lr

@@ -1,0 +1,120 @@
+"""Process groups: torch.distributed + megatron-core parallel_state, and DeepSpeed's mpu adapter.
+
+Rank discovery works under torchrun (RANK/WORLD_SIZE/LOCAL_RANK) and under Slurm's srun
+(SLURM_PROCID/SLURM_NTASKS/SLURM_LOCALID). CPU machines use gloo (DS_ACCELERATOR=cpu),
+GPU machines NCCL. The groups are laid out megatron's way: TP ranks are consecutive.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+import warnings
+
+import torch
+
+from megagrow.config import Layout
+from megagrow.errors import UserError
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+warnings.filterwarnings("ignore", message=".*Transformer Engine.*")
+warnings.filterwarnings("ignore", message=".*Apex.*")
+
+
+def _env_rank() -> tuple[int, int, int]:
+    """(rank, world_size, local_rank) from torchrun or Slurm variables; (0, 1, 0) standalone."""
+    env = os.environ
+    if "RANK" in env and "WORLD_SIZE" in env:
+        return int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0))
+    if "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
+        return int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]), int(env.get("SLURM_LOCALID", 0))
+    return 0, 1, 0
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_distributed(layout: Layout) -> None:
+    """Start torch.distributed (once) and megatron-core's TP/DP groups for `layout`."""
+    import deepspeed
+    from megatron.core import parallel_state
+
+    rank, world, local_rank = _env_rank()
+    layout.check_world(world)
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(local_rank))
+    if world == 1:
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(free_port()))
+    elif "MASTER_ADDR" not in os.environ or "MASTER_PORT" not in os.environ:
+        raise UserError("MASTER_ADDR and MASTER_PORT must be set for a multi-process run (torchrun or the megagrow controller sets them)")
+    if not torch.distributed.is_initialized():
+        if torch.cuda.is_available():
+            torch.cuda.set_device(local_rank)
+            backend = "nccl"
+        else:
+            backend = "gloo"
+            # DeepSpeed JIT-compiles a shared-memory op (inference all-reduce only) in
+            # init_distributed; training never uses it, so skip the build on CPU.
+            sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None
+        deepspeed.init_distributed(dist_backend=backend, verbose=False)
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    parallel_state.initialize_model_parallel(tensor_model_parallel_size=layout.tp, create_gloo_process_groups=False)
+
+
+class MPU:
+    """The model-parallel unit DeepSpeed asks for (pipeline size 1: model parallel == tensor parallel).
+
+    Deliberately no `initialize_sequence_parallel`: when present DeepSpeed ignores the mpu's
+    model-parallel group.
+    """
+
+    def __init__(self):
+        from megatron.core import parallel_state as ps
+
+        self.ps = ps
+
+    def get_data_parallel_group(self):
+        return self.ps.get_data_parallel_group()
+
+    def get_data_parallel_world_size(self):
+        return self.ps.get_data_parallel_world_size()
+
+    def get_data_parallel_rank(self):
+        return self.ps.get_data_parallel_rank()
+
+    def get_model_parallel_group(self):
+        return self.ps.get_tensor_model_parallel_group()
+
+    def get_model_parallel_world_size(self):
+        return self.ps.get_tensor_model_parallel_world_size()
+
+    def get_model_parallel_rank(self):
+        return self.ps.get_tensor_model_parallel_rank()
+
+    get_tensor_model_parallel_group = get_model_parallel_group
+    get_tensor_model_parallel_world_size = get_model_parallel_world_size
+    get_tensor_model_parallel_rank = get_model_parallel_rank
+
+    def get_pipeline_model_parallel_world_size(self):
+        return 1
+
+    def get_pipeline_model_parallel_rank(self):
+        return 0
+
+
+def tp_rank() -> int:
+    from megatron.core import parallel_state
+
+    return parallel_state.get_tensor_model_parallel_rank()
+
+
+def dp_rank_size() -> tuple[int, int]:
+    from megatron.core import parallel_state
+
+    return parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size()

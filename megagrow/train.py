@@ -1,0 +1,283 @@
+"""One stage of a plan: build (or resume) the engine, train to the stage's end, save.
+
+Run under torchrun or srun, one process per rank:
+
+    torchrun --nproc_per_node=2 -m megagrow.cli train recipes/tiny.yaml --stage 0
+
+Progress lives in the run directory:
+    RUN/<stage>/checkpoints/   native DeepSpeed checkpoints (tags step_00000050, ...; `latest`)
+    RUN/<stage>/log.jsonl      one JSON object per logged step (rank 0)
+    RUN/<stage>/status.json    {"state": "running" | "preempted" | "done", "step", ...}, written atomically
+
+The data position is a global sample index (`sample_index`), stored in every checkpoint, so
+a run resumes at the same sample whatever its DP size. SIGUSR1/SIGTERM only set a flag; at
+the next step boundary all ranks agree (all-reduce), save together and exit with
+EXIT_PREEMPTED.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+import zlib
+from dataclasses import dataclass, field
+
+import torch
+
+from megagrow import __version__
+from megagrow.config import Plan, Stage
+from megagrow.errors import EXIT_OK, EXIT_PREEMPTED, UserError
+
+DTYPE = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def tag_of(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def write_json_atomic(path: str, obj: dict) -> None:
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1, sort_keys=True)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+@dataclass
+class StagePaths:
+    root: str
+
+    @property
+    def ckpt(self) -> str:
+        return os.path.join(self.root, "checkpoints")
+
+    @property
+    def log(self) -> str:
+        return os.path.join(self.root, "log.jsonl")
+
+    @property
+    def status(self) -> str:
+        return os.path.join(self.root, "status.json")
+
+    @classmethod
+    def of(cls, run_dir: str, stage: Stage) -> "StagePaths":
+        return cls(os.path.join(run_dir, stage.name))
+
+
+class StopFlag:
+    """Signal handlers only set this flag; ranks agree on it at step boundaries."""
+
+    def __init__(self, signals=(signal.SIGUSR1, signal.SIGTERM)):
+        self.raised: int | None = None
+        for s in signals:
+            signal.signal(s, self._handler)
+
+    def _handler(self, signum, frame):
+        self.raised = signum
+
+    def agreed(self, device) -> bool:
+        t = torch.tensor([1.0 if self.raised else 0.0], device=device)
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+        return bool(t.item() > 0)
+
+
+# --------------------------------------------------------------------------------------
+# data
+
+
+@dataclass
+class Batches:
+    """Micro-batches of the global sample stream for this DP rank."""
+
+    dataset: object
+    sampler: object
+    seq_len: int
+    stage: Stage
+    dp_rank: int
+    dp_size: int
+
+    @classmethod
+    def open(cls, plan: Plan, stage: Stage, dp_rank: int, dp_size: int) -> "Batches":
+        from megagrow.data import GlobalSampler, TokenDataset
+
+        ds = TokenDataset(plan.data.prefix)
+        m = stage.model
+        if ds.vocab_size > m.vocab_size:
+            raise UserError(f"dataset {plan.data.prefix} has vocab {ds.vocab_size} > model vocab_size {m.vocab_size}")
+        n = ds.num_windows(m.seq_len)
+        if n < 1:
+            raise UserError(f"dataset {plan.data.prefix} is shorter than one sequence of {m.seq_len + 1} tokens")
+        return cls(ds, GlobalSampler(n, plan.seed), m.seq_len, stage, dp_rank, dp_size)
+
+    def micro(self, first_sample: int, micro_step: int, device) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """(tokens, targets, global index of its first sample) for one micro-step of one step
+        whose global batch starts at global sample index `first_sample`."""
+        from megagrow.data import rank_slice
+
+        L = self.stage.layout
+        lo, hi = rank_slice(L.global_batch, self.dp_size, self.dp_rank, L.micro_batch, L.grad_accum, micro_step)
+        rows = self.dataset.windows(self.sampler.indices(first_sample + lo, first_sample + hi), self.seq_len)
+        x = torch.from_numpy(rows).to(device)
+        return x[:, :-1].contiguous(), x[:, 1:].contiguous(), first_sample + lo
+
+
+def dropout_seed(seed: int, global_index: int) -> int:
+    """Dropout masks are a function of (plan seed, data position): identical on resume."""
+    return zlib.crc32(f"{seed}:{global_index}".encode())
+
+
+# --------------------------------------------------------------------------------------
+# the stage
+
+
+@dataclass
+class StageState:
+    """What a checkpoint records besides DeepSpeed's own state."""
+
+    step: int = 0
+    sample_offset: int = 0  # global sample index of this stage's step 0 (carried over growth)
+    lr_offset: int = 0  # schedule position of step 0 (the grown model's equivalent step)
+    rewarmup: int = 0
+    history: list = field(default_factory=list)
+
+    def sample_index(self, stage: Stage) -> int:
+        return self.sample_offset + self.step * stage.layout.global_batch
+
+
+def client_state(plan: Plan, k: int, st: StageState, loss: float | None) -> dict:
+    stage = plan.stages[k]
+    return {
+        "megagrow_version": __version__,
+        "plan": plan.to_dict(),
+        "stage_index": k,
+        "stage": stage.to_dict(),
+        "step": st.step,
+        "sample_offset": st.sample_offset,
+        "sample_index": st.sample_index(stage),
+        "lr_offset": st.lr_offset,
+        "rewarmup": st.rewarmup,
+        "loss": loss,
+    }
+
+
+def check_resume(cs: dict, plan: Plan, k: int) -> None:
+    """A checkpoint resumes this stage only with the same model and the same layout."""
+    stage = plan.stages[k]
+    saved = cs.get("stage", {})
+    if saved.get("model") != stage.model.to_dict():
+        raise UserError(f"checkpoint of stage {stage.name!r} was written for another model config; refusing to resume")
+    if saved.get("layout") != stage.layout.to_dict():
+        raise UserError(
+            f"checkpoint of stage {stage.name!r} was written at layout {saved.get('layout')}, this run uses "
+            f"{stage.layout.to_dict()}: reshard it with tools/regrow.py"
+        )
+
+
+def build(plan: Plan, k: int):
+    """Model and DeepSpeed engine for stage k (process groups already initialised)."""
+    from megagrow.model.gpt import build_model
+    from megagrow.parallel.engine import build_engine
+
+    stage = plan.stages[k]
+    model = build_model(stage.model, plan.seed, DTYPE[stage.layout.dtype])
+    engine, optimizer = build_engine(model, stage)
+    return engine, optimizer
+
+
+def train_stage(plan: Plan, k: int, run_dir: str, stop_at: int | None = None, quiet: bool = False) -> int:
+    """Train stage k of `plan` to its end (or to step `stop_at`, saving there). Returns an exit code."""
+    from megagrow.parallel.engine import set_lr
+    from megagrow.parallel.groups import dp_rank_size, init_distributed
+    from megagrow.schedule.lr import LRSchedule
+
+    stage = plan.stages[k]
+    paths = StagePaths.of(run_dir, stage)
+    stop = StopFlag()
+    init_distributed(stage.layout)
+    rank = torch.distributed.get_rank()
+    dp_rank, dp_size = dp_rank_size()
+    batches = Batches.open(plan, stage, dp_rank, dp_size)  # bad data fails before the engine is built
+    engine, optimizer = build(plan, k)
+    device = engine.device
+
+    st = StageState()
+    if os.path.isfile(os.path.join(paths.ckpt, "latest")):
+        _, cs = engine.load_checkpoint(paths.ckpt)
+        check_resume(cs, plan, k)
+        st = StageState(step=cs["step"], sample_offset=cs["sample_offset"], lr_offset=cs["lr_offset"], rewarmup=cs["rewarmup"])
+        if rank == 0 and not quiet:
+            print(f"[megagrow] resumed stage {stage.name} at step {st.step} (sample {st.sample_index(stage)})", flush=True)
+    elif k > 0:
+        raise UserError(
+            f"stage {stage.name!r} has no checkpoint in {paths.ckpt}; starting stage {k} from stage {k - 1}'s "
+            "checkpoint needs a growth transition (tools/regrow.py), which this build does not have yet"
+        )
+    if rank == 0:
+        os.makedirs(paths.root, exist_ok=True)
+    sched = LRSchedule.from_optim(stage.optim, stage.steps, st.lr_offset, st.rewarmup)
+    L = stage.layout
+    end = stage.steps if stop_at is None else min(stop_at, stage.steps)
+    loss_v = None
+
+    def save(state: str) -> None:
+        engine.save_checkpoint(paths.ckpt, tag=tag_of(st.step), client_state=client_state(plan, k, st, loss_v))
+        if rank == 0:
+            write_json_atomic(paths.status, {"state": state, "stage": stage.name, "step": st.step, "steps": stage.steps,
+                                             "sample_index": st.sample_index(stage), "loss": loss_v, "tag": tag_of(st.step),
+                                             "layout": L.to_dict(), "time": time.time()})
+
+    log = open(paths.log, "a") if rank == 0 else None
+    t_last, steps_since = time.perf_counter(), 0
+    engine.train()
+    while st.step < end:
+        if stop.agreed(device):
+            save("preempted")
+            if rank == 0 and not quiet:
+                print(f"[megagrow] signal received: saved stage {stage.name} at step {st.step}, exiting {EXIT_PREEMPTED}", flush=True)
+            return EXIT_PREEMPTED
+        lr = sched(st.step)
+        set_lr(optimizer, lr)
+        first = st.sample_index(stage)
+        total = torch.zeros((), device=device)
+        for j in range(L.grad_accum):
+            x, y, g0 = batches.micro(first, j, device)
+            engine.module.set_dropout_seed(dropout_seed(plan.seed, g0))
+            loss = engine(x, y)
+            engine.backward(loss)
+            engine.step()
+            total += loss.detach().float()
+        torch.distributed.all_reduce(total, group=_dp_group())
+        loss_v = total.item() / (L.grad_accum * dp_size)
+        st.step += 1
+        steps_since += 1
+        if rank == 0 and (st.step % stage.log_every == 0 or st.step == end):
+            now = time.perf_counter()
+            dt = (now - t_last) / steps_since
+            rec = {"stage": stage.name, "step": st.step, "loss": loss_v, "lr": lr, "sample_index": st.sample_index(stage),
+                   "tokens_per_s": L.global_batch * stage.model.seq_len / dt, "step_time_s": dt,
+                   "grad_norm": _grad_norm(engine), "time": time.time()}
+            log.write(json.dumps(rec) + "\n")
+            log.flush()
+            if not quiet:
+                print(f"[megagrow] {stage.name} step {st.step}/{stage.steps} loss {loss_v:.4f} lr {lr:.2e} "
+                      f"{rec['tokens_per_s']:.0f} tok/s", flush=True)
+            t_last, steps_since = now, 0
+        if st.step % stage.save_every == 0 or st.step == end:
+            save("done" if st.step == stage.steps else "running")
+    if rank == 0 and not quiet:
+        print(f"[megagrow] stage {stage.name} at step {st.step}: checkpoint {os.path.join(paths.ckpt, tag_of(st.step))}", flush=True)
+    return EXIT_OK
+
+
+def _dp_group():
+    from megatron.core import parallel_state
+
+    return parallel_state.get_data_parallel_group()
+
+
+def _grad_norm(engine) -> float | None:
+    g = engine.get_global_grad_norm()
+    return None if g is None else float(g)

@@ -1,0 +1,138 @@
+"""Multi-process scenarios, launched by the tests with torchrun (gloo, CPU).
+
+    torchrun --nproc_per_node=W tests/dist/worker.py SCENARIO DATA_PREFIX OUT_DIR
+
+Each scenario runs several configurations inside one launch (start-up costs seconds) and
+rank 0 writes OUT_DIR/result.json; the pytest side makes the assertions.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+
+import torch  # noqa: E402
+
+from megagrow.config import Layout, ModelConfig, OptimConfig, Plan, Stage, DataConfig  # noqa: E402
+from megagrow.parallel.groups import init_distributed  # noqa: E402
+
+WORLD = int(os.environ["WORLD_SIZE"])
+RANK = int(os.environ["RANK"])
+
+
+def tiny_plan(prefix: str, flavour="gpt2", steps=6, tie=True, dropout=0.0, **layout) -> Plan:
+    model = ModelConfig(flavour=flavour, n_layers=2, d_model=64, n_heads=4, vocab_size=512, seq_len=32,
+                        tie_embeddings=tie, dropout=dropout)
+    lay = Layout(**{"tp": 1, "dp": WORLD, "zero_stage": 2, "micro_batch": 2, "grad_accum": 2, **layout})
+    optim = OptimConfig(lr=3e-3, min_lr=3e-4, warmup_steps=2, weight_decay=0.1, grad_clip=1.0)
+    st = Stage(name="s0", model=model, layout=lay, optim=optim, steps=steps, save_every=1000, log_every=1)
+    return Plan(name="t", seed=7, data=DataConfig(prefix=prefix), stages=(st,))
+
+
+def read_log(run_dir: str) -> list[dict]:
+    with open(os.path.join(run_dir, "s0", "log.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def logical_grads(model, tp: int) -> dict:
+    """Gather TP shards of every .grad into the logical tensor."""
+    from megatron.core import parallel_state
+
+    out = {}
+    for name, p in model.named_parameters():
+        g = p.grad.detach().clone()
+        if getattr(p, "tensor_model_parallel", False) and tp > 1:
+            parts = [torch.empty_like(g) for _ in range(tp)]
+            torch.distributed.all_gather(parts, g, group=parallel_state.get_tensor_model_parallel_group())
+            g = torch.cat(parts, dim=p.partition_dim)
+        out[name] = g
+    return out
+
+
+def tp_equiv(prefix: str, out: str) -> dict:
+    """Loss and logical grads at TP=1 vs TP=2, same seed, same batch, both flavours."""
+    from megagrow.model.gpt import build_model
+    from megagrow.train import Batches
+
+    res = {}
+    for flavour, tie in (("gpt2", True), ("llama", False), ("llama", True)):
+        plan = tiny_plan(prefix, flavour, tie=tie)
+        st = plan.stages[0]
+        per_tp = {}
+        for tp in (1, 2):
+            init_distributed(Layout(tp=tp, dp=WORLD // tp))
+            model = build_model(st.model, plan.seed)
+            b = Batches.open(plan, st.replace(layout=st.layout.replace(dp=1, micro_batch=4, grad_accum=1)), 0, 1)
+            x, y, _ = b.micro(0, 0, torch.device("cpu"))
+            loss = model(x, y)
+            loss.backward()
+            per_tp[tp] = (loss.item(), logical_grads(model, tp))
+        (l1, g1), (l2, g2) = per_tp[1], per_tp[2]
+        res[f"{flavour}-tie{int(tie)}"] = {
+            "loss_tp1": l1,
+            "loss_tp2": l2,
+            "max_grad_abs_diff": max((g1[n] - g2[n]).abs().max().item() for n in g1),
+            "max_grad_abs": max(g.abs().max().item() for g in g1.values()),
+            "same_names": sorted(g1) == sorted(g2),
+        }
+    return res
+
+
+def zero_match(prefix: str, out: str) -> dict:
+    """ZeRO 1/2/3 x fp32/bf16 at this world size (TP=2 when 4 ranks) vs the plain-PyTorch loop."""
+    from megagrow.bench import PlainLoop
+    from megagrow.train import train_stage
+
+    tp = 2 if WORLD == 4 else 1
+    res = {"runs": {}}
+    for dtype in ("fp32", "bf16"):
+        for zero in (1, 2, 3):
+            ds = "ds_configs/cpu.json" if zero == 3 else None
+            plan = tiny_plan(prefix, tp=tp, dp=WORLD // tp, zero_stage=zero, dtype=dtype, ds_config=ds)
+            run_dir = os.path.join(out, f"{dtype}-z{zero}")
+            rc = train_stage(plan, 0, run_dir, quiet=True)
+            torch.distributed.barrier()
+            res["runs"][f"{dtype}-z{zero}"] = {"rc": rc, "losses": [r["loss"] for r in read_log(run_dir)] if RANK == 0 else None}
+    init_distributed(Layout(tp=1, dp=WORLD))
+    if RANK == 0:
+        plan = tiny_plan(prefix, tp=tp, dp=WORLD // tp)
+        ref = PlainLoop(plan, 0)
+        res["reference"] = [ref.step() for _ in range(plan.stages[0].steps)]
+    torch.distributed.barrier()
+    return res
+
+
+def resume(prefix: str, out: str) -> dict:
+    """Uninterrupted 8 steps vs 4 steps + save + fresh engine resume to 8, same layout."""
+    from megagrow.train import train_stage
+
+    res = {}
+    for tp in (1, 2):
+        for zero in (2, 3):
+            ds = "ds_configs/cpu.json" if zero == 3 else None
+            plan = tiny_plan(prefix, steps=8, tp=tp, dp=WORLD // tp, zero_stage=zero, ds_config=ds, dropout=0.1)
+            key = f"tp{tp}-dp{WORLD // tp}-z{zero}"
+            a, b = os.path.join(out, key, "a"), os.path.join(out, key, "b")
+            train_stage(plan, 0, a, quiet=True)
+            train_stage(plan, 0, b, stop_at=4, quiet=True)
+            torch.distributed.barrier()
+            train_stage(plan, 0, b, quiet=True)
+            torch.distributed.barrier()
+            if RANK == 0:
+                res[key] = {"uninterrupted": [r["loss"] for r in read_log(a)], "resumed": [r["loss"] for r in read_log(b)],
+                            "steps_resumed": [r["step"] for r in read_log(b)]}
+    return res
+
+
+if __name__ == "__main__":
+    scenario, prefix, out = sys.argv[1:4]
+    result = {"tp_equiv": tp_equiv, "zero_match": zero_match, "resume": resume}[scenario](prefix, out)
+    if RANK == 0:
+        with open(os.path.join(out, "result.json"), "w") as f:
+            json.dump(result, f)
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
