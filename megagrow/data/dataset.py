@@ -116,7 +116,8 @@ class DatasetWriter:
                 raise ValueError(f"token ids must be integers, got dtype {arr.dtype}")
             lo, hi = int(arr.min()), int(arr.max())
             if lo < 0 or hi >= self.vocab_size:
-                raise ValueError(f"token id out of range [0, {self.vocab_size}): min {lo}, max {hi}")
+                raise ValueError(f"token id out of range [0, {self.vocab_size}): "
+                                 f"min {lo}, max {hi}")
             self._bin.write(arr.astype(self.dtype, copy=False).tobytes())
         self._bin.write(self._eos.tobytes())
         self._num_tokens += arr.size + 1
@@ -270,7 +271,7 @@ class TokenDataset:
 
     # ---- training windows ----------------------------------------------------------------
     def num_windows(self, seq_len: int) -> int:
-        """Number of windows of ``seq_len + 1`` tokens at stride ``seq_len``: (num_tokens-1)//seq_len."""
+        """Windows of ``seq_len+1`` tokens at stride ``seq_len``: ``(num_tokens-1) // seq_len``."""
         if seq_len < 1:
             raise ValueError(f"seq_len must be >= 1, got {seq_len}")
         return max(self._num_tokens - 1, 0) // seq_len
@@ -284,7 +285,7 @@ class TokenDataset:
         return np.asarray(self._tokens[start:start + seq_len + 1], dtype=np.int64)
 
     def windows(self, indices: Sequence[int] | np.ndarray, seq_len: int) -> np.ndarray:
-        """``np.stack([window(i, seq_len) for i in indices])``: int64 [len(indices), seq_len + 1]."""
+        """``np.stack([window(i, seq_len) for i in indices])``: int64 [len(indices), seq_len+1]."""
         idx = np.asarray(indices, dtype=np.int64).reshape(-1)
         n = self.num_windows(seq_len)
         if idx.size and (idx.min() < 0 or idx.max() >= n):

@@ -21,7 +21,8 @@ import sys
 import tempfile
 import time
 
-from megagrow.data.corpus import TEXT_SUFFIXES, default_corpus_files, find_input_files, read_documents, stdlib_dir
+from megagrow.data.corpus import (TEXT_SUFFIXES, default_corpus_files, find_input_files,
+                                  read_documents, stdlib_dir)
 from megagrow.data.dataset import DatasetWriter
 from megagrow.data.tokenizer import MIN_VOCAB_SIZE, MAX_VOCAB_SIZE, Tokenizer, train_tokenizer
 from megagrow.errors import UserError, cli_entry
@@ -36,12 +37,12 @@ def _parser() -> argparse.ArgumentParser:
         description="Train (or reuse) a sentencepiece BPE tokenizer and write a memory-mapped "
                     "token dataset PREFIX.bin/PREFIX.idx.")
     p.add_argument("--out", required=True, metavar="PREFIX",
-                   help="output prefix: writes PREFIX.bin, PREFIX.idx (and PREFIX.model if trained)")
+                   help="output prefix: writes PREFIX.bin, PREFIX.idx (+ PREFIX.model if trained)")
     p.add_argument("--input", action="extend", nargs="+", default=[], metavar="PATH",
                    help=f"input files or directories (recursively: {', '.join(TEXT_SUFFIXES)}); "
                         "default: the Python standard library's .py files")
     p.add_argument("--vocab-size", type=int, default=None,
-                   help=f"vocabulary size of a newly trained tokenizer (default {DEFAULT_VOCAB_SIZE})")
+                   help=f"vocab size of a newly trained tokenizer (default {DEFAULT_VOCAB_SIZE})")
     p.add_argument("--tokenizer", metavar="MODEL", help="use this existing sentencepiece .model")
     p.add_argument("--max-files", type=int, default=None, metavar="N",
                    help="use only the first N input files (in sorted order)")

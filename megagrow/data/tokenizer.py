@@ -90,7 +90,8 @@ class _Guarded:
 def _check_vocab_size(vocab_size: int) -> None:
     if not MIN_VOCAB_SIZE <= vocab_size <= MAX_VOCAB_SIZE:
         raise UserError(f"vocab size {vocab_size} is out of range: it must be between "
-                        f"{MIN_VOCAB_SIZE} (3 special + {NUM_BYTE_PIECES} byte pieces + characters) "
+                        f"{MIN_VOCAB_SIZE} (3 special + {NUM_BYTE_PIECES} byte pieces + characters)"
+                        " "
                         f"and {MAX_VOCAB_SIZE}")
 
 
@@ -98,7 +99,7 @@ def train_tokenizer(files: Sequence[str], model_prefix: str, vocab_size: int,
                     max_sentences: int = 300_000, seed: int = 0, *,
                     max_sentence_length: int = DEFAULT_MAX_SENTENCE_LENGTH,
                     num_threads: int = 2, verbose: bool = False) -> str:
-    """Train a BPE model on ``files``; write ``model_prefix + ".model"`` atomically; return its path.
+    """Train BPE on ``files``, write ``model_prefix + ".model"`` atomically, return its path.
 
     Deterministic in (files, vocab_size, max_sentences, seed, max_sentence_length). A failure
     leaves no file behind. Raises UserError for an impossible vocabulary size or no text.

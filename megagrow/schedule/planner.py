@@ -19,7 +19,7 @@ documented ways, chosen by ``KaplanLaw.batch`` and used identically for single m
 staged schedules:
 
 * ``"integrated"`` (default): every step runs at the critical batch of the loss it is at,
-  tokens = integral of B(L(s)) ds along the loss trajectory (closed form, hypergeometric).
+  tokens = integral of B(L(s)) ds along the loss trajectory (closed form, Gauss 2F1).
   This is Kaplan's C_min accounting, and it is the one in which the paper's stop threshold
   is the compute-optimal point: the from-scratch model that reaches a loss with the least
   compute is, under this accounting, exactly the one whose curve has flattened to
@@ -61,7 +61,7 @@ import re
 from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
-from scipy import integrate, optimize, special
+from scipy import optimize, special
 
 from megagrow.errors import UserError
 from megagrow.schedule.slope import STOP_SLOPE
@@ -194,9 +194,10 @@ class KaplanLaw:
         # D = (2 S_c B* / alpha_S) L_inf^(-p-q) I(x),  I(x) = int_x^1 t^(a-1) (1-t)^(b-1) dt,
         # a = -q < 0, b = p + q.  Closed form: t^a/a 2F1(a, 1-b; a+1; t) is an antiderivative and
         # its value at t = 1 is the continued Beta function G(a)G(b)/G(a+b), so
-        # I(x) = B(a, b) - x^a/a 2F1(a, 1-b; a+1; x).  Used for x <= 0.3 (near the irreducible
-        # loss, where the integrand is singular); quadrature above (no singularity, and the
-        # closed form would cancel).  Both agree to ~1e-15 at x = 0.3.
+        # I(x) = B(a, b) - x^a/a 2F1(a, 1-b; a+1; x), used for x <= 0.3 (near the irreducible
+        # loss, where the integrand is singular); above, s = 1 - t gives the regular incomplete
+        # Beta I(x) = (1-x)^b/b 2F1(b, 1-a; b+1; 1-x) (the first form would cancel there).
+        # Both agree with adaptive quadrature to ~1e-14 (tested).
         p, q = 1.0 / self.alpha_B, 1.0 / self.alpha_S
         linf = self.loss_limit(N)
         x = (L - linf) / L
@@ -205,10 +206,7 @@ class KaplanLaw:
             beta = special.gamma(a) * special.gamma(b) / special.gamma(a + b)
             val = beta - x ** a / a * special.hyp2f1(a, 1.0 - b, a + 1.0, x)
         else:
-            val, _ = integrate.quad(
-                lambda t: t ** (a - 1.0) * (1.0 - t) ** (b - 1.0), x, 1.0,
-                epsabs=0.0, epsrel=1e-12, limit=500,
-            )
+            val = (1.0 - x) ** b / b * special.hyp2f1(b, 1.0 - a, b + 1.0, 1.0 - x)
         return (2.0 * self.S_c * self.B_star / self.alpha_S) * linf ** (-p - q) * val
 
     def dtokens_dloss(self, N: float, L: float, batch_loss: float | None = None) -> float:
@@ -449,12 +447,12 @@ def _check_chain(sizes, law: KaplanLaw, L_target: float) -> list[float]:
 class _Boundary:
     """The switch from size a to size b at loss L: cost term N_a D_a(L) - N_b D_b(L)."""
 
-    def __init__(self, law: KaplanLaw, Na: float, Nb: float, L_target: float):
+    def __init__(self, law: KaplanLaw, Na: float, Nb: float, L_target: float, scale: float):
         self.law, self.Na, self.Nb, self.Lt = law, Na, Nb, L_target
         self.limit = law.loss_limit(Na)
         self.lower = max(L_target, self.limit)  # L_a >= L_target and above a's limit
         self.upper = self.limit + 2.0 * (2.0 * law.S_c) ** law.alpha_S  # about step 0.4 for a
-        self.scale = law.compute_to_loss(Nb, L_target, L_target)  # normaliser
+        self.scale = scale  # normaliser: the final size's compute from scratch (finite)
 
     def cost(self, L: float) -> float:
         law, Lt = self.law, self.Lt
@@ -469,7 +467,10 @@ class _Boundary:
         u_lo = self.lower - self.limit
         x_lo = math.log(u_lo) if u_lo > 0 else math.log(self.upper - self.limit) - 60.0
         x_hi = math.log(self.upper - self.limit)
-        f = lambda x: self.cost(self.limit + math.exp(x)) / self.scale  # noqa: E731
+        def f(x: float) -> float:
+            v = self.cost(self.limit + math.exp(x)) / self.scale
+            return v if not math.isnan(v) else math.inf  # at a's irreducible loss: inf - finite
+
         xs = np.linspace(x_lo, x_hi, 301)
         vals = np.array([f(x) for x in xs])
         i = int(np.argmin(vals))
@@ -543,7 +544,7 @@ def plan_stages(sizes, L_target: float, law: KaplanLaw | None = None, method: st
 
     def boundary(a: int, b: int) -> tuple[float, float]:
         if (a, b) not in cache:
-            cache[(a, b)] = _Boundary(law, sizes[a], sizes[b], L_target).solve()
+            cache[(a, b)] = _Boundary(law, sizes[a], sizes[b], L_target, base).solve()
         return cache[(a, b)]
 
     best = None

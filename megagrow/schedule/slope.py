@@ -156,7 +156,7 @@ def smoothed_slopes(compute, loss, window: int = DEFAULT_WINDOW, ema: float = 0.
     _check_lengths(compute, loss)
     for i, (c, l) in enumerate(zip(compute, loss)):
         rule.update(c, l)
-        if rule.slope is not None and len(rule._x) == rule.window:
+        if rule.slope is not None:
             out[i] = rule.slope
     return out
 

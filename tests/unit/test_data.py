@@ -75,7 +75,8 @@ def _random_docs(vocab: int, eos: int, n: int = 20, seed: int = 0) -> list[np.nd
     return [rng.integers(0, vocab, size=int(rng.integers(0, 50))) for _ in range(n)]
 
 
-@pytest.mark.parametrize("vocab,dtype", [(VOCAB, np.uint16), (65536, np.uint16), (70000, np.uint32)])
+@pytest.mark.parametrize("vocab,dtype",
+                         [(VOCAB, np.uint16), (65536, np.uint16), (70000, np.uint32)])
 def test_dataset_reads_back_exactly_the_tokens_written(tmp_path, vocab, dtype):
     """Every document + EOS comes back bitwise, with the right dtype, counts and offsets."""
     prefix = str(tmp_path / "ds")
@@ -257,7 +258,8 @@ def test_prepare_cli_end_to_end_json_and_readback(tmp_path):
     assert ds.num_tokens == info["tokens"] and ds.num_documents == 4 and ds.vocab_size == VOCAB
     tok = Tokenizer(info["tokenizer"])
     docs = [tok.decode(ds.document(i)) for i in range(ds.num_documents)]
-    assert docs == [texts[src / "a.py"], "first record ✓", "second\nrecord", texts[src / "sub" / "b.md"]]
+    assert docs == [texts[src / "a.py"], "first record ✓", "second\nrecord",
+                    texts[src / "sub" / "b.md"]]
     assert sorted(os.listdir(tmp_path / "out")) == ["ds.bin", "ds.idx", "ds.model"]
 
     bin_before = open(prefix + ".bin", "rb").read()
@@ -285,7 +287,8 @@ def test_prepare_cli_other_user_errors(tmp_path):
                          (["--input", str(tmp_path / "empty")], "no input files")]:
         r = _run_cli("--out", str(tmp_path / "ds"), *args)
         assert r.returncode == 2 and "Traceback" not in r.stderr
-        assert r.stderr.startswith("error:") and needle in r.stderr and len(r.stderr.splitlines()) == 1
+        assert r.stderr.startswith("error:") and needle in r.stderr
+        assert len(r.stderr.splitlines()) == 1
     assert os.listdir(tmp_path) == ["empty"]
 
 

@@ -1,0 +1,45 @@
+# megagrow: two commands on a fresh machine (Python 3.11, g++, package registries):
+#   make demo   - create .venv if missing, install, prepare the stdlib corpus, train the tiny plan on 2 CPU processes
+#   make test   - create .venv if missing, install, run the test suite
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed-$(shell cat setup.py | cksum | cut -d' ' -f1)
+DATA   := data_cache/stdlib
+NPROC  ?= 2
+
+export DS_ACCELERATOR ?= cpu
+export DS_BUILD_OPS := 0
+export PYTHONWARNINGS := ignore
+export OMP_NUM_THREADS ?= 1
+
+.PHONY: demo test install data clean
+
+install: $(STAMP)
+
+$(STAMP): setup.py
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# torch first and pinned, so nothing pulls a different build
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[test]'
+	rm -f $(VENV)/.installed-*
+	touch $@
+
+$(DATA).bin: $(STAMP)
+	$(PY) tools/prepare_data.py --out $(DATA) --vocab-size 4096
+
+data: $(DATA).bin
+
+demo: $(STAMP) $(DATA).bin
+	rm -rf runs/tiny
+	$(PY) -m torch.distributed.run --nproc_per_node=$(NPROC) --master_port=0 --rdzv_backend=c10d --rdzv_endpoint=127.0.0.1:0 \
+		-m megagrow.cli train recipes/tiny.yaml --stage 0 --run-dir runs/tiny
+	@echo "checkpoints: runs/tiny/small/checkpoints (native DeepSpeed; zero_to_fp32.py inside)"
+	@echo "log:         runs/tiny/small/log.jsonl"
+
+test: $(STAMP)
+	$(PY) -m pytest -q tests
+
+clean:
+	rm -rf runs build *.egg-info
