@@ -1,0 +1,471 @@
+"""Growth operators: each one turns a ModelConfig into a bigger one and declares, as data
+(megagrow.growth.maps), how every new logical tensor and its Adam moments are made.
+
+    op = Width(2)                      # d_model, d_ff, n_heads x k (head_dim kept), block diagonal
+    op = Depth(2, placement="interleave")   # exact: inserted layers are identity on the residual
+    op = Stack(2)                      # G_stack: the layer list k times (NOT loss preserving)
+    op = FFN(d_ff=256)                 # d_ff grows, new fc2/down columns zero (exact)
+    op = Identity()                    # no change of model: pure resharding
+    gp = plan_growth(op, old_config)   # GrowthPlan: new config + {name: TensorMap}
+
+Moment rules (the factor each piece carries for exp_avg ``m`` and exp_avg_sq ``v``) follow
+the gradient the grown model actually has at the moment of growth: a tensor whose gradient
+is g*s right after growth gets m*s and v*s**2, so Adam's per-element step m/(sqrt(v)+eps) is
+unchanged (up to eps). tests/unit/test_growth.py checks each of these gradient scales
+numerically. See docs/growth.md for the derivations and the decisions.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Optional
+
+from megagrow.config import ModelConfig
+from megagrow.errors import UserError
+from megagrow.growth.maps import Copy, Fill, Noise, TensorMap, full_box
+
+# ---------------------------------------------------------------------------------------
+# the logical tensors of a config (the names are megagrow.model.gpt's parameter names)
+
+_OUTPUT_PROJ = ("attn.o.weight", "attn.o.bias", "mlp.fc2.weight", "mlp.fc2.bias", "mlp.down.weight")
+
+
+def block_tensors(c: ModelConfig) -> dict[str, tuple]:
+    """Shapes of one block's tensors, by name relative to `blocks.{i}.`."""
+    d, f = c.d_model, c.ffn_dim
+    gpt2 = c.flavour == "gpt2"
+    t: dict[str, tuple] = {"ln1.weight": (d,)}
+    if gpt2:
+        t["ln1.bias"] = (d,)
+    for p in ("q", "k", "v", "o"):
+        t[f"attn.{p}.weight"] = (d, d)
+        if gpt2:
+            t[f"attn.{p}.bias"] = (d,)
+    t["ln2.weight"] = (d,)
+    if gpt2:
+        t["ln2.bias"] = (d,)
+        t.update({"mlp.fc1.weight": (f, d), "mlp.fc1.bias": (f,), "mlp.fc2.weight": (d, f), "mlp.fc2.bias": (d,)})
+    else:
+        t.update({"mlp.gate.weight": (f, d), "mlp.up.weight": (f, d), "mlp.down.weight": (d, f)})
+    return t
+
+
+def logical_tensors(c: ModelConfig) -> dict[str, tuple]:
+    """{name: logical global shape} of every parameter of the model `c`, in model order."""
+    d = c.d_model
+    t: dict[str, tuple] = {"tok_emb.weight": (c.padded_vocab, d)}
+    if c.flavour == "gpt2":
+        t["pos_emb.weight"] = (c.seq_len, d)
+    for i in range(c.n_layers):
+        for k, s in block_tensors(c).items():
+            t[f"blocks.{i}.{k}"] = s
+    t["ln_f.weight"] = (d,)
+    if c.flavour == "gpt2":
+        t["ln_f.bias"] = (d,)
+    if not c.tie_embeddings:
+        t["lm_head.weight"] = (c.padded_vocab, d)
+    return t
+
+
+def is_output_proj(rel: str) -> bool:
+    return rel in _OUTPUT_PROJ
+
+
+def _copy_all(name: str, shape: tuple, src: str | None = None, m: float = 1.0, v: float = 1.0) -> TensorMap:
+    b = full_box(shape)
+    return TensorMap(name, tuple(shape), (Copy(b, src or name, b, 1.0, m, v),))
+
+
+def _cfg(old: ModelConfig, **kw) -> ModelConfig:
+    try:
+        return old.replace(**kw)
+    except UserError as e:
+        raise UserError(f"the grown model config is invalid: {e}") from None
+
+
+# ---------------------------------------------------------------------------------------
+# operators
+
+
+class Operator:
+    """Base: `new_config(old)` (raises UserError on a violated precondition) and
+    `tensors(old, new)` -> {new name: TensorMap}."""
+
+    name = "operator"
+    exact = True  # loss preserving at the moment of growth
+    paper_c: Optional[float] = None  # the paper's S_small / S_big constant for this operator
+
+    def new_config(self, old: ModelConfig) -> ModelConfig:
+        raise NotImplementedError
+
+    def tensors(self, old: ModelConfig, new: ModelConfig) -> dict[str, TensorMap]:
+        raise NotImplementedError
+
+    def describe(self) -> dict:
+        return {"op": self.name, **{k: v for k, v in vars(self).items()}}
+
+
+def _need_factor(k, what: str) -> int:
+    if isinstance(k, bool) or not isinstance(k, int) or k < 2:
+        raise UserError(f"{what} growth factor must be an integer >= 2, got {k!r}")
+    return k
+
+
+@dataclass(frozen=True)
+class Identity(Operator):
+    """No change of model (pure resharding): every tensor and moment copied."""
+
+    name = "identity"
+
+    def new_config(self, old):
+        return old
+
+    def tensors(self, old, new):
+        return {n: _copy_all(n, s) for n, s in logical_tensors(old).items()}
+
+
+@dataclass(frozen=True)
+class Width(Operator):
+    """d_model, d_ff and n_heads times `factor` (head_dim unchanged); residual h -> [h]*k.
+
+    Every matrix becomes k x k blocks, W on the diagonal; embeddings, biases and in-block
+    norms are repeated k times; the final norm is divided by k (tied head) or the untied
+    head is [W]*k / k. `symmetry_breaking` > 0 adds seeded noise of std
+    symmetry_breaking * init_std that sums to zero over each row of blocks (so the output
+    is exactly unchanged, since every block of a row reads identical copies) but differs
+    between rows: the backward pass is no longer symmetric and the copies diverge.
+    `offdiag_moments`: "tiled" (default; the off-diagonal blocks get m/k, v/k^2 like the
+    diagonal: their gradient right after growth is exactly g/k too) or "zero" (as the
+    reference code).
+    """
+
+    factor: int = 2
+    symmetry_breaking: float = 0.1
+    offdiag_moments: str = "tiled"
+    name = "width"
+
+    @property
+    def paper_c(self):
+        return 1.776 if self.factor == 2 else None
+
+    def new_config(self, old):
+        k = _need_factor(self.factor, "width")
+        if self.symmetry_breaking < 0:
+            raise UserError(f"symmetry_breaking must be >= 0, got {self.symmetry_breaking}")
+        if self.offdiag_moments not in ("tiled", "zero"):
+            raise UserError(f"offdiag_moments must be 'tiled' or 'zero', got {self.offdiag_moments!r}")
+        d_ff = k * old.ffn_dim
+        new_default = old.replace(d_model=k * old.d_model, n_heads=k * old.n_heads, d_ff=None)
+        return _cfg(old, d_model=k * old.d_model, n_heads=k * old.n_heads,
+                    d_ff=None if old.d_ff is None and new_default.ffn_dim == d_ff else d_ff)
+
+    def tensors(self, old, new):
+        k = self.factor
+        inv, inv2 = 1.0 / k, 1.0 / (k * k)
+        om, ov = (inv, inv2) if self.offdiag_moments == "tiled" else (0.0, 0.0)
+        std = self.symmetry_breaking * old.init_std
+        tag = f"width{k}:{new.d_model}"
+        out: dict[str, TensorMap] = {}
+        shapes = logical_tensors(new)
+        for name, s in logical_tensors(old).items():
+            ns = shapes[name]
+            pieces = []
+            if name in ("tok_emb.weight", "pos_emb.weight"):  # (rows, d) -> (rows, k d)
+                for c in range(k):
+                    pieces.append(Copy(((0, s[0]), (c * s[1], (c + 1) * s[1])), name, full_box(s), 1.0, inv, inv2))
+            elif name == "lm_head.weight":  # untied: [W]*k / k, its gradient stays g
+                for c in range(k):
+                    pieces.append(Copy(((0, s[0]), (c * s[1], (c + 1) * s[1])), name, full_box(s), inv, 1.0, 1.0))
+                if std > 0:  # zero-sum over the k column blocks: +Z_j on block j, -Z_j on block j+1
+                    for j in range(k - 1):
+                        for c, sign in ((j, 1.0), (j + 1, -1.0)):
+                            b = ((0, s[0]), (c * s[1], (c + 1) * s[1]))
+                            pieces.append(Noise(b, f"{name}#{tag}/sym{j}", std, sign, add=True, key_box=b))
+            elif name.startswith("ln_f."):
+                if old.tie_embeddings:  # [g]*k / k: its gradient stays g, moments unscaled
+                    pieces = [Copy(((c * s[0], (c + 1) * s[0]),), name, full_box(s), inv, 1.0, 1.0) for c in range(k)]
+                else:  # the untied head carries the 1/k instead
+                    pieces = [Copy(((c * s[0], (c + 1) * s[0]),), name, full_box(s), 1.0, inv, inv2) for c in range(k)]
+            elif len(s) == 1:  # in-block norm gains/biases and linear biases: repeated
+                pieces = [Copy(((c * s[0], (c + 1) * s[0]),), name, full_box(s), 1.0, inv, inv2) for c in range(k)]
+            else:  # a block matrix (out, in) -> k x k blocks
+                o, i = s
+                for r in range(k):
+                    for c in range(k):
+                        b = ((r * o, (r + 1) * o), (c * i, (c + 1) * i))
+                        if r == c:
+                            pieces.append(Copy(b, name, full_box(s), 1.0, inv, inv2))
+                        else:
+                            pieces.append(Copy(b, name, full_box(s), 0.0, om, ov))
+                if std > 0:  # row r: -Z_r on block (r, r), +Z_r on block (r, r+1 mod k)
+                    for r in range(k):
+                        for c, sign in ((r, -1.0), ((r + 1) % k, 1.0)):
+                            b = ((r * o, (r + 1) * o), (c * i, (c + 1) * i))
+                            pieces.append(Noise(b, f"{name}#{tag}/sym{r}", std, sign, add=True, key_box=b))
+            out[name] = TensorMap(name, ns, tuple(pieces))
+        return out
+
+
+def _layer_of(name: str) -> tuple[int, str] | None:
+    if not name.startswith("blocks."):
+        return None
+    _, i, rel = name.split(".", 2)
+    return int(i), rel
+
+
+def _non_block(old: ModelConfig) -> dict[str, TensorMap]:
+    return {n: _copy_all(n, s) for n, s in logical_tensors(old).items() if not n.startswith("blocks.")}
+
+
+@dataclass(frozen=True)
+class Depth(Operator):
+    """n_layers times `factor`, exactly loss preserving: each inserted layer is an identity on
+    the residual stream (its output projections, attn.o and mlp.fc2/down, weights and biases
+    are zero). placement "interleave": after old layer i come its k-1 new layers; "append":
+    the new layers follow the whole old stack. new_layers "copy" (default): the inserted
+    layer's other tensors copy its source layer (i for interleave, i mod L for append);
+    "init": freshly initialised (seeded noise of std init_std, norm gains 1, biases 0).
+    Moments of every inserted tensor are zero; old layers keep theirs unscaled (their
+    gradient is unchanged, since an identity layer with zero output weights passes the
+    residual gradient through unchanged)."""
+
+    factor: int = 2
+    placement: str = "interleave"
+    new_layers: str = "copy"
+    name = "depth"
+
+    @property
+    def paper_c(self):
+        return 1.412 if self.factor == 2 else None
+
+    def new_config(self, old):
+        k = _need_factor(self.factor, "depth")
+        if self.placement not in ("interleave", "append"):
+            raise UserError(f"depth placement must be 'interleave' or 'append', got {self.placement!r}")
+        if self.new_layers not in ("copy", "init"):
+            raise UserError(f"depth new_layers must be 'copy' or 'init', got {self.new_layers!r}")
+        return _cfg(old, n_layers=k * old.n_layers)
+
+    def source_layer(self, n: int, L: int) -> tuple[int, bool]:
+        """(old layer, inserted?) for new layer n."""
+        k = self.factor
+        if self.placement == "interleave":
+            return n // k, n % k != 0
+        return n % L, n >= L
+
+    def tensors(self, old, new):
+        out = _non_block(old)
+        L = old.n_layers
+        for n in range(new.n_layers):
+            i, inserted = self.source_layer(n, L)
+            for rel, s in block_tensors(old).items():
+                name, src = f"blocks.{n}.{rel}", f"blocks.{i}.{rel}"
+                b = full_box(s)
+                if not inserted:
+                    p = Copy(b, src, b, 1.0, 1.0, 1.0)
+                elif is_output_proj(rel):
+                    p = Fill(b, 0.0)
+                elif self.new_layers == "copy":
+                    p = Copy(b, src, b, 1.0, 0.0, 0.0)
+                elif rel.endswith(".bias"):
+                    p = Fill(b, 0.0)
+                elif len(s) == 1:
+                    p = Fill(b, 1.0)
+                else:
+                    p = Noise(b, f"{name}#depth-init:{new.n_layers}", old.init_std)
+                out[name] = TensorMap(name, tuple(s), (p,))
+        return out
+
+
+@dataclass(frozen=True)
+class Stack(Operator):
+    """G_stack: the whole layer list `factor` times (layer j*L + i copies old layer i, moments
+    included, unscaled). NOT loss preserving: documented and tested as such."""
+
+    factor: int = 2
+    name = "stack"
+    exact = False
+
+    def new_config(self, old):
+        return _cfg(old, n_layers=_need_factor(self.factor, "stack") * old.n_layers)
+
+    def tensors(self, old, new):
+        out = _non_block(old)
+        for n in range(new.n_layers):
+            for rel, s in block_tensors(old).items():
+                out[f"blocks.{n}.{rel}"] = _copy_all(f"blocks.{n}.{rel}", s, f"blocks.{n % old.n_layers}.{rel}")
+        return out
+
+
+@dataclass(frozen=True)
+class FFN(Operator):
+    """d_ff -> a larger `d_ff`, exact: new fc1/gate/up rows are seeded noise (std init_std),
+    new fc1 bias entries 0, new fc2/down columns 0. Old entries and their moments copied
+    unscaled; new entries' moments zero."""
+
+    d_ff: int = 0
+    name = "ffn"
+
+    def new_config(self, old):
+        if isinstance(self.d_ff, bool) or not isinstance(self.d_ff, int) or self.d_ff <= old.ffn_dim:
+            raise UserError(f"FFN growth needs a d_ff larger than the current {old.ffn_dim}, got {self.d_ff!r} (shrinking is not growth)")
+        return _cfg(old, d_ff=self.d_ff)
+
+    def tensors(self, old, new):
+        F, F2, d = old.ffn_dim, new.ffn_dim, old.d_model
+        out = {}
+        for name, s in logical_tensors(old).items():
+            li = _layer_of(name)
+            rel = li[1] if li else ""
+            if rel in ("mlp.fc1.weight", "mlp.gate.weight", "mlp.up.weight"):
+                ns = (F2, d)
+                pieces = (Copy(full_box(s), name, full_box(s), 1.0, 1.0, 1.0),
+                          Noise(((F, F2), (0, d)), f"{name}#ffn:{F2}", old.init_std))
+            elif rel == "mlp.fc1.bias":
+                ns = (F2,)
+                pieces = (Copy(full_box(s), name, full_box(s), 1.0, 1.0, 1.0), Fill(((F, F2),), 0.0))
+            elif rel in ("mlp.fc2.weight", "mlp.down.weight"):
+                ns = (d, F2)
+                pieces = (Copy(full_box(s), name, full_box(s), 1.0, 1.0, 1.0), Fill(((0, d), (F, F2)), 0.0))
+            else:
+                out[name] = _copy_all(name, s)
+                continue
+            out[name] = TensorMap(name, ns, pieces)
+        return out
+
+
+@dataclass(frozen=True)
+class Heads(Operator):
+    """n_heads -> more heads with head_dim fixed, d_model unchanged: the attention inner
+    dim becomes n_heads * head_dim != d_model. megagrow's model ties the inner dim to
+    d_model (head_dim = d_model / n_heads), so this operator refuses until ModelConfig has
+    a `head_dim` field (see docs/growth.md); `tensors` is the map it will use."""
+
+    n_heads: int = 0
+    name = "heads"
+
+    def new_config(self, old):
+        import dataclasses
+
+        if not isinstance(self.n_heads, int) or self.n_heads <= old.n_heads:
+            raise UserError(f"heads growth needs more than the current {old.n_heads} heads, got {self.n_heads!r}")
+        if "head_dim" not in {f.name for f in dataclasses.fields(ModelConfig)}:
+            raise UserError("heads-only growth needs an attention inner dim != d_model (a ModelConfig.head_dim field), "
+                            "which megagrow's model does not have yet; grow width instead")
+        return _cfg(old, n_heads=self.n_heads, head_dim=old.head_dim)  # pragma: no cover (pending model change)
+
+    def tensors(self, old, new):
+        return heads_tensors(old, self.n_heads)
+
+
+def heads_tensors(old: ModelConfig, n_heads: int) -> dict[str, TensorMap]:
+    """Heads-only growth map (for the pending head_dim model change): q/k/v gain rows
+    [H hd, H' hd) of seeded noise (biases 0), o gains zero input columns; exact."""
+    hd, d = old.head_dim, old.d_model
+    A, A2 = old.n_heads * hd, n_heads * hd
+    out = {}
+    for name, s in logical_tensors(old).items():
+        li = _layer_of(name)
+        rel = li[1] if li else ""
+        if rel in ("attn.q.weight", "attn.k.weight", "attn.v.weight"):
+            out[name] = TensorMap(name, (A2, d), (Copy(full_box(s), name, full_box(s), 1.0, 1.0, 1.0),
+                                                   Noise(((A, A2), (0, d)), f"{name}#heads:{n_heads}", old.init_std)))
+        elif rel in ("attn.q.bias", "attn.k.bias", "attn.v.bias"):
+            out[name] = TensorMap(name, (A2,), (Copy(full_box(s), name, full_box(s), 1.0, 1.0, 1.0), Fill(((A, A2),), 0.0)))
+        elif rel == "attn.o.weight":
+            out[name] = TensorMap(name, (d, A2), (Copy(full_box(s), name, full_box(s), 1.0, 1.0, 1.0), Fill(((0, d), (A, A2)), 0.0)))
+        else:
+            out[name] = _copy_all(name, s)
+    return out
+
+
+# ---------------------------------------------------------------------------------------
+# a planned growth
+
+
+@dataclass(frozen=True)
+class GrowthPlan:
+    """An operator applied to a config: the new config and the declarative tensor map."""
+
+    op: Operator
+    old: ModelConfig
+    new: ModelConfig
+    tensors: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return {"op": self.op.describe(), "old": self.old.to_dict(), "new": self.new.to_dict(),
+                "tensors": {n: t.to_dict() for n, t in self.tensors.items()}}
+
+
+def plan_growth(op: Operator, old: ModelConfig, target: ModelConfig | None = None) -> GrowthPlan:
+    """Apply `op` to config `old`; check the result against `target` (e.g. the plan's next
+    stage) if given, and check the map covers exactly the new model's tensors."""
+    if not isinstance(op, Operator):
+        raise UserError(f"not a growth operator: {op!r}")
+    new = op.new_config(old)
+    if target is not None and _resolved(new) != _resolved(target):
+        diff = {k: (v, _resolved(target)[k]) for k, v in _resolved(new).items() if _resolved(target)[k] != v}
+        raise UserError(f"{op.name} growth of {_summary(old)} gives {_summary(new)}, but the target model is "
+                        f"{_summary(target)} (differences, grown vs target: {diff})")
+    tensors = op.tensors(old, new)
+    want = logical_tensors(new)
+    if set(tensors) != set(want):  # a bug, not a user error
+        raise AssertionError(f"{op.name}: map names differ from the model's: {sorted(set(tensors) ^ set(want))}")
+    old_shapes = logical_tensors(old)
+    for n, t in tensors.items():
+        if tuple(t.shape) != tuple(want[n]):
+            raise AssertionError(f"{op.name}: {n} shape {t.shape} != model shape {want[n]}")
+        t.check(old_shapes)
+    return GrowthPlan(op, old, target if target is not None else new, tensors)
+
+
+def _resolved(c: ModelConfig) -> dict:
+    d = c.to_dict()
+    d["d_ff"] = c.ffn_dim
+    return d
+
+
+def _summary(c: ModelConfig) -> str:
+    return f"{c.flavour} L={c.n_layers} d={c.d_model} H={c.n_heads} d_ff={c.ffn_dim}"
+
+
+def operator_between(spec: str, old: ModelConfig, new: ModelConfig, symmetry_breaking: float = 0.1) -> Operator:
+    """The operator named by a stage's `grow` field that takes config `old` to `new`.
+
+    spec: "width" | "depth" | "depth:append" | "depth:interleave:init" | "stack" | "ffn" |
+    "identity" (the factor is read off the two configs). Raises UserError when the configs
+    are not related that way (e.g. depth growth to a model whose n_layers is no multiple).
+    """
+    parts = (spec or "").split(":")
+    kind = parts[0]
+    if kind == "width":
+        if new.d_model % old.d_model:
+            raise UserError(f"width growth: new d_model {new.d_model} is not a multiple of {old.d_model}")
+        op: Operator = Width(new.d_model // old.d_model, symmetry_breaking)
+    elif kind == "depth":
+        if new.n_layers % old.n_layers:
+            raise UserError(f"depth growth: new n_layers {new.n_layers} is not a multiple of {old.n_layers}")
+        op = Depth(new.n_layers // old.n_layers, *(parts[1:3]))
+    elif kind == "stack":
+        if new.n_layers % old.n_layers:
+            raise UserError(f"stack growth: new n_layers {new.n_layers} is not a multiple of {old.n_layers}")
+        op = Stack(new.n_layers // old.n_layers)
+    elif kind == "ffn":
+        op = FFN(new.ffn_dim)
+    elif kind == "identity":
+        op = Identity()
+    else:
+        raise UserError(f"unknown growth operator {spec!r} (width, depth[:interleave|append[:copy|init]], stack, ffn, identity)")
+    plan_growth(op, old, new)  # validates that op really takes old to new
+    return op
+
+
+# ---------------------------------------------------------------------------------------
+# learning rate across growth
+
+
+def kaplan_peak_lr(c: ModelConfig) -> float:
+    """The reference code's peak LR: 0.003239 - 0.0001395 log10(N), N = 12 L d^2."""
+    N = 12 * c.n_layers * c.d_model ** 2
+    return 0.003239 - 0.0001395 * math.log10(N)
