@@ -128,9 +128,58 @@ def resume(prefix: str, out: str) -> dict:
     return res
 
 
+
+def _logical_all(ck) -> dict:
+    return {(n, s): ck.read_box(n, s, tuple((0, d) for d in shape))
+            for n, shape in ck.logical_shapes().items() for s in ("w", "m", "v")}
+
+
+def reshard(prefix: str, out: str) -> dict:
+    """Train at layout A, regrow (identity) to layouts B; every fp32 weight and Adam moment of B,
+    read back through megagrow's reader and (TP=1) DeepSpeed's zero_to_fp32, equals A's bitwise."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    from megagrow.state.checkpoint import SourceCheckpoint
+    from megagrow.state.executor import regrow
+    from megagrow.train import train_stage
+
+    pairs = [
+        (dict(tp=1, dp=2, zero_stage=2), dict(tp=2, dp=1, zero_stage=3)),
+        (dict(tp=2, dp=1, zero_stage=1), dict(tp=1, dp=2, zero_stage=3)),
+        (dict(tp=1, dp=2, zero_stage=3), dict(tp=1, dp=2, zero_stage=1)),
+        (dict(tp=2, dp=1, zero_stage=3), dict(tp=1, dp=2, zero_stage=2, dtype="bf16")),
+        (dict(tp=1, dp=2, zero_stage=2, dtype="bf16"), dict(tp=2, dp=1, zero_stage=2, dtype="bf16")),
+    ]
+    res = {}
+    for i, (a, b) in enumerate(pairs):
+        ds = lambda L: "ds_configs/cpu.json" if L["zero_stage"] == 3 else None  # noqa: E731
+        pa = tiny_plan(prefix, steps=3, ds_config=ds(a), **a)
+        pb = tiny_plan(prefix, steps=3, ds_config=ds(b), **b)
+        ra, rb = os.path.join(out, f"{i}a"), os.path.join(out, f"{i}b")
+        train_stage(pa, 0, ra, quiet=True)
+        torch.distributed.barrier()
+        src = SourceCheckpoint.open(os.path.join(ra, "s0", "checkpoints"))
+        init_distributed(pb.stages[0].layout)
+        print("PAIR", i, a, b, flush=True)
+        info = regrow(pb, 0, src, os.path.join(rb, "s0", "checkpoints"))
+        torch.distributed.barrier()
+        key = f"{a} -> {b}"
+        r = {"bytes_read": info["bytes_read"]}
+        if RANK == 0:
+            A = _logical_all(SourceCheckpoint.open(os.path.join(ra, "s0", "checkpoints")))
+            B = _logical_all(SourceCheckpoint.open(os.path.join(rb, "s0", "checkpoints")))
+            r["mismatched"] = sorted(f"{n}/{s}" for (n, s) in A if not torch.equal(A[(n, s)], B[(n, s)]))
+            r["tensors"] = len(A)
+            if b["tp"] == 1:  # DeepSpeed's own reader agrees with megagrow's
+                sd = get_fp32_state_dict_from_zero_checkpoint(os.path.join(rb, "s0", "checkpoints"))
+                r["zero_to_fp32_mismatched"] = sorted(n for n, t in sd.items() if not torch.equal(t.float(), A[(n, "w")]))
+        res[key] = r
+    return res
+
+
 if __name__ == "__main__":
     scenario, prefix, out = sys.argv[1:4]
-    result = {"tp_equiv": tp_equiv, "zero_match": zero_match, "resume": resume}[scenario](prefix, out)
+    result = {"tp_equiv": tp_equiv, "zero_match": zero_match, "resume": resume, "reshard": reshard}[scenario](prefix, out)
     if RANK == 0:
         with open(os.path.join(out, "result.json"), "w") as f:
             json.dump(result, f)

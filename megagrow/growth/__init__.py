@@ -1,0 +1,20 @@
+"""Growth operators as declarative maps on logical global tensors (DESIGN decision 4).
+
+- megagrow.growth.maps: boxes and pieces (Copy / Fill / Noise), TensorMap, apply
+- megagrow.growth.ops: the operators (Width, Depth, Stack, FFN, Identity; Heads pending a
+  model change), plan_growth, operator_between, kaplan_peak_lr
+- megagrow.growth.apply: GrowthState, grow(), LRPlacement, the TP=1 (model, AdamW) bridges
+
+docs/growth.md documents every operator, its moment rules and the decisions taken.
+"""
+
+from megagrow.growth.apply import GrowthState, LRPlacement, apply_plan, grow, load_training, state_from_training
+from megagrow.growth.maps import Copy, Fill, Noise, TensorMap, apply_map, apply_tensor, noise_values
+from megagrow.growth.ops import (FFN, Depth, GrowthPlan, Heads, Identity, Operator, Stack, Width, kaplan_peak_lr,
+                                 logical_tensors, operator_between, plan_growth)
+
+__all__ = [
+    "Copy", "Depth", "FFN", "Fill", "GrowthPlan", "GrowthState", "Heads", "Identity", "LRPlacement", "Noise",
+    "Operator", "Stack", "TensorMap", "Width", "apply_map", "apply_plan", "apply_tensor", "grow", "kaplan_peak_lr",
+    "load_training", "logical_tensors", "noise_values", "operator_between", "plan_growth", "state_from_training",
+]

@@ -1,0 +1,168 @@
+"""Shard-to-shard growth and resharding (DESIGN decision 5).
+
+Each rank of the new layout B builds its DeepSpeed engine for the new model, asks DeepSpeed
+which fragment of which parameter it owns (ZeRO-1/2 and bf16: `param._hp_mapping`;
+ZeRO-3: the param's own partition), turns that fragment into a box of the logical tensor,
+evaluates the growth map's pieces on that box -- reading only the source boxes they name,
+through `SourceCheckpoint` -- and copies the result into the fp32 master and Adam moments.
+DeepSpeed then writes the native checkpoint. No rank materialises the whole model.
+
+The same code serves `tools/regrow.py` and the trainer's stage transition.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+import torch
+
+from megagrow.config import Plan
+from megagrow.model.gpt import partition_dim
+from megagrow.state.checkpoint import STATE_KEYS, SourceCheckpoint
+
+
+def prime_optimizer(engine, optimizer, stage) -> None:
+    """Create Adam's state with one step at lr=0 on a zero loss: weights, m and v stay 0-changed,
+    and DeepSpeed links its per-parameter optimizer-state fragments (they are lazy)."""
+    from megagrow.parallel.engine import set_lr
+
+    set_lr(optimizer, 0.0)
+    L, m = stage.layout, stage.model
+    x = torch.zeros((L.micro_batch, m.seq_len), dtype=torch.long, device=engine.device)
+    for _ in range(L.grad_accum):
+        loss = engine(x, x) * 0.0
+        engine.backward(loss)
+        engine.step()
+    lazy = getattr(optimizer, "_lazy_init_hp_params_optimizer_state", None)
+    if lazy is not None:
+        lazy()
+
+
+def _z3(engine) -> bool:
+    return engine.zero_optimization_stage() == 3
+
+
+def target_fragments(engine):
+    """(name, local_shape, flat_start, numel, set(state, values)) for each fragment this rank owns."""
+    from deepspeed.utils import safe_set_local_fp32_param, safe_set_local_optimizer_state
+
+    z3 = _z3(engine)
+    dp_rank = torch.distributed.get_rank(group=engine.optimizer.dp_process_group) if z3 else None
+    for name, p in engine.module.named_parameters():
+        if z3:
+            n, P = p.ds_numel, p.ds_tensor.numel()
+            start = dp_rank * P
+            numel = max(0, min(P, n - start))
+
+            def setter(state, values, p=p, P=P, numel=numel):
+                full = torch.zeros(P, dtype=torch.float32, device=p.ds_tensor.device)
+                full[:numel] = values
+                if state == "w":
+                    safe_set_local_fp32_param(p, full)
+                else:
+                    safe_set_local_optimizer_state(p, full, STATE_KEYS[state])
+
+            yield name, tuple(p.ds_shape), start, numel, setter
+        else:
+            m = p._hp_mapping
+            if m is None:
+                continue
+
+            def setter(state, values, m=m):
+                frag = _zero12_fragment(engine.optimizer, m, STATE_KEYS[state])
+                frag.data.copy_(values.view_as(frag).to(frag.device))
+
+            yield name, tuple(p.shape), m.lp_fragment_address.start, m.lp_fragment_address.numel, setter
+
+
+def _zero12_fragment(optimizer, m, key):
+    """This rank's fp32 (key None) or Adam-moment fragment of one param, as a view into the
+    flat partition (ZeRO-1/2 DeepSpeedZeroOptimizer and BF16_Optimizer store it alike)."""
+    if key is None:
+        return m.hp_fragment
+    flats = getattr(optimizer, "single_partition_of_fp32_groups", None) or optimizer.fp32_groups_flat_partition
+    a = m.hp_fragment_address
+    return optimizer.optimizer.state[flats[m.param_group_index]][key].narrow(0, a.start, a.numel)
+
+
+def fragment_box(name: str, local_shape: tuple, start: int, numel: int, tp: int, tp_rank: int) -> tuple[tuple, int]:
+    """The logical box covering elements [start, start+numel) of the flattened TP-local param
+    (whole rows for a matrix), and the offset of `start` inside that box's flattening."""
+    if len(local_shape) == 1:
+        box, skip = [(start, start + numel)], 0
+    else:
+        cols = local_shape[1]
+        r0, r1 = start // cols, -(-(start + numel) // cols)
+        box, skip = [(r0, r1), (0, cols)], start - r0 * cols
+    pd = partition_dim(name)
+    if pd is not None and tp > 1:
+        off = tp_rank * local_shape[pd]
+        box[pd] = (box[pd][0] + off, box[pd][1] + off)
+    return tuple(box), skip
+
+
+def fill_engine(engine, tensors: dict, src: SourceCheckpoint, seed: int) -> dict:
+    """Write every fragment this rank owns: fp32 master, exp_avg, exp_avg_sq; then Adam's step."""
+    from megatron.core import parallel_state
+    from megagrow.growth.maps import apply_tensor
+
+    tp = parallel_state.get_tensor_model_parallel_world_size()
+    tp_rank = parallel_state.get_tensor_model_parallel_rank()
+    t0, written = time.perf_counter(), 0
+    lazies = {s: src.lazy(s) for s in ("w", "m", "v")}
+    for name, shape, start, numel, setter in target_fragments(engine):
+        if numel == 0:
+            continue
+        box, skip = fragment_box(name, shape, start, numel, tp, tp_rank)
+        for state in ("w", "m", "v"):
+            vals = apply_tensor(tensors[name], lazies[state], state, seed, box=box).reshape(-1)[skip:skip + numel]
+            setter(state, vals)
+            written += numel * 4
+    step = src.adam_step()
+    for st in engine.optimizer.optimizer.state.values():
+        if "step" in st:
+            st["step"] = torch.full_like(st["step"], float(step)) if torch.is_tensor(st["step"]) else step
+    if not _z3(engine):
+        engine.optimizer.update_lp_params()  # the module weights are saved too (ZeRO-1/2)
+    return {"bytes_written_state": written, "fill_seconds": time.perf_counter() - t0, "adam_step": step}
+
+
+def regrow(plan: Plan, k: int, src: SourceCheckpoint, out_dir: str, spec: str | None = None) -> dict:
+    """Build stage k's engine at its layout from checkpoint `src` (of stage k-1 with growth
+    `spec`, or of stage k itself: pure resharding), and save it in `out_dir` with DeepSpeed.
+    Process groups must be initialised for stage k's layout."""
+    from megagrow.growth.ops import operator_between, plan_growth
+    from megagrow.train import StageState, build, client_state, tag_of
+
+    stage = plan.stages[k]
+    old_model = src.model
+    same_stage = src.client.get("stage_index") == k and old_model == stage.model
+    op = operator_between("identity" if same_stage else (spec or stage.grow or "identity"), old_model, stage.model)
+    gp = plan_growth(op, old_model, stage.model)
+    engine, optimizer = build(plan, k)
+    prime_optimizer(engine, optimizer, stage)
+    info = fill_engine(engine, gp.tensors, src, plan.seed)
+    c = src.client
+    if same_stage:  # a resume at a new layout: the stage goes on where it stopped
+        st = StageState(step=c["step"], sample_offset=c["sample_offset"], lr_offset=c["lr_offset"], rewarmup=c["rewarmup"])
+    else:  # a new stage: its step 0 continues the data stream; LR placement from the operator
+        lr_offset, rewarmup = lr_placement(op, c, stage)
+        st = StageState(step=0, sample_offset=c["sample_index"], lr_offset=lr_offset, rewarmup=rewarmup)
+    engine.global_steps = st.step
+    engine.save_checkpoint(out_dir, tag=tag_of(st.step), client_state=client_state(plan, k, st, c.get("loss")))
+    torch.distributed.barrier()
+    info.update(op=op.describe() if hasattr(op, "describe") else str(op), step=st.step, sample_offset=st.sample_offset,
+                bytes_read=src.bytes_read, tag=tag_of(st.step))
+    return info
+
+
+def lr_placement(op, client: dict, stage) -> tuple[int, int]:
+    """(schedule offset, re-warmup steps) of the grown stage. The grown model is placed at its
+    equivalent step: the source's schedule position divided by the operator's paper constant c
+    (1.776 width, 1.412 depth; 1 for identity), with the re-warmup from the operator."""
+    pos = client["lr_offset"] + client["step"]
+    c = getattr(op, "paper_c", 1.0)
+    c = c() if callable(c) else c
+    rewarm = int(getattr(op, "rewarmup_steps", 0) or 0)
+    return int(math.floor(pos / c)) if c else pos, rewarm
