@@ -200,6 +200,8 @@ def train_stage(plan: Plan, k: int, run_dir: str, stop_at: int | None = None, qu
     rank = torch.distributed.get_rank()
     dp_rank, dp_size = dp_rank_size()
     batches = Batches.open(plan, stage, dp_rank, dp_size)  # bad data fails before the engine is built
+    if k > 0 and not os.path.isfile(os.path.join(paths.ckpt, "latest")):
+        transition(plan, k, run_dir, quiet)
     engine, optimizer = build(plan, k)
     device = engine.device
 
@@ -210,11 +212,6 @@ def train_stage(plan: Plan, k: int, run_dir: str, stop_at: int | None = None, qu
         st = StageState(step=cs["step"], sample_offset=cs["sample_offset"], lr_offset=cs["lr_offset"], rewarmup=cs["rewarmup"])
         if rank == 0 and not quiet:
             print(f"[megagrow] resumed stage {stage.name} at step {st.step} (sample {st.sample_index(stage)})", flush=True)
-    elif k > 0:
-        raise UserError(
-            f"stage {stage.name!r} has no checkpoint in {paths.ckpt}; starting stage {k} from stage {k - 1}'s "
-            "checkpoint needs a growth transition (tools/regrow.py), which this build does not have yet"
-        )
     if rank == 0:
         os.makedirs(paths.root, exist_ok=True)
     sched = LRSchedule.from_optim(stage.optim, stage.steps, st.lr_offset, st.rewarmup)
@@ -270,6 +267,25 @@ def train_stage(plan: Plan, k: int, run_dir: str, stop_at: int | None = None, qu
     if rank == 0 and not quiet:
         print(f"[megagrow] stage {stage.name} at step {st.step}: checkpoint {os.path.join(paths.ckpt, tag_of(st.step))}", flush=True)
     return EXIT_OK
+
+
+def transition(plan: Plan, k: int, run_dir: str, quiet: bool = False) -> None:
+    """Stage k-1's final checkpoint -> stage k's first, grown and resharded shard to shard."""
+    from megagrow.state.checkpoint import SourceCheckpoint
+    from megagrow.state.executor import regrow
+
+    prev, stage = plan.stages[k - 1], plan.stages[k]
+    prev_paths, paths = StagePaths.of(run_dir, prev), StagePaths.of(run_dir, stage)
+    if not os.path.isfile(os.path.join(prev_paths.ckpt, "latest")):
+        raise UserError(f"stage {stage.name!r} starts from stage {prev.name!r}, which has no checkpoint in {prev_paths.ckpt}")
+    src = SourceCheckpoint.open(prev_paths.ckpt)
+    if src.client["step"] != prev.steps:
+        raise UserError(f"stage {prev.name!r} is at step {src.client['step']} of {prev.steps}: finish it first")
+    t0 = time.perf_counter()
+    info = regrow(plan, k, src, paths.ckpt)
+    if torch.distributed.get_rank() == 0 and not quiet:
+        print(f"[megagrow] transition {prev.name} -> {stage.name} ({info['op']}) at {stage.layout.to_dict()} "
+              f"in {time.perf_counter() - t0:.1f} s, read {info['bytes_read'] / 1e6:.2f} MB on rank 0", flush=True)
 
 
 def _dp_group():

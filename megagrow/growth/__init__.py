@@ -10,11 +10,11 @@ docs/growth.md documents every operator, its moment rules and the decisions take
 
 from megagrow.growth.apply import GrowthState, LRPlacement, apply_plan, grow, load_training, state_from_training
 from megagrow.growth.maps import Copy, Fill, Noise, TensorMap, apply_map, apply_tensor, noise_values
-from megagrow.growth.ops import (FFN, Depth, GrowthPlan, Heads, Identity, Operator, Stack, Width, kaplan_peak_lr,
-                                 logical_tensors, operator_between, plan_growth)
+from megagrow.growth.ops import (FFN, Depth, GrowthPlan, Heads, Identity, Operator, Stack, Width, heads_tensors,
+                                 kaplan_peak_lr, logical_tensors, operator_between, operator_from_dict, plan_growth)
 
 __all__ = [
     "Copy", "Depth", "FFN", "Fill", "GrowthPlan", "GrowthState", "Heads", "Identity", "LRPlacement", "Noise",
-    "Operator", "Stack", "TensorMap", "Width", "apply_map", "apply_plan", "apply_tensor", "grow", "kaplan_peak_lr",
-    "load_training", "logical_tensors", "noise_values", "operator_between", "plan_growth", "state_from_training",
+    "Operator", "Stack", "TensorMap", "Width", "apply_map", "apply_plan", "apply_tensor", "grow", "heads_tensors", "kaplan_peak_lr",
+    "load_training", "logical_tensors", "noise_values", "operator_between", "operator_from_dict", "plan_growth", "state_from_training",
 ]

@@ -31,17 +31,25 @@ from megagrow.growth.maps import Copy, Fill, Noise, TensorMap, full_box
 _OUTPUT_PROJ = ("attn.o.weight", "attn.o.bias", "mlp.fc2.weight", "mlp.fc2.bias", "mlp.down.weight")
 
 
+def attn_dim(c) -> int:
+    """The attention inner dim n_heads * head_dim (== d_model until ModelConfig gets a head_dim field)."""
+    return c.n_heads * c.head_dim
+
+
 def block_tensors(c: ModelConfig) -> dict[str, tuple]:
     """Shapes of one block's tensors, by name relative to `blocks.{i}.`."""
-    d, f = c.d_model, c.ffn_dim
+    d, f, a = c.d_model, c.ffn_dim, attn_dim(c)
     gpt2 = c.flavour == "gpt2"
     t: dict[str, tuple] = {"ln1.weight": (d,)}
     if gpt2:
         t["ln1.bias"] = (d,)
-    for p in ("q", "k", "v", "o"):
-        t[f"attn.{p}.weight"] = (d, d)
+    for p in ("q", "k", "v"):
+        t[f"attn.{p}.weight"] = (a, d)
         if gpt2:
-            t[f"attn.{p}.bias"] = (d,)
+            t[f"attn.{p}.bias"] = (a,)
+    t["attn.o.weight"] = (d, a)
+    if gpt2:
+        t["attn.o.bias"] = (d,)
     t["ln2.weight"] = (d,)
     if gpt2:
         t["ln2.bias"] = (d,)
@@ -359,9 +367,13 @@ class Heads(Operator):
         return heads_tensors(old, self.n_heads)
 
 
-def heads_tensors(old: ModelConfig, n_heads: int) -> dict[str, TensorMap]:
+def heads_tensors(old, n_heads: int) -> dict[str, TensorMap]:
     """Heads-only growth map (for the pending head_dim model change): q/k/v gain rows
-    [H hd, H' hd) of seeded noise (biases 0), o gains zero input columns; exact."""
+    [H hd, H' hd) of seeded noise (biases 0), o gains zero input columns; exact. Old
+    entries and moments copied unscaled, new ones' moments zero (the old heads' gradient
+    is unchanged: the new heads add nothing to the output while o's new columns are 0).
+    `old` needs flavour, n_layers, d_model, n_heads, head_dim, ffn_dim, padded_vocab,
+    seq_len, tie_embeddings, init_std (a ModelConfig, or a stand-in until it has head_dim)."""
     hd, d = old.head_dim, old.d_model
     A, A2 = old.n_heads * hd, n_heads * hd
     out = {}
@@ -378,6 +390,21 @@ def heads_tensors(old: ModelConfig, n_heads: int) -> dict[str, TensorMap]:
         else:
             out[name] = _copy_all(name, s)
     return out
+
+
+OPERATORS = {"identity": Identity, "width": Width, "depth": Depth, "stack": Stack, "ffn": FFN, "heads": Heads}
+
+
+def operator_from_dict(d: dict) -> Operator:
+    """Inverse of Operator.describe() (what a checkpoint manifest records)."""
+    d = dict(d)
+    kind = d.pop("op", None)
+    if kind not in OPERATORS:
+        raise UserError(f"unknown growth operator {kind!r} (one of {', '.join(OPERATORS)})")
+    try:
+        return OPERATORS[kind](**d)
+    except TypeError as e:
+        raise UserError(f"growth operator {kind}: {e}") from None
 
 
 # ---------------------------------------------------------------------------------------

@@ -24,7 +24,6 @@ from __future__ import annotations
 import glob
 import math
 import os
-import re
 from dataclasses import dataclass, field
 
 import torch
@@ -100,6 +99,9 @@ class SourceCheckpoint:
         for g, shapes in enumerate(ms["param_shapes"]):
             for name, shape in shapes.items():
                 ck.local_shapes[name] = tuple(shape)
+        for t in range(tp):  # every rank file readable (metadata only: tensors stay mmapped)
+            for d in range(dp):
+                ck._optim(t, d)
         ck._index(ms)
         ck._check_shapes()
         return ck
@@ -252,5 +254,3 @@ class LazyTensors:
 
         return _View()
 
-
-_TAG_RE = re.compile(r"^[A-Za-z0-9_.-]+$")

@@ -18,6 +18,7 @@ import time
 import torch
 
 from megagrow.config import Plan
+from megagrow.errors import UserError
 from megagrow.model.gpt import partition_dim
 from megagrow.state.checkpoint import STATE_KEYS, SourceCheckpoint
 
@@ -102,7 +103,7 @@ def fragment_box(name: str, local_shape: tuple, start: int, numel: int, tp: int,
     return tuple(box), skip
 
 
-def fill_engine(engine, tensors: dict, src: SourceCheckpoint, seed: int) -> dict:
+def fill_engine(engine, tensors: dict, src: SourceCheckpoint, seed: int, progress: bool = False) -> dict:
     """Write every fragment this rank owns: fp32 master, exp_avg, exp_avg_sq; then Adam's step."""
     from megatron.core import parallel_state
     from megagrow.growth.maps import apply_tensor
@@ -111,7 +112,12 @@ def fill_engine(engine, tensors: dict, src: SourceCheckpoint, seed: int) -> dict
     tp_rank = parallel_state.get_tensor_model_parallel_rank()
     t0, written = time.perf_counter(), 0
     lazies = {s: src.lazy(s) for s in ("w", "m", "v")}
-    for name, shape, start, numel, setter in target_fragments(engine):
+    frags = list(target_fragments(engine))
+    if progress:
+        from tqdm import tqdm
+
+        frags = tqdm(frags, desc="regrow", unit="tensor", file=__import__("sys").stderr)
+    for name, shape, start, numel, setter in frags:
         if numel == 0:
             continue
         box, skip = fragment_box(name, shape, start, numel, tp, tp_rank)
@@ -128,7 +134,25 @@ def fill_engine(engine, tensors: dict, src: SourceCheckpoint, seed: int) -> dict
     return {"bytes_written_state": written, "fill_seconds": time.perf_counter() - t0, "adam_step": step}
 
 
-def regrow(plan: Plan, k: int, src: SourceCheckpoint, out_dir: str, spec: str | None = None) -> dict:
+def check_source(plan: Plan, k: int, src: SourceCheckpoint) -> bool:
+    """The source must be stage k itself (pure resharding: returns True) or stage k-1 of this
+    plan (growth into stage k: returns False), judged by stage name and model config."""
+    stage = plan.stages[k]
+    name, model = src.client["stage"]["name"], src.model
+    if name == stage.name and model == stage.model:
+        return True
+    if k > 0 and name == plan.stages[k - 1].name and model == plan.stages[k - 1].model:
+        return False
+    prev = f" or stage {k - 1} ({plan.stages[k - 1].name!r})" if k > 0 else ""
+    raise UserError(f"source checkpoint is of stage {name!r} ({_short(model)}); stage {k} ({stage.name!r}) of plan "
+                    f"{plan.name!r} takes a checkpoint of stage {k} itself{prev} with the model the plan gives it")
+
+
+def _short(m) -> str:
+    return f"{m.flavour} L={m.n_layers} d={m.d_model} H={m.n_heads}"
+
+
+def regrow(plan: Plan, k: int, src: SourceCheckpoint, out_dir: str, spec: str | None = None, progress: bool = False) -> dict:
     """Build stage k's engine at its layout from checkpoint `src` (of stage k-1 with growth
     `spec`, or of stage k itself: pure resharding), and save it in `out_dir` with DeepSpeed.
     Process groups must be initialised for stage k's layout."""
@@ -137,12 +161,12 @@ def regrow(plan: Plan, k: int, src: SourceCheckpoint, out_dir: str, spec: str | 
 
     stage = plan.stages[k]
     old_model = src.model
-    same_stage = src.client.get("stage_index") == k and old_model == stage.model
+    same_stage = check_source(plan, k, src)
     op = operator_between("identity" if same_stage else (spec or stage.grow or "identity"), old_model, stage.model)
     gp = plan_growth(op, old_model, stage.model)
     engine, optimizer = build(plan, k)
     prime_optimizer(engine, optimizer, stage)
-    info = fill_engine(engine, gp.tensors, src, plan.seed)
+    info = fill_engine(engine, gp.tensors, src, plan.seed, progress)
     c = src.client
     if same_stage:  # a resume at a new layout: the stage goes on where it stopped
         st = StageState(step=c["step"], sample_offset=c["sample_offset"], lr_offset=c["lr_offset"], rewarmup=c["rewarmup"])
@@ -152,6 +176,7 @@ def regrow(plan: Plan, k: int, src: SourceCheckpoint, out_dir: str, spec: str | 
     engine.global_steps = st.step
     engine.save_checkpoint(out_dir, tag=tag_of(st.step), client_state=client_state(plan, k, st, c.get("loss")))
     torch.distributed.barrier()
+    del engine, optimizer
     info.update(op=op.describe() if hasattr(op, "describe") else str(op), step=st.step, sample_offset=st.sample_offset,
                 bytes_read=src.bytes_read, tag=tag_of(st.step))
     return info

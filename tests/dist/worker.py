@@ -177,9 +177,78 @@ def reshard(prefix: str, out: str) -> dict:
     return res
 
 
+def _eval_loss(plan: Plan, k: int, ckpt_dir: str, x, y, tag=None) -> float:
+    """Loss of stage k's checkpoint on batch (x, y), loaded in a plain DeepSpeed engine at its layout."""
+    from megagrow.train import build
+
+    init_distributed(plan.stages[k].layout)
+    engine, _ = build(plan, k)
+    engine.load_checkpoint(ckpt_dir, tag=tag)
+    engine.eval()
+    with torch.no_grad():
+        return engine(x, y).item()
+
+
+def grow(prefix: str, out: str) -> dict:
+    """Stage 0 at layout A -> stage 1 (grown) at layout B through the trainer's transition:
+    (1) the regrown checkpoint equals the growth map applied to the gathered source, bitwise, for
+    w, m, v; (2) eval loss before == after; (3) training goes on at B."""
+    from megagrow.growth.maps import apply_map
+    from megagrow.growth.ops import operator_between
+    from megagrow.state.checkpoint import SourceCheckpoint
+    from megagrow.train import Batches, train_stage
+
+    cases = [
+        ("width", dict(d_model=128, n_heads=8), dict(tp=1, dp=2, zero_stage=2), dict(tp=2, dp=1, zero_stage=3)),
+        ("depth", dict(n_layers=4), dict(tp=2, dp=1, zero_stage=1), dict(tp=1, dp=2, zero_stage=2)),
+        ("ffn", dict(d_ff=384), dict(tp=1, dp=2, zero_stage=3), dict(tp=2, dp=1, zero_stage=2)),
+    ]
+    res = {}
+    for flavour in ("gpt2", "llama"):
+        for spec, grown, a, b in cases:
+            base = tiny_plan(prefix, flavour=flavour, steps=3, **a, ds_config="ds_configs/cpu.json" if a["zero_stage"] == 3 else None)
+            s0 = base.stages[0]
+            m1 = s0.model.replace(**grown)
+            s1 = s0.replace(name="s1", model=m1, grow=spec, layout=s0.layout.replace(
+                **b, ds_config="ds_configs/cpu.json" if b["zero_stage"] == 3 else None))
+            plan = base.replace(stages=(s0, s1))
+            run = os.path.join(out, f"{flavour}-{spec}")
+            init_distributed(s0.layout)
+            train_stage(plan, 0, run, quiet=True)
+            train_stage(plan, 1, run, quiet=True, stop_at=2)  # transition at start-up, then 2 steps
+            torch.distributed.barrier()
+            key = f"{flavour}-{spec}"
+            r = {}
+            c0, c1 = os.path.join(run, "s0", "checkpoints"), os.path.join(run, "s1", "checkpoints")
+            bt = Batches.open(plan, s0.replace(layout=s0.layout.replace(tp=1, dp=1, micro_batch=4, grad_accum=1)), 0, 1)
+            x, y, _ = bt.micro(10_000, 0, torch.device("cpu"))
+            r["loss_before"] = _eval_loss(plan, 0, c0, x, y)
+            r["loss_after"] = _eval_loss(plan, 1, c1, x, y, tag="step_00000000")
+            if RANK == 0:
+                src = SourceCheckpoint.open(c0)
+                grown_ck = SourceCheckpoint.open(c1, "step_00000000")
+                op = operator_between(spec, s0.model, m1)
+                tensors = op.tensors(s0.model, m1)
+                mism = []
+                for st in ("w", "m", "v"):
+                    old = {n: src.read_box(n, st, tuple((0, d) for d in sh)) for n, sh in src.logical_shapes().items()}
+                    new = apply_map(tensors, old, st, plan.seed)
+                    for n, t in new.items():
+                        got = grown_ck.read_box(n, st, tuple((0, d) for d in t.shape))
+                        if not torch.equal(got, t):
+                            mism.append(f"{n}/{st}")
+                r["mismatched"] = mism
+                r["tensors"] = len(tensors)
+                r["adam_step"] = [src.adam_step(), grown_ck.adam_step()]
+                r["sample_offset"] = grown_ck.client["sample_offset"]
+                r["losses_s1"] = [json.loads(line)["loss"] for line in open(os.path.join(run, "s1", "log.jsonl"))]
+            res[key] = r
+    return res
+
+
 if __name__ == "__main__":
     scenario, prefix, out = sys.argv[1:4]
-    result = {"tp_equiv": tp_equiv, "zero_match": zero_match, "resume": resume, "reshard": reshard}[scenario](prefix, out)
+    result = {"tp_equiv": tp_equiv, "zero_match": zero_match, "resume": resume, "reshard": reshard, "grow": grow}[scenario](prefix, out)
     if RANK == 0:
         with open(os.path.join(out, "result.json"), "w") as f:
             json.dump(result, f)

@@ -1,0 +1,101 @@
+"""tools/regrow.py: convert a checkpoint of stage k into stage k+1 (or reshard stage k) at the
+target stage's layout, shard to shard.
+
+    torchrun --nproc_per_node=W tools/regrow.py --src RUN/s0/checkpoints [--tag T] \\
+        --plan PLAN --to-stage K --out DIR [--json]
+
+W must equal the target stage's tp x dp. Each rank reads only the bytes of the source its own
+fragments need. The output is a native DeepSpeed checkpoint (DeepSpeed writes it), usable
+with engine.load_checkpoint at the target layout or as the stage's checkpoint directory.
+Refuses a non-empty --out; writes to a temporary name and renames it at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import time
+
+from megagrow.errors import UserError, cli_entry
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="regrow.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--src", required=True, help="source DeepSpeed checkpoint directory (holds 'latest' and tag folders)")
+    p.add_argument("--tag", help="source tag (default: the one 'latest' names)")
+    p.add_argument("--plan", required=True, help="the stage plan YAML")
+    p.add_argument("--to-stage", required=True, help="target stage index or name")
+    p.add_argument("--out", required=True, help="output checkpoint directory (must not exist or be empty)")
+    p.add_argument("--grow", help="growth operator spec overriding the stage's `grow` field")
+    p.add_argument("--json", action="store_true", help="print a JSON summary (rank 0)")
+    return p
+
+
+@cli_entry
+def main(argv=None) -> int:
+    args = _parser().parse_args(argv)
+    from megagrow.config import load_plan
+
+    plan = load_plan(args.plan)
+    k = plan.stages.index(plan.stage(args.to_stage))
+    stage = plan.stages[k]
+    out = os.path.abspath(args.out)
+    if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
+        raise UserError(f"output {out} exists and is not an empty directory; refusing to overwrite")
+
+    t0 = time.perf_counter()
+    from megagrow.state.checkpoint import SourceCheckpoint
+    from megagrow.state.executor import check_source
+
+    src = SourceCheckpoint.open(args.src, args.tag)  # validates files and metadata first
+    same = check_source(plan, k, src)
+    from megagrow.growth.ops import operator_between
+
+    operator_between("identity" if same else (args.grow or stage.grow or "identity"), src.model, stage.model)
+
+    import torch
+
+    from megagrow.parallel.groups import init_distributed
+    from megagrow.state.executor import regrow
+
+    init_distributed(stage.layout)
+    rank = torch.distributed.get_rank()
+    tmp = f"{out}.regrow-tmp"
+    if rank == 0 and os.path.exists(tmp):
+        shutil.rmtree(tmp)
+    torch.distributed.barrier()
+    try:
+        info = regrow(plan, k, src, tmp, args.grow, progress=(rank == 0 and not args.json))
+    except BaseException:
+        if rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    mine = torch.tensor([float(info["bytes_read"]), float(info["bytes_written_state"])])
+    allr = [torch.zeros(2) for _ in range(torch.distributed.get_world_size())]
+    torch.distributed.all_gather(allr, mine)
+    if rank == 0:
+        if os.path.isdir(out):
+            os.rmdir(out)
+        os.replace(tmp, out)
+        written = sum(os.path.getsize(os.path.join(dp, f)) for dp, _, fs in os.walk(out) for f in fs)
+        summary = {
+            "out": out, "stage": stage.name, "layout": stage.layout.to_dict(), "op": info["op"], "tag": info["tag"],
+            "source": {"dir": src.dir, "tag": src.tag, "stage": src.client["stage"]["name"],
+                       "layout": src.client["stage"]["layout"], "bytes": sum(os.path.getsize(f) for f in src.files())},
+            "bytes_read_per_rank": [int(t[0]) for t in allr],
+            "state_bytes_per_rank": [int(t[1]) for t in allr],
+            "bytes_written": written, "seconds": time.perf_counter() - t0,
+        }
+        print(json.dumps(summary) if args.json else
+              f"regrow: {summary['source']['stage']} -> {stage.name} ({info['op']}) at {stage.layout.to_dict()}\n"
+              f"  wrote {out} ({written / 1e6:.1f} MB) in {summary['seconds']:.1f} s; "
+              f"read per rank {[round(b / 1e6, 2) for b in summary['bytes_read_per_rank']]} MB", flush=True)
+    torch.distributed.barrier()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
