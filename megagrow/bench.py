@@ -19,7 +19,7 @@ import time
 
 import torch
 
-from megagrow.config import Layout, Plan, load_plan
+from megagrow.config import Plan, load_plan
 from megagrow.errors import UserError, cli_entry
 
 
@@ -39,7 +39,7 @@ class PlainLoop:
     Needs megatron parallel_state initialised with tp=1 (any DP size; it runs on one rank).
     """
 
-    def __init__(self, plan: Plan, k: int, dtype: torch.dtype = torch.float32):
+    def __init__(self, plan: Plan, k: int, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
         from megagrow.model.gpt import build_model
         from megagrow.parallel.engine import param_groups
         from megagrow.schedule.lr import LRSchedule
@@ -48,7 +48,8 @@ class PlainLoop:
         self.plan = single_process_stage(plan, k)
         self.stage = self.plan.stages[k]
         o = self.stage.optim
-        self.model = build_model(self.stage.model, plan.seed, dtype)
+        self.device = torch.device(device)
+        self.model = build_model(self.stage.model, plan.seed, dtype).to(self.device)
         self.opt = torch.optim.AdamW(param_groups(self.model, o.weight_decay), lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps)
         self.sched = LRSchedule.from_optim(o, self.stage.steps)
         self.batches = Batches.open(self.plan, self.stage, 0, 1)
@@ -60,7 +61,7 @@ class PlainLoop:
         for g in self.opt.param_groups:
             g["lr"] = self.sched(self.step_i)
         first = self.step_i * self.stage.layout.global_batch
-        x, y, g0 = self.batches.micro(first, 0, torch.device("cpu"))
+        x, y, g0 = self.batches.micro(first, 0, self.device)
         self.model.set_dropout_seed(dropout_seed(self.plan.seed, g0))
         loss = self.model(x, y)
         loss.backward()
@@ -80,8 +81,10 @@ def overhead(plan: Plan, k: int, steps: int, block: int = 5) -> dict:
     p1 = single_process_stage(plan, k)
     stage = p1.stages[k]
     init_distributed(stage.layout)
-    plain = PlainLoop(plan, k)
     engine, optimizer = build(p1, k)
+    # the same weights dtype as the engine's module (bf16 stages: bf16 weights, no fp32 master)
+    plain = PlainLoop(plan, k, next(engine.module.parameters()).dtype, engine.device)
+    sync = torch.cuda.synchronize if engine.device.type == "cuda" else (lambda: None)
     batches = Batches.open(p1, stage, 0, 1)
     from megagrow.schedule.lr import LRSchedule
 
@@ -105,8 +108,10 @@ def overhead(plan: Plan, k: int, steps: int, block: int = 5) -> dict:
     while done < steps:
         for fn, out in ((mg_step, t_mg), (plain.step, t_plain)):
             for _ in range(block):
+                sync()
                 t0 = time.perf_counter()
                 fn()
+                sync()
                 out.append(time.perf_counter() - t0)
         done += block
     m_mg, m_plain = statistics.median(t_mg), statistics.median(t_plain)

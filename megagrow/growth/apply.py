@@ -28,7 +28,7 @@ import torch
 from megagrow.config import ModelConfig
 from megagrow.errors import UserError
 from megagrow.growth.maps import apply_map
-from megagrow.growth.ops import GrowthPlan, Operator, kaplan_peak_lr, logical_tensors, plan_growth
+from megagrow.growth.ops import GrowthPlan, Identity, Operator, kaplan_peak_lr, logical_tensors, plan_growth
 
 
 @dataclass
@@ -111,17 +111,26 @@ def apply_plan(gp: GrowthPlan, params: dict, exp_avg: dict, exp_avg_sq: dict, se
 
 def grow(state: GrowthState, op: Operator, seed: int = 0, lr: LRPlacement | None = None,
          target: ModelConfig | None = None) -> GrowthState:
-    """The training state after growth `op` (in process, logical tensors)."""
+    """The training state after growth `op` (in process, logical tensors).
+
+    `seed` keys the growth noise (symmetry breaking, fresh rows): pass the plan seed.
+    `lr` places the grown model on the LR schedule (default LRPlacement(): same position,
+    same peak, 200-step re-warmup from 0; for Identity with lr=None the schedule fields are
+    kept as they are). `target`: the config the result must have (e.g. the plan's next
+    stage), else UserError."""
     state.check()
     gp = plan_growth(op, state.config, target)
     p, m, v = apply_plan(gp, state.params, state.exp_avg, state.exp_avg_sq, seed)
-    peak, R = (lr or LRPlacement()).resolve(state, op, gp.new)
-    rw = (lr or LRPlacement()).rewarmup
+    record = {"op": op.describe(), "at_sample": state.sample_index, "adam_step": state.step,
+              "lr_position_before": state.lr_position}
+    if lr is None and isinstance(op, Identity):  # pure resharding: the schedule goes on untouched
+        return dataclasses.replace(state, params=p, exp_avg=m, exp_avg_sq=v, history=state.history + [record])
+    lr = lr or LRPlacement()
+    peak, R = lr.resolve(state, op, gp.new)
     return GrowthState(
         config=gp.new, params=p, exp_avg=m, exp_avg_sq=v, step=state.step, sample_index=state.sample_index,
-        lr_position=R, lr_offset=R, rewarmup=rw, rewarmup_from=(lr or LRPlacement()).rewarmup_from, peak_lr=peak,
-        history=state.history + [{"op": op.describe(), "at_sample": state.sample_index, "adam_step": state.step,
-                                  "lr_position_before": state.lr_position, "equivalent_step": R}],
+        lr_position=R, lr_offset=R, rewarmup=lr.rewarmup, rewarmup_from=lr.rewarmup_from, peak_lr=peak,
+        history=state.history + [{**record, "equivalent_step": R, "rewarmup": lr.rewarmup}],
     )
 
 

@@ -150,21 +150,39 @@ def reshard(prefix: str, out: str) -> dict:
         (dict(tp=2, dp=1, zero_stage=3), dict(tp=1, dp=2, zero_stage=2, dtype="bf16")),
         (dict(tp=1, dp=2, zero_stage=2, dtype="bf16"), dict(tp=2, dp=1, zero_stage=2, dtype="bf16")),
     ]
+    import random
+
+    rng = random.Random(int(os.environ.get("MEGAGROW_PROPERTY_SEED", "0")))
+    models = [None] * len(pairs)
+    for _ in range(3):  # property cases: random small model and random layouts A != B
+        lay = lambda: dict(tp=rng.choice([1, 2]), zero_stage=rng.choice([1, 2, 3]), dtype=rng.choice(["fp32", "bf16"]))  # noqa: E731
+        a, b = lay(), lay()
+        while b == a:
+            b = lay()
+        for L in (a, b):
+            L["dp"] = WORLD // L["tp"]
+        h = rng.choice([2, 4])
+        models.append(dict(flavour=rng.choice(["gpt2", "llama"]), n_layers=rng.choice([1, 2, 3]), d_model=16 * h * rng.choice([1, 2]),
+                           n_heads=h, tie_embeddings=rng.choice([True, False])))
+        pairs.append((a, b))
     res = {}
     for i, (a, b) in enumerate(pairs):
         ds = lambda L: "ds_configs/cpu.json" if L["zero_stage"] == 3 else None  # noqa: E731
         pa = tiny_plan(prefix, steps=3, ds_config=ds(a), **a)
         pb = tiny_plan(prefix, steps=3, ds_config=ds(b), **b)
+        if models[i]:
+            pa, pb = (p.replace(stages=(p.stages[0].replace(model=p.stages[0].model.replace(**models[i])),)) for p in (pa, pb))
         ra, rb = os.path.join(out, f"{i}a"), os.path.join(out, f"{i}b")
         train_stage(pa, 0, ra, quiet=True)
         torch.distributed.barrier()
         src = SourceCheckpoint.open(os.path.join(ra, "s0", "checkpoints"))
         init_distributed(pb.stages[0].layout)
-        print("PAIR", i, a, b, flush=True)
         info = regrow(pb, 0, src, os.path.join(rb, "s0", "checkpoints"))
         torch.distributed.barrier()
-        key = f"{a} -> {b}"
-        r = {"bytes_read": info["bytes_read"]}
+        key = f"{models[i] or 'tiny'}: {a} -> {b}"
+        both = torch.tensor([float(info["bytes_read"]), float(info["bytes_written_state"])])
+        torch.distributed.all_reduce(both, op=torch.distributed.ReduceOp.MAX)
+        r = {"max_read_over_share": (both[0] / both[1]).item()}
         if RANK == 0:
             A = _logical_all(SourceCheckpoint.open(os.path.join(ra, "s0", "checkpoints")))
             B = _logical_all(SourceCheckpoint.open(os.path.join(rb, "s0", "checkpoints")))
