@@ -33,10 +33,12 @@ data: $(DATA).bin
 
 demo: $(STAMP) $(DATA).bin
 	rm -rf runs/tiny
-	$(PY) -m torch.distributed.run --nproc_per_node=$(NPROC) --master_port=0 --rdzv_backend=c10d --rdzv_endpoint=127.0.0.1:0 \
-		-m megagrow.cli train recipes/tiny.yaml --stage 0 --run-dir runs/tiny
-	@echo "checkpoints: runs/tiny/small/checkpoints (native DeepSpeed; zero_to_fp32.py inside)"
-	@echo "log:         runs/tiny/small/log.jsonl"
+	for stage in small wide deep; do \
+		$(PY) -m torch.distributed.run --nproc_per_node=$(NPROC) --master_port=0 --rdzv_backend=c10d --rdzv_endpoint=127.0.0.1:0 \
+			-m megagrow.cli train recipes/tiny.yaml --stage $$stage --run-dir runs/tiny || exit 1; \
+	done
+	@echo "checkpoints: runs/tiny/{small,wide,deep}/checkpoints (native DeepSpeed; zero_to_fp32.py inside)"
+	@echo "logs:        runs/tiny/*/log.jsonl"
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests

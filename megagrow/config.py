@@ -182,7 +182,8 @@ class OptimConfig(_Config):
     min_lr: float = 1e-4
     warmup_steps: int = 20
     schedule: str = "cosine"
-    decay_steps: Optional[int] = None  # default: the stage's steps
+    decay_steps: Optional[int] = None  # default: the stage's steps (schedule positions, offset included)
+    rewarmup_steps: int = 0  # after growth: linear ramp from 0 to the schedule over this many steps
     beta1: float = 0.9
     beta2: float = 0.95
     eps: float = 1e-8
@@ -192,6 +193,7 @@ class OptimConfig(_Config):
     def validate(self, where: str = "optim") -> None:
         _need(self.lr > 0 and self.min_lr >= 0 and self.min_lr <= self.lr, where, "need 0 <= min_lr <= lr and lr > 0")
         _need(_is_int(self.warmup_steps) and self.warmup_steps >= 0, where, "warmup_steps must be >= 0")
+        _need(_is_int(self.rewarmup_steps) and self.rewarmup_steps >= 0, where, "rewarmup_steps must be >= 0")
         _need(self.schedule in LR_SCHEDULES, where, f"schedule must be one of {LR_SCHEDULES}, got {self.schedule!r}")
         _need(self.decay_steps is None or (_is_int(self.decay_steps) and self.decay_steps > 0), where, "decay_steps must be positive")
         _need(0 <= self.beta1 < 1 and 0 <= self.beta2 < 1, where, "betas must be in [0, 1)")

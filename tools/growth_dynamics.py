@@ -129,6 +129,9 @@ def main(argv=None) -> int:
     p.add_argument("--small-steps", type=int, default=300)
     p.add_argument("--after", type=int, default=100)
     p.add_argument("--rewarmup", type=int, default=20)
+    p.add_argument("--symmetry-breaking", type=float, default=0.1, help="Width's noise (x init_std)")
+    p.add_argument("--offdiag-moments", choices=("tiled", "zero"), default="tiled")
+    p.add_argument("--seed", type=int, default=1, help="model init / growth noise seed")
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--max-scratch", type=int, default=3000)
     p.add_argument("--every", type=int, default=10)
@@ -148,7 +151,7 @@ def main(argv=None) -> int:
     init_distributed(Layout())
     data = Data(tr, ev, a.seq, a.batch)
     small = ModelConfig(flavour=a.flavour, n_layers=a.layers, d_model=a.d_model, n_heads=4, vocab_size=512, seq_len=a.seq)
-    op = Width(2) if a.op == "width" else Depth(2)
+    op = Width(2, a.symmetry_breaking, a.offdiag_moments) if a.op == "width" else Depth(2)
     big = op.new_config(small)
     o = OptimConfig(lr=a.lr, min_lr=a.lr / 10, warmup_steps=50, decay_steps=a.max_scratch * 2, beta1=0.9, beta2=0.95,
                     weight_decay=0.1, grad_clip=0.0)
@@ -159,16 +162,16 @@ def main(argv=None) -> int:
         return load_training(state_from_training(build_model(cfg, seed), None), o, seed=seed)
 
     # 1. the small model
-    m, opt = fresh(small, 1)
+    m, opt = fresh(small, a.seed)
     c_small = run(m, opt, data, sched, 0, a.small_steps, a.every)
     L_g = c_small[-1][1]
     st = state_from_training(m, opt, sample_index=a.small_steps * a.batch, lr_position=a.small_steps, peak_lr=a.lr)
     # 2. the big model from scratch, to past L_g and `after` more
-    mb, ob = fresh(big, 2)
+    mb, ob = fresh(big, a.seed + 1)
     c_big = run(mb, ob, data, sched, 0, a.max_scratch, a.every, stop_below=L_g, extra_after_stop=a.after + a.every)
     R = crossing(c_big, L_g)
     R_int = int(round(R))
-    res = {"op": a.op, "flavour": a.flavour, "small": small.to_dict(), "big": big.to_dict(),
+    res = {"op": op.describe(), "rewarmup": a.rewarmup, "flavour": a.flavour, "small": small.to_dict(), "big": big.to_dict(),
            "small_steps": a.small_steps, "loss_at_growth": L_g, "equivalent_step_R": R,
            "measured_c": a.small_steps / R, "paper_c": op.paper_c}
     scratch_curve = [(s - R, l) for s, l in c_big if s >= R - 1e-9]
@@ -177,7 +180,7 @@ def main(argv=None) -> int:
     # 3./4. grown, optimizer state carried vs reset; LR placed at R with re-warmup
     place = LRPlacement(peak_lr=a.lr, equivalent_step=R_int, rewarmup=a.rewarmup)
     for name, reset in (("grown", False), ("grown_opt_reset", True)):
-        g = grow(st, op, seed=5, lr=place)
+        g = grow(st, op, seed=a.seed, lr=place)
         if reset:
             g.exp_avg = {k: torch.zeros_like(t) for k, t in g.exp_avg.items()}
             g.exp_avg_sq = {k: torch.zeros_like(t) for k, t in g.exp_avg_sq.items()}

@@ -79,6 +79,23 @@ def shift(box: Box, delta: tuple[int, ...]) -> Box:
     return tuple((a + d, b + d) for (a, b), d in zip(box, delta))
 
 
+def uncovered(full: Box, boxes: list) -> Optional[Box]:
+    """A cell of `full` that no box in `boxes` covers, or None (coordinate compression:
+    cost grows with the number of boxes, not with the tensor's size)."""
+    import itertools
+
+    cuts = []
+    for d, (lo, hi) in enumerate(full):
+        c = {lo, hi}
+        for b in boxes:
+            c.update(x for x in b[d] if lo < x < hi)
+        cuts.append(sorted(c))
+    for cell in itertools.product(*[list(zip(c, c[1:])) for c in cuts]):
+        if not any(all(b0 <= a and z <= b1 for (a, z), (b0, b1) in zip(cell, b)) for b in boxes):
+            return tuple(cell)
+    return None
+
+
 def _as_box(box) -> Box:
     return tuple((int(a), int(b)) for a, b in box)
 
@@ -282,7 +299,6 @@ class TensorMap:
     def check(self, old_shapes: Mapping[str, tuple]) -> None:
         """Boxes in bounds, copies shape-consistent, every element written by a non-add piece."""
         full = full_box(self.shape)
-        covered = torch.zeros(self.shape, dtype=torch.bool)
         for p in self.pieces:
             if intersect(p.dst, full) != p.dst:
                 raise ValueError(f"{self.name}: piece box {p.dst} outside shape {self.shape}")
@@ -295,10 +311,9 @@ class TensorMap:
                     raise ValueError(f"{self.name}: copy from {p.src} box {p.src_box} into box {p.dst} of another shape")
             if isinstance(p, Noise) and intersect(p.dst, p.grid()) != p.dst:
                 raise ValueError(f"{self.name}: noise box {p.dst} outside its key box {p.grid()}")
-            if not p.add:
-                covered[box_slices(p.dst)] = True
-        if not bool(covered.all()):
-            raise ValueError(f"{self.name}: {int((~covered).sum())} element(s) written by no piece")
+        hole = uncovered(full, [p.dst for p in self.pieces if not p.add])
+        if hole is not None:
+            raise ValueError(f"{self.name}: {box_size(hole)} element(s) in box {hole} written by no piece")
 
     def to_dict(self) -> dict:
         return {"name": self.name, "shape": list(self.shape), "pieces": [p.to_dict() for p in self.pieces]}

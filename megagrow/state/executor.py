@@ -185,9 +185,9 @@ def regrow(plan: Plan, k: int, src: SourceCheckpoint, out_dir: str, spec: str | 
 def lr_placement(op, client: dict, stage) -> tuple[int, int]:
     """(schedule offset, re-warmup steps) of the grown stage. The grown model is placed at its
     equivalent step: the source's schedule position divided by the operator's paper constant c
-    (1.776 width, 1.412 depth; 1 for identity), with the re-warmup from the operator."""
+    (1.776 width, 1.412 depth; 1 otherwise), with the stage's `optim.rewarmup_steps`."""
     pos = client["lr_offset"] + client["step"]
     c = getattr(op, "paper_c", 1.0)
     c = c() if callable(c) else c
-    rewarm = int(getattr(op, "rewarmup_steps", 0) or 0)
+    rewarm = stage.optim.rewarmup_steps
     return int(math.floor(pos / c)) if c else pos, rewarm

@@ -426,17 +426,16 @@ def test_noise_is_keyed_by_seed_key_and_index():
 def test_identity_growth_round_trip_continues_bitwise(env):
     """state_from_training -> grow(Identity) -> load_training continues training bitwise like the original
     (the TP=1 bridges carry weights, both moments and Adam's step exactly)."""
-    from megagrow.model.gpt import build_model
-
     st0 = env.trained("gpt2", False)
     m1, o1 = model_of(st0)
-    m2, o2 = model_of(grow(st0, Identity()))
+    g = grow(st0, Identity())
+    assert (g.lr_offset, g.lr_position, g.rewarmup, g.peak_lr, g.step) == (st0.lr_offset, st0.lr_position, 0, st0.peak_lr, st0.step)
+    m2, o2 = model_of(g)
     a = env.train(m1, o1, 100, 4)
     b = env.train(m2, o2, 100, 4)
     assert a == b
     for (n, p), (_, q) in zip(m1.named_parameters(), m2.named_parameters()):
         assert torch.equal(p, q), n
-    assert build_model  # noqa
 
 
 def test_lr_placement_and_carried_positions(env):
