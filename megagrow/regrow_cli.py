@@ -73,8 +73,11 @@ def main(argv=None) -> int:
         if rank == 0:
             shutil.rmtree(tmp, ignore_errors=True)
         raise
-    mine = torch.tensor([float(info["bytes_read"]), float(info["bytes_written_state"])])
-    allr = [torch.zeros(2) for _ in range(torch.distributed.get_world_size())]
+    import resource
+
+    peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024.0  # Linux: KiB
+    mine = torch.tensor([float(info["bytes_read"]), float(info["bytes_written_state"]), peak_rss], dtype=torch.float64)
+    allr = [torch.zeros(3, dtype=torch.float64) for _ in range(torch.distributed.get_world_size())]
     torch.distributed.all_gather(allr, mine)
     if rank == 0:
         if os.path.isdir(out):
@@ -87,6 +90,7 @@ def main(argv=None) -> int:
                        "layout": src.client["stage"]["layout"], "bytes": sum(os.path.getsize(f) for f in src.files())},
             "bytes_read_per_rank": [int(t[0]) for t in allr],
             "state_bytes_per_rank": [int(t[1]) for t in allr],
+            "peak_rss_bytes_per_rank": [int(t[2]) for t in allr],
             "bytes_written": written, "seconds": time.perf_counter() - t0,
         }
         print(json.dumps(summary) if args.json else
