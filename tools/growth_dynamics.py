@@ -129,7 +129,7 @@ def main(argv=None) -> int:
     p.add_argument("--small-steps", type=int, default=300)
     p.add_argument("--after", type=int, default=100)
     p.add_argument("--rewarmup", type=int, default=20)
-    p.add_argument("--symmetry-breaking", type=float, default=0.1, help="Width's noise (x init_std)")
+    p.add_argument("--symmetry-breaking", type=float, default=1.0, help="Width's noise (x init_std)")
     p.add_argument("--offdiag-moments", choices=("tiled", "zero"), default="tiled")
     p.add_argument("--seed", type=int, default=1, help="model init / growth noise seed")
     p.add_argument("--lr", type=float, default=2e-3)

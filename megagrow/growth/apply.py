@@ -20,6 +20,7 @@ What moves with an operator, besides the tensors (megagrow.growth.maps / ops):
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Optional, Union
 
@@ -95,7 +96,7 @@ class LRPlacement:
         elif R == "paper":
             if op.paper_c is None:
                 raise UserError(f"the paper gives no equivalent-step constant for {op.name} growth {op.describe()}; pass the step")
-            R = int(round(state.lr_position / op.paper_c))
+            R = int(math.floor(state.lr_position / op.paper_c))  # as megagrow.state.executor.lr_placement
         elif isinstance(R, bool) or not isinstance(R, int) or R < 0:
             raise UserError(f"equivalent_step must be a non-negative int, 'paper' or 'keep', got {R!r}")
         if isinstance(self.rewarmup, bool) or not isinstance(self.rewarmup, int) or self.rewarmup < 0:

@@ -149,7 +149,7 @@ class Width(Operator):
     """
 
     factor: int = 2
-    symmetry_breaking: float = 0.1
+    symmetry_breaking: float = 1.0
     offdiag_moments: str = "tiled"
     name = "width"
 
@@ -457,7 +457,7 @@ def _summary(c: ModelConfig) -> str:
     return f"{c.flavour} L={c.n_layers} d={c.d_model} H={c.n_heads} d_ff={c.ffn_dim}"
 
 
-def operator_between(spec: str, old: ModelConfig, new: ModelConfig, symmetry_breaking: float = 0.1) -> Operator:
+def operator_between(spec: str, old: ModelConfig, new: ModelConfig, symmetry_breaking: float = 1.0) -> Operator:
     """The operator named by a stage's `grow` field that takes config `old` to `new`.
 
     spec: "width" | "depth" | "depth:append" | "depth:interleave:init" | "stack" | "ffn" |
