@@ -79,6 +79,7 @@ class ModelConfig(_Config):
     n_layers: int = 4
     d_model: int = 128
     n_heads: int = 4
+    head_dim: Optional[int] = None  # default d_model // n_heads; set it for an attention width != d_model
     d_ff: Optional[int] = None  # default: 4*d_model (gpt2), 8/3*d_model rounded to 64 (llama)
     vocab_size: int = 8192  # the tokenizer's size; padded to VOCAB_MULTIPLE for the embedding
     seq_len: int = 128
@@ -88,21 +89,29 @@ class ModelConfig(_Config):
     rope_theta: float = 10000.0
     init_std: float = 0.02
 
+    def __post_init__(self):
+        # resolve the default head_dim once, so configs compare equal with or without it spelled out
+        if self.head_dim is None and _is_int(self.d_model) and _is_int(self.n_heads) and self.n_heads > 0 \
+                and self.d_model % self.n_heads == 0:
+            object.__setattr__(self, "head_dim", self.d_model // self.n_heads)
+
     def validate(self, where: str = "model") -> None:
         _need(self.flavour in FLAVOURS, where, f"flavour must be one of {FLAVOURS}, got {self.flavour!r}")
         for k in ("n_layers", "d_model", "n_heads", "vocab_size", "seq_len"):
             v = getattr(self, k)
             _need(_is_int(v) and v > 0, where, f"{k} must be a positive integer, got {v!r}")
         _need(self.d_ff is None or (_is_int(self.d_ff) and self.d_ff > 0), where, f"d_ff must be a positive integer, got {self.d_ff!r}")
-        _need(self.d_model % self.n_heads == 0, where, f"d_model {self.d_model} is not divisible by n_heads {self.n_heads}")
+        _need(self.head_dim is not None, where, f"d_model {self.d_model} is not divisible by n_heads {self.n_heads} (or set head_dim)")
+        _need(_is_int(self.head_dim) and self.head_dim > 0, where, f"head_dim must be a positive integer, got {self.head_dim!r}")
         _need(0.0 <= self.dropout < 1.0, where, f"dropout must be in [0, 1), got {self.dropout}")
         _need(self.init_std > 0, where, "init_std must be positive")
         if self.flavour == "llama":
             _need(self.head_dim % 2 == 0, where, f"llama (RoPE) needs an even head_dim, got {self.head_dim}")
 
     @property
-    def head_dim(self) -> int:
-        return self.d_model // self.n_heads
+    def attn_dim(self) -> int:
+        """Width of the attention inner space: n_heads x head_dim (= d_model by default)."""
+        return self.n_heads * self.head_dim
 
     @property
     def ffn_dim(self) -> int:
@@ -121,7 +130,8 @@ class ModelConfig(_Config):
         d, f, L = self.d_model, self.ffn_dim, self.n_layers
         bias = self.flavour == "gpt2"
         norm = 2 * d if bias else d  # LayerNorm has a bias, RMSNorm not
-        attn = 4 * d * d + (4 * d if bias else 0)
+        A = self.attn_dim
+        attn = 4 * d * A + (3 * A + d if bias else 0)
         mlp = (2 * d * f + (f + d if bias else 0)) if self.flavour == "gpt2" else 3 * d * f
         n = L * (attn + mlp + 2 * norm) + norm
         if embeddings:

@@ -346,22 +346,16 @@ class FFN(Operator):
 @dataclass(frozen=True)
 class Heads(Operator):
     """n_heads -> more heads with head_dim fixed, d_model unchanged: the attention inner
-    dim becomes n_heads * head_dim != d_model. megagrow's model ties the inner dim to
-    d_model (head_dim = d_model / n_heads), so this operator refuses until ModelConfig has
-    a `head_dim` field (see docs/growth.md); `tensors` is the map it will use."""
+    dim (ModelConfig.attn_dim = n_heads * head_dim) grows past d_model. Exact: the new
+    heads' output columns of o are zero."""
 
     n_heads: int = 0
     name = "heads"
 
     def new_config(self, old):
-        import dataclasses
-
         if not isinstance(self.n_heads, int) or self.n_heads <= old.n_heads:
             raise UserError(f"heads growth needs more than the current {old.n_heads} heads, got {self.n_heads!r}")
-        if "head_dim" not in {f.name for f in dataclasses.fields(ModelConfig)}:
-            raise UserError("heads-only growth needs an attention inner dim != d_model (a ModelConfig.head_dim field), "
-                            "which megagrow's model does not have yet; grow width instead")
-        return _cfg(old, n_heads=self.n_heads, head_dim=old.head_dim)  # pragma: no cover (pending model change)
+        return _cfg(old, n_heads=self.n_heads, head_dim=old.head_dim)
 
     def tensors(self, old, new):
         return heads_tensors(old, self.n_heads)
@@ -461,7 +455,7 @@ def operator_between(spec: str, old: ModelConfig, new: ModelConfig, symmetry_bre
     """The operator named by a stage's `grow` field that takes config `old` to `new`.
 
     spec: "width" | "depth" | "depth:append" | "depth:interleave:init" | "stack" | "ffn" |
-    "identity" (the factor is read off the two configs). Raises UserError when the configs
+    "heads" | "identity" (the factor is read off the two configs). Raises UserError when the configs
     are not related that way (e.g. depth growth to a model whose n_layers is no multiple).
     """
     parts = (spec or "").split(":")
@@ -480,10 +474,12 @@ def operator_between(spec: str, old: ModelConfig, new: ModelConfig, symmetry_bre
         op = Stack(new.n_layers // old.n_layers)
     elif kind == "ffn":
         op = FFN(new.ffn_dim)
+    elif kind == "heads":
+        op = Heads(new.n_heads)
     elif kind == "identity":
         op = Identity()
     else:
-        raise UserError(f"unknown growth operator {spec!r} (width, depth[:interleave|append[:copy|init]], stack, ffn, identity)")
+        raise UserError(f"unknown growth operator {spec!r} (width, depth[:interleave|append[:copy|init]], stack, ffn, heads, identity)")
     plan_growth(op, old, new)  # validates that op really takes old to new
     return op
 

@@ -95,10 +95,10 @@ class Attention(nn.Module):
     def __init__(self, c: ModelConfig, mp: ModelParallelConfig):
         super().__init__()
         bias = c.flavour == "gpt2"
-        self.q = column(mp, c.d_model, c.d_model, bias)
-        self.k = column(mp, c.d_model, c.d_model, bias)
-        self.v = column(mp, c.d_model, c.d_model, bias)
-        self.o = row(mp, c.d_model, c.d_model, bias)
+        self.q = column(mp, c.d_model, c.attn_dim, bias)
+        self.k = column(mp, c.d_model, c.attn_dim, bias)
+        self.v = column(mp, c.d_model, c.attn_dim, bias)
+        self.o = row(mp, c.attn_dim, c.d_model, bias)
         self.head_dim = c.head_dim
         self.rope = c.flavour == "llama"
 

@@ -29,11 +29,11 @@ def test_reshard_round_trip_is_bitwise(data_prefix, tmp_path):
 
 def test_growth_sharded_equals_gathered_and_keeps_loss(data_prefix, tmp_path):
     """Stage 0 at layout A -> grown stage 1 at layout B (A != B) through the trainer's transition, for
-    width x2, depth x2 and FFN growth, gpt2 and llama: the grown checkpoint equals the growth map applied
+    width x2, depth x2, FFN and heads-only growth, gpt2 and llama: the grown checkpoint equals the growth map applied
     to the gathered source, bitwise, for weights and both Adam moments; the Adam step and the data
     position carry over; eval loss before == after within 1e-5; training continues at B."""
     res = run_worker(2, "grow", data_prefix, tmp_path)
-    assert len(res) == 6
+    assert len(res) == 8
     for key, r in res.items():
         assert r["mismatched"] == [], key
         assert r["adam_step"][0] == r["adam_step"][1] == 3, key

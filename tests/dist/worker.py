@@ -220,6 +220,7 @@ def grow(prefix: str, out: str) -> dict:
         ("width", dict(d_model=128, n_heads=8), dict(tp=1, dp=2, zero_stage=2), dict(tp=2, dp=1, zero_stage=3)),
         ("depth", dict(n_layers=4), dict(tp=2, dp=1, zero_stage=1), dict(tp=1, dp=2, zero_stage=2)),
         ("ffn", dict(d_ff=384), dict(tp=1, dp=2, zero_stage=3), dict(tp=2, dp=1, zero_stage=2)),
+        ("heads", dict(n_heads=6), dict(tp=2, dp=1, zero_stage=2), dict(tp=1, dp=2, zero_stage=3)),
     ]
     res = {}
     for flavour in ("gpt2", "llama"):

@@ -114,6 +114,7 @@ OPS = {
     "depth_append": Depth(2, "append"),
     "depth_x3_init": Depth(3, "interleave", "init"),
     "ffn": FFN(d_ff=200),
+    "heads": Heads(6),  # 4 -> 6 heads, head_dim kept: attention width 48 > d_model 32
     "identity": Identity(),
 }
 LOSS_TABLE: list = []
@@ -355,7 +356,7 @@ def test_user_errors_for_violated_preconditions(env):
         (lambda: operator_between("depth", c, c.replace(n_layers=3)), "not a multiple of 2"),
         (lambda: plan_growth(Depth(2), c, target=c.replace(n_layers=6)), "n_layers"),
         (lambda: operator_between("grow", c, c), "unknown growth operator"),
-        (lambda: plan_growth(Heads(8), c), "head_dim"),
+        (lambda: plan_growth(Heads(2), c), "needs more than the current"),
         (lambda: plan_growth(Width(2, symmetry_breaking=-1), c), "symmetry_breaking"),
         (lambda: grow(env.trained(), Width(2), lr=LRPlacement(equivalent_step="paper")) and
          grow(env.trained(), Width(3), lr=LRPlacement(equivalent_step="paper")), "no equivalent-step constant"),
@@ -455,23 +456,6 @@ def test_lr_placement_and_carried_positions(env):
     assert k.lr_offset == math.floor(PRE_STEPS / 1.412)
 
 
-def test_heads_only_growth_waits_for_a_model_change(env):
-    """Heads-only growth (head_dim fixed, attention inner dim != d_model) needs a ModelConfig.head_dim the model
-    does not have: a clear UserError; width growth is the supported way to add heads."""
-    with pytest.raises(UserError, match="head_dim"):
-        grow(env.trained(), Heads(8))
-
-
-class _HeadsCfg:
-    """A config stand-in with an explicit head_dim (what ModelConfig will need for heads-only growth)."""
-
-    def __init__(self, base: ModelConfig, n_heads: int, head_dim: int):
-        self.base, self.n_heads, self.head_dim = base, n_heads, head_dim
-
-    def __getattr__(self, k):
-        return getattr(self.base, k)
-
-
 def _functional_loss(c, P: dict, x, y) -> torch.Tensor:
     """The megagrow GPT forward written over a params dict, with attention inner dim n_heads * head_dim."""
     import torch.nn.functional as F
@@ -515,15 +499,15 @@ def _functional_loss(c, P: dict, x, y) -> torch.Tensor:
 
 @pytest.mark.parametrize("flavour,tie", [("gpt2", True), ("llama", False)])
 def test_heads_only_map_is_exact_on_a_functional_model(env, flavour, tie):
-    """The heads-only map (4 -> 6 heads, head_dim 8 kept, inner dim 48 != d_model 32), checked on a functional
-    copy of megagrow's forward that allows inner dim != d_model (the model does not, yet): loss unchanged,
-    old heads' moments copied, new heads' moments zero, new o columns zero."""
+    """The heads-only map (4 -> 6 heads, head_dim 8 kept, inner dim 48 != d_model 32), checked on an independent
+    functional copy of megagrow's forward: it agrees with the model, the loss is unchanged, old heads' moments
+    are copied, new heads' moments zero, new o columns zero."""
     st = env.trained(flavour, tie)
     x, y = env.batch(EVAL_AT)
     with torch.no_grad():
         ref = model_of(st)[0].eval()(x, y).item()
         before = _functional_loss(st.config, st.params, x, y).item()
-        new_cfg = _HeadsCfg(st.config, 6, st.config.head_dim)
+        new_cfg = Heads(6).new_config(st.config)
         tm = heads_tensors(st.config, 6)
         want = logical_tensors(new_cfg)
         old_shapes = logical_tensors(st.config)
@@ -532,9 +516,11 @@ def test_heads_only_map_is_exact_on_a_functional_model(env, flavour, tie):
             t.check(old_shapes)
         P = apply_map(tm, st.params, "w", 5)
         after = _functional_loss(new_cfg, P, x, y).item()
+        grown_model = model_of(grow(st, Heads(6), seed=5))[0].eval()
+        after_model = grown_model(x, y).item()
     m = apply_map(tm, st.exp_avg, "m", 5)
     print(f"\n[loss] {flavour} heads 4->6 (functional model): model {ref:.7f} functional {before:.7f} grown {after:.7f}")
-    assert abs(before - ref) < 1e-5 and abs(after - before) < 1e-5
+    assert abs(before - ref) < 1e-5 and abs(after - before) < 1e-5 and abs(after_model - after) < 1e-5
     q = "blocks.0.attn.q.weight"
     assert torch.equal(m[q][:D], st.exp_avg[q]) and torch.count_nonzero(m[q][D:]) == 0
     assert torch.count_nonzero(P["blocks.1.attn.o.weight"][:, D:]) == 0 and P[q][D:].std() > 0
