@@ -192,7 +192,7 @@ class OptimConfig(_Config):
     min_lr: float = 1e-4
     warmup_steps: int = 20
     schedule: str = "cosine"
-    decay_steps: Optional[int] = None  # default: the stage's steps (schedule positions, offset included)
+    decay_steps: Optional[int] = None  # schedule position of min_lr; default: where the stage ends (offset + steps)
     rewarmup_steps: int = 0  # after growth: linear ramp from 0 to the schedule over this many steps
     beta1: float = 0.9
     beta2: float = 0.95

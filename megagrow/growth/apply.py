@@ -64,7 +64,7 @@ class GrowthState:
         from megagrow.schedule.lr import LRSchedule
 
         o = optim if self.peak_lr is None else optim.replace(lr=self.peak_lr, min_lr=min(optim.min_lr, self.peak_lr))
-        return LRSchedule.from_optim(o, decay_steps, self.lr_offset, self.rewarmup, self.rewarmup_from)
+        return LRSchedule.from_optim(o.replace(decay_steps=decay_steps), 0, self.lr_offset, self.rewarmup, self.rewarmup_from)
 
 
 @dataclass(frozen=True)
