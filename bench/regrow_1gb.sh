@@ -33,5 +33,6 @@ cp, rg = t1 - t0, t2 - t1
 print(json.dumps({"checkpoint_bytes": s["source"]["bytes"], "cp_seconds": round(cp, 2), "regrow_seconds_wall": round(rg, 2),
                   "regrow_seconds_inside": round(s["seconds"], 2), "ratio_wall": round(rg / cp, 2),
                   "bytes_read_per_rank": s["bytes_read_per_rank"], "state_bytes_per_rank": s["state_bytes_per_rank"],
-                  "peak_rss_bytes_per_rank": s["peak_rss_bytes_per_rank"]}, indent=1))
+                  "peak_rss_bytes_per_rank": s["peak_rss_bytes_per_rank"],
+                  "phase_seconds_rank0": s["phase_seconds_rank0"]}, indent=1))
 PYEOF

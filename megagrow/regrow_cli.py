@@ -92,6 +92,7 @@ def main(argv=None) -> int:
             "state_bytes_per_rank": [int(t[1]) for t in allr],
             "peak_rss_bytes_per_rank": [int(t[2]) for t in allr],
             "bytes_written": written, "seconds": time.perf_counter() - t0,
+            "phase_seconds_rank0": {k: round(v, 3) for k, v in info["phase_seconds"].items()},
         }
         print(json.dumps(summary) if args.json else
               f"regrow: {summary['source']['stage']} -> {stage.name} ({info['op']}) at {stage.layout.to_dict()}\n"

@@ -176,13 +176,15 @@ def check_resume(cs: dict, plan: Plan, k: int) -> None:
         )
 
 
-def build(plan: Plan, k: int):
-    """Model and DeepSpeed engine for stage k (process groups already initialised)."""
-    from megagrow.model.gpt import build_model
+def build(plan: Plan, k: int, init: bool = True):
+    """Model and DeepSpeed engine for stage k (process groups already initialised).
+    init=False skips drawing initial weights (the caller overwrites every one of them)."""
+    from megagrow.model.gpt import GPT, build_model
     from megagrow.parallel.engine import build_engine
 
     stage = plan.stages[k]
-    model = build_model(stage.model, plan.seed, DTYPE[stage.layout.dtype])
+    dtype = DTYPE[stage.layout.dtype]
+    model = build_model(stage.model, plan.seed, dtype) if init else GPT(stage.model, dtype)
     engine, optimizer = build_engine(model, stage)
     return engine, optimizer
 

@@ -223,12 +223,39 @@ class SourceCheckpoint:
         for t, b in shards:
             if len(local) == 1:
                 parts.append(self.read_flat(t, name, state, b[0][0], b[0][1]))
-            else:  # whole rows of the TP-local matrix, then the column range
-                cols = local[1]
-                (r0, r1), (c0, c1) = b
-                rows = self.read_flat(t, name, state, r0 * cols, r1 * cols).view(r1 - r0, cols)
-                parts.append(rows[:, c0:c1])
+            else:
+                parts.append(self._read_matrix_box(t, name, state, local[1], b))
         return parts[0] if len(parts) == 1 else torch.cat(parts, dim=pd)
+
+    def _read_matrix_box(self, t: int, name: str, state: str, cols: int, b: tuple) -> torch.Tensor:
+        """Rows [r0, r1) x cols [c0, c1) of a TP-local matrix stored row-major in flat fragments:
+        whole rows in one read when all columns are wanted, else one strided read per fragment."""
+        (r0, r1), (c0, c1) = b
+        if c0 == 0 and c1 == cols:
+            return self.read_flat(t, name, state, r0 * cols, r1 * cols).view(r1 - r0, cols)
+        out = torch.empty(r1 - r0, c1 - c0, dtype=torch.float32)
+        for f in self.frags[(t, name)]:
+            # rows of the box that this fragment touches, then per row the wanted columns in it
+            fr0, fr1 = max(r0, f.param_offset // cols), min(r1, -(-(f.param_offset + f.numel) // cols))
+            if fr0 >= fr1:
+                continue
+            flat = self._flat(t, f.dp_rank, f.group, state)
+            base = f.flat_start - f.param_offset
+            lo_all, hi_all = f.param_offset, f.param_offset + f.numel
+            full = [r for r in range(fr0, fr1) if lo_all <= r * cols + c0 and r * cols + c1 <= hi_all]
+            if full:  # rows whose wanted columns lie inside this fragment: one strided view
+                a, z = full[0], full[-1] + 1
+                view = flat[base + a * cols: base + z * cols].view(z - a, cols)[:, c0:c1]
+                out[a - r0:z - r0] = view
+                self.bytes_read += view.numel() * flat.element_size()
+            for r in range(fr0, fr1):  # rows cut by the fragment's ends
+                if full and full[0] <= r < full[-1] + 1:
+                    continue
+                lo, hi = max(r * cols + c0, lo_all), min(r * cols + c1, hi_all)
+                if lo < hi:
+                    out[r - r0, lo - r * cols - c0: hi - r * cols - c0] = flat[base + lo: base + hi]
+                    self.bytes_read += (hi - lo) * flat.element_size()
+        return out
 
     def lazy(self, state: str) -> "LazyTensors":
         return LazyTensors(self, state)

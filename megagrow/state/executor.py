@@ -23,18 +23,23 @@ from megagrow.model.gpt import partition_dim
 from megagrow.state.checkpoint import STATE_KEYS, SourceCheckpoint
 
 
-def prime_optimizer(engine, optimizer, stage) -> None:
-    """Create Adam's state with one step at lr=0 on a zero loss: weights, m and v stay 0-changed,
-    and DeepSpeed links its per-parameter optimizer-state fragments (they are lazy)."""
-    from megagrow.parallel.engine import set_lr
+def _fp32_partitions(optimizer) -> list:
+    """This rank's flat fp32 master partitions: the tensors Adam's state is keyed on."""
+    for attr in ("fp32_partitioned_groups_flat", "single_partition_of_fp32_groups", "fp32_groups_flat_partition"):
+        flats = getattr(optimizer, attr, None)
+        if flats is not None:
+            return list(flats)
+    raise RuntimeError(f"unsupported DeepSpeed optimizer {type(optimizer).__name__}")
 
-    set_lr(optimizer, 0.0)
-    L, m = stage.layout, stage.model
-    x = torch.zeros((L.micro_batch, m.seq_len), dtype=torch.long, device=engine.device)
-    for _ in range(L.grad_accum):
-        loss = engine(x, x) * 0.0
-        engine.backward(loss)
-        engine.step()
+
+def init_optimizer_state(engine, optimizer) -> None:
+    """Create Adam's (zero) state for this rank's flat fp32 partitions now, as its first step would,
+    and link DeepSpeed's per-parameter views of it (ZeRO-1/2 make them lazily after a step)."""
+    base = optimizer.optimizer
+    for p in _fp32_partitions(optimizer):
+        if not base.state.get(p):
+            base.state[p] = {"step": torch.zeros((), dtype=torch.float32),
+                             "exp_avg": torch.zeros_like(p), "exp_avg_sq": torch.zeros_like(p)}
     lazy = getattr(optimizer, "_lazy_init_hp_params_optimizer_state", None)
     if lazy is not None:
         lazy()
@@ -82,9 +87,8 @@ def _zero12_fragment(optimizer, m, key):
     flat partition (ZeRO-1/2 DeepSpeedZeroOptimizer and BF16_Optimizer store it alike)."""
     if key is None:
         return m.hp_fragment
-    flats = getattr(optimizer, "single_partition_of_fp32_groups", None) or optimizer.fp32_groups_flat_partition
     a = m.hp_fragment_address
-    return optimizer.optimizer.state[flats[m.param_group_index]][key].narrow(0, a.start, a.numel)
+    return optimizer.optimizer.state[_fp32_partitions(optimizer)[m.param_group_index]][key].narrow(0, a.start, a.numel)
 
 
 def fragment_box(name: str, local_shape: tuple, start: int, numel: int, tp: int, tp_rank: int) -> tuple[tuple, int]:
@@ -164,9 +168,12 @@ def regrow(plan: Plan, k: int, src: SourceCheckpoint, out_dir: str, spec: str | 
     same_stage = check_source(plan, k, src)
     op = operator_between("identity" if same_stage else (spec or stage.grow or "identity"), old_model, stage.model)
     gp = plan_growth(op, old_model, stage.model)
-    engine, optimizer = build(plan, k)
-    prime_optimizer(engine, optimizer, stage)
+    t = [time.perf_counter()]
+    engine, optimizer = build(plan, k, init=False)  # every weight is written below
+    init_optimizer_state(engine, optimizer)
+    t.append(time.perf_counter())
     info = fill_engine(engine, gp.tensors, src, plan.seed, progress)
+    t.append(time.perf_counter())
     c = src.client
     if same_stage:  # a resume at a new layout: the stage goes on where it stopped
         st = StageState(step=c["step"], sample_offset=c["sample_offset"], lr_offset=c["lr_offset"], rewarmup=c["rewarmup"])
@@ -176,9 +183,11 @@ def regrow(plan: Plan, k: int, src: SourceCheckpoint, out_dir: str, spec: str | 
     engine.global_steps = st.step
     engine.save_checkpoint(out_dir, tag=tag_of(st.step), client_state=client_state(plan, k, st, c.get("loss")))
     torch.distributed.barrier()
+    t.append(time.perf_counter())
     del engine, optimizer
     info.update(op=op.describe() if hasattr(op, "describe") else str(op), step=st.step, sample_offset=st.sample_offset,
-                bytes_read=src.bytes_read, tag=tag_of(st.step))
+                bytes_read=src.bytes_read, tag=tag_of(st.step),
+                phase_seconds={"engine": t[1] - t[0], "fill": t[2] - t[1], "save": t[3] - t[2]})
     return info
 
 

@@ -1,0 +1,29 @@
+"""Catch SIGUSR1/SIGTERM from the first instant of a process, before torch is imported.
+
+A stage process spends seconds importing torch/DeepSpeed before the trainer installs its
+own handlers; a preemption signal that lands in that window would kill it with Python's
+default action. `install_early()` (called first thing by `megagrow train`) records such a
+signal, and the trainer's StopFlag starts from `early_signal()`, so the stage still saves
+at its first step boundary and exits 75.
+"""
+
+from __future__ import annotations
+
+import signal
+
+STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
+_pending: list[int] = []
+
+
+def _record(signum, frame) -> None:
+    _pending.append(signum)
+
+
+def install_early(signals=STOP_SIGNALS) -> None:
+    for s in signals:
+        signal.signal(s, _record)
+
+
+def early_signal() -> int | None:
+    """The first stop signal received before the trainer's own handlers, if any."""
+    return _pending[0] if _pending else None
