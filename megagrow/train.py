@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import time
 import zlib
@@ -71,7 +72,9 @@ class StopFlag:
     """Signal handlers only set this flag; ranks agree on it at step boundaries."""
 
     def __init__(self, signals=(signal.SIGUSR1, signal.SIGTERM)):
-        self.raised: int | None = None
+        from megagrow.signals import early_signal
+
+        self.raised: int | None = early_signal()  # one caught while torch was still importing
         for s in signals:
             signal.signal(s, self._handler)
 
@@ -231,12 +234,11 @@ def train_stage(plan: Plan, k: int, run_dir: str, stop_at: int | None = None, qu
     log = open(paths.log, "a") if rank == 0 else None
     t_last, steps_since = time.perf_counter(), 0
     engine.train()
+    if stop.agreed(device):  # a signal that came during start-up
+        save("preempted")
+        return EXIT_PREEMPTED
+    world = torch.distributed.get_world_size()
     while st.step < end:
-        if stop.agreed(device):
-            save("preempted")
-            if rank == 0 and not quiet:
-                print(f"[megagrow] signal received: saved stage {stage.name} at step {st.step}, exiting {EXIT_PREEMPTED}", flush=True)
-            return EXIT_PREEMPTED
         lr = sched(st.step)
         set_lr(optimizer, lr)
         first = st.sample_index(stage)
@@ -248,8 +250,12 @@ def train_stage(plan: Plan, k: int, run_dir: str, stop_at: int | None = None, qu
             engine.backward(loss)
             engine.step()
             total += loss.detach().float()
-        torch.distributed.all_reduce(total, group=_dp_group())
-        loss_v = total.item() / (L.grad_accum * dp_size)
+        # one collective and one host sync a step: the loss summed over all ranks (TP ranks hold
+        # the same value) and the stop flag (any rank signalled -> all save together)
+        red = torch.stack([total, torch.tensor(1.0 if stop.raised else 0.0, device=device)])
+        torch.distributed.all_reduce(red)
+        loss_sum, stop_votes = red.tolist()
+        loss_v = loss_sum / (L.grad_accum * world)
         st.step += 1
         steps_since += 1
         if rank == 0 and (st.step % stage.log_every == 0 or st.step == end):
@@ -264,6 +270,11 @@ def train_stage(plan: Plan, k: int, run_dir: str, stop_at: int | None = None, qu
                 print(f"[megagrow] {stage.name} step {st.step}/{stage.steps} loss {loss_v:.4f} lr {lr:.2e} "
                       f"{rec['tokens_per_s']:.0f} tok/s", flush=True)
             t_last, steps_since = now, 0
+        if stop_votes > 0:
+            save("preempted")
+            if rank == 0 and not quiet:
+                print(f"[megagrow] signal received: saved stage {stage.name} at step {st.step}, exiting {EXIT_PREEMPTED}", flush=True)
+            return EXIT_PREEMPTED
         if st.step % stage.save_every == 0 or st.step == end:
             save("done" if st.step == stage.steps else "running")
     if rank == 0 and not quiet:
@@ -284,16 +295,23 @@ def transition(plan: Plan, k: int, run_dir: str, quiet: bool = False) -> None:
     if src.client["step"] != prev.steps:
         raise UserError(f"stage {prev.name!r} is at step {src.client['step']} of {prev.steps}: finish it first")
     t0 = time.perf_counter()
-    info = regrow(plan, k, src, paths.ckpt)
-    if torch.distributed.get_rank() == 0 and not quiet:
+    rank = torch.distributed.get_rank()
+    if rank == 0 and not quiet:
+        print(f"[megagrow] transition {prev.name} -> {stage.name} ({stage.grow or 'identity'}): start", flush=True)
+    # written under a temporary name and renamed once every rank is done: an interrupted
+    # transition never leaves a half-written `checkpoints/` (the controller discards the rest)
+    tmp = paths.ckpt + ".partial"
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+    torch.distributed.barrier()
+    info = regrow(plan, k, src, tmp)  # ends with a barrier: every rank's files are written
+    if rank == 0:
+        shutil.rmtree(paths.ckpt, ignore_errors=True)  # no `latest` there (else no transition): leftovers only
+        os.replace(tmp, paths.ckpt)
+    torch.distributed.barrier()
+    if rank == 0 and not quiet:
         print(f"[megagrow] transition {prev.name} -> {stage.name} ({info['op']}) at {stage.layout.to_dict()} "
               f"in {time.perf_counter() - t0:.1f} s, read {info['bytes_read'] / 1e6:.2f} MB on rank 0", flush=True)
-
-
-def _dp_group():
-    from megatron.core import parallel_state
-
-    return parallel_state.get_data_parallel_group()
 
 
 def _grad_norm(engine) -> float | None:
