@@ -30,21 +30,13 @@ import torch
 from megagrow import __version__
 from megagrow.config import Plan, Stage
 from megagrow.errors import EXIT_OK, EXIT_PREEMPTED, UserError
+from megagrow.fsutil import write_json_atomic
 
 DTYPE = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 def tag_of(step: int) -> str:
     return f"step_{step:08d}"
-
-
-def write_json_atomic(path: str, obj: dict) -> None:
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1, sort_keys=True)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 @dataclass

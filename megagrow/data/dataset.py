@@ -40,6 +40,7 @@ from typing import Sequence
 import numpy as np
 
 from megagrow.errors import UserError
+from megagrow.fsutil import unlink_quietly
 
 MAGIC = b"MGTOKDS\0"
 VERSION = 1
@@ -57,13 +58,6 @@ def dtype_for_vocab(vocab_size: int) -> np.dtype:
 
 def _dtype_code(dtype: np.dtype) -> int:
     return next(code for code, dt in _DTYPES.items() if dt == dtype)
-
-
-def _unlink_quietly(path: str) -> None:
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass
 
 
 class DatasetWriter:
@@ -139,7 +133,7 @@ class DatasetWriter:
                 f.write(np.asarray(self._offsets, dtype="<i8").tobytes())
                 f.flush()
                 os.fsync(f.fileno())
-            _unlink_quietly(self.prefix + ".idx")
+            unlink_quietly(self.prefix + ".idx")
             os.replace(self._tmp_bin, self.prefix + ".bin")
             os.replace(self._tmp_idx, self.prefix + ".idx")
         except BaseException:
@@ -157,8 +151,8 @@ class DatasetWriter:
             self._bin.close()
         except OSError:
             pass
-        _unlink_quietly(self._tmp_bin)
-        _unlink_quietly(self._tmp_idx)
+        unlink_quietly(self._tmp_bin)
+        unlink_quietly(self._tmp_idx)
 
     def __enter__(self) -> "DatasetWriter":
         return self

@@ -30,6 +30,7 @@ import sentencepiece as spm
 
 from megagrow.data.corpus import read_documents
 from megagrow.errors import UserError
+from megagrow.fsutil import unlink_quietly
 
 UNK_ID, BOS_ID, EOS_ID = 0, 1, 2
 NUM_BYTE_PIECES = 256
@@ -169,16 +170,9 @@ def train_tokenizer(files: Sequence[str], model_prefix: str, vocab_size: int,
             os.fsync(f.fileno())
         os.replace(tmp, model_path)
     except BaseException:
-        _unlink_quietly(tmp)
+        unlink_quietly(tmp)
         raise
     return model_path
-
-
-def _unlink_quietly(path: str) -> None:
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass
 
 
 class Tokenizer:

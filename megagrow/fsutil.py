@@ -1,0 +1,23 @@
+"""Small file-system helpers shared by every room: atomic JSON writes, quiet unlinks."""
+
+from __future__ import annotations
+
+import json
+import os
+
+
+def write_json_atomic(path: str, obj: dict) -> None:
+    """Write `obj` as JSON to `path` so that readers see the old file or the whole new one."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1, sort_keys=True)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def unlink_quietly(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
