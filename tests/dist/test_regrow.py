@@ -19,7 +19,7 @@ def test_reshard_round_trip_is_bitwise(data_prefix, tmp_path):
     A bitwise, through megagrow's reader and (TP=1) DeepSpeed's zero_to_fp32; each rank reads at most
     1.5x the bytes of its own share (whole rows of a matrix are read)."""
     res = run_worker(2, "reshard", data_prefix, tmp_path)
-    assert len(res) == 8
+    assert len(res) == 11
     for key, r in res.items():
         assert r["mismatched"] == [], key
         assert r["tensors"] >= 3 * 7, key
@@ -29,16 +29,18 @@ def test_reshard_round_trip_is_bitwise(data_prefix, tmp_path):
 
 def test_growth_sharded_equals_gathered_and_keeps_loss(data_prefix, tmp_path):
     """Stage 0 at layout A -> grown stage 1 at layout B (A != B) through the trainer's transition, for
-    width x2, depth x2, FFN and heads-only growth, gpt2 and llama: the grown checkpoint equals the growth map applied
-    to the gathered source, bitwise, for weights and both Adam moments; the Adam step and the data
-    position carry over; eval loss before == after within 1e-5; training continues at B."""
+    width x2, depth x2, FFN and heads-only growth, gpt2 and llama, plus depth (append), G_stack and width x3: the
+    grown checkpoint equals the growth map applied to the gathered source, bitwise, for weights and both
+    Adam moments; the Adam step and the data position carry over; eval loss before == after within 1e-5
+    (G_stack: documented as not loss preserving, so only the bitwise property); training continues at B."""
     res = run_worker(2, "grow", data_prefix, tmp_path)
-    assert len(res) == 8
+    assert len(res) == 11
     for key, r in res.items():
         assert r["mismatched"] == [], key
         assert r["adam_step"][0] == r["adam_step"][1] == 3, key
         assert r["sample_offset"] > 0, key
-        assert abs(r["loss_before"] - r["loss_after"]) < 1e-5, (key, r)
+        if r["exact"]:
+            assert abs(r["loss_before"] - r["loss_after"]) < 1e-5, (key, r)
         assert len(r["losses_s1"]) == 2 and r["losses_s1"][1] < r["losses_s1"][0], (key, r)
 
 

@@ -222,22 +222,27 @@ def grow(prefix: str, out: str) -> dict:
         ("ffn", dict(d_ff=384), dict(tp=1, dp=2, zero_stage=3), dict(tp=2, dp=1, zero_stage=2)),
         ("heads", dict(n_heads=6), dict(tp=2, dp=1, zero_stage=2), dict(tp=1, dp=2, zero_stage=3)),
     ]
+    extra = [  # the other operators, one flavour each
+        ("gpt2", "depth:append", dict(n_layers=4), dict(tp=1, dp=2, zero_stage=1), dict(tp=2, dp=1, zero_stage=3)),
+        ("llama", "stack", dict(n_layers=4), dict(tp=2, dp=1, zero_stage=3), dict(tp=1, dp=2, zero_stage=1)),
+        ("gpt2", "width", dict(d_model=192, n_heads=12), dict(tp=2, dp=1, zero_stage=2), dict(tp=1, dp=2, zero_stage=2)),
+    ]
     res = {}
-    for flavour in ("gpt2", "llama"):
-        for spec, grown, a, b in cases:
+    for flavour, spec, grown, a, b in [(f, *c) for f in ("gpt2", "llama") for c in cases] + extra:
+        if True:
             base = tiny_plan(prefix, flavour=flavour, steps=3, **a, ds_config="ds_configs/cpu.json" if a["zero_stage"] == 3 else None)
             s0 = base.stages[0]
             m1 = s0.model.replace(**grown)
             s1 = s0.replace(name="s1", model=m1, grow=spec, layout=s0.layout.replace(
                 **b, ds_config="ds_configs/cpu.json" if b["zero_stage"] == 3 else None))
             plan = base.replace(stages=(s0, s1))
-            run = os.path.join(out, f"{flavour}-{spec}")
+            run = os.path.join(out, f"{flavour}-{spec}-{m1.d_model}x{m1.n_layers}".replace(":", "_"))
             init_distributed(s0.layout)
             train_stage(plan, 0, run, quiet=True)
             train_stage(plan, 1, run, quiet=True, stop_at=2)  # transition at start-up, then 2 steps
             torch.distributed.barrier()
-            key = f"{flavour}-{spec}"
-            r = {}
+            key = f"{flavour}-{spec}-{m1.d_model}x{m1.n_layers}"
+            r = {"exact": spec != "stack"}
             c0, c1 = os.path.join(run, "s0", "checkpoints"), os.path.join(run, "s1", "checkpoints")
             bt = Batches.open(plan, s0.replace(layout=s0.layout.replace(tp=1, dp=1, micro_batch=4, grad_accum=1)), 0, 1)
             x, y, _ = bt.micro(10_000, 0, torch.device("cpu"))
