@@ -192,11 +192,16 @@ def regrow(plan: Plan, k: int, src: SourceCheckpoint, out_dir: str, spec: str | 
 
 
 def lr_placement(op, client: dict, stage) -> tuple[int, int]:
-    """(schedule offset, re-warmup steps) of the grown stage. The grown model is placed at its
-    equivalent step: the source's schedule position divided by the operator's paper constant c
-    (1.776 width, 1.412 depth; 1 otherwise), with the stage's `optim.rewarmup_steps`."""
+    """(schedule offset, re-warmup steps) of the grown stage, by `stage.optim.lr_placement`:
+    "paper" places it at the big model's equivalent step, the source's schedule position / c
+    (the operator's paper constant: 1.776 width x2, 1.412 depth x2; operators without one keep
+    the position); "keep" keeps the position; "restart" starts the schedule again at 0."""
+    o = stage.optim
     pos = client["lr_offset"] + client["step"]
-    c = getattr(op, "paper_c", 1.0)
+    if o.lr_placement == "restart":
+        return 0, o.rewarmup_steps
+    c = getattr(op, "paper_c", None)
     c = c() if callable(c) else c
-    rewarm = stage.optim.rewarmup_steps
-    return int(math.floor(pos / c)) if c else pos, rewarm
+    if o.lr_placement == "paper" and c:
+        pos = int(math.floor(pos / c))
+    return pos, o.rewarmup_steps

@@ -34,3 +34,19 @@ def test_rewarmup_ramps_linearly_into_the_schedule():
     target = s.base(60)
     assert math.isclose(s(0), target / 20) and math.isclose(s(9), target / 2) and math.isclose(s(19), target)
     assert all(s(t) == s.base(40 + t) for t in range(20, 200))
+
+
+def test_lr_placement_after_growth():
+    """The grown stage's schedule offset: paper = source position / c (1.776 width, 1.412 depth), keep = the
+    position, restart = 0; operators without a paper constant keep the position; re-warmup from the config."""
+    from megagrow.config import Stage
+    from megagrow.growth.ops import FFN, Depth, Width
+    from megagrow.state.executor import lr_placement
+
+    client = {"lr_offset": 50, "step": 150}  # schedule position 200
+    st = lambda how: Stage(optim=OptimConfig(lr_placement=how, rewarmup_steps=20))  # noqa: E731
+    assert lr_placement(Width(2), client, st("paper")) == (112, 20)  # floor(200 / 1.776)
+    assert lr_placement(Depth(2), client, st("paper")) == (141, 20)  # floor(200 / 1.412)
+    assert lr_placement(FFN(512), client, st("paper")) == (200, 20)
+    assert lr_placement(Width(2), client, st("keep")) == (200, 20)
+    assert lr_placement(Width(2), client, st("restart")) == (0, 20)
