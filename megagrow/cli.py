@@ -1,6 +1,8 @@
 """The `megagrow` command.
 
     megagrow train PLAN --stage K [--run-dir DIR]   one stage (under torchrun or srun)
+    megagrow run PLAN [--run-dir DIR]              the whole plan, stage after stage (locally or under Slurm)
+    megagrow status DIR [--json]                   progress of a run directory
     megagrow plan ...                              the scaling-law stage planner
     megagrow bench ...                             throughput / overhead benchmarks
 """
@@ -15,6 +17,12 @@ from megagrow.errors import UserError, cli_entry
 
 
 def _train(args) -> int:
+    from megagrow.signals import install_early
+
+    install_early()  # a preemption signal during the imports below still ends in a clean save
+    if "SLURM_PROCID" in os.environ and "RANK" not in os.environ:
+        print(f"[megagrow] rank {os.environ['SLURM_PROCID']}/{os.environ.get('SLURM_NTASKS')} on "
+              f"{os.environ.get('SLURMD_NODENAME', os.uname().nodename)}", flush=True)
     from megagrow.config import load_plan
 
     plan = load_plan(args.plan)
@@ -27,6 +35,18 @@ def _train(args) -> int:
     from megagrow.train import train_stage
 
     return train_stage(plan, k, run_dir, stop_at=args.stop_at)
+
+
+def _run(args) -> int:
+    from megagrow.controller import run_main
+
+    return run_main(args)
+
+
+def _status(args) -> int:
+    from megagrow.controller import status_main
+
+    return status_main(args)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -44,6 +64,26 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--data", help="override the plan's dataset prefix (PREFIX.bin/.idx)")
     t.add_argument("--stop-at", type=int, help="save and stop at this step even if the stage is longer")
     t.set_defaults(fn=_train)
+    r = sub.add_parser(
+        "run",
+        help="train a whole plan: every stage and transition, each at its layout (locally or under Slurm)",
+        description="Train a whole plan, resuming from the run directory. Locally one process per rank; inside a "
+        "Slurm job srun per stage. Exit codes: 0 done (or handed on to a dependent job), 2 bad input (nothing "
+        "launched), 75 preempted (a stage saved on SIGUSR1/SIGTERM: requeue / run again), other: a stage failed.",
+    )
+    r.add_argument("plan", help="stage plan YAML (see recipes/)")
+    r.add_argument("--run-dir", help="run directory (default runs/<plan name>)")
+    r.add_argument("--data", help="override the plan's dataset prefix (PREFIX.bin/.idx)")
+    r.add_argument("--local", action="store_true", help="run on this machine even inside a Slurm job")
+    r.add_argument("--max-procs", type=int, help="local process limit (default: usable CPU cores, or GPUs)")
+    r.add_argument("--max-nodes", type=int, help="Slurm: most nodes a dependent job may ask for (default: the partition's)")
+    r.add_argument("--grace", type=float, default=60.0, help="seconds the other ranks get after one rank fails (default 60)")
+    r.add_argument("--dry-run", action="store_true", help="validate, print each stage's placement and the next action, launch nothing")
+    r.set_defaults(fn=_run)
+    st = sub.add_parser("status", help="progress of a run directory (table, or --json)")
+    st.add_argument("run_dir", help="run directory of `megagrow run`")
+    st.add_argument("--json", action="store_true", help="JSON on stdout")
+    st.set_defaults(fn=_status)
     sub.add_parser("plan", help="scaling-law stage planner (megagrow plan --help)", add_help=False)
     sub.add_parser("bench", help="benchmarks (megagrow bench --help)", add_help=False)
     return p

@@ -1,0 +1,375 @@
+"""The stage controller without Slurm: the shipped recipes, where a stage may run (`place`), what
+runs next for a given run directory (`next_action`), validation before anything is launched,
+the loop with a fake launcher (preemption, dependent jobs, half-written transitions), and the
+`megagrow run` / `megagrow status` command lines."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from conftest import REPO, _env
+from megagrow.config import Plan, load_plan
+from megagrow.controller import (Allocation, Controller, next_action, place, read_manifest, read_progress, status_dict,
+                                 validate_plan)
+from megagrow.errors import UserError
+from megagrow.growth.ops import operator_between
+
+RECIPES = os.path.join(REPO, "recipes")
+LOCAL2 = Allocation("local", ("localhost",), 2)
+
+
+def _plan(tmp_path, **edits) -> Plan:
+    """A 3-stage plan a (L1 d32) -> b (width x2, TP=2) -> c (depth x2, DP=2 ZeRO-3); fake data files."""
+    prefix = tmp_path / "data"
+    for ext in (".bin", ".idx"):
+        (tmp_path / f"data{ext}").write_bytes(b"")
+    d = {"name": "p", "data": {"prefix": str(prefix)}, "defaults": {"log_every": 1}, "stages": [
+        {"name": "a", "model": {"n_layers": 1, "d_model": 32, "n_heads": 2, "vocab_size": 512, "seq_len": 16},
+         "layout": {"tp": 1, "dp": 2, "zero_stage": 2, "micro_batch": 2}, "steps": 10},
+        {"name": "b", "grow": "width", "model": {"n_layers": 1, "d_model": 64, "n_heads": 4, "vocab_size": 512, "seq_len": 16},
+         "layout": {"tp": 2, "dp": 1, "zero_stage": 1, "micro_batch": 2}, "steps": 8},
+        {"name": "c", "grow": "depth", "model": {"n_layers": 2, "d_model": 64, "n_heads": 4, "vocab_size": 512, "seq_len": 16},
+         "layout": {"tp": 1, "dp": 2, "zero_stage": 3, "micro_batch": 2}, "steps": 6},
+    ]}
+    for i, e in edits.items():
+        d["stages"][int(i[1:])].update(e)
+    return Plan.from_dict(d)
+
+
+def _ckpt(run, stage: str, step: int, state: str | None = "done", latest: bool = True) -> None:
+    """Fake what the trainer leaves: checkpoints/<tag>/, `latest`, status.json."""
+    ck = os.path.join(run, stage, "checkpoints")
+    tag = f"step_{step:08d}"
+    os.makedirs(os.path.join(ck, tag), exist_ok=True)
+    if latest:
+        with open(os.path.join(ck, "latest"), "w") as f:
+            f.write(tag)
+    if state:
+        with open(os.path.join(run, stage, "status.json"), "w") as f:
+            json.dump({"state": state, "step": step, "loss": 4.5, "tag": tag}, f)
+
+
+# --------------------------------------------------------------------------------------
+# recipes
+
+
+RECIPE_FILES = ["tiny.yaml", "tiny_test.yaml", "tiny_baseline.yaml", "staged_1b.yaml", "baseline_1b.yaml"]
+
+
+@pytest.mark.parametrize("name", RECIPE_FILES)
+def test_recipes_load_and_chain_is_consistent(name):
+    plan = load_plan(os.path.join(RECIPES, name))
+    assert plan.stages[0].grow is None
+    for prev, stage in zip(plan.stages, plan.stages[1:]):
+        assert stage.grow, f"{stage.name}: a later stage names its growth operator"
+        operator_between(stage.grow, prev.model, stage.model)  # raises if the chain is inconsistent
+    for s in plan.stages:
+        s.layout.check_model(s.model)
+        if s.layout.ds_config:
+            assert os.path.isfile(os.path.join(REPO, s.layout.ds_config))
+    # one global batch and sequence length through the plan: the data stream is continuous
+    assert len({(s.layout.global_batch, s.model.seq_len) for s in plan.stages}) == 1
+
+
+@pytest.mark.parametrize("name", ["tiny.yaml", "tiny_test.yaml", "tiny_baseline.yaml"])
+def test_cpu_recipes_fit_two_local_processes(name):
+    plan = load_plan(os.path.join(RECIPES, name))
+    assert all(place(s, LOCAL2).fits and place(s, LOCAL2).ntasks == 2 for s in plan.stages)
+
+
+def test_gpu_recipes_fit_four_nodes_of_eight_gpus_and_change_layout():
+    cluster = Allocation("slurm", tuple(f"gpu{i}" for i in range(4)), 8, max_nodes=4, job_id="1")
+    for name in ("staged_1b.yaml", "baseline_1b.yaml"):
+        plan = load_plan(os.path.join(RECIPES, name))
+        for s in plan.stages:
+            pl = place(s, cluster)
+            assert pl.fits and pl.nodes == 4 and pl.tasks_per_node == 8 and 8 % s.layout.tp == 0
+            assert s.layout.dtype == "bf16"
+    plan = load_plan(os.path.join(RECIPES, "staged_1b.yaml"))
+    params = [s.model.num_params() for s in plan.stages]
+    assert 300e6 < params[1] < 400e6 and 1.2e9 < params[-1] < 1.4e9
+    assert [s.grow for s in plan.stages[1:]] == ["depth", "width"]
+    lay = [(s.layout.tp, s.layout.dp, s.layout.zero_stage) for s in plan.stages]
+    assert lay[-1] != lay[0]
+
+
+@pytest.mark.parametrize("staged,baseline", [("tiny.yaml", "tiny_baseline.yaml"), ("staged_1b.yaml", "baseline_1b.yaml")])
+def test_baselines_match_their_staged_plans(staged, baseline):
+    s, b = load_plan(os.path.join(RECIPES, staged)), load_plan(os.path.join(RECIPES, baseline))
+    assert len(b.stages) == 1 and b.stages[0].grow is None
+    final, base = s.stages[-1], b.stages[0]
+    assert base.model == final.model and base.layout == final.layout
+    assert (b.data, b.seed) == (s.data, s.seed)
+    # the same tokens: same global batch x seq_len, as many steps as all stages together
+    assert base.steps == sum(st.steps for st in s.stages)
+
+
+def test_tiny_test_mirrors_tiny():
+    tiny, test = load_plan(os.path.join(RECIPES, "tiny.yaml")), load_plan(os.path.join(RECIPES, "tiny_test.yaml"))
+    key = lambda p: [(s.name, s.grow, s.layout.tp, s.layout.dp, s.layout.zero_stage) for s in p.stages]  # noqa: E731
+    assert key(tiny) == key(test)
+    assert all(s.steps <= 30 for s in test.stages)
+
+
+# --------------------------------------------------------------------------------------
+# placement
+
+
+def test_place_local_limit(tmp_path):
+    plan = _plan(tmp_path)
+    assert place(plan.stages[0], LOCAL2).fits
+    with pytest.raises(UserError, match="does not fit this machine"):
+        place(plan.stages[0], Allocation("local", ("localhost",), 1))
+
+
+def test_place_slurm_rules(tmp_path):
+    plan = _plan(tmp_path)
+    st = lambda tp, dp: dataclasses.replace(plan.stages[1], layout=plan.stages[1].layout.replace(tp=tp, dp=dp))  # noqa: E731
+    one = Allocation("slurm", ("n1",), 8, max_nodes=4, job_id="7")
+    two = Allocation("slurm", ("n1", "n2"), 8, max_nodes=4, job_id="7")
+    pl = place(st(2, 2), one)  # 4 ranks on one node of 8
+    assert pl.fits and (pl.nodes, pl.ntasks, pl.tasks_per_node, pl.hosts) == (1, 4, 4, ("n1",))
+    pl = place(st(2, 8), two)  # 16 ranks: both nodes
+    assert pl.fits and (pl.nodes, pl.tasks_per_node, pl.hosts) == (2, 8, ("n1", "n2"))
+    pl = place(st(2, 8), one)  # needs 2 nodes, has 1: a dependent job, not squeezed
+    assert not pl.fits and pl.nodes == 2
+    with pytest.raises(UserError, match="not a whole number of nodes"):
+        place(st(2, 6), two)  # 12 ranks on nodes of 8
+    with pytest.raises(UserError, match="straddle"):
+        place(st(4, 3), Allocation("slurm", ("n1", "n2"), 6, job_id="7"))  # TP=4 on nodes of 6
+    with pytest.raises(UserError, match="more than the 4 the cluster has"):
+        place(st(2, 20), two)  # 40 ranks = 5 nodes
+
+
+# --------------------------------------------------------------------------------------
+# what runs next
+
+
+def test_next_action_walks_the_plan(tmp_path):
+    plan, run = _plan(tmp_path), str(tmp_path / "run")
+    act = lambda: next_action(plan, read_progress(plan, run))  # noqa: E731
+    assert (act().kind, act().stage, act().resume_step) == ("train", 0, 0)
+    _ckpt(run, "a", 4, "preempted")
+    assert (act().kind, act().stage, act().resume_step) == ("train", 0, 4)
+    _ckpt(run, "a", 6, "running")  # saved mid-stage, then killed without a signal
+    assert (act().kind, act().stage, act().resume_step) == ("train", 0, 6)
+    assert read_progress(plan, run)[0].state == "interrupted"
+    _ckpt(run, "a", 10, "done")
+    assert (act().kind, act().stage) == ("grow", 1)  # a transition, then stage b
+    _ckpt(run, "b", 0, None)  # the transition wrote b's first checkpoint; training has not saved yet
+    assert (act().kind, act().stage, act().resume_step) == ("train", 1, 0)
+    assert read_progress(plan, run)[1].state == "ready"
+    _ckpt(run, "b", 8, "done")
+    assert (act().kind, act().stage) == ("grow", 2)
+    _ckpt(run, "c", 6, "done")
+    assert act().kind == "done"
+    p = read_progress(plan, run)
+    assert [x.state for x in p] == ["done"] * 3 and p[2].checkpoint == os.path.join("c", "checkpoints", "step_00000006")
+    assert p[0].tokens == 10 * 4 * 16  # steps x global batch (dp 2 x micro 2) x seq_len
+
+
+def test_half_written_transition_is_discarded(tmp_path):
+    plan, run = _plan(tmp_path), str(tmp_path / "run")
+    _ckpt(run, "a", 10, "done")
+    _ckpt(run, "b", 0, None, latest=False)  # DeepSpeed files without `latest`: killed mid-transition
+    os.makedirs(os.path.join(run, "b", "checkpoints.partial", "step_00000000"))
+    act = next_action(plan, read_progress(plan, run))
+    assert act.kind == "grow" and act.stage == 1
+    assert sorted(act.discard) == sorted([os.path.join(run, "b", "checkpoints"), os.path.join(run, "b", "checkpoints.partial")])
+
+
+def test_inconsistent_run_dir_is_refused(tmp_path):
+    plan, run = _plan(tmp_path), str(tmp_path / "run")
+    _ckpt(run, "a", 5, "preempted")
+    _ckpt(run, "c", 6, "done")
+    with pytest.raises(UserError, match="inconsistent: stage 'a' is not finished but c already has a checkpoint"):
+        next_action(plan, read_progress(plan, run))
+
+
+# --------------------------------------------------------------------------------------
+# validation
+
+
+@pytest.mark.parametrize("edits,needle", [
+    ({"s1": {"grow": "widen"}}, "unknown growth operator 'widen'"),
+    ({"s1": {"grow": "depth"}}, "stage 1 (b): grow 'depth' from stage 'a'"),
+    ({"s1": {"grow": None}}, "the model differs from stage 'a' but no `grow` operator is given"),
+    ({"s0": {"grow": "width"}}, "the first stage has no previous stage to grow from"),
+    ({"s2": {"layout": {"tp": 1, "dp": 4, "zero_stage": 3, "micro_batch": 2}}}, "4 processes does not fit this machine"),
+    ({"s2": {"layout": {"tp": 1, "dp": 2, "ds_config": "nope.json"}}}, "ds_config 'nope.json' not found"),
+])
+def test_validate_plan_errors(tmp_path, edits, needle):
+    plan = _plan(tmp_path, **edits)
+    with pytest.raises(UserError) as e:
+        validate_plan(plan, LOCAL2)
+    assert needle in str(e.value)
+
+
+def test_validate_plan_missing_data_and_foreign_run_dir(tmp_path):
+    plan = _plan(tmp_path)
+    validate_plan(plan, LOCAL2, str(tmp_path / "run"))
+    with pytest.raises(UserError, match="dataset .* not found"):
+        validate_plan(dataclasses.replace(plan, data=plan.data.replace(prefix=str(tmp_path / "none"))), LOCAL2)
+    ctl = Controller(plan, str(tmp_path / "p.yaml"), str(tmp_path / "run"), LOCAL2)
+    ctl.write_manifest("running")
+    other = _plan(tmp_path, s2={"model": {"n_layers": 3, "d_model": 64, "n_heads": 4, "vocab_size": 512, "seq_len": 16}})
+    with pytest.raises(UserError, match="holds a run of another plan"):
+        validate_plan(other, LOCAL2, str(tmp_path / "run"))
+
+
+# --------------------------------------------------------------------------------------
+# the loop, with a fake launcher
+
+
+class FakeStages:
+    """Stands in for the ranks: each launch 'trains' the stage by writing what the trainer writes."""
+
+    def __init__(self, plan, run, preempt_at: dict | None = None):
+        self.plan, self.run, self.preempt_at, self.launched = plan, run, dict(preempt_at or {}), []
+
+    def __call__(self, ctl, k, pl):
+        s = self.plan.stages[k]
+        self.launched.append((s.name, pl.ntasks, pl.hosts))
+        assert not os.path.exists(os.path.join(self.run, s.name, "checkpoints.partial"))
+        if s.name in self.preempt_at:
+            _ckpt(self.run, s.name, self.preempt_at.pop(s.name), "preempted")
+            ctl.stop = 10
+            return 75
+        _ckpt(self.run, s.name, s.steps, "done")
+        return 0
+
+
+def test_loop_runs_every_stage_then_resumes_after_preemption(tmp_path, monkeypatch):
+    plan, run = _plan(tmp_path), str(tmp_path / "run")
+    fake = FakeStages(plan, run, preempt_at={"b": 3})
+    monkeypatch.setattr(Controller, "launch", lambda self, k, pl: fake(self, k, pl))
+    assert Controller(plan, "p.yaml", run, LOCAL2).run() == 75
+    m = read_manifest(run)
+    assert m["state"] == "preempted" and [s["state"] for s in m["stages"]] == ["done", "preempted", "pending"]
+    assert [(e["event"], e.get("rc")) for e in m["events"]] == [("launch", None), ("exit", 0), ("launch", None), ("exit", 75)]
+    assert Controller(plan, "p.yaml", run, LOCAL2).run() == 0  # the "requeued" controller
+    assert [x[0] for x in fake.launched] == ["a", "b", "b", "c"]
+    m = read_manifest(run)
+    assert m["state"] == "done" and [s["state"] for s in m["stages"]] == ["done"] * 3
+    assert [e["from_step"] for e in m["events"] if e["event"] == "launch"] == [0, 0, 3, 0]
+    d = status_dict(run)
+    assert [s["state"] for s in d["stages"]] == ["done"] * 3 and d["tokens"] == (10 * 4 + 8 * 2 + 6 * 4) * 16
+
+
+def test_loop_submits_a_dependent_job_for_more_nodes(tmp_path, monkeypatch):
+    plan, run = _plan(tmp_path), str(tmp_path / "run")
+    plan = dataclasses.replace(plan, stages=plan.stages[:1] + (dataclasses.replace(
+        plan.stages[1], layout=plan.stages[1].layout.replace(tp=2, dp=2)),))
+    alloc = Allocation("slurm", ("node1",), 2, max_nodes=2, job_id="41", script="/x/job.sh")
+    fake = FakeStages(plan, run)
+    monkeypatch.setattr(Controller, "launch", lambda self, k, pl: fake(self, k, pl))
+    submitted = []
+    monkeypatch.setattr(Controller, "submit_dependent", lambda self, k, pl: submitted.append((k, pl.nodes)) or "42")
+    assert Controller(plan, "p.yaml", run, alloc).run() == 0
+    assert fake.launched == [("a", 2, ("node1",))] and submitted == [(1, 2)]
+    m = read_manifest(run)
+    assert m["state"] == "handed_off" and m["current"]["next_job"] == "42"
+    ev = m["events"][-1]
+    assert ev["event"] == "dependent_job" and ev["nodes"] == 2 and ev["job_id"] == "41"
+    # the dependent job (2 nodes) runs it
+    alloc2 = Allocation("slurm", ("node1", "node2"), 2, max_nodes=2, job_id="42")
+    assert Controller(plan, "p.yaml", run, alloc2).run() == 0
+    assert fake.launched[-1] == ("b", 4, ("node1", "node2"))
+
+
+def test_loop_discards_half_written_transition_and_stops_on_failure(tmp_path, monkeypatch):
+    plan, run = _plan(tmp_path), str(tmp_path / "run")
+    _ckpt(run, "a", 10, "done")
+    os.makedirs(os.path.join(run, "b", "checkpoints.partial", "step_00000000"))
+    os.makedirs(os.path.join(run, "b", "checkpoints", "step_00000000"))
+    calls = []
+
+    def failing(self, k, pl):
+        calls.append(k)
+        assert not os.path.exists(os.path.join(run, "b", "checkpoints"))  # discarded before the launch
+        return 3
+
+    monkeypatch.setattr(Controller, "launch", failing)
+    assert Controller(plan, "p.yaml", run, LOCAL2).run() == 3
+    assert calls == [1]
+    m = read_manifest(run)
+    assert m["state"] == "failed" and m["stages"][1]["state"] == "failed"
+    assert status_dict(run)["stages"][1]["state"] == "failed"
+
+
+def test_loop_stops_when_a_stage_makes_no_progress(tmp_path, monkeypatch):
+    plan, run = _plan(tmp_path), str(tmp_path / "run")
+    monkeypatch.setattr(Controller, "launch", lambda self, k, pl: 0)  # exits 0 but writes nothing
+    assert Controller(plan, "p.yaml", run, LOCAL2).run() == 1
+    assert read_manifest(run)["state"] == "failed"
+
+
+# --------------------------------------------------------------------------------------
+# command lines
+
+
+def _cli(*args, cwd=REPO):
+    return subprocess.run([sys.executable, "-m", "megagrow.cli", *args], capture_output=True, text=True,
+                          env=_env(), cwd=cwd, timeout=300)
+
+
+def test_run_bad_input_is_one_line_and_launches_nothing(tmp_path):
+    with open(os.path.join(RECIPES, "tiny_test.yaml")) as f:
+        d = yaml.safe_load(f)
+    d["stages"][2]["grow"] = "deepen"
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump(d))
+    (tmp_path / "data.bin").write_bytes(b"")
+    (tmp_path / "data.idx").write_bytes(b"")
+    r = _cli("run", str(bad), "--run-dir", str(tmp_path / "run"), "--data", str(tmp_path / "data"), "--max-procs", "2")
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert r.stderr.strip().splitlines() == [r.stderr.strip()] and r.stderr.startswith("error: stage 2 (deep)")
+    assert "unknown growth operator 'deepen'" in r.stderr
+    assert not os.path.exists(tmp_path / "run")
+    r = _cli("run", os.path.join(RECIPES, "tiny_test.yaml"), "--run-dir", str(tmp_path / "run"),
+             "--data", str(tmp_path / "data"), "--max-procs", "1")
+    assert r.returncode == 2 and "does not fit this machine (1 allowed locally" in r.stderr
+    assert not os.path.exists(tmp_path / "run")
+
+
+def test_run_dry_run_and_status(tmp_path):
+    (tmp_path / "data.bin").write_bytes(b"")
+    (tmp_path / "data.idx").write_bytes(b"")
+    run = str(tmp_path / "run")
+    r = _cli("run", os.path.join(RECIPES, "tiny_test.yaml"), "--run-dir", run, "--data", str(tmp_path / "data"),
+             "--max-procs", "2", "--dry-run")
+    assert r.returncode == 0, r.stderr
+    assert "next: train small 0/16" in r.stdout and "tp 2 x dp 1 zero 1" in r.stdout
+    r = _cli("status", run)
+    assert r.returncode == 2 and r.stderr.startswith("error:") and "manifest.json" in r.stderr
+    plan = load_plan(os.path.join(RECIPES, "tiny_test.yaml"))
+    Controller(plan, os.path.join(RECIPES, "tiny_test.yaml"), run, LOCAL2).write_manifest("running", {"stage_index": 1, "action": "grow"})
+    _ckpt(run, "small", 16, "done")
+    r = _cli("status", run)
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert lines[1].split()[:5] == ["STAGE", "STATE", "STEP", "TOKENS", "LOSS"]
+    assert lines[2].split()[:4] == ["small", "done", "16/16", "2.0k"] and "small/checkpoints/step_00000016" in lines[2]
+    assert lines[3].split()[:3] == ["wide", "growing", "0/12"] and "tp2 dp1 zero1" in lines[3]
+    assert lines[4].split()[:3] == ["deep", "pending", "0/12"]
+    r = _cli("status", run, "--json")
+    d = json.loads(r.stdout)
+    assert [s["state"] for s in d["stages"]] == ["done", "growing", "pending"] and d["stages"][0]["loss"] == 4.5
+
+
+def test_one_controller_per_run_dir(tmp_path):
+    from megagrow.controller import lock_run_dir
+
+    run = str(tmp_path / "run")
+    held = lock_run_dir(run)
+    with pytest.raises(UserError, match="another `megagrow run` is working on"):
+        lock_run_dir(run)
+    held.close()
+    lock_run_dir(run).close()
