@@ -225,6 +225,37 @@ class DataConfig(_Config):
         _need(isinstance(self.prefix, str) and self.prefix, where, "prefix must be a path prefix")
 
 
+STOP_RULES = ("steps", "slope")
+
+
+@dataclass(frozen=True)
+class StopRule(_Config):
+    """When a stage ends. "steps": after `steps` (the default). "slope": the practical rule of
+    Shen et al. (2022) - end the stage early once the smoothed slope d log10 L / d log10 C of the
+    logged training loss rises above `threshold` (megagrow.schedule.slope.SlopeRule: least squares
+    over the last `window` logged points, optional EMA, `patience` points in a row), not before
+    `min_steps`; `steps` stays the upper bound. threshold None: the paper's value for the next
+    stage's operator (width -0.0475, depth -0.0575), or the stop value -0.052 for the last stage.
+    C = 6 N (non-embedding) x tokens at the model's schedule position: a grown model counts from
+    its equivalent step (megagrow/schedule/stop.py)."""
+
+    rule: str = "steps"
+    threshold: Optional[float] = None
+    min_steps: int = 0
+    window: int = 10
+    ema: float = 0.0
+    patience: int = 1
+
+    def validate(self, where: str = "stop") -> None:
+        _need(self.rule in STOP_RULES, where, f"rule must be one of {STOP_RULES}, got {self.rule!r}")
+        _need(self.threshold is None or (isinstance(self.threshold, (int, float)) and not isinstance(self.threshold, bool)),
+              where, f"threshold must be a number, got {self.threshold!r}")
+        _need(_is_int(self.min_steps) and self.min_steps >= 0, where, f"min_steps must be >= 0, got {self.min_steps!r}")
+        _need(_is_int(self.window) and self.window >= 2, where, f"window must be an integer >= 2, got {self.window!r}")
+        _need(isinstance(self.ema, (int, float)) and 0.0 <= self.ema < 1.0, where, f"ema must be in [0, 1), got {self.ema!r}")
+        _need(_is_int(self.patience) and self.patience >= 1, where, f"patience must be an integer >= 1, got {self.patience!r}")
+
+
 @dataclass(frozen=True)
 class Stage(_Config):
     """One stage of a plan: a model, the layout it runs at, how long, and how it is logged/saved."""
@@ -237,6 +268,7 @@ class Stage(_Config):
     save_every: int = 50
     log_every: int = 10
     grow: Optional[str] = None  # growth operator that produced this stage from the previous one
+    stop: StopRule = field(default_factory=StopRule)  # end at `steps`, or earlier by the slope rule
 
     def validate(self, where: str = "stage") -> None:
         _need(isinstance(self.name, str) and self.name.replace("_", "").replace("-", "").isalnum(), where, f"name must be alphanumeric (with - or _), got {self.name!r}")
@@ -244,6 +276,7 @@ class Stage(_Config):
             v = getattr(self, k)
             _need(_is_int(v) and v > 0, where, f"{k} must be a positive integer, got {v!r}")
         self.layout.check_model(self.model, f"{where}.layout")
+        _need(self.stop.min_steps <= self.steps, f"{where}.stop", f"min_steps {self.stop.min_steps} > steps {self.steps}")
 
 
 @dataclass(frozen=True)
@@ -308,6 +341,7 @@ _SUBCONFIGS = {
     ("Stage", "model"): ModelConfig,
     ("Stage", "layout"): Layout,
     ("Stage", "optim"): OptimConfig,
+    ("Stage", "stop"): StopRule,
     ("Plan", "data"): DataConfig,
 }
 

@@ -230,8 +230,6 @@ def validate_plan(plan: Plan, alloc: Allocation, run_dir: str | None = None) -> 
                 raise UserError(f"{where}: grow {stage.grow or 'identity'!r} from stage {prev.name!r}: {e}") from None
         if stage.layout.ds_config and not _ds_config_exists(stage.layout.ds_config):
             raise UserError(f"{where}: ds_config {stage.layout.ds_config!r} not found")
-        if getattr(stage, "stop", None) is not None:
-            stage.stop.check(stage, where)
         placements.append(place(stage, alloc, where))
     if run_dir is not None:
         check_run_dir(plan, run_dir)
@@ -309,8 +307,8 @@ def read_progress(plan: Plan, run_dir: str) -> list[StageProgress]:
         step = int(st.get("step", 0)) if tag else 0
         if tag is None:
             state = "pending"
-        elif st.get("state") == "done" and step >= stage.steps:
-            state = "done"
+        elif st.get("state") == "done" or step >= stage.steps or st.get("stopped_by"):
+            state = "done"  # at its last step (saved as preempted there or not), or ended early by its stop rule
         elif st.get("state") == "preempted":
             state = "preempted"
         elif st.get("state") == "running":
@@ -501,7 +499,10 @@ class Controller:
         env.update(MASTER_ADDR=pl.hosts[0], MASTER_PORT=str(master_port(self.alloc.job_id, self.launches)))
         cmd = ["srun", f"--nodes={pl.nodes}", f"--ntasks={pl.ntasks}", f"--ntasks-per-node={pl.tasks_per_node}",
                f"--nodelist={','.join(pl.hosts)}", "--distribution=block", f"--wait={int(self.grace_s)}",
-               "--kill-on-bad-exit=0", f"--job-name={self.plan.stages[k].name}"] + self.train_cmd(k)
+               "--kill-on-bad-exit=0", f"--job-name={self.plan.stages[k].name}"]
+        if os.environ.get("SLURM_CPUS_PER_TASK"):  # srun does not inherit sbatch's --cpus-per-task (Slurm >= 22.05)
+            cmd.append(f"--cpus-per-task={os.environ['SLURM_CPUS_PER_TASK']}")
+        cmd += self.train_cmd(k)
         self.say(f"srun on {','.join(pl.hosts)}: {pl.ntasks} ranks, MASTER_ADDR={pl.hosts[0]} MASTER_PORT={env['MASTER_PORT']}")
         self.procs = [subprocess.Popen(cmd, env=env)]
         if self.stop:

@@ -137,6 +137,7 @@ class StageState:
     lr_offset: int = 0  # schedule position of step 0 (the grown model's equivalent step)
     rewarmup: int = 0
     history: list = field(default_factory=list)
+    final: int | None = None  # the step a stop rule ended the stage at (None: it ends at `steps`)
 
     def sample_index(self, stage: Stage) -> int:
         return self.sample_offset + self.step * stage.layout.global_batch
@@ -155,6 +156,7 @@ def client_state(plan: Plan, k: int, st: StageState, loss: float | None) -> dict
         "lr_offset": st.lr_offset,
         "rewarmup": st.rewarmup,
         "loss": loss,
+        "final_step": st.final,
     }
 
 
@@ -189,6 +191,7 @@ def train_stage(plan: Plan, k: int, run_dir: str, stop_at: int | None = None, qu
     from megagrow.parallel.engine import set_lr
     from megagrow.parallel.groups import dp_rank_size, init_distributed
     from megagrow.schedule.lr import LRSchedule
+    from megagrow.schedule.stop import StageStop
 
     stage = plan.stages[k]
     paths = StagePaths.of(run_dir, stage)
@@ -206,7 +209,8 @@ def train_stage(plan: Plan, k: int, run_dir: str, stop_at: int | None = None, qu
     if os.path.isfile(os.path.join(paths.ckpt, "latest")):
         _, cs = engine.load_checkpoint(paths.ckpt)
         check_resume(cs, plan, k)
-        st = StageState(step=cs["step"], sample_offset=cs["sample_offset"], lr_offset=cs["lr_offset"], rewarmup=cs["rewarmup"])
+        st = StageState(step=cs["step"], sample_offset=cs["sample_offset"], lr_offset=cs["lr_offset"], rewarmup=cs["rewarmup"],
+                        final=cs.get("final_step"))
         if rank == 0 and not quiet:
             print(f"[megagrow] resumed stage {stage.name} at step {st.step} (sample {st.sample_index(stage)})", flush=True)
     if rank == 0:
@@ -214,6 +218,9 @@ def train_stage(plan: Plan, k: int, run_dir: str, stop_at: int | None = None, qu
     sched = LRSchedule.from_optim(stage.optim, stage.steps, st.lr_offset, st.rewarmup)
     L = stage.layout
     end = stage.steps if stop_at is None else min(stop_at, stage.steps)
+    final = stage.steps if st.final is None else st.final  # a stop rule may end the stage earlier
+    end = min(end, final)
+    stopper = StageStop.of(plan, k, st.lr_offset, paths.log, st.step)  # stop: {rule: slope}; None: at `steps`
     loss_v = None
 
     def save(state: str) -> None:
@@ -221,7 +228,8 @@ def train_stage(plan: Plan, k: int, run_dir: str, stop_at: int | None = None, qu
         if rank == 0:
             write_json_atomic(paths.status, {"state": state, "stage": stage.name, "step": st.step, "steps": stage.steps,
                                              "sample_index": st.sample_index(stage), "loss": loss_v, "tag": tag_of(st.step),
-                                             "layout": L.to_dict(), "time": time.time()})
+                                             "layout": L.to_dict(), "time": time.time(),
+                                             **({"stopped_by": stage.stop.rule} if final < stage.steps else {})})
 
     log = open(paths.log, "a") if rank == 0 else None
     t_last, steps_since = time.perf_counter(), 0
@@ -250,6 +258,11 @@ def train_stage(plan: Plan, k: int, run_dir: str, stop_at: int | None = None, qu
         loss_v = loss_sum / (L.grad_accum * world)
         st.step += 1
         steps_since += 1
+        if stopper and (st.step % stage.log_every == 0 or st.step == end) and stopper.update(st.step, loss_v):
+            final = end = st.final = st.step  # the slope rule fired on the logged loss: the stage ends here
+            if rank == 0 and not quiet:
+                print(f"[megagrow] {stage.name}: slope rule (d log L / d log C {stopper.rule.slope:.4f} > "
+                      f"{stopper.threshold}) ends the stage at step {st.step}", flush=True)
         if rank == 0 and (st.step % stage.log_every == 0 or st.step == end):
             now = time.perf_counter()
             dt = (now - t_last) / steps_since
@@ -268,7 +281,7 @@ def train_stage(plan: Plan, k: int, run_dir: str, stop_at: int | None = None, qu
                 print(f"[megagrow] signal received: saved stage {stage.name} at step {st.step}, exiting {EXIT_PREEMPTED}", flush=True)
             return EXIT_PREEMPTED
         if st.step % stage.save_every == 0 or st.step == end:
-            save("done" if st.step == stage.steps else "running")
+            save("done" if st.step == final else "running")
     if rank == 0 and not quiet:
         print(f"[megagrow] stage {stage.name} at step {st.step}: checkpoint {os.path.join(paths.ckpt, tag_of(st.step))}", flush=True)
     return EXIT_OK
@@ -284,7 +297,7 @@ def transition(plan: Plan, k: int, run_dir: str, quiet: bool = False) -> None:
     if not os.path.isfile(os.path.join(prev_paths.ckpt, "latest")):
         raise UserError(f"stage {stage.name!r} starts from stage {prev.name!r}, which has no checkpoint in {prev_paths.ckpt}")
     src = SourceCheckpoint.open(prev_paths.ckpt)
-    if src.client["step"] != prev.steps:
+    if src.client["step"] != (src.client.get("final_step") or prev.steps):
         raise UserError(f"stage {prev.name!r} is at step {src.client['step']} of {prev.steps}: finish it first")
     t0 = time.perf_counter()
     rank = torch.distributed.get_rank()

@@ -373,3 +373,14 @@ def test_one_controller_per_run_dir(tmp_path):
         lock_run_dir(run)
     held.close()
     lock_run_dir(run).close()
+
+
+def test_stage_ended_early_or_saved_at_its_last_step_is_done(tmp_path):
+    plan, run = _plan(tmp_path), str(tmp_path / "run")
+    _ckpt(run, "a", 10, "preempted")  # a signal at the very last step: saved as preempted, nothing left to train
+    _ckpt(run, "b", 3, "done")
+    with open(os.path.join(run, "b", "status.json"), "w") as f:
+        json.dump({"state": "done", "step": 3, "stopped_by": "slope"}, f)  # the slope rule ended b at 3 of 8
+    p = read_progress(plan, run)
+    assert [x.state for x in p] == ["done", "done", "pending"]
+    assert (next_action(plan, p).kind, next_action(plan, p).stage) == ("grow", 2)

@@ -1,0 +1,51 @@
+"""`stop: {rule: slope}` for real: `megagrow run` (the local controller, 2 processes) trains stage
+`small` of the tiny test plan until the slope rule fires on its logged loss, grows `wide` from
+that checkpoint and finishes; the stage ended exactly where the rule, replayed offline on the
+logged points, says."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import yaml
+
+from conftest import REPO, _env
+from megagrow.config import load_plan
+from megagrow.schedule.stop import StageStop
+
+
+def test_slope_rule_ends_a_stage_early_and_the_plan_goes_on(tmp_path, data_prefix):
+    with open(os.path.join(REPO, "recipes", "tiny_test.yaml")) as f:
+        d = yaml.safe_load(f)
+    d["stages"] = d["stages"][:2]
+    d["stages"][0].update(steps=40, stop={"rule": "slope", "threshold": -0.06, "window": 4, "min_steps": 8})
+    plan_path = tmp_path / "slope.yaml"
+    plan_path.write_text(yaml.safe_dump(d, sort_keys=False))
+    run = str(tmp_path / "run")
+    r = subprocess.run([sys.executable, "-m", "megagrow.cli", "run", str(plan_path), "--run-dir", run, "--data", data_prefix,
+                        "--max-procs", "2"], capture_output=True, text=True, env=_env(), cwd=REPO, timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+
+    with open(os.path.join(run, "small", "log.jsonl")) as f:
+        logged = [json.loads(line) for line in f]
+    with open(os.path.join(run, "small", "status.json")) as f:
+        st = json.load(f)
+    end = st["step"]
+    assert st["state"] == "done" and st.get("stopped_by") == "slope" and 8 <= end < 40, st
+    assert [x["step"] for x in logged] == list(range(1, end + 1))
+    # offline: the same rule on the logged points fires first at `end`
+    plan = load_plan(str(plan_path))
+    rule = StageStop(plan, 0)
+    assert [x["step"] for x in logged if rule.update(x["step"], x["loss"])][:1] == [end]
+    assert f"slope rule (d log L / d log C" in r.stdout and f"ends the stage at step {end}" in r.stdout
+    # the next stage grew from the early-stopped checkpoint and ran to its end
+    with open(os.path.join(run, "wide", "status.json")) as f:
+        wide = json.load(f)
+    assert wide["state"] == "done" and wide["step"] == 12
+    assert wide["sample_index"] == end * 8 + 12 * 8  # the data stream went on from where `small` stopped
+    with open(os.path.join(run, "manifest.json")) as f:
+        m = json.load(f)
+    assert m["state"] == "done" and [s["state"] for s in m["stages"]] == ["done", "done"]
