@@ -33,10 +33,8 @@ data: $(DATA).bin
 
 demo: $(STAMP) $(DATA).bin
 	rm -rf runs/tiny
-	for stage in small wide deep; do \
-		$(PY) -m torch.distributed.run --nproc_per_node=$(NPROC) --master_port=0 --rdzv_backend=c10d --rdzv_endpoint=127.0.0.1:0 \
-			-m megagrow.cli train recipes/tiny.yaml --stage $$stage --run-dir runs/tiny || exit 1; \
-	done
+	$(PY) -m megagrow.cli run recipes/tiny.yaml --run-dir runs/tiny
+	$(PY) -m megagrow.cli status runs/tiny
 	@echo "checkpoints: runs/tiny/{small,wide,deep}/checkpoints (native DeepSpeed; zero_to_fp32.py inside)"
 	@echo "logs:        runs/tiny/*/log.jsonl"
 

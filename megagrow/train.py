@@ -231,6 +231,8 @@ def train_stage(plan: Plan, k: int, run_dir: str, stop_at: int | None = None, qu
                                              "layout": L.to_dict(), "time": time.time(),
                                              **({"stopped_by": stage.stop.rule} if final < stage.steps else {})})
 
+    if rank == 0:
+        trim_log(paths.log, st.step)
     log = open(paths.log, "a") if rank == 0 else None
     t_last, steps_since = time.perf_counter(), 0
     engine.train()
@@ -317,6 +319,27 @@ def transition(plan: Plan, k: int, run_dir: str, quiet: bool = False) -> None:
     if rank == 0 and not quiet:
         print(f"[megagrow] transition {prev.name} -> {stage.name} ({info['op']}) at {stage.layout.to_dict()} "
               f"in {time.perf_counter() - t0:.1f} s, read {info['bytes_read'] / 1e6:.2f} MB on rank 0", flush=True)
+
+
+def trim_log(path: str, step: int) -> None:
+    """Drop log records past `step` (the checkpoint resumed from): steps logged after the last
+    save of a run killed without a signal are trained again, and must not appear twice."""
+    if not os.path.isfile(path):
+        return
+    with open(path) as f:
+        lines = f.readlines()
+    keep = []
+    for line in lines:
+        try:
+            if json.loads(line)["step"] <= step:
+                keep.append(line)
+        except (ValueError, KeyError):  # a torn last line
+            pass
+    if len(keep) != len(lines):
+        tmp = f"{path}.tmp{os.getpid()}"
+        with open(tmp, "w") as f:
+            f.writelines(keep)
+        os.replace(tmp, path)
 
 
 def _grad_norm(engine) -> float | None:
