@@ -143,6 +143,9 @@ class ModelConfig(_Config):
     d_model: int = 128
     n_heads: int = 4
     head_dim: Optional[int] = None  # default d_model // n_heads; set it for an attention width != d_model
+    # grouped-query attention (llama): key/value heads, each shared by n_heads / n_kv_heads query heads;
+    # None (the default, and what n_kv_heads == n_heads is normalised to) = ordinary multi-head attention
+    n_kv_heads: Optional[int] = None
     d_ff: Optional[int] = None  # default: 4*d_model (gpt2), 8/3*d_model rounded to 64 (llama)
     vocab_size: int = 8192  # the tokenizer's size; padded to VOCAB_MULTIPLE for the embedding
     seq_len: int = 128
@@ -157,6 +160,8 @@ class ModelConfig(_Config):
         if self.head_dim is None and _is_int(self.d_model) and _is_int(self.n_heads) and self.n_heads > 0 \
                 and self.d_model % self.n_heads == 0:
             object.__setattr__(self, "head_dim", self.d_model // self.n_heads)
+        if self.n_kv_heads is not None and self.n_kv_heads == self.n_heads:
+            object.__setattr__(self, "n_kv_heads", None)  # one spelling of multi-head attention
 
     def validate(self, where: str = "model") -> None:
         _need(self.flavour in FLAVOURS, where, f"flavour must be one of {FLAVOURS}, got {self.flavour!r}")
@@ -170,11 +175,26 @@ class ModelConfig(_Config):
         _need(self.init_std > 0, where, "init_std must be positive")
         if self.flavour == "llama":
             _need(self.head_dim % 2 == 0, where, f"llama (RoPE) needs an even head_dim, got {self.head_dim}")
+        if self.n_kv_heads is not None:
+            _need(_is_int(self.n_kv_heads) and self.n_kv_heads > 0, where, f"n_kv_heads must be a positive integer, got {self.n_kv_heads!r}")
+            _need(self.flavour == "llama", where, "n_kv_heads (grouped-query attention) is for the llama flavour only")
+            _need(self.n_heads % self.n_kv_heads == 0, where,
+                  f"n_heads {self.n_heads} is not a multiple of n_kv_heads {self.n_kv_heads}")
 
     @property
     def attn_dim(self) -> int:
         """Width of the attention inner space: n_heads x head_dim (= d_model by default)."""
         return self.n_heads * self.head_dim
+
+    @property
+    def kv_heads(self) -> int:
+        """Key/value heads: n_kv_heads, or n_heads for multi-head attention."""
+        return self.n_heads if self.n_kv_heads is None else self.n_kv_heads
+
+    @property
+    def kv_dim(self) -> int:
+        """Rows of the K and V projections: kv_heads x head_dim."""
+        return self.kv_heads * self.head_dim
 
     @property
     def ffn_dim(self) -> int:
@@ -193,8 +213,8 @@ class ModelConfig(_Config):
         d, f, L = self.d_model, self.ffn_dim, self.n_layers
         bias = self.flavour == "gpt2"
         norm = 2 * d if bias else d  # LayerNorm has a bias, RMSNorm not
-        A = self.attn_dim
-        attn = 4 * d * A + (3 * A + d if bias else 0)
+        A, K = self.attn_dim, self.kv_dim
+        attn = 2 * d * A + 2 * d * K + (A + 2 * K + d if bias else 0)
         mlp = (2 * d * f + (f + d if bias else 0)) if self.flavour == "gpt2" else 3 * d * f
         n = L * (attn + mlp + 2 * norm) + norm
         if embeddings:
@@ -236,6 +256,10 @@ class Layout(_Config):
     def check_model(self, model: ModelConfig, where: str = "layout") -> None:
         """Cross-checks between a layout and the model it runs."""
         _need(model.n_heads % self.tp == 0, where, f"n_heads {model.n_heads} is not divisible by tp {self.tp}")
+        kv = model.kv_heads  # split over TP ranks, or (tp > kv) each rank computes its group's K/V as Megatron does
+        _need(kv % self.tp == 0 or (self.tp % kv == 0 and model.kv_dim % self.tp == 0), where,
+              f"n_kv_heads {kv} and tp {self.tp}: tp must divide n_kv_heads, or be a multiple of it that divides "
+              f"n_kv_heads x head_dim = {model.kv_dim}")
         _need(model.ffn_dim % self.tp == 0, where, f"d_ff {model.ffn_dim} is not divisible by tp {self.tp}")
         _need(VOCAB_MULTIPLE % self.tp == 0, where, f"tp {self.tp} must divide {VOCAB_MULTIPLE} (vocab padding)")
 

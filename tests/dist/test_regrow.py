@@ -29,12 +29,13 @@ def test_reshard_round_trip_is_bitwise(data_prefix, tmp_path):
 
 def test_growth_sharded_equals_gathered_and_keeps_loss(data_prefix, tmp_path):
     """Stage 0 at layout A -> grown stage 1 at layout B (A != B) through the trainer's transition, for
-    width x2, depth x2, FFN and heads-only growth, gpt2 and llama, plus depth (append), G_stack and width x3: the
+    width x2, depth x2, FFN and heads-only growth, gpt2 and llama, plus depth (append), G_stack, width x3, and width
+    and heads growth of a llama with grouped-query attention (2 K/V heads, group size kept): the
     grown checkpoint equals the growth map applied to the gathered source, bitwise, for weights and both
     Adam moments; the Adam step and the data position carry over; eval loss before == after within 1e-5
     (G_stack: documented as not loss preserving, so only the bitwise property); training continues at B."""
     res = run_worker(2, "grow", data_prefix, tmp_path)
-    assert len(res) == 11
+    assert len(res) == 13
     for key, r in res.items():
         assert r["mismatched"] == [], key
         assert r["adam_step"][0] == r["adam_step"][1] == 3, key
