@@ -1,6 +1,7 @@
 # megagrow: two commands on a fresh machine (Python 3.11, g++, package registries):
 #   make demo   - create .venv if missing, install, prepare the stdlib corpus, train the tiny plan on 2 CPU processes
 #   make test   - create .venv if missing, install, run the test suite
+#   make stress - the 200-case reshard property test and more fault-injection trials
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
@@ -13,7 +14,7 @@ export DS_BUILD_OPS := 0
 export PYTHONWARNINGS := ignore
 export OMP_NUM_THREADS ?= 1
 
-.PHONY: demo test install data clean
+.PHONY: demo test stress install data clean
 
 install: $(STAMP)
 
@@ -40,6 +41,11 @@ demo: $(STAMP) $(DATA).bin
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests
+
+# longer property and fault-injection runs (about 10 minutes on 2 cores): 200 reshard cases, 3x the kill trials
+stress: $(STAMP)
+	$(PY) -m pytest -q tests/dist/test_reshard_property.py --cases 200
+	MEGAGROW_FAULT_TRIALS_SCALE=3 $(PY) -m pytest -q tests/dist/test_faults.py
 
 clean:
 	rm -rf runs build *.egg-info
