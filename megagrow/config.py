@@ -232,9 +232,11 @@ STOP_RULES = ("steps", "slope")
 class StopRule(_Config):
     """When a stage ends. "steps": after `steps` (the default). "slope": the practical rule of
     Shen et al. (2022) - end the stage early once the smoothed slope d log10 L / d log10 C of the
-    logged training loss rises above `threshold` (megagrow.schedule.slope.SlopeRule: least squares
-    over the last `window` logged points, optional EMA, `patience` points in a row), not before
-    `min_steps`; `steps` stays the upper bound. threshold None: the paper's value for the next
+    validation loss (the logged training loss when the stage has no eval set) rises above
+    `threshold` (megagrow.schedule.slope.SlopeRule: points more than `spike_tol` above the running
+    minimum dropped, the slope of the last `window` kept points by `estimator` - Theil-Sen median
+    or least squares -, optional EMA, `patience` points in a row), not before `min_steps`;
+    `steps` stays the upper bound. threshold None: the paper's value for the next
     stage's operator (width -0.0475, depth -0.0575), or the stop value -0.052 for the last stage.
     C = 6 N (non-embedding) x tokens at the model's schedule position: a grown model counts from
     its equivalent step (megagrow/schedule/stop.py)."""
@@ -245,6 +247,8 @@ class StopRule(_Config):
     window: int = 10
     ema: float = 0.0
     patience: int = 1
+    spike_tol: Optional[float] = 0.01  # drop points > 1% above the running minimum (None: keep all)
+    estimator: str = "theil-sen"  # or "lsq"
 
     def validate(self, where: str = "stop") -> None:
         _need(self.rule in STOP_RULES, where, f"rule must be one of {STOP_RULES}, got {self.rule!r}")
@@ -254,6 +258,10 @@ class StopRule(_Config):
         _need(_is_int(self.window) and self.window >= 2, where, f"window must be an integer >= 2, got {self.window!r}")
         _need(isinstance(self.ema, (int, float)) and 0.0 <= self.ema < 1.0, where, f"ema must be in [0, 1), got {self.ema!r}")
         _need(_is_int(self.patience) and self.patience >= 1, where, f"patience must be an integer >= 1, got {self.patience!r}")
+        _need(self.spike_tol is None or (isinstance(self.spike_tol, (int, float)) and not isinstance(self.spike_tol, bool)
+                                         and 0.0 <= self.spike_tol < float("inf")),
+              where, f"spike_tol must be a number >= 0 or null (filter off), got {self.spike_tol!r}")
+        _need(self.estimator in ("theil-sen", "lsq"), where, f"estimator must be theil-sen or lsq, got {self.estimator!r}")
 
 
 @dataclass(frozen=True)
