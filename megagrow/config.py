@@ -351,6 +351,27 @@ class StopRule(_Config):
         _need(self.estimator in ("theil-sen", "lsq"), where, f"estimator must be theil-sen or lsq, got {self.estimator!r}")
 
 
+OPTIMIZER_STATE = ("moved", "reset")
+
+
+@dataclass(frozen=True)
+class GrowthOptions(_Config):
+    """How the growth into this stage treats what it carries over (the ablation knobs).
+
+    symmetry_breaking: width growth's loss-preserving noise, in units of init_std (0 = the
+    copies stay identical, the reference code's behaviour); optimizer_state: "moved" (the Adam
+    moments are grown with the weights and the step kept, megagrow's default) or "reset" (zero
+    moments and step 0: a fresh optimizer on the grown weights)."""
+
+    symmetry_breaking: float = 1.0
+    optimizer_state: str = "moved"
+
+    def validate(self, where: str = "growth") -> None:
+        _need(self.symmetry_breaking >= 0, where, f"symmetry_breaking must be >= 0, got {self.symmetry_breaking!r}")
+        _need(self.optimizer_state in OPTIMIZER_STATE, where,
+              f"optimizer_state must be one of {', '.join(OPTIMIZER_STATE)}, got {self.optimizer_state!r}")
+
+
 @dataclass(frozen=True)
 class Stage(_Config):
     """One stage of a plan: a model, the layout it runs at, how long, and how it is logged/saved."""
@@ -363,6 +384,7 @@ class Stage(_Config):
     save_every: int = 50
     log_every: int = 10
     grow: Optional[str] = None  # growth operator that produced this stage from the previous one
+    growth: GrowthOptions = field(default_factory=GrowthOptions)  # symmetry breaking, optimizer state moved/reset
     stop: StopRule = field(default_factory=StopRule)  # end at `steps`, or earlier by the slope rule
 
     def validate(self, where: str = "stage") -> None:
@@ -435,6 +457,7 @@ def _merge(base: dict, over: Any) -> Any:
 
 
 _SUBCONFIGS = {
+    ("Stage", "growth"): GrowthOptions,
     ("Stage", "model"): ModelConfig,
     ("Stage", "layout"): Layout,
     ("Stage", "optim"): OptimConfig,
