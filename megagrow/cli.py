@@ -3,8 +3,10 @@
     megagrow train PLAN --stage K [--run-dir DIR]   one stage (under torchrun or srun)
     megagrow run PLAN [--run-dir DIR]              the whole plan, stage after stage (locally or under Slurm)
     megagrow status DIR [--json]                   progress of a run directory
+    megagrow verify CKPT [--json]                  check a checkpoint against its manifest
     megagrow plan ...                              the scaling-law stage planner
-    megagrow bench ...                             throughput / overhead benchmarks
+    megagrow bench PLAN --stage K ...              throughput, TFLOP/s, MFU, overhead, transition cost
+    megagrow plot RUN [RUN ...] --out fig.png      eval/training loss vs FLOPs, stage boundaries marked
 """
 
 from __future__ import annotations
@@ -49,6 +51,12 @@ def _status(args) -> int:
     return status_main(args)
 
 
+def _verify(args) -> int:
+    from megagrow.state.manifest import verify_main
+
+    return verify_main(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="megagrow", description="Staged training of transformer language models.")
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -84,8 +92,20 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("run_dir", help="run directory of `megagrow run`")
     st.add_argument("--json", action="store_true", help="JSON on stdout")
     st.set_defaults(fn=_status)
+    v = sub.add_parser(
+        "verify",
+        help="check a checkpoint's files against its manifest (sizes and CRC-32 checksums)",
+        description="Check a checkpoint tag (RUN/<stage>/checkpoints/step_N) or every tag of a checkpoint directory "
+        "against the manifest megagrow wrote last when the save finished: every file present, with the recorded size "
+        "and CRC-32. A tag without a manifest is a save that never finished. Exit 0 when every tag checked is "
+        "complete, 1 otherwise, 2 on bad input.",
+    )
+    v.add_argument("ckpt", help="a checkpoint tag directory, or a checkpoint directory holding tags")
+    v.add_argument("--json", action="store_true", help="JSON on stdout: {ok, tags: [{tag, complete, problems, ...}]}")
+    v.set_defaults(fn=_verify)
     sub.add_parser("plan", help="scaling-law stage planner (megagrow plan --help)", add_help=False)
-    sub.add_parser("bench", help="benchmarks (megagrow bench --help)", add_help=False)
+    sub.add_parser("bench", help="throughput / MFU / overhead / transition benchmark (megagrow bench --help)", add_help=False)
+    sub.add_parser("plot", help="loss vs FLOPs of one or more runs to a PNG (megagrow plot --help)", add_help=False)
     return p
 
 
@@ -100,6 +120,10 @@ def main(argv: list[str] | None = None) -> int:
         from megagrow.bench import main as bench_main
 
         return bench_main(argv[1:])
+    if argv and argv[0] == "plot":
+        from megagrow.metrics.plot import main as plot_main
+
+        return plot_main(argv[1:])
     args = build_parser().parse_args(argv)
     return args.fn(args)
 

@@ -31,15 +31,76 @@ def _from_dict(cls, d: Any, where: str):
     if unknown:
         raise UserError(f"{where}: unknown key(s) {', '.join(unknown)} (allowed: {', '.join(names)})")
     kwargs = {}
+    hints = _field_types(cls)
     for k, v in d.items():
         sub = _SUBCONFIGS.get((cls.__name__, k))
-        kwargs[k] = sub.from_dict(v, f"{where}.{k}") if sub is not None else v
+        kwargs[k] = sub.from_dict(v, f"{where}.{k}") if sub is not None else _typed(v, hints[k], where, k)
     try:
         obj = cls(**kwargs)
     except TypeError as e:  # missing required field
         raise UserError(f"{where}: {e}") from None
     obj.validate(where)
     return obj
+
+
+# ---- field types: every value read from a plan is checked against its dataclass field's type,
+# in one place, before any validate() compares it. The rules:
+#   int    an int (not a bool, not a float, not a string)
+#   float  an int or a float, or a string that reads as a finite number: YAML 1.1 (PyYAML) reads
+#          `lr: 3e-4` and `1.0e6` as strings, and that is how people write learning rates.
+#          Only float fields accept such strings (`dropout: "0.1"` is read as 0.1); never NaN/inf.
+#   bool   true/false only;   str   a string only (`grow: 2` is an error)
+#   Optional[X]  None (YAML `null` or the key left out) or an X;   tuple  a list
+_TYPE_NAMES = {int: "an integer", float: "a number", bool: "true or false", str: "a string", tuple: "a list"}
+_HINTS: dict = {}
+
+
+def _field_types(cls) -> dict:
+    """{field name: (base type, optional)} of a config dataclass, from its annotations."""
+    if cls not in _HINTS:
+        import typing
+
+        out = {}
+        for name, hint in typing.get_type_hints(cls).items():
+            args = typing.get_args(hint)
+            optional = type(None) in args
+            base = next((a for a in args if a is not type(None)), hint) if args else hint
+            out[name] = (base, optional)
+        _HINTS[cls] = out
+    return _HINTS[cls]
+
+
+def _typed(v: Any, hint: tuple, where: str, name: str) -> Any:
+    """`v` checked against (base type, optional); float-like strings become floats for float fields."""
+    import math
+
+    base, optional = hint
+    if v is None and optional:
+        return v
+    if base is float:
+        if isinstance(v, str):
+            try:
+                f = float(v.strip())
+            except ValueError:
+                f = None
+            if f is not None and math.isfinite(f):
+                return f
+        elif isinstance(v, (int, float)) and not isinstance(v, bool):
+            if math.isfinite(v):
+                return float(v)
+            raise UserError(f"{where}: {name} must be a finite number, got {v!r}")
+    elif base is int:
+        if _is_int(v):
+            return v
+    elif base is bool or base is str or base is tuple:
+        if isinstance(v, (list, tuple) if base is tuple else base):
+            return tuple(v) if base is tuple else v
+    else:  # a nested config or another type: checked by its own validate()
+        return v
+    want = _TYPE_NAMES[base] + (" or null" if optional else "")
+    got = type(v).__name__ if v is not None else "null"
+    shown = repr(v) if len(repr(v)) <= 40 else repr(v)[:37] + "..."
+    raise UserError(f"{where}: {name} must be {want}, got {got} {shown}")
 
 
 def _need(cond: bool, where: str, msg: str) -> None:
@@ -62,6 +123,8 @@ class _Config:
         return dataclasses.asdict(self)
 
     def replace(self, **kw):
+        hints = _field_types(type(self))
+        kw = {k: _typed(v, hints[k], type(self).__name__, k) if k in hints else v for k, v in kw.items()}
         obj = dataclasses.replace(self, **kw)
         obj.validate(type(self).__name__)
         return obj
@@ -80,6 +143,9 @@ class ModelConfig(_Config):
     d_model: int = 128
     n_heads: int = 4
     head_dim: Optional[int] = None  # default d_model // n_heads; set it for an attention width != d_model
+    # grouped-query attention (llama): key/value heads, each shared by n_heads / n_kv_heads query heads;
+    # None (the default, and what n_kv_heads == n_heads is normalised to) = ordinary multi-head attention
+    n_kv_heads: Optional[int] = None
     d_ff: Optional[int] = None  # default: 4*d_model (gpt2), 8/3*d_model rounded to 64 (llama)
     vocab_size: int = 8192  # the tokenizer's size; padded to VOCAB_MULTIPLE for the embedding
     seq_len: int = 128
@@ -94,6 +160,8 @@ class ModelConfig(_Config):
         if self.head_dim is None and _is_int(self.d_model) and _is_int(self.n_heads) and self.n_heads > 0 \
                 and self.d_model % self.n_heads == 0:
             object.__setattr__(self, "head_dim", self.d_model // self.n_heads)
+        if self.n_kv_heads is not None and self.n_kv_heads == self.n_heads:
+            object.__setattr__(self, "n_kv_heads", None)  # one spelling of multi-head attention
 
     def validate(self, where: str = "model") -> None:
         _need(self.flavour in FLAVOURS, where, f"flavour must be one of {FLAVOURS}, got {self.flavour!r}")
@@ -107,11 +175,26 @@ class ModelConfig(_Config):
         _need(self.init_std > 0, where, "init_std must be positive")
         if self.flavour == "llama":
             _need(self.head_dim % 2 == 0, where, f"llama (RoPE) needs an even head_dim, got {self.head_dim}")
+        if self.n_kv_heads is not None:
+            _need(_is_int(self.n_kv_heads) and self.n_kv_heads > 0, where, f"n_kv_heads must be a positive integer, got {self.n_kv_heads!r}")
+            _need(self.flavour == "llama", where, "n_kv_heads (grouped-query attention) is for the llama flavour only")
+            _need(self.n_heads % self.n_kv_heads == 0, where,
+                  f"n_heads {self.n_heads} is not a multiple of n_kv_heads {self.n_kv_heads}")
 
     @property
     def attn_dim(self) -> int:
         """Width of the attention inner space: n_heads x head_dim (= d_model by default)."""
         return self.n_heads * self.head_dim
+
+    @property
+    def kv_heads(self) -> int:
+        """Key/value heads: n_kv_heads, or n_heads for multi-head attention."""
+        return self.n_heads if self.n_kv_heads is None else self.n_kv_heads
+
+    @property
+    def kv_dim(self) -> int:
+        """Rows of the K and V projections: kv_heads x head_dim."""
+        return self.kv_heads * self.head_dim
 
     @property
     def ffn_dim(self) -> int:
@@ -130,8 +213,8 @@ class ModelConfig(_Config):
         d, f, L = self.d_model, self.ffn_dim, self.n_layers
         bias = self.flavour == "gpt2"
         norm = 2 * d if bias else d  # LayerNorm has a bias, RMSNorm not
-        A = self.attn_dim
-        attn = 4 * d * A + (3 * A + d if bias else 0)
+        A, K = self.attn_dim, self.kv_dim
+        attn = 2 * d * A + 2 * d * K + (A + 2 * K + d if bias else 0)
         mlp = (2 * d * f + (f + d if bias else 0)) if self.flavour == "gpt2" else 3 * d * f
         n = L * (attn + mlp + 2 * norm) + norm
         if embeddings:
@@ -173,6 +256,10 @@ class Layout(_Config):
     def check_model(self, model: ModelConfig, where: str = "layout") -> None:
         """Cross-checks between a layout and the model it runs."""
         _need(model.n_heads % self.tp == 0, where, f"n_heads {model.n_heads} is not divisible by tp {self.tp}")
+        kv = model.kv_heads  # split over TP ranks, or (tp > kv) each rank computes its group's K/V as Megatron does
+        _need(kv % self.tp == 0 or (self.tp % kv == 0 and model.kv_dim % self.tp == 0), where,
+              f"n_kv_heads {kv} and tp {self.tp}: tp must divide n_kv_heads, or be a multiple of it that divides "
+              f"n_kv_heads x head_dim = {model.kv_dim}")
         _need(model.ffn_dim % self.tp == 0, where, f"d_ff {model.ffn_dim} is not divisible by tp {self.tp}")
         _need(VOCAB_MULTIPLE % self.tp == 0, where, f"tp {self.tp} must divide {VOCAB_MULTIPLE} (vocab padding)")
 
@@ -232,9 +319,11 @@ STOP_RULES = ("steps", "slope")
 class StopRule(_Config):
     """When a stage ends. "steps": after `steps` (the default). "slope": the practical rule of
     Shen et al. (2022) - end the stage early once the smoothed slope d log10 L / d log10 C of the
-    logged training loss rises above `threshold` (megagrow.schedule.slope.SlopeRule: least squares
-    over the last `window` logged points, optional EMA, `patience` points in a row), not before
-    `min_steps`; `steps` stays the upper bound. threshold None: the paper's value for the next
+    validation loss (the logged training loss when the stage has no eval set) rises above
+    `threshold` (megagrow.schedule.slope.SlopeRule: points more than `spike_tol` above the running
+    minimum dropped, the slope of the last `window` kept points by `estimator` - Theil-Sen median
+    or least squares -, optional EMA, `patience` points in a row), not before `min_steps`;
+    `steps` stays the upper bound. threshold None: the paper's value for the next
     stage's operator (width -0.0475, depth -0.0575), or the stop value -0.052 for the last stage.
     C = 6 N (non-embedding) x tokens at the model's schedule position: a grown model counts from
     its equivalent step (megagrow/schedule/stop.py)."""
@@ -245,6 +334,8 @@ class StopRule(_Config):
     window: int = 10
     ema: float = 0.0
     patience: int = 1
+    spike_tol: Optional[float] = 0.01  # drop points > 1% above the running minimum (None: keep all)
+    estimator: str = "theil-sen"  # or "lsq"
 
     def validate(self, where: str = "stop") -> None:
         _need(self.rule in STOP_RULES, where, f"rule must be one of {STOP_RULES}, got {self.rule!r}")
@@ -254,6 +345,31 @@ class StopRule(_Config):
         _need(_is_int(self.window) and self.window >= 2, where, f"window must be an integer >= 2, got {self.window!r}")
         _need(isinstance(self.ema, (int, float)) and 0.0 <= self.ema < 1.0, where, f"ema must be in [0, 1), got {self.ema!r}")
         _need(_is_int(self.patience) and self.patience >= 1, where, f"patience must be an integer >= 1, got {self.patience!r}")
+        _need(self.spike_tol is None or (isinstance(self.spike_tol, (int, float)) and not isinstance(self.spike_tol, bool)
+                                         and 0.0 <= self.spike_tol < float("inf")),
+              where, f"spike_tol must be a number >= 0 or null (filter off), got {self.spike_tol!r}")
+        _need(self.estimator in ("theil-sen", "lsq"), where, f"estimator must be theil-sen or lsq, got {self.estimator!r}")
+
+
+OPTIMIZER_STATE = ("moved", "reset")
+
+
+@dataclass(frozen=True)
+class GrowthOptions(_Config):
+    """How the growth into this stage treats what it carries over (the ablation knobs).
+
+    symmetry_breaking: width growth's loss-preserving noise, in units of init_std (0 = the
+    copies stay identical, the reference code's behaviour); optimizer_state: "moved" (the Adam
+    moments are grown with the weights and the step kept, megagrow's default) or "reset" (zero
+    moments and step 0: a fresh optimizer on the grown weights)."""
+
+    symmetry_breaking: float = 1.0
+    optimizer_state: str = "moved"
+
+    def validate(self, where: str = "growth") -> None:
+        _need(self.symmetry_breaking >= 0, where, f"symmetry_breaking must be >= 0, got {self.symmetry_breaking!r}")
+        _need(self.optimizer_state in OPTIMIZER_STATE, where,
+              f"optimizer_state must be one of {', '.join(OPTIMIZER_STATE)}, got {self.optimizer_state!r}")
 
 
 @dataclass(frozen=True)
@@ -268,13 +384,21 @@ class Stage(_Config):
     save_every: int = 50
     log_every: int = 10
     grow: Optional[str] = None  # growth operator that produced this stage from the previous one
+    growth: GrowthOptions = field(default_factory=GrowthOptions)  # symmetry breaking, optimizer state moved/reset
     stop: StopRule = field(default_factory=StopRule)  # end at `steps`, or earlier by the slope rule
+    # eval loss on the held-out split (PREFIX.valid): every `eval_every` steps (0: only at the stage
+    # end and around growth), over `eval_tokens` held-out tokens (0: no eval at all)
+    eval_every: int = 0
+    eval_tokens: int = 65536
 
     def validate(self, where: str = "stage") -> None:
         _need(isinstance(self.name, str) and self.name.replace("_", "").replace("-", "").isalnum(), where, f"name must be alphanumeric (with - or _), got {self.name!r}")
         for k in ("steps", "save_every", "log_every"):
             v = getattr(self, k)
             _need(_is_int(v) and v > 0, where, f"{k} must be a positive integer, got {v!r}")
+        for k in ("eval_every", "eval_tokens"):
+            v = getattr(self, k)
+            _need(_is_int(v) and v >= 0, where, f"{k} must be an integer >= 0, got {v!r}")
         self.layout.check_model(self.model, f"{where}.layout")
         _need(self.stop.min_steps <= self.steps, f"{where}.stop", f"min_steps {self.stop.min_steps} > steps {self.steps}")
 
@@ -298,6 +422,8 @@ class Plan(_Config):
         if not isinstance(stages, list) or not stages:
             raise UserError(f"{where}: 'stages' must be a non-empty list")
         defaults = d.pop("defaults", {}) or {}
+        if not isinstance(defaults, dict):
+            raise UserError(f"{where}: 'defaults' must be a mapping, got {type(defaults).__name__}")
         built = []
         for i, s in enumerate(stages):
             built.append(Stage.from_dict(_merge(defaults, s), f"{where}.stages[{i}]"))
@@ -338,6 +464,7 @@ def _merge(base: dict, over: Any) -> Any:
 
 
 _SUBCONFIGS = {
+    ("Stage", "growth"): GrowthOptions,
     ("Stage", "model"): ModelConfig,
     ("Stage", "layout"): Layout,
     ("Stage", "optim"): OptimConfig,

@@ -38,15 +38,15 @@ def attn_dim(c) -> int:
 
 def block_tensors(c: ModelConfig) -> dict[str, tuple]:
     """Shapes of one block's tensors, by name relative to `blocks.{i}.`."""
-    d, f, a = c.d_model, c.ffn_dim, attn_dim(c)
+    d, f, a, kv = c.d_model, c.ffn_dim, attn_dim(c), c.kv_dim
     gpt2 = c.flavour == "gpt2"
     t: dict[str, tuple] = {"ln1.weight": (d,)}
     if gpt2:
         t["ln1.bias"] = (d,)
-    for p in ("q", "k", "v"):
-        t[f"attn.{p}.weight"] = (a, d)
+    for p, rows in (("q", a), ("k", kv), ("v", kv)):
+        t[f"attn.{p}.weight"] = (rows, d)
         if gpt2:
-            t[f"attn.{p}.bias"] = (a,)
+            t[f"attn.{p}.bias"] = (rows,)
     t["attn.o.weight"] = (d, a)
     if gpt2:
         t["attn.o.bias"] = (d,)
@@ -136,6 +136,8 @@ class Identity(Operator):
 @dataclass(frozen=True)
 class Width(Operator):
     """d_model, d_ff and n_heads times `factor` (head_dim unchanged); residual h -> [h]*k.
+    Grouped-query attention: n_kv_heads times `factor` too, so the group size n_heads /
+    n_kv_heads is kept; copy c's query heads then read copy c's K/V heads (exact).
 
     Every matrix becomes k x k blocks, W on the diagonal; embeddings, biases and in-block
     norms are repeated k times; the final norm is divided by k (tied head) or the untied
@@ -164,8 +166,9 @@ class Width(Operator):
         if self.offdiag_moments not in ("tiled", "zero"):
             raise UserError(f"offdiag_moments must be 'tiled' or 'zero', got {self.offdiag_moments!r}")
         d_ff = k * old.ffn_dim
-        new_default = old.replace(d_model=k * old.d_model, n_heads=k * old.n_heads, d_ff=None)
-        return _cfg(old, d_model=k * old.d_model, n_heads=k * old.n_heads,
+        kv = None if old.n_kv_heads is None else k * old.n_kv_heads  # group size kept
+        new_default = old.replace(d_model=k * old.d_model, n_heads=k * old.n_heads, n_kv_heads=kv, d_ff=None)
+        return _cfg(old, d_model=k * old.d_model, n_heads=k * old.n_heads, n_kv_heads=kv,
                     d_ff=None if old.d_ff is None and new_default.ffn_dim == d_ff else d_ff)
 
     def tensors(self, old, new):
@@ -347,7 +350,10 @@ class FFN(Operator):
 class Heads(Operator):
     """n_heads -> more heads with head_dim fixed, d_model unchanged: the attention inner
     dim (ModelConfig.attn_dim = n_heads * head_dim) grows past d_model. Exact: the new
-    heads' output columns of o are zero."""
+    heads' output columns of o are zero. Grouped-query attention: the group size is kept
+    (n_kv_heads grows to n_heads' / group, the new query heads read new K/V heads), so
+    every old query head keeps reading its own K/V head; n_heads' must be a multiple of
+    the group size."""
 
     n_heads: int = 0
     name = "heads"
@@ -355,7 +361,14 @@ class Heads(Operator):
     def new_config(self, old):
         if not isinstance(self.n_heads, int) or self.n_heads <= old.n_heads:
             raise UserError(f"heads growth needs more than the current {old.n_heads} heads, got {self.n_heads!r}")
-        return _cfg(old, n_heads=self.n_heads, head_dim=old.head_dim)
+        kv = None
+        if old.n_kv_heads is not None:
+            group = old.n_heads // old.n_kv_heads
+            if self.n_heads % group:
+                raise UserError(f"heads growth keeps the query-group size {group} (n_heads / n_kv_heads): "
+                                f"{self.n_heads} heads is not a multiple of it")
+            kv = self.n_heads // group
+        return _cfg(old, n_heads=self.n_heads, head_dim=old.head_dim, n_kv_heads=kv)
 
     def tensors(self, old, new):
         return heads_tensors(old, self.n_heads)
@@ -370,15 +383,19 @@ def heads_tensors(old, n_heads: int) -> dict[str, TensorMap]:
     seq_len, tie_embeddings, init_std (a ModelConfig, or a stand-in until it has head_dim)."""
     hd, d = old.head_dim, old.d_model
     A, A2 = old.n_heads * hd, n_heads * hd
+    group = old.n_heads // getattr(old, "kv_heads", old.n_heads)
+    K, K2 = A // group, A2 // group  # K/V rows: the query-group size is kept
     out = {}
     for name, s in logical_tensors(old).items():
         li = _layer_of(name)
         rel = li[1] if li else ""
         if rel in ("attn.q.weight", "attn.k.weight", "attn.v.weight"):
-            out[name] = TensorMap(name, (A2, d), (Copy(full_box(s), name, full_box(s), 1.0, 1.0, 1.0),
-                                                   Noise(((A, A2), (0, d)), f"{name}#heads:{n_heads}", old.init_std)))
+            a, a2 = (A, A2) if rel == "attn.q.weight" else (K, K2)
+            out[name] = TensorMap(name, (a2, d), (Copy(full_box(s), name, full_box(s), 1.0, 1.0, 1.0),
+                                                   Noise(((a, a2), (0, d)), f"{name}#heads:{n_heads}", old.init_std)))
         elif rel in ("attn.q.bias", "attn.k.bias", "attn.v.bias"):
-            out[name] = TensorMap(name, (A2,), (Copy(full_box(s), name, full_box(s), 1.0, 1.0, 1.0), Fill(((A, A2),), 0.0)))
+            a, a2 = (A, A2) if rel == "attn.q.bias" else (K, K2)
+            out[name] = TensorMap(name, (a2,), (Copy(full_box(s), name, full_box(s), 1.0, 1.0, 1.0), Fill(((a, a2),), 0.0)))
         elif rel == "attn.o.weight":
             out[name] = TensorMap(name, (d, A2), (Copy(full_box(s), name, full_box(s), 1.0, 1.0, 1.0), Fill(((0, d), (A, A2)), 0.0)))
         else:

@@ -91,16 +91,48 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return (x * cos[:T] + rotated * sin[:T]).to(x.dtype)
 
 
+class _GatherKV(torch.autograd.Function):
+    """All-gather the TP ranks' K or V projection shards along the last dim (forward); the
+    gradient of a rank's shard is the sum over ranks of the gathered gradient's slice
+    (backward: all-reduce, then this rank's slice). megatron-core's own gather uses
+    all_gather_into_tensor, which gloo lacks."""
+
+    @staticmethod
+    def forward(ctx, x):
+        group = parallel_state.get_tensor_model_parallel_group()
+        parts = [torch.empty_like(x) for _ in range(torch.distributed.get_world_size(group))]
+        torch.distributed.all_gather(parts, x.contiguous(), group=group)
+        ctx.rank, ctx.size = torch.distributed.get_rank(group), x.shape[-1]
+        return torch.cat(parts, dim=-1)
+
+    @staticmethod
+    def backward(ctx, g):
+        g = g.contiguous()
+        torch.distributed.all_reduce(g, group=parallel_state.get_tensor_model_parallel_group())
+        return g[..., ctx.rank * ctx.size:(ctx.rank + 1) * ctx.size].contiguous()
+
+
 class Attention(nn.Module):
+    """Multi-head or grouped-query attention (n_kv_heads < n_heads: each K/V head serves
+    n_heads / n_kv_heads consecutive query heads). Over TP, the query heads are split; the
+    K/V heads are split too when tp divides n_kv_heads, else (tp a multiple of n_kv_heads)
+    the K/V weights are still split evenly and each rank gathers the projections and keeps
+    its own group's head, as megatron-core's attention does: no parameter is replicated."""
+
     def __init__(self, c: ModelConfig, mp: ModelParallelConfig):
         super().__init__()
         bias = c.flavour == "gpt2"
         self.q = column(mp, c.d_model, c.attn_dim, bias)
-        self.k = column(mp, c.d_model, c.attn_dim, bias)
-        self.v = column(mp, c.d_model, c.attn_dim, bias)
+        self.k = column(mp, c.d_model, c.kv_dim, bias)
+        self.v = column(mp, c.d_model, c.kv_dim, bias)
         self.o = row(mp, c.attn_dim, c.d_model, bias)
         self.head_dim = c.head_dim
         self.rope = c.flavour == "llama"
+        tp = parallel_state.get_tensor_model_parallel_world_size()
+        self.gather_kv = tp > c.kv_heads  # then one K/V head per rank: its query heads' group
+        self.kv_group = parallel_state.get_tensor_model_parallel_rank() // (tp // c.kv_heads) if self.gather_kv else 0
+        local_kv = 1 if self.gather_kv else c.kv_heads // tp
+        self.n_rep = (c.n_heads // tp) // local_kv  # query heads per local K/V head
 
     def forward(self, x: torch.Tensor, rope: tuple | None) -> torch.Tensor:
         B, T, _ = x.shape
@@ -108,9 +140,15 @@ class Attention(nn.Module):
         def heads(t):  # (B, T, H_local*hd) -> (B, H_local, T, hd)
             return t.view(B, T, -1, self.head_dim).transpose(1, 2)
 
-        q, k, v = heads(self.q(x)[0]), heads(self.k(x)[0]), heads(self.v(x)[0])
+        k, v = self.k(x)[0], self.v(x)[0]
+        if self.gather_kv:
+            hd, g = self.head_dim, self.kv_group
+            k, v = (_GatherKV.apply(t)[..., g * hd:(g + 1) * hd] for t in (k, v))
+        q, k, v = heads(self.q(x)[0]), heads(k), heads(v)
         if self.rope:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        if self.n_rep > 1:
+            k, v = k.repeat_interleave(self.n_rep, dim=1), v.repeat_interleave(self.n_rep, dim=1)
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         y = y.transpose(1, 2).reshape(B, T, -1)
         return self.o(y)[0]

@@ -29,12 +29,13 @@ def test_reshard_round_trip_is_bitwise(data_prefix, tmp_path):
 
 def test_growth_sharded_equals_gathered_and_keeps_loss(data_prefix, tmp_path):
     """Stage 0 at layout A -> grown stage 1 at layout B (A != B) through the trainer's transition, for
-    width x2, depth x2, FFN and heads-only growth, gpt2 and llama, plus depth (append), G_stack and width x3: the
+    width x2, depth x2, FFN and heads-only growth, gpt2 and llama, plus depth (append), G_stack, width x3, and width
+    and heads growth of a llama with grouped-query attention (2 K/V heads, group size kept): the
     grown checkpoint equals the growth map applied to the gathered source, bitwise, for weights and both
     Adam moments; the Adam step and the data position carry over; eval loss before == after within 1e-5
     (G_stack: documented as not loss preserving, so only the bitwise property); training continues at B."""
     res = run_worker(2, "grow", data_prefix, tmp_path)
-    assert len(res) == 11
+    assert len(res) == 13
     for key, r in res.items():
         assert r["mismatched"] == [], key
         assert r["adam_step"][0] == r["adam_step"][1] == 3, key
@@ -77,12 +78,14 @@ def test_regrow_cli_end_to_end_and_bad_input(data_prefix, tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     src = str(run / "a" / "checkpoints")
     out = tmp_path / "out"
-    r = torchrun(2, [os.path.join(REPO, "tools", "regrow.py"), "--src", src, "--plan", str(plan), "--to-stage", "b",
-                     "--out", str(out), "--json"])
+    # started directly (no torchrun): it validates, then starts the target layout's 2 ranks itself
+    r = _regrow("--src", src, "--plan", str(plan), "--to-stage", "b", "--out", str(out), "--json")
     assert r.returncode == 0, r.stderr[-3000:]
     summary = json.loads([ln for ln in r.stdout.splitlines() if ln.startswith("{")][0])
     assert summary["op"]["op"] == "depth" and summary["layout"]["tp"] == 2 and len(summary["bytes_read_per_rank"]) == 2
     assert os.path.isfile(out / "latest") and not os.path.exists(f"{out}.regrow-tmp")
+    from megagrow.state.manifest import choose, problems
+    assert choose(str(out))[0] == summary["tag"] and problems(str(out / summary["tag"])) == []  # sealed: manifest, sizes, CRC-32
 
     other = tmp_path / "other.yaml"  # stage a of this plan has another model: the source does not fit
     other.write_text(PLAN.format(prefix=data_prefix).replace("n_layers: 1, d_model: 32", "n_layers: 1, d_model: 48", 1))

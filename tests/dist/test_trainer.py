@@ -9,9 +9,10 @@ from conftest import run_worker
 
 def test_tp2_forward_backward_equals_tp1(data_prefix, tmp_path):
     """TP=2 loss == TP=1 loss within 1e-5 and logical grads within 1e-6 (fp32, same seed, same batch),
-    gpt2 (tied) and llama (tied and untied head)."""
+    gpt2 (tied) and llama (tied and untied head), llama with grouped-query attention: 2 K/V heads (one per TP
+    rank) and 1 K/V head (tp > n_kv_heads: both ranks compute it from the gathered projections)."""
     res = run_worker(2, "tp_equiv", data_prefix, tmp_path)
-    assert set(res) == {"gpt2-tie1", "llama-tie0", "llama-tie1"}
+    assert set(res) == {"gpt2-tie1", "llama-tie0", "llama-tie1", "llama_gqa-tie0", "llama_mqa-tie1"}
     for key, r in res.items():
         assert r["same_names"], key
         assert abs(r["loss_tp1"] - r["loss_tp2"]) < 1e-5, (key, r)

@@ -25,8 +25,9 @@ RANK = int(os.environ["RANK"])
 
 
 def tiny_plan(prefix: str, flavour="gpt2", steps=6, tie=True, dropout=0.0, **layout) -> Plan:
-    model = ModelConfig(flavour=flavour, n_layers=2, d_model=64, n_heads=4, vocab_size=512, seq_len=32,
-                        tie_embeddings=tie, dropout=dropout)
+    kv = {"llama_gqa": 2, "llama_mqa": 1}.get(flavour)  # grouped-query attention: 2 groups / 1 K/V head
+    model = ModelConfig(flavour="llama" if kv else flavour, n_layers=2, d_model=64, n_heads=4, vocab_size=512, seq_len=32,
+                        tie_embeddings=tie, dropout=dropout, n_kv_heads=kv)
     lay = Layout(**{"tp": 1, "dp": WORLD, "zero_stage": 2, "micro_batch": 2, "grad_accum": 2, **layout})
     optim = OptimConfig(lr=3e-3, min_lr=3e-4, warmup_steps=2, weight_decay=0.1, grad_clip=1.0)
     st = Stage(name="s0", model=model, layout=lay, optim=optim, steps=steps, save_every=1000, log_every=1)
@@ -59,7 +60,7 @@ def tp_equiv(prefix: str, out: str) -> dict:
     from megagrow.data.batches import Batches
 
     res = {}
-    for flavour, tie in (("gpt2", True), ("llama", False), ("llama", True)):
+    for flavour, tie in (("gpt2", True), ("llama", False), ("llama", True), ("llama_gqa", False), ("llama_mqa", True)):
         plan = tiny_plan(prefix, flavour, tie=tie)
         st = plan.stages[0]
         per_tp = {}
@@ -227,6 +228,9 @@ def grow(prefix: str, out: str) -> dict:
         ("gpt2", "depth:append", dict(n_layers=4), dict(tp=1, dp=2, zero_stage=1), dict(tp=2, dp=1, zero_stage=3)),
         ("llama", "stack", dict(n_layers=4), dict(tp=2, dp=1, zero_stage=3), dict(tp=1, dp=2, zero_stage=1)),
         ("gpt2", "width", dict(d_model=192, n_heads=12), dict(tp=2, dp=1, zero_stage=2), dict(tp=1, dp=2, zero_stage=2)),
+        # grouped-query attention (2 K/V heads): width and heads growth keep the group size
+        ("llama_gqa", "width", dict(d_model=128, n_heads=8, n_kv_heads=4), dict(tp=1, dp=2, zero_stage=2), dict(tp=2, dp=1, zero_stage=3)),
+        ("llama_gqa", "heads", dict(n_heads=8, n_kv_heads=4), dict(tp=2, dp=1, zero_stage=2), dict(tp=1, dp=2, zero_stage=1)),
     ]
     res = {}
     for flavour, spec, grown, a, b in [(f, *c) for f in ("gpt2", "llama") for c in cases] + extra:

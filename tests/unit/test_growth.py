@@ -42,6 +42,8 @@ class Env:
         return x[:, :-1].contiguous(), x[:, 1:].contiguous()
 
     def cfg(self, flavour="gpt2", tie=True, **kw) -> ModelConfig:
+        if flavour == "llama_gqa":  # grouped-query attention: 4 query heads in 2 groups
+            flavour, kw = "llama", {"n_kv_heads": 2, **kw}
         return ModelConfig(flavour=flavour, n_layers=2, d_model=D, n_heads=H, vocab_size=512, seq_len=SEQ,
                            tie_embeddings=tie, **kw)
 
@@ -95,7 +97,7 @@ def model_of(state: GrowthState, lr: float | None = None):
 # ---------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("flavour,tie", [("gpt2", True), ("gpt2", False), ("llama", True), ("llama", False)])
+@pytest.mark.parametrize("flavour,tie", [("gpt2", True), ("gpt2", False), ("llama", True), ("llama", False), ("llama_gqa", False)])
 def test_logical_tensor_table_matches_the_model(env, flavour, tie):
     """logical_tensors(config) (what maps are declared against) == the model's parameter names and shapes."""
     from megagrow.model.gpt import build_model
@@ -121,7 +123,7 @@ LOSS_TABLE: list = []
 
 
 @pytest.mark.parametrize("opname", list(OPS))
-@pytest.mark.parametrize("flavour,tie", [("gpt2", True), ("gpt2", False), ("llama", True), ("llama", False)])
+@pytest.mark.parametrize("flavour,tie", [("gpt2", True), ("gpt2", False), ("llama", True), ("llama", False), ("llama_gqa", False)])
 def test_operator_preserves_eval_loss(env, flavour, tie, opname):
     """Eval loss (dropout 0) on a real batch of a trained model: before == after growth within 1e-5 (fp32)."""
     st = env.trained(flavour, tie)
@@ -161,7 +163,7 @@ def _grads(model, x, y) -> dict:
 
 
 @pytest.mark.parametrize("k", [2, 3])
-@pytest.mark.parametrize("flavour,tie", [("gpt2", True), ("gpt2", False), ("llama", True), ("llama", False)])
+@pytest.mark.parametrize("flavour,tie", [("gpt2", True), ("gpt2", False), ("llama", True), ("llama", False), ("llama_gqa", False)])
 def test_width_gradients_match_the_moment_rule(env, flavour, tie, k):
     """After width growth (no symmetry noise) the grown model's gradient on a batch equals the old gradient
     pushed through the map with the exp_avg factors: repeated blocks AND off-diagonal blocks g/k, final norm g
@@ -482,9 +484,11 @@ def _functional_loss(c, P: dict, x, y) -> torch.Tensor:
     for i in range(c.n_layers):
         b = f"blocks.{i}."
         a = norm(h, b + "ln1")
-        q, k, v = (lin(a, b + f"attn.{n}").view(Bn, T, c.n_heads, c.head_dim).transpose(1, 2) for n in "qkv")
+        q, k, v = (lin(a, b + f"attn.{n}").view(Bn, T, -1, c.head_dim).transpose(1, 2) for n in "qkv")
         if not gpt2:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        # grouped-query attention: query head j reads K/V head j // (n_heads / n_kv_heads)
+        k, v = (t[:, torch.arange(c.n_heads) // (c.n_heads // c.kv_heads)] for t in (k, v))
         att = F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(Bn, T, -1)
         h = h + lin(att, b + "attn.o")
         a = norm(h, b + "ln2")
@@ -497,7 +501,7 @@ def _functional_loss(c, P: dict, x, y) -> torch.Tensor:
     return F.cross_entropy(logits.flatten(0, 1), y.flatten())
 
 
-@pytest.mark.parametrize("flavour,tie", [("gpt2", True), ("llama", False)])
+@pytest.mark.parametrize("flavour,tie", [("gpt2", True), ("llama", False), ("llama_gqa", True)])
 def test_heads_only_map_is_exact_on_a_functional_model(env, flavour, tie):
     """The heads-only map (4 -> 6 heads, head_dim 8 kept, inner dim 48 != d_model 32), checked on an independent
     functional copy of megagrow's forward: it agrees with the model, the loss is unchanged, old heads' moments
@@ -532,3 +536,27 @@ def test_operator_descriptions_round_trip():
         assert operator_from_dict(op.describe()) == op
     with pytest.raises(UserError, match="unknown growth operator"):
         operator_from_dict({"op": "shrink"})
+
+
+def test_grouped_query_attention_configs_and_operators():
+    """n_kv_heads: n_kv_heads == n_heads is plain multi-head attention (one spelling); llama only; width keeps the
+    group size (n_kv_heads x k), heads growth keeps it too (n_heads' must be a multiple of it); a TP size must divide
+    n_kv_heads or be a multiple of it; every bad request is one UserError."""
+    c = ModelConfig(flavour="llama", n_layers=1, d_model=32, n_heads=4, n_kv_heads=2)
+    assert ModelConfig(flavour="llama", n_heads=4, n_kv_heads=4) == ModelConfig(flavour="llama", n_heads=4)
+    assert (c.kv_heads, c.kv_dim) == (2, 16) and ModelConfig(flavour="llama", n_heads=4).kv_heads == 4
+    assert Width(2).new_config(c).n_kv_heads == 4 and Heads(8).new_config(c).n_kv_heads == 4
+    assert Depth(2).new_config(c).n_kv_heads == 2 and FFN(d_ff=256).new_config(c).n_kv_heads == 2
+    assert c.num_params() == sum(math.prod(s) for s in logical_tensors(c).values())
+    Layout(tp=2).check_model(c)
+    Layout(tp=4).check_model(c)  # tp > n_kv_heads: each rank computes its group's K/V head
+    cases = [
+        (lambda: plan_growth(Heads(5), c), "query-group size 2"),
+        (lambda: ModelConfig.from_dict({"flavour": "gpt2", "n_heads": 4, "n_kv_heads": 2}), "llama flavour only"),
+        (lambda: ModelConfig.from_dict({"flavour": "llama", "n_heads": 4, "n_kv_heads": 3}), "not a multiple of n_kv_heads"),
+        (lambda: ModelConfig.from_dict({"flavour": "llama", "n_heads": 4, "n_kv_heads": 0}), "positive integer"),
+        (lambda: Layout(tp=4).check_model(ModelConfig(flavour="llama", d_model=96, n_heads=12, n_kv_heads=6)), "n_kv_heads 6 and tp 4"),
+    ]
+    for fn, needle in cases:
+        with pytest.raises(UserError, match=needle):
+            fn()
