@@ -23,7 +23,7 @@ RANK = {
     "state": 5,
     "hf": 6, "train": 6,
     "controller": 7,
-    "bench": 8, "regrow_cli": 8, "plan_cli": 8, "export_cli": 8, "cli": 9,
+    "bench": 8, "regrow_cli": 8, "plan_cli": 8, "export_cli": 8, "results": 8, "cli": 9,
 }
 
 
