@@ -5,6 +5,7 @@
     megagrow status DIR [--json]                   progress of a run directory
     megagrow plan ...                              the scaling-law stage planner
     megagrow bench ...                             throughput / overhead benchmarks
+    megagrow export-hf CKPT OUT                    a checkpoint -> a transformers model directory
 """
 
 from __future__ import annotations
@@ -86,6 +87,8 @@ def build_parser() -> argparse.ArgumentParser:
     st.set_defaults(fn=_status)
     sub.add_parser("plan", help="scaling-law stage planner (megagrow plan --help)", add_help=False)
     sub.add_parser("bench", help="benchmarks (megagrow bench --help)", add_help=False)
+    sub.add_parser("export-hf", help="a stage checkpoint -> a Hugging Face transformers model directory "
+                   "(megagrow export-hf --help)", add_help=False)
     return p
 
 
@@ -100,6 +103,10 @@ def main(argv: list[str] | None = None) -> int:
         from megagrow.bench import main as bench_main
 
         return bench_main(argv[1:])
+    if argv and argv[0] == "export-hf":
+        from megagrow.interop.export_cli import main as export_main
+
+        return export_main(argv[1:])
     args = build_parser().parse_args(argv)
     return args.fn(args)
 
