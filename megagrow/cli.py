@@ -3,6 +3,7 @@
     megagrow train PLAN --stage K [--run-dir DIR]   one stage (under torchrun or srun)
     megagrow run PLAN [--run-dir DIR]              the whole plan, stage after stage (locally or under Slurm)
     megagrow status DIR [--json]                   progress of a run directory
+    megagrow verify CKPT [--json]                  check a checkpoint against its manifest
     megagrow plan ...                              the scaling-law stage planner
     megagrow bench ...                             throughput / overhead benchmarks
     megagrow export-hf CKPT OUT                    a checkpoint -> a transformers model directory
@@ -50,6 +51,12 @@ def _status(args) -> int:
     return status_main(args)
 
 
+def _verify(args) -> int:
+    from megagrow.state.manifest import verify_main
+
+    return verify_main(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="megagrow", description="Staged training of transformer language models.")
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -85,6 +92,17 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("run_dir", help="run directory of `megagrow run`")
     st.add_argument("--json", action="store_true", help="JSON on stdout")
     st.set_defaults(fn=_status)
+    v = sub.add_parser(
+        "verify",
+        help="check a checkpoint's files against its manifest (sizes and CRC-32 checksums)",
+        description="Check a checkpoint tag (RUN/<stage>/checkpoints/step_N) or every tag of a checkpoint directory "
+        "against the manifest megagrow wrote last when the save finished: every file present, with the recorded size "
+        "and CRC-32. A tag without a manifest is a save that never finished. Exit 0 when every tag checked is "
+        "complete, 1 otherwise, 2 on bad input.",
+    )
+    v.add_argument("ckpt", help="a checkpoint tag directory, or a checkpoint directory holding tags")
+    v.add_argument("--json", action="store_true", help="JSON on stdout: {ok, tags: [{tag, complete, problems, ...}]}")
+    v.set_defaults(fn=_verify)
     sub.add_parser("plan", help="scaling-law stage planner (megagrow plan --help)", add_help=False)
     sub.add_parser("bench", help="benchmarks (megagrow bench --help)", add_help=False)
     sub.add_parser("export-hf", help="a stage checkpoint -> a Hugging Face transformers model directory "

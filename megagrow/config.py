@@ -319,9 +319,11 @@ STOP_RULES = ("steps", "slope")
 class StopRule(_Config):
     """When a stage ends. "steps": after `steps` (the default). "slope": the practical rule of
     Shen et al. (2022) - end the stage early once the smoothed slope d log10 L / d log10 C of the
-    logged training loss rises above `threshold` (megagrow.schedule.slope.SlopeRule: least squares
-    over the last `window` logged points, optional EMA, `patience` points in a row), not before
-    `min_steps`; `steps` stays the upper bound. threshold None: the paper's value for the next
+    validation loss (the logged training loss when the stage has no eval set) rises above
+    `threshold` (megagrow.schedule.slope.SlopeRule: points more than `spike_tol` above the running
+    minimum dropped, the slope of the last `window` kept points by `estimator` - Theil-Sen median
+    or least squares -, optional EMA, `patience` points in a row), not before `min_steps`;
+    `steps` stays the upper bound. threshold None: the paper's value for the next
     stage's operator (width -0.0475, depth -0.0575), or the stop value -0.052 for the last stage.
     C = 6 N (non-embedding) x tokens at the model's schedule position: a grown model counts from
     its equivalent step (megagrow/schedule/stop.py)."""
@@ -332,6 +334,8 @@ class StopRule(_Config):
     window: int = 10
     ema: float = 0.0
     patience: int = 1
+    spike_tol: Optional[float] = 0.01  # drop points > 1% above the running minimum (None: keep all)
+    estimator: str = "theil-sen"  # or "lsq"
 
     def validate(self, where: str = "stop") -> None:
         _need(self.rule in STOP_RULES, where, f"rule must be one of {STOP_RULES}, got {self.rule!r}")
@@ -341,6 +345,31 @@ class StopRule(_Config):
         _need(_is_int(self.window) and self.window >= 2, where, f"window must be an integer >= 2, got {self.window!r}")
         _need(isinstance(self.ema, (int, float)) and 0.0 <= self.ema < 1.0, where, f"ema must be in [0, 1), got {self.ema!r}")
         _need(_is_int(self.patience) and self.patience >= 1, where, f"patience must be an integer >= 1, got {self.patience!r}")
+        _need(self.spike_tol is None or (isinstance(self.spike_tol, (int, float)) and not isinstance(self.spike_tol, bool)
+                                         and 0.0 <= self.spike_tol < float("inf")),
+              where, f"spike_tol must be a number >= 0 or null (filter off), got {self.spike_tol!r}")
+        _need(self.estimator in ("theil-sen", "lsq"), where, f"estimator must be theil-sen or lsq, got {self.estimator!r}")
+
+
+OPTIMIZER_STATE = ("moved", "reset")
+
+
+@dataclass(frozen=True)
+class GrowthOptions(_Config):
+    """How the growth into this stage treats what it carries over (the ablation knobs).
+
+    symmetry_breaking: width growth's loss-preserving noise, in units of init_std (0 = the
+    copies stay identical, the reference code's behaviour); optimizer_state: "moved" (the Adam
+    moments are grown with the weights and the step kept, megagrow's default) or "reset" (zero
+    moments and step 0: a fresh optimizer on the grown weights)."""
+
+    symmetry_breaking: float = 1.0
+    optimizer_state: str = "moved"
+
+    def validate(self, where: str = "growth") -> None:
+        _need(self.symmetry_breaking >= 0, where, f"symmetry_breaking must be >= 0, got {self.symmetry_breaking!r}")
+        _need(self.optimizer_state in OPTIMIZER_STATE, where,
+              f"optimizer_state must be one of {', '.join(OPTIMIZER_STATE)}, got {self.optimizer_state!r}")
 
 
 @dataclass(frozen=True)
@@ -355,6 +384,7 @@ class Stage(_Config):
     save_every: int = 50
     log_every: int = 10
     grow: Optional[str] = None  # growth operator that produced this stage from the previous one
+    growth: GrowthOptions = field(default_factory=GrowthOptions)  # symmetry breaking, optimizer state moved/reset
     stop: StopRule = field(default_factory=StopRule)  # end at `steps`, or earlier by the slope rule
     # first stage only: start from a transformers model directory on disk ("hf:PATH"): its weights,
     # fresh optimizer state, at this stage's layout (megagrow.interop.hf; needs the `hf` extra)
@@ -434,6 +464,7 @@ def _merge(base: dict, over: Any) -> Any:
 
 
 _SUBCONFIGS = {
+    ("Stage", "growth"): GrowthOptions,
     ("Stage", "model"): ModelConfig,
     ("Stage", "layout"): Layout,
     ("Stage", "optim"): OptimConfig,

@@ -19,7 +19,23 @@ EXIT_PREEMPTED = 75
 
 
 class UserError(Exception):
-    """A problem with the user's input; reported as one line, non-zero exit."""
+    """A problem with the user's input; reported as one line, non-zero exit.
+
+    `all_ranks=True`: every rank of a distributed job raises this same error (it was agreed on
+    collectively), so only rank 0 prints it: one line, not one per rank."""
+
+    def __init__(self, message: str = "", all_ranks: bool = False):
+        super().__init__(message)
+        self.all_ranks = all_ranks
+
+
+def _rank() -> int:
+    import os
+
+    for k in ("RANK", "SLURM_PROCID"):
+        if os.environ.get(k, "").isdigit():
+            return int(os.environ[k])
+    return 0
 
 
 def cli_entry(fn: Callable[..., int | None]) -> Callable[..., int]:
@@ -31,7 +47,8 @@ def cli_entry(fn: Callable[..., int | None]) -> Callable[..., int]:
             rc = fn(*args, **kwargs)
             return EXIT_OK if rc is None else int(rc)
         except UserError as e:
-            print(f"error: {e}", file=sys.stderr, flush=True)
+            if not (getattr(e, "all_ranks", False) and _rank() != 0):
+                print(f"error: {e}", file=sys.stderr, flush=True)
             return EXIT_USER_ERROR
         except KeyboardInterrupt:
             print("error: interrupted", file=sys.stderr, flush=True)

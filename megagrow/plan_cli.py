@@ -55,6 +55,11 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--window", type=int, default=slope.DEFAULT_WINDOW, help="--slope: points in the trailing fit")
     p.add_argument("--ema", type=float, default=0.0, help="--slope: EMA weight on log10 loss (0 = off)")
     p.add_argument("--patience", type=int, default=1, help="--slope: consecutive points above the threshold")
+    p.add_argument("--spike-tol", type=float, default=slope.DEFAULT_SPIKE_TOL,
+                   help="--slope: drop points more than this fraction above the running minimum (default 0.01; "
+                        "a negative value turns the filter off)")
+    p.add_argument("--estimator", default="theil-sen", choices=slope.ESTIMATORS,
+                   help="--slope: slope of the window by the Theil-Sen median (default) or least squares")
     p.add_argument("--json", action="store_true", help="print JSON on stdout")
     return p
 
@@ -209,10 +214,13 @@ def _slope(args) -> dict:
         raise UserError("--slope needs exactly one of --threshold or --kind")
     thr = args.threshold if args.threshold is not None else slope.threshold_for(args.kind)
     comp, loss, steps, used = _read_curve(args.slope)
-    slopes = slope.smoothed_slopes(comp, loss, window=args.window, ema=args.ema)
-    idx = slope.find_crossing(comp, loss, thr, window=args.window, ema=args.ema, patience=args.patience)
+    tol = None if args.spike_tol < 0 else args.spike_tol
+    opts = dict(window=args.window, ema=args.ema, spike_tol=tol, estimator=args.estimator)
+    slopes = slope.smoothed_slopes(comp, loss, **opts)
+    idx = slope.find_crossing(comp, loss, thr, patience=args.patience, **opts)
     out = {"file": args.slope, "compute_column": used, "threshold": thr, "kind": args.kind,
-           "window": args.window, "ema": args.ema, "patience": args.patience, "points": len(comp),
+           "window": args.window, "ema": args.ema, "patience": args.patience, "spike_tol": tol,
+           "estimator": args.estimator, "points": len(comp),
            "last_slope": None if math.isnan(slopes[-1]) else float(slopes[-1]), "crossing": None}
     if idx is not None:
         cross = {"index": idx, "compute": comp[idx], "loss": loss[idx], "slope": float(slopes[idx])}
@@ -226,7 +234,8 @@ def _slope(args) -> dict:
 
 def _print_slope(d: dict) -> None:
     print(f"{d['file']}: {d['points']} points, compute from {d['compute_column']}; "
-          f"threshold {d['threshold']}, window {d['window']}, ema {d['ema']}, patience {d['patience']}")
+          f"threshold {d['threshold']}, window {d['window']}, ema {d['ema']}, patience {d['patience']}, "
+          f"spike filter {d['spike_tol']}, {d['estimator']}")
     c = d["crossing"]
     if c is None:
         last = "n/a" if d["last_slope"] is None else f"{d['last_slope']:.4f}"

@@ -1,13 +1,17 @@
 """tools/regrow.py: convert a checkpoint of stage k into stage k+1 (or reshard stage k) at the
 target stage's layout, shard to shard.
 
-    torchrun --nproc_per_node=W tools/regrow.py --src RUN/s0/checkpoints [--tag T] \\
-        --plan PLAN --to-stage K --out DIR [--json]
+    python tools/regrow.py --src RUN/s0/checkpoints [--tag T] --plan PLAN --to-stage K --out DIR [--json]
+    torchrun --nproc_per_node=W tools/regrow.py ...      (or srun: the same, one process per rank)
 
-W must equal the target stage's tp x dp. Each rank reads only the bytes of the source its own
+Started directly, it validates every input first (one `error:` line, exit 2, nothing started),
+then starts the W = tp x dp ranks of the target stage's layout itself on this machine (they die
+with it). Under torchrun or srun, W must equal the target stage's tp x dp (torchrun adds its own
+traceback to any failing worker; the direct start does not). Each rank reads only the bytes of the source its own
 fragments need. The output is a native DeepSpeed checkpoint (DeepSpeed writes it), usable
 with engine.load_checkpoint at the target layout or as the stage's checkpoint directory.
-Refuses a non-empty --out; writes to a temporary name and renames it at the end.
+Refuses a non-empty --out; writes to a temporary name, seals it (a manifest of every file's size
+and CRC-32, `megagrow verify` checks it) and renames it at the end.
 """
 
 from __future__ import annotations
@@ -56,10 +60,29 @@ def main(argv=None) -> int:
 
     operator_between("identity" if same else (args.grow or stage.grow or "identity"), src.model, stage.model)
 
+    if not any(k in os.environ for k in ("RANK", "SLURM_PROCID")) and stage.layout.world_size > 1:
+        # started directly: everything above was checked once, here; now the ranks
+        from megagrow.procs import spawn_ranks, wait_ranks
+
+        procs = spawn_ranks([sys.executable, "-m", "megagrow.regrow_cli", *(sys.argv[1:] if argv is None else argv)],
+                            stage.layout.world_size)
+        try:
+            res = wait_ranks(procs, grace_s=60.0)
+        except KeyboardInterrupt:
+            for p in procs:
+                p.kill()
+            raise
+        if res.rc != 0:
+            shutil.rmtree(f"{out}.regrow-tmp", ignore_errors=True)
+            if res.failed_how.startswith("killed"):
+                print(f"error: regrow failed: {res.describe()}", file=sys.stderr, flush=True)
+        return res.rc
+
     import torch
 
     from megagrow.parallel.groups import init_distributed
     from megagrow.state.executor import regrow
+    from megagrow.state.manifest import checkpoint_meta, seal
 
     init_distributed(stage.layout)
     rank = torch.distributed.get_rank()
@@ -69,6 +92,8 @@ def main(argv=None) -> int:
     torch.distributed.barrier()
     try:
         info = regrow(plan, k, src, tmp, args.grow, progress=(rank == 0 and not args.json))
+        seal(tmp, info["tag"], checkpoint_meta(plan, k, info["step"], info["sample_offset"] + info["step"] * stage.layout.global_batch,
+                                               source=f"{src.dir}/{src.tag}"), tp=stage.layout.tp)
     except BaseException:
         if rank == 0:
             shutil.rmtree(tmp, ignore_errors=True)

@@ -1,6 +1,6 @@
 """Stage planner on the Kaplan et al. (2020) scaling law, as Shen et al. (2022) use it.
 
-The law (shared/reference/growth-operators.md, "Choosing when to grow"), N = non-embedding
+The law (Kaplan et al. 2020, as the paper's reference code uses it), N = non-embedding
 parameters, S = optimizer steps, L = loss in nats:
 
     L(N, S)   = (N_c / N)^alpha_N + (2 S_c / S)^alpha_S
@@ -621,14 +621,16 @@ class PaperPair:
 
 
 def paper_pairs() -> list[PaperPair]:
-    """GPT-2 base (12 x 768) and large (36 x 1280), each grown from half the layers (depth) or
-    half d_model (width, 1/4 of the parameters), with the paper's measured compute savings."""
-    base, large = (12, 768), (36, 1280)
+    """The paper's pairs with its measured compute savings: GPT-2 base (12 x 768) and its
+    "large" (24 x 1536, the size of the paper's data and notebook, not Hugging Face's 36 x 1280
+    gpt2-large), each grown from half the layers (depth: 6 x 768, 12 x 1536) or half d_model
+    (width, 1/4 of the parameters: 12 x 384, 24 x 768)."""
+    base, large = (12, 768), (24, 1536)
     return [
         PaperPair("gpt2-base-depth", "depth", (6, 768), base, 0.132),
-        PaperPair("gpt2-large-depth", "depth", (18, 1280), large, 0.148),
+        PaperPair("gpt2-large-depth", "depth", (12, 1536), large, 0.148),
         PaperPair("gpt2-base-width", "width", (12, 384), base, 0.216),
-        PaperPair("gpt2-large-width", "width", (36, 640), large, 0.255),
+        PaperPair("gpt2-large-width", "width", (24, 768), large, 0.255),
     ]
 
 

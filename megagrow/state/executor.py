@@ -107,8 +107,11 @@ def fragment_box(name: str, local_shape: tuple, start: int, numel: int, tp: int,
     return tuple(box), skip
 
 
-def fill_engine(engine, tensors: dict, src: SourceCheckpoint, seed: int, progress: bool = False) -> dict:
-    """Write every fragment this rank owns: fp32 master, exp_avg, exp_avg_sq; then Adam's step."""
+def fill_engine(engine, tensors: dict, src: SourceCheckpoint, seed: int, progress: bool = False,
+                reset_optimizer: bool = False) -> dict:
+    """Write every fragment this rank owns: fp32 master, exp_avg, exp_avg_sq; then Adam's step.
+    reset_optimizer: the moments are written as zeros and the step as 0 (a fresh Adam on the
+    grown weights; the source's moments are not read)."""
     from megatron.core import parallel_state
     from megagrow.growth.maps import apply_tensor
 
@@ -126,10 +129,13 @@ def fill_engine(engine, tensors: dict, src: SourceCheckpoint, seed: int, progres
             continue
         box, skip = fragment_box(name, shape, start, numel, tp, tp_rank)
         for state in ("w", "m", "v"):
-            vals = apply_tensor(tensors[name], lazies[state], state, seed, box=box).reshape(-1)[skip:skip + numel]
+            if reset_optimizer and state != "w":
+                vals = torch.zeros(numel, dtype=torch.float32)
+            else:
+                vals = apply_tensor(tensors[name], lazies[state], state, seed, box=box).reshape(-1)[skip:skip + numel]
             setter(state, vals)
             written += numel * 4
-    step = src.adam_step()
+    step = 0 if reset_optimizer else src.adam_step()
     for st in engine.optimizer.optimizer.state.values():
         if "step" in st:
             st["step"] = torch.full_like(st["step"], float(step)) if torch.is_tensor(st["step"]) else step
@@ -166,13 +172,15 @@ def regrow(plan: Plan, k: int, src: SourceCheckpoint, out_dir: str, spec: str | 
     stage = plan.stages[k]
     old_model = src.model
     same_stage = check_source(plan, k, src)
-    op = operator_between("identity" if same_stage else (spec or stage.grow or "identity"), old_model, stage.model)
+    op = operator_between("identity" if same_stage else (spec or stage.grow or "identity"), old_model, stage.model,
+                          symmetry_breaking=stage.growth.symmetry_breaking)
     gp = plan_growth(op, old_model, stage.model)
+    reset = not same_stage and stage.growth.optimizer_state == "reset"  # stage.growth: the plan's ablation knobs
     t = [time.perf_counter()]
     engine, optimizer = build(plan, k, init=False)  # every weight is written below
     init_optimizer_state(engine, optimizer)
     t.append(time.perf_counter())
-    info = fill_engine(engine, gp.tensors, src, plan.seed, progress)
+    info = fill_engine(engine, gp.tensors, src, plan.seed, progress, reset_optimizer=reset)
     t.append(time.perf_counter())
     c = src.client
     if same_stage:  # a resume at a new layout: the stage goes on where it stopped

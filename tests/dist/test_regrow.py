@@ -78,12 +78,14 @@ def test_regrow_cli_end_to_end_and_bad_input(data_prefix, tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     src = str(run / "a" / "checkpoints")
     out = tmp_path / "out"
-    r = torchrun(2, [os.path.join(REPO, "tools", "regrow.py"), "--src", src, "--plan", str(plan), "--to-stage", "b",
-                     "--out", str(out), "--json"])
+    # started directly (no torchrun): it validates, then starts the target layout's 2 ranks itself
+    r = _regrow("--src", src, "--plan", str(plan), "--to-stage", "b", "--out", str(out), "--json")
     assert r.returncode == 0, r.stderr[-3000:]
     summary = json.loads([ln for ln in r.stdout.splitlines() if ln.startswith("{")][0])
     assert summary["op"]["op"] == "depth" and summary["layout"]["tp"] == 2 and len(summary["bytes_read_per_rank"]) == 2
     assert os.path.isfile(out / "latest") and not os.path.exists(f"{out}.regrow-tmp")
+    from megagrow.state.manifest import choose, problems
+    assert choose(str(out))[0] == summary["tag"] and problems(str(out / summary["tag"])) == []  # sealed: manifest, sizes, CRC-32
 
     other = tmp_path / "other.yaml"  # stage a of this plan has another model: the source does not fit
     other.write_text(PLAN.format(prefix=data_prefix).replace("n_layers: 1, d_model: 32", "n_layers: 1, d_model: 48", 1))

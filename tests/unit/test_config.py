@@ -30,6 +30,9 @@ def test_round_trip_is_identity():
     ({"steps": 0}, "steps must be a positive integer"),
     ({"optim": {"lr": 1e-3, "min_lr": 1e-2}}, "min_lr"),
     ({"model": {"flavour": "bert"}}, "flavour must be one of"),
+    ({"growth": {"optimizer_state": "kept"}}, "optimizer_state must be one of moved, reset"),
+    ({"growth": {"symmetry_breaking": -1.0}}, "symmetry_breaking must be >= 0"),
+    ({"growth": {"noise": 0.0}}, "unknown key(s) noise"),
 ])
 def test_bad_stage_is_one_clear_error(over, needle):
     """Each invalid field raises UserError naming the field and the stage it is in."""
@@ -111,3 +114,12 @@ def test_plan_level_types(tmp_path):
         Plan.from_dict({**_plan(), "defaults": [1]})
     with pytest.raises(UserError, match="plan.data: prefix must be a string"):
         Plan.from_dict({**_plan(), "data": {"prefix": 3}})
+
+
+def test_growth_options_default_and_round_trip():
+    """A stage's growth knobs default to noise 1.0 x init_std and moved optimizer state; set ones
+    survive the dict round trip a checkpoint records."""
+    p = Plan.from_dict(_plan())
+    assert (p.stages[0].growth.symmetry_breaking, p.stages[0].growth.optimizer_state) == (1.0, "moved")
+    p = Plan.from_dict(_plan(growth={"symmetry_breaking": 0, "optimizer_state": "reset"}))
+    assert p.stages[0].growth.symmetry_breaking == 0.0 and Plan.from_dict(p.to_dict()) == p

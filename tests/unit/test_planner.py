@@ -251,7 +251,10 @@ def test_paper_pairs_and_predictions():
     pairs = {p.name: p for p in P.paper_pairs()}
     assert pairs["gpt2-base-depth"].N_small == BASE / 2
     assert pairs["gpt2-base-width"].N_small == BASE / 4
-    assert pairs["gpt2-large-depth"].N_large == 12 * 36 * 1280**2
+    assert pairs["gpt2-large-depth"].N_large == 12 * 24 * 1536**2  # the paper's 24x1536, not HF's 36x1280
+    assert (pairs["gpt2-large-depth"].small, pairs["gpt2-large-width"].small) == ((12, 1536), (24, 768))
+    assert pairs["gpt2-large-width"].N_small == pairs["gpt2-large-width"].N_large / 4
+    assert pairs["gpt2-large-depth"].N_small == pairs["gpt2-large-depth"].N_large / 2
     pred = {r["pair"]: r for r in P.paper_predictions()}
     assert set(pred) == set(pairs)
     for r in pred.values():

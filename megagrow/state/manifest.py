@@ -1,0 +1,384 @@
+"""A checkpoint counts only when it is complete: every rank's files written, sized and checksummed.
+
+DeepSpeed writes a checkpoint tag as many files, one or more per rank, and (by default) its
+`latest` pointer from rank 0 while other ranks may still be writing. A job killed in that
+window leaves `latest` naming a torn checkpoint. Here a save is sealed instead:
+
+  1. `engine.save_checkpoint(..., save_latest=False)`: DeepSpeed writes its native files and
+     ends with a barrier (every rank's files are on disk, or a rank failed);
+  2. each rank checksums (CRC-32, streamed) and fsyncs the files it owns (its own
+     `zero_pp_rank_D_mp_rank_TT_*` files, TP rank t's `mp_rank_TT_model_states.pt` goes to
+     (t, dp 0), anything else to rank 0); rank 0 gathers them;
+  3. rank 0 writes TAG/megagrow_manifest.json last (temp file, fsync, rename, fsync of the
+     directory) with the plan, stage, step, data position, layout and every file with its size
+     and checksum;
+  4. only then rank 0 moves `latest` (temp + rename) to the tag, and prunes old tags (keep_last).
+
+Resume (`choose`) takes the newest tag whose manifest is present and whose files have the
+recorded sizes, names the incomplete ones it skipped, then the ranks verify the checksums of
+that tag together (`verify_distributed`); a mismatch is an error naming the file and the next
+older complete checkpoint. `megagrow verify CKPT` checks a tag or a whole checkpoint directory.
+
+Cost: CRC-32 (zlib) streams at about 1.7 GB/s per core from the page cache on the development
+machine (blake2b 0.8 GB/s, sha256 1.2 GB/s), split over the ranks, so a seal adds well under a
+second per GB a rank writes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import time
+import zlib
+
+from megagrow.errors import UserError
+
+MANIFEST = "megagrow_manifest.json"
+LATEST = "latest"  # DeepSpeed's pointer file name; written here, atomically, after the manifest
+FORMAT = 1
+_CHUNK = 1 << 22
+_TMP = re.compile(r"\.tmp\d+$")
+
+
+# --------------------------------------------------------------------------------------
+# files and owners
+
+
+def checksum(path: str, sync: bool = False) -> tuple[int, str]:
+    """(size in bytes, CRC-32 as 8 hex digits) of a file, streamed; `sync` also fsyncs it."""
+    crc, size = 0, 0
+    buf = bytearray(_CHUNK)
+    view = memoryview(buf)
+    with open(path, "rb", buffering=0) as f:
+        while True:
+            n = f.readinto(buf)
+            if not n:
+                break
+            crc = zlib.crc32(view[:n], crc)
+            size += n
+        if sync:
+            os.fsync(f.fileno())
+    return size, f"{crc & 0xFFFFFFFF:08x}"
+
+
+def tag_files(tag_dir: str) -> list[str]:
+    """The data files of a tag (everything but our manifest and temp files), sorted."""
+    try:
+        names = os.listdir(tag_dir)
+    except FileNotFoundError:
+        return []
+    return sorted(n for n in names if n != MANIFEST and not _TMP.search(n) and os.path.isfile(os.path.join(tag_dir, n)))
+
+
+_ZERO = re.compile(r"zero_pp_rank_(\d+)_mp_rank_(\d+)_")
+_MP = re.compile(r"^mp_rank_(\d+)_model_states\.pt$")
+
+
+def owner_rank(name: str, tp: int, world: int) -> int:
+    """The global rank that checksums file `name`: the rank that wrote it (TP ranks are consecutive:
+    global = dp_rank * tp + tp_rank); files of no rank (or of a rank outside the world) go to rank 0."""
+    m = _ZERO.search(name)
+    if m:
+        r = int(m.group(1)) * tp + int(m.group(2))
+    else:
+        m = _MP.match(name)
+        r = int(m.group(1)) if m else 0
+    return r if 0 <= r < world else 0
+
+
+# --------------------------------------------------------------------------------------
+# atomic small files
+
+
+def _fsync_dir(path: str) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def write_atomic(path: str, text: str) -> None:
+    """`path` holds the old content or the whole new one, never a torn one; no temp file is left
+    behind, also when the write fails (disk full)."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        with open(tmp, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    _fsync_dir(os.path.dirname(os.path.abspath(path)))
+
+
+def write_latest(ckpt_dir: str, tag: str) -> None:
+    write_atomic(os.path.join(ckpt_dir, LATEST), tag)
+
+
+def read_latest(ckpt_dir: str) -> str | None:
+    try:
+        with open(os.path.join(ckpt_dir, LATEST)) as f:
+            return f.read().strip() or None
+    except (OSError, UnicodeDecodeError):
+        return None
+
+
+# --------------------------------------------------------------------------------------
+# reading and checking
+
+
+def read_manifest(tag_dir: str) -> dict | None:
+    """The manifest of a tag, or None if it is missing or not a manifest of ours."""
+    try:
+        with open(os.path.join(tag_dir, MANIFEST)) as f:
+            m = json.load(f)
+    except (OSError, ValueError, UnicodeDecodeError):
+        return None
+    if not isinstance(m, dict) or m.get("format") != FORMAT or not isinstance(m.get("files"), dict):
+        return None
+    return m
+
+
+def problems(tag_dir: str, deep: bool = True, names: list[str] | None = None) -> list[str]:
+    """What is wrong with a tag: [] when it is complete. Sizes always; checksums when `deep`
+    (only of `names` if given: a rank checks its own share)."""
+    m = read_manifest(tag_dir)
+    if m is None:
+        why = "manifest unreadable" if os.path.exists(os.path.join(tag_dir, MANIFEST)) else "no manifest (save not finished)"
+        return [why]
+    if m.get("tag") != os.path.basename(os.path.normpath(tag_dir)):
+        return [f"manifest names tag {m.get('tag')!r}"]
+    out = []
+    files = m["files"]
+    present = set(tag_files(tag_dir))
+    for name in sorted(set(files) - present):
+        out.append(f"{name}: missing")
+    for name in sorted(present - set(files)):
+        out.append(f"{name}: not in the manifest")
+    for name in sorted(set(files) & present):
+        want = files[name]
+        path = os.path.join(tag_dir, name)
+        size = os.path.getsize(path)
+        if size != want.get("size"):
+            out.append(f"{name}: size {size} != {want.get('size')} recorded")
+        elif deep and (names is None or name in names):
+            got = checksum(path)[1]
+            if got != want.get("crc32"):
+                out.append(f"{name}: checksum {got} != {want.get('crc32')} recorded (corrupted)")
+    return out
+
+
+def tags(ckpt_dir: str) -> list[str]:
+    """Tag directories in a checkpoint directory, newest first (by the step in the manifest or
+    the tag name's number, then name)."""
+    try:
+        names = [n for n in os.listdir(ckpt_dir) if os.path.isdir(os.path.join(ckpt_dir, n))]
+    except FileNotFoundError:
+        return []
+
+    def key(n):
+        m = read_manifest(os.path.join(ckpt_dir, n))
+        if m is not None and isinstance(m.get("step"), int):
+            return (m["step"], n)
+        digits = re.findall(r"\d+", n)
+        return (int(digits[-1]) if digits else -1, n)
+
+    return sorted(names, key=key, reverse=True)
+
+
+def complete_tags(ckpt_dir: str) -> list[str]:
+    """Tags whose manifest is present and whose files have the recorded sizes, newest first."""
+    return [t for t in tags(ckpt_dir) if not problems(os.path.join(ckpt_dir, t), deep=False)]
+
+
+def choose(ckpt_dir: str) -> tuple[str | None, list[tuple[str, str]]]:
+    """(newest complete tag or None, [(newer tag skipped, why)]). Cheap: sizes, not checksums."""
+    skipped = []
+    for t in tags(ckpt_dir):
+        p = problems(os.path.join(ckpt_dir, t), deep=False)
+        if not p:
+            return t, skipped
+        skipped.append((t, p[0] if len(p) == 1 else f"{p[0]} (+{len(p) - 1} more)"))
+    return None, skipped
+
+
+def has_complete(ckpt_dir: str) -> bool:
+    return choose(ckpt_dir)[0] is not None
+
+
+def manifest_of(ckpt_dir: str, tag: str) -> dict | None:
+    return read_manifest(os.path.join(ckpt_dir, tag))
+
+
+# --------------------------------------------------------------------------------------
+# writing (collective: every rank of the job calls these)
+
+
+def _dist():
+    import torch.distributed as dist
+
+    return dist if dist.is_available() and dist.is_initialized() else None
+
+
+def checkpoint_meta(plan, k: int, step: int, sample_index: int, **extra) -> dict:
+    """What a manifest records about the checkpoint besides its files."""
+    stage = plan.stages[k]
+    return {"plan": plan.name, "stage": stage.name, "stage_index": k, "step": int(step), "sample_index": int(sample_index),
+            "layout": stage.layout.to_dict(), **extra}
+
+
+def seal(ckpt_dir: str, tag: str, meta: dict, tp: int = 1, keep_last: int = 0) -> dict:
+    """Checksum the files of `ckpt_dir/tag` (each rank its own), then on rank 0 write the manifest
+    and move `latest` to the tag; prune to `keep_last` complete tags (0: keep all). Collective.
+    A failure on rank 0 (disk full) raises the same UserError on every rank, leaves no temp
+    files and leaves `latest` at the previous complete tag."""
+    dist = _dist()
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist else (0, 1)
+    if dist:
+        dist.barrier()
+    tag_dir = os.path.join(ckpt_dir, tag)
+    names = tag_files(tag_dir)
+    t0 = time.perf_counter()
+    mine = {n: checksum(os.path.join(tag_dir, n), sync=True) for n in names if owner_rank(n, tp, world) == rank}
+    t_sum = time.perf_counter() - t0
+    gathered = [None] * world if rank == 0 else None
+    if dist:
+        dist.gather_object(mine, gathered, dst=0)
+    else:
+        gathered = [mine]
+    err = ""
+    m = {}
+    if rank == 0:
+        try:
+            files = {}
+            for part in gathered:
+                files.update(part)
+            for n in names:  # a file the owner did not see (should not happen): rank 0 does it
+                if n not in files:
+                    files[n] = checksum(os.path.join(tag_dir, n), sync=True)
+            m = {"format": FORMAT, "kind": "megagrow-checkpoint", "tag": tag, **meta, "world_size": world,
+                 "checksum": "crc32", "written": round(time.time(), 3), "seal_seconds_rank0": round(t_sum, 4),
+                 "files": {n: {"size": s, "crc32": c} for n, (s, c) in sorted(files.items())}}
+            _fsync_dir(tag_dir)
+            write_atomic(os.path.join(tag_dir, MANIFEST), json.dumps(m, indent=1, sort_keys=True))
+            write_latest(ckpt_dir, tag)
+            if keep_last:
+                prune(ckpt_dir, keep_last)
+        except OSError as e:
+            err = f"could not finish checkpoint {tag_dir} ({e.strerror or e}); " + _kept(ckpt_dir, tag)
+    if dist:
+        box = [err]
+        dist.broadcast_object_list(box, src=0)
+        err = box[0]
+    if err:
+        raise UserError(err, all_ranks=True)
+    return m
+
+
+def _kept(ckpt_dir: str, tag: str) -> str:
+    prev = [t for t in complete_tags(ckpt_dir) if t != tag]
+    return f"the previous complete checkpoint {prev[0]} is kept" if prev else "no earlier complete checkpoint exists"
+
+
+def prepare(ckpt_dir: str, tag: str) -> None:
+    """Before DeepSpeed writes into `tag` again (rank 0): drop its old manifest, so a save killed
+    half way is never taken for the old, complete one."""
+    try:
+        os.unlink(os.path.join(ckpt_dir, tag, MANIFEST))
+    except FileNotFoundError:
+        pass
+
+
+def prune(ckpt_dir: str, keep_last: int) -> list[str]:
+    """Delete all but the newest `keep_last` complete tags, and incomplete tags older than the
+    newest complete one. Never the newest complete tag, never the one `latest` names."""
+    keep_last = max(1, keep_last)
+    complete = complete_tags(ckpt_dir)
+    if not complete:
+        return []
+    keep = set(complete[:keep_last]) | {read_latest(ckpt_dir)}
+    newest = complete[0]
+    order = tags(ckpt_dir)
+    older = order[order.index(newest) + 1:]
+    gone = [t for t in older if t not in keep]
+    for t in gone:
+        shutil.rmtree(os.path.join(ckpt_dir, t), ignore_errors=True)
+    return gone
+
+
+def verify_distributed(ckpt_dir: str, tag: str, tp: int = 1) -> None:
+    """Before loading `tag`: each rank checks the checksums of its own share of the files; any
+    mismatch is a UserError on every rank naming the file and the next older complete tag."""
+    dist = _dist()
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist else (0, 1)
+    tag_dir = os.path.join(ckpt_dir, tag)
+    m = read_manifest(tag_dir) or {"files": {}}
+    mine = [n for n in m["files"] if owner_rank(n, tp, world) == rank]
+    bad = problems(tag_dir, deep=True, names=mine) if mine or rank == 0 else []
+    if dist:
+        everyone = [None] * world
+        dist.all_gather_object(everyone, bad)
+        bad = sorted({p for part in everyone for p in part})
+    if bad:
+        older = [t for t in complete_tags(ckpt_dir) if t != tag and _step(ckpt_dir, t) < _step(ckpt_dir, tag)]
+        offer = (f"the next older complete checkpoint is {older[0]}: to resume from it, move {tag_dir} aside "
+                 f"(`megagrow verify {ckpt_dir}` lists every tag)") if older else "no older complete checkpoint exists"
+        raise UserError(f"checkpoint {tag_dir} failed verification: {bad[0]}"
+                        + (f" (+{len(bad) - 1} more)" if len(bad) > 1 else "") + f"; {offer}", all_ranks=dist is not None)
+
+
+def _step(ckpt_dir: str, tag: str) -> int:
+    m = manifest_of(ckpt_dir, tag) or {}
+    return m.get("step", -1) if isinstance(m.get("step"), int) else -1
+
+
+# --------------------------------------------------------------------------------------
+# megagrow verify
+
+
+def verify_paths(path: str) -> list[dict]:
+    """One report per tag of `path` (a tag directory, or a checkpoint directory holding tags)."""
+    if not os.path.isdir(path):
+        raise UserError(f"checkpoint not found: {path}")
+    if os.path.exists(os.path.join(path, MANIFEST)) or tag_files(path) and not tags(path):
+        tag_dirs = [path]
+    else:
+        tag_dirs = [os.path.join(path, t) for t in tags(path)]
+        if not tag_dirs:
+            raise UserError(f"{path}: no checkpoint tags in it")
+    latest = read_latest(path)
+    out = []
+    for d in tag_dirs:
+        m = read_manifest(d) or {}
+        t0 = time.perf_counter()
+        p = problems(d, deep=True)
+        out.append({"tag": os.path.basename(os.path.normpath(d)), "path": d, "complete": not p, "problems": p,
+                    "step": m.get("step"), "stage": m.get("stage"), "files": len(m.get("files", {})),
+                    "bytes": sum(f.get("size", 0) for f in m.get("files", {}).values()),
+                    "latest": os.path.basename(d) == latest, "seconds": round(time.perf_counter() - t0, 3)})
+    return out
+
+
+def verify_main(args) -> int:
+    reports = verify_paths(args.ckpt)
+    if args.json:
+        print(json.dumps({"ok": all(r["complete"] for r in reports), "tags": reports}, indent=1))
+    else:
+        for r in reports:
+            mark = "ok" if r["complete"] else "BAD"
+            extra = f"{r['files']} files, {r['bytes'] / 1e6:.1f} MB, step {r['step']}" if r["complete"] else "; ".join(r["problems"][:3])
+            print(f"{mark:3s} {r['tag']}{' (latest)' if r['latest'] else ''}: {extra}")
+    return 0 if all(r["complete"] for r in reports) else 1
