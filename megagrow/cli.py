@@ -5,7 +5,8 @@
     megagrow status DIR [--json]                   progress of a run directory
     megagrow verify CKPT [--json]                  check a checkpoint against its manifest
     megagrow plan ...                              the scaling-law stage planner
-    megagrow bench ...                             throughput / overhead benchmarks
+    megagrow bench PLAN --stage K ...              throughput, TFLOP/s, MFU, overhead, transition cost
+    megagrow plot RUN [RUN ...] --out fig.png      eval/training loss vs FLOPs, stage boundaries marked
     megagrow export-hf CKPT OUT                    a checkpoint -> a transformers model directory
 """
 
@@ -104,7 +105,8 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--json", action="store_true", help="JSON on stdout: {ok, tags: [{tag, complete, problems, ...}]}")
     v.set_defaults(fn=_verify)
     sub.add_parser("plan", help="scaling-law stage planner (megagrow plan --help)", add_help=False)
-    sub.add_parser("bench", help="benchmarks (megagrow bench --help)", add_help=False)
+    sub.add_parser("bench", help="throughput / MFU / overhead / transition benchmark (megagrow bench --help)", add_help=False)
+    sub.add_parser("plot", help="loss vs FLOPs of one or more runs to a PNG (megagrow plot --help)", add_help=False)
     sub.add_parser("export-hf", help="a stage checkpoint -> a Hugging Face transformers model directory "
                    "(megagrow export-hf --help)", add_help=False)
     return p
@@ -121,6 +123,10 @@ def main(argv: list[str] | None = None) -> int:
         from megagrow.bench import main as bench_main
 
         return bench_main(argv[1:])
+    if argv and argv[0] == "plot":
+        from megagrow.metrics.plot import main as plot_main
+
+        return plot_main(argv[1:])
     if argv and argv[0] == "export-hf":
         from megagrow.interop.export_cli import main as export_main
 

@@ -386,6 +386,10 @@ class Stage(_Config):
     grow: Optional[str] = None  # growth operator that produced this stage from the previous one
     growth: GrowthOptions = field(default_factory=GrowthOptions)  # symmetry breaking, optimizer state moved/reset
     stop: StopRule = field(default_factory=StopRule)  # end at `steps`, or earlier by the slope rule
+    # eval loss on the held-out split (PREFIX.valid): every `eval_every` steps (0: only at the stage
+    # end and around growth), over `eval_tokens` held-out tokens (0: no eval at all)
+    eval_every: int = 0
+    eval_tokens: int = 65536
     # first stage only: start from a transformers model directory on disk ("hf:PATH"): its weights,
     # fresh optimizer state, at this stage's layout (megagrow.interop.hf; needs the `hf` extra)
     init_from: Optional[str] = None
@@ -395,6 +399,9 @@ class Stage(_Config):
         for k in ("steps", "save_every", "log_every"):
             v = getattr(self, k)
             _need(_is_int(v) and v > 0, where, f"{k} must be a positive integer, got {v!r}")
+        for k in ("eval_every", "eval_tokens"):
+            v = getattr(self, k)
+            _need(_is_int(v) and v >= 0, where, f"{k} must be an integer >= 0, got {v!r}")
         self.layout.check_model(self.model, f"{where}.layout")
         _need(self.stop.min_steps <= self.steps, f"{where}.stop", f"min_steps {self.stop.min_steps} > steps {self.steps}")
         _need(self.init_from is None or (self.init_from.startswith("hf:") and len(self.init_from) > 3), where,

@@ -27,7 +27,8 @@ def _env() -> dict:
 
 @pytest.fixture(scope="session")
 def data_prefix(tmp_path_factory) -> str:
-    """A real-text token dataset: a few stdlib modules, a 512-token sentencepiece model."""
+    """A real-text token dataset: a few stdlib modules, a 512-token sentencepiece model, and a
+    validation split PREFIX.valid of two other modules."""
     import sysconfig
 
     out = tmp_path_factory.mktemp("data") / "corpus"
@@ -36,10 +37,17 @@ def data_prefix(tmp_path_factory) -> str:
     cmd = [sys.executable, os.path.join(REPO, "tools", "prepare_data.py"), "--out", str(out), "--vocab-size", "512", "--json"]
     for f in files:
         cmd += ["--input", f]
-    r = subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=300)
+    r = subprocess.run(cmd + ["--valid-fraction", "0"], capture_output=True, text=True, env=_env(), timeout=300)
     assert r.returncode == 0, r.stderr
     info = json.loads(r.stdout)
     assert info["tokens"] > 50_000
+    # the validation split: other stdlib modules, same tokenizer, written as PREFIX.valid
+    valid = [sys.executable, os.path.join(REPO, "tools", "prepare_data.py"), "--out", f"{out}.valid", "--tokenizer",
+             f"{out}.model", "--valid-fraction", "0", "--json", "--no-progress"]
+    for f in ("string.py", "json/encoder.py"):
+        valid += ["--input", os.path.join(stdlib, f)]
+    r = subprocess.run(valid, capture_output=True, text=True, env=_env(), timeout=300)
+    assert r.returncode == 0, r.stderr
     return str(out)
 
 

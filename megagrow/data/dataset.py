@@ -47,6 +47,17 @@ VERSION = 1
 _HEADER = struct.Struct("<8sIIqqqq")  # magic, version, dtype code, vocab, eos, tokens, docs
 HEADER_SIZE = _HEADER.size
 _DTYPES = {1: np.dtype("<u2"), 2: np.dtype("<u4")}
+VALID_SUFFIX = ".valid"
+
+
+def valid_prefix(prefix: str) -> str:
+    """The held-out validation split written beside dataset ``prefix``: ``PREFIX.valid.bin/.idx``."""
+    return prefix + VALID_SUFFIX
+
+
+def has_valid_split(prefix: str) -> bool:
+    v = valid_prefix(prefix)
+    return os.path.isfile(v + ".idx") and os.path.isfile(v + ".bin")
 
 
 def dtype_for_vocab(vocab_size: int) -> np.dtype:

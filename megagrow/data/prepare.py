@@ -1,7 +1,8 @@
 """``tools/prepare_data.py``: text files -> sentencepiece tokenizer + token dataset.
 
     python tools/prepare_data.py --out data/stdlib [--input PATH ...] [--vocab-size 8192]
-                                 [--tokenizer EXISTING.model] [--max-files N] [--json]
+                                 [--tokenizer EXISTING.model] [--max-files N]
+                                 [--valid-fraction 0.005] [--json]
 
 Inputs are files or directories (searched recursively for .py/.txt/.md/.rst/.jsonl; a .jsonl
 line's "text" field is a document, any other file is one document). Without --input the
@@ -12,6 +13,13 @@ needs the `hf` extra), copied next to the dataset as PREFIX.model / PREFIX.token
 other kind removed, so the dataset names one tokenizer); else PREFIX.model if it exists; else
 one is trained to PREFIX.model. Then every document is encoded and written, followed by EOS, to PREFIX.bin and
 PREFIX.idx (megagrow.data.dataset). Outputs appear atomically or not at all.
+
+Validation split: ``--valid-fraction`` f (default 0.005) of the documents, at least one, chosen
+by a permutation drawn from ``--seed`` (whole documents, so no held-out text is ever trained
+on), go to PREFIX.valid.bin/.idx instead; the rest, in their original order, to PREFIX.bin/.idx.
+The same inputs and seed give the same split. Fewer than two documents cannot be split (an
+error); ``--valid-fraction 0`` writes no split (and removes a stale one). The tokenizer is
+trained on all documents.
 """
 
 from __future__ import annotations
@@ -25,12 +33,15 @@ import time
 
 from megagrow.data.corpus import (TEXT_SUFFIXES, default_corpus_files, find_input_files,
                                   read_documents, stdlib_dir)
-from megagrow.data.dataset import DatasetWriter
+from megagrow.data.dataset import DatasetWriter, TokenDataset, valid_prefix
 from megagrow.data.tokenizer import MIN_VOCAB_SIZE, MAX_VOCAB_SIZE, Tokenizer, load_tokenizer, train_tokenizer
 from megagrow.errors import UserError, cli_entry
+from megagrow.fsutil import unlink_quietly
 
 DEFAULT_VOCAB_SIZE = 8192
 ENCODE_BATCH_BYTES = 4 << 20  # encode this much text per sentencepiece call
+DEFAULT_VALID_FRACTION = 0.005
+_SPLIT_STREAM = 0x5EED_0FF  # second word of the split permutation's seed (the first is --seed)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -51,7 +62,11 @@ def _parser() -> argparse.ArgumentParser:
                    help="use only the first N input files (in sorted order)")
     p.add_argument("--max-sentences", type=int, default=300_000, metavar="N",
                    help="at most N text blocks (sampled) for tokenizer training (default 300000)")
-    p.add_argument("--seed", type=int, default=0, help="tokenizer-training seed (default 0)")
+    p.add_argument("--valid-fraction", type=float, default=DEFAULT_VALID_FRACTION, metavar="F",
+                   help="hold out this fraction of the documents (whole documents, at least one) as "
+                        f"PREFIX.valid.bin/.idx for validation loss; 0: no split (default {DEFAULT_VALID_FRACTION})")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of tokenizer training and of the validation split (default 0)")
     p.add_argument("--threads", type=int, default=2, help="threads for sentencepiece (default 2)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     p.add_argument("--json", action="store_true", help="print a JSON summary on stdout")
@@ -73,6 +88,48 @@ def _prepare_out_dir(prefix: str) -> None:
         raise UserError(f"output directory not writable: {out_dir} ({e.strerror or e})") from None
 
 
+def held_out_documents(num_documents: int, fraction: float, seed: int):
+    """Sorted ids of the documents of the validation split: max(1, round(f x n)) of them, the
+    first of a permutation drawn from (seed, a fixed stream id). Raises UserError when the
+    training split would be empty."""
+    import numpy as np
+
+    if fraction <= 0:
+        return np.zeros(0, dtype=np.int64)
+    k = max(1, int(round(fraction * num_documents)))
+    if num_documents - k < 1:
+        raise UserError(f"{num_documents} document(s) are too few for a validation split (--valid-fraction "
+                        f"{fraction} holds out {k} whole document(s) and leaves none to train on): give more "
+                        "documents, or --valid-fraction 0 for no split")
+    perm = np.random.Generator(np.random.PCG64([seed, _SPLIT_STREAM])).permutation(num_documents)
+    return np.sort(perm[:k]).astype(np.int64)
+
+
+def _split(all_prefix: str, prefix: str, fraction: float, seed: int) -> tuple[int, int]:
+    """Copy dataset `all_prefix` into PREFIX.valid (held-out documents) and PREFIX (the rest).
+    Returns (validation documents, validation tokens)."""
+    import numpy as np
+
+    ds = TokenDataset(all_prefix)
+    held = held_out_documents(ds.num_documents, fraction, seed)
+    is_held = np.zeros(ds.num_documents, dtype=bool)
+    is_held[held] = True
+    off = ds.document_offsets
+    valid = DatasetWriter(valid_prefix(prefix), ds.vocab_size, ds.eos_id)
+    train = DatasetWriter(prefix, ds.vocab_size, ds.eos_id)
+    try:
+        for d in range(ds.num_documents):
+            (valid if is_held[d] else train).add_document(ds.tokens[off[d]:off[d + 1] - 1])
+        n_valid_tokens = valid.num_tokens
+        valid.close()
+        train.close()  # committed last: a complete PREFIX.idx means both files are in place
+    except BaseException:
+        valid.abort()
+        train.abort()
+        raise
+    return len(held), n_valid_tokens
+
+
 def _load_tokenizer(path: str, requested_vocab: int | None, how: str):
     tok = load_tokenizer(path)
     if requested_vocab is not None and requested_vocab != tok.vocab_size:
@@ -86,8 +143,6 @@ def _adopt_tokenizer(path: str, prefix: str) -> str:
     """Copy tokenizer `path` next to the dataset (PREFIX.model or PREFIX.tokenizer.json, written
     atomically) and remove the other kind, so that the dataset names exactly one tokenizer."""
     import shutil
-
-    from megagrow.fsutil import unlink_quietly
 
     mine = prefix + (".tokenizer.json" if path.endswith(".json") else ".model")
     other = prefix + (".model" if path.endswith(".json") else ".tokenizer.json")
@@ -119,6 +174,8 @@ def main(argv: list[str] | None = None) -> int:
         raise UserError(f"--threads must be >= 1, got {args.threads}")
     if args.seed < 0:
         raise UserError(f"--seed must be >= 0, got {args.seed}")
+    if not 0.0 <= args.valid_fraction < 1.0:
+        raise UserError(f"--valid-fraction must be in [0, 1), got {args.valid_fraction}")
 
     if args.input:
         files = find_input_files(args.input, args.max_files)
@@ -131,6 +188,8 @@ def main(argv: list[str] | None = None) -> int:
     if not files:
         raise UserError(f"no input files found in {source} (looked for {', '.join(TEXT_SUFFIXES)})")
     input_bytes = sum(os.path.getsize(f) for f in files)
+    if not any(f.endswith(".jsonl") for f in files):  # one document per file: check the split before any work
+        held_out_documents(len(files), args.valid_fraction, args.seed)
     _prepare_out_dir(args.out)
     progress = not args.no_progress
 
@@ -158,9 +217,64 @@ def main(argv: list[str] | None = None) -> int:
 
     # ---- tokenize + write ----------------------------------------------------------------------
     t1 = time.perf_counter()
+    split = args.valid_fraction > 0
+    # with a split, everything is tokenized into a temporary dataset first (the document count,
+    # hence which documents are held out, is known only at the end), then copied in two
+    all_prefix = f"{args.out}.all-tmp{os.getpid()}" if split else args.out
+    try:
+        documents, tokens, valid_docs, valid_tokens = _tokenize(args, files, tok, all_prefix, input_bytes, progress)
+        if split:
+            valid_docs, valid_tokens = _split(all_prefix, args.out, args.valid_fraction, args.seed)
+            documents, tokens = documents - valid_docs, tokens - valid_tokens
+        else:
+            for ext in (".idx", ".bin"):  # a stale split of an earlier run would not match these tokens
+                unlink_quietly(valid_prefix(args.out) + ext)
+    finally:
+        if split:
+            for ext in (".idx", ".bin"):
+                unlink_quietly(all_prefix + ext)
+    tokenize_seconds = time.perf_counter() - t1
+    tok_path = _adopt_tokenizer(args.tokenizer, args.out) if args.tokenizer else tok.path
+    seconds = time.perf_counter() - t_start
+
+    summary = {
+        "prefix": args.out,
+        "tokenizer": tok_path,
+        "vocab_size": tok.vocab_size,
+        "documents": documents,
+        "tokens": tokens,
+        "valid_prefix": valid_prefix(args.out) if split else None,
+        "valid_documents": valid_docs,
+        "valid_tokens": valid_tokens,
+        "seconds": round(seconds, 3),
+        "tokenizer_trained": trained,
+        "tokenizer_seconds": round(tokenizer_seconds, 3),
+        "tokenize_seconds": round(tokenize_seconds, 3),
+        "input_files": len(files),
+        "input_bytes": input_bytes,
+    }
+    if args.json:
+        print(json.dumps(summary))
+    else:
+        how = f"trained in {tokenizer_seconds:.1f} s" if trained else "reused"
+        print(f"tokenizer  {tok_path}: vocab {tok.vocab_size} ({how})")
+        print(f"dataset    {args.out}.bin/.idx: {documents:,} documents, {tokens:,} tokens "
+              f"from {len(files):,} files, {input_bytes / 1e6:.1f} MB "
+              f"({input_bytes / max(tokens + valid_tokens, 1):.2f} bytes/token), tokenized in "
+              f"{tokenize_seconds:.1f} s")
+        if split:
+            print(f"validation {valid_prefix(args.out)}.bin/.idx: {valid_docs:,} documents, {valid_tokens:,} tokens "
+                  f"(--valid-fraction {args.valid_fraction}, seed {args.seed})")
+        else:
+            print("validation none (--valid-fraction 0): runs on this data log no eval loss")
+        print(f"total      {seconds:.1f} s")
+    return 0
+
+
+def _tokenize(args, files, tok, out_prefix: str, input_bytes: int, progress: bool) -> tuple[int, int, int, int]:
     from tqdm import tqdm
 
-    with DatasetWriter(args.out, tok.vocab_size, tok.eos_id) as writer, \
+    with DatasetWriter(out_prefix, tok.vocab_size, tok.eos_id) as writer, \
             tqdm(total=input_bytes, unit="B", unit_scale=True, desc="tokenizing", file=sys.stderr,
                  disable=not progress, mininterval=1.0) as bar:
         batch: list[str] = []
@@ -186,34 +300,7 @@ def main(argv: list[str] | None = None) -> int:
         documents, tokens = writer.num_documents, writer.num_tokens
         if documents == 0:  # raised inside the `with`: the writer discards its files
             raise UserError(f"no text in the {len(files)} input file(s): all are empty")
-    tokenize_seconds = time.perf_counter() - t1
-    tok_path = _adopt_tokenizer(args.tokenizer, args.out) if args.tokenizer else tok.path
-    seconds = time.perf_counter() - t_start
-
-    summary = {
-        "prefix": args.out,
-        "tokenizer": tok_path,
-        "vocab_size": tok.vocab_size,
-        "documents": documents,
-        "tokens": tokens,
-        "seconds": round(seconds, 3),
-        "tokenizer_trained": trained,
-        "tokenizer_seconds": round(tokenizer_seconds, 3),
-        "tokenize_seconds": round(tokenize_seconds, 3),
-        "input_files": len(files),
-        "input_bytes": input_bytes,
-    }
-    if args.json:
-        print(json.dumps(summary))
-    else:
-        how = f"trained in {tokenizer_seconds:.1f} s" if trained else "reused"
-        print(f"tokenizer  {tok_path}: vocab {tok.vocab_size} ({how})")
-        print(f"dataset    {args.out}.bin/.idx: {documents:,} documents, {tokens:,} tokens "
-              f"from {len(files):,} files, {input_bytes / 1e6:.1f} MB "
-              f"({input_bytes / max(tokens, 1):.2f} bytes/token), tokenized in "
-              f"{tokenize_seconds:.1f} s")
-        print(f"total      {seconds:.1f} s")
-    return 0
+    return documents, tokens, 0, 0
 
 
 if __name__ == "__main__":

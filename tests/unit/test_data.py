@@ -248,7 +248,7 @@ def test_prepare_cli_end_to_end_json_and_readback(tmp_path):
     prefix = str(tmp_path / "out" / "ds")  # the output directory is created
 
     r = _run_cli("--out", prefix, "--input", str(src), "--vocab-size", str(VOCAB), "--json",
-                 "--no-progress")
+                 "--no-progress", "--valid-fraction", "0")
     assert r.returncode == 0, r.stderr
     info = json.loads(r.stdout)
     assert {"prefix", "tokenizer", "vocab_size", "documents", "tokens", "seconds"} <= set(info)
@@ -263,7 +263,7 @@ def test_prepare_cli_end_to_end_json_and_readback(tmp_path):
     assert sorted(os.listdir(tmp_path / "out")) == ["ds.bin", "ds.idx", "ds.model"]
 
     bin_before = open(prefix + ".bin", "rb").read()
-    r2 = _run_cli("--out", prefix, "--input", str(src), "--json", "--no-progress")
+    r2 = _run_cli("--out", prefix, "--input", str(src), "--json", "--no-progress", "--valid-fraction", "0")
     assert r2.returncode == 0, r2.stderr
     assert json.loads(r2.stdout)["tokenizer_trained"] is False
     assert open(prefix + ".bin", "rb").read() == bin_before
