@@ -78,8 +78,9 @@ def export(prefix: str, out: str) -> dict:
     for flavour, tie, zero in cases:
         plan = tiny_plan(prefix, flavour, steps=3, tie=tie, tp=2, dp=WORLD // 2, zero_stage=zero,
                          ds_config="ds_configs/cpu.json" if zero == 3 else None)
-        if flavour != "gpt2":  # transformers' Llama default eps (1e-6) differs from megagrow's: exported as set
-            plan = plan.replace(stages=(plan.stages[0].replace(model=plan.stages[0].model.replace(norm_eps=1e-6)),))
+        # vocab 520 (padded to 640 here, trimmed on export); llama at transformers' default eps 1e-6 (megagrow's is 1e-5)
+        eps = 1e-6 if flavour != "gpt2" else 1e-5
+        plan = plan.replace(stages=(plan.stages[0].replace(model=plan.stages[0].model.replace(vocab_size=520, norm_eps=eps)),))
         key = f"{flavour}-tie{int(tie)}-z{zero}"
         run = os.path.join(out, key)
         init_distributed(plan.stages[0].layout)
@@ -94,7 +95,7 @@ def export(prefix: str, out: str) -> dict:
             theirs = hf_logits(info["out"], x)
             res[key] = {"max_abs_diff": (mine - theirs).abs().max().item(), "max_abs": mine.abs().max().item(),
                         "shape": list(theirs.shape), "architecture": info["architecture"], "params": info["params"],
-                        "num_params": m.num_params() - (m.padded_vocab - m.vocab_size) * (1 if m.tie_embeddings else 2),
+                        "num_params": m.num_params() - (m.padded_vocab - m.vocab_size) * m.d_model * (1 if m.tie_embeddings else 2),
                         "layout": info["source_layout"], "tokenizer_vocab": info["tokenizer"]["vocab_size"]}
         torch.distributed.barrier()
     return res

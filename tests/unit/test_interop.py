@@ -53,7 +53,8 @@ def test_sentencepiece_model_exported_as_tokenizer_json_encodes_identically(data
 
 
 def _prepare(out, *extra):
-    cmd = [sys.executable, os.path.join(REPO, "tools", "prepare_data.py"), "--out", str(out), "--json", "--no-progress"]
+    cmd = [sys.executable, os.path.join(REPO, "tools", "prepare_data.py"), "--out", str(out), "--json", "--no-progress",
+           "--valid-fraction", "0"]
     for f in CORPUS:
         cmd += ["--input", f]
     return subprocess.run(cmd + list(extra), capture_output=True, text=True, env=_env(), timeout=300)
