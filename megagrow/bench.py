@@ -43,7 +43,7 @@ class PlainLoop:
         from megagrow.model.gpt import build_model
         from megagrow.parallel.engine import param_groups
         from megagrow.schedule.lr import LRSchedule
-        from megagrow.train import Batches
+        from megagrow.data.batches import Batches
 
         self.plan = single_process_stage(plan, k)
         self.stage = self.plan.stages[k]
@@ -56,7 +56,7 @@ class PlainLoop:
         self.step_i = 0
 
     def step(self) -> float:
-        from megagrow.train import dropout_seed
+        from megagrow.data.batches import dropout_seed
 
         for g in self.opt.param_groups:
             g["lr"] = self.sched(self.step_i)
@@ -76,7 +76,8 @@ class PlainLoop:
 def overhead(plan: Plan, k: int, steps: int, block: int = 5) -> dict:
     from megagrow.parallel.engine import set_lr
     from megagrow.parallel.groups import init_distributed
-    from megagrow.train import Batches, build
+    from megagrow.data.batches import Batches
+    from megagrow.parallel.engine import build_stage as build
 
     p1 = single_process_stage(plan, k)
     stage = p1.stages[k]
