@@ -128,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
 
         return plot_main(argv[1:])
     if argv and argv[0] == "export-hf":
-        from megagrow.interop.export_cli import main as export_main
+        from megagrow.export_cli import main as export_main
 
         return export_main(argv[1:])
     args = build_parser().parse_args(argv)

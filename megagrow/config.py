@@ -391,7 +391,7 @@ class Stage(_Config):
     eval_every: int = 0
     eval_tokens: int = 65536
     # first stage only: start from a transformers model directory on disk ("hf:PATH"): its weights,
-    # fresh optimizer state, at this stage's layout (megagrow.interop.hf; needs the `hf` extra)
+    # fresh optimizer state, at this stage's layout (megagrow.hf; needs the `hf` extra)
     init_from: Optional[str] = None
 
     def validate(self, where: str = "stage") -> None:

@@ -21,7 +21,7 @@ import torch  # noqa: E402
 
 from megagrow.config import Layout, ModelConfig  # noqa: E402
 from megagrow.parallel.groups import init_distributed  # noqa: E402
-from worker import RANK, WORLD, tiny_plan  # noqa: E402
+from worker import RANK, WORLD, read_log, tiny_plan  # noqa: E402
 
 def tokens(vocab: int, T: int = 24) -> torch.Tensor:
     return torch.randint(0, vocab, (2, T), generator=torch.Generator().manual_seed(vocab))
@@ -69,7 +69,7 @@ def _stage(plan, **layout):
 def export(prefix: str, out: str) -> dict:
     """Train 3 steps at TP=2 x DP=1 ZeRO-2 or ZeRO-3, export (rank 0) through megagrow.interop, load the
     result in transformers: logits equal megagrow's (TP=2 model, same weights) on the same tokens."""
-    from megagrow.interop.export_cli import export as export_hf
+    from megagrow.export_cli import export as export_hf
     from megagrow.train import train_stage
 
     cases = [("gpt2", True, 2), ("gpt2", False, 3), ("llama", False, 2), ("llama", True, 3),
@@ -114,11 +114,11 @@ def _randomize(model, seed: int) -> None:
 
 HF_MODELS = {
     # name: (transformers config kwargs, the matching megagrow model)
-    "gpt2": (dict(model_type="gpt2", vocab_size=500, n_positions=32, n_embd=64, n_layer=2, n_head=4),
-             dict(flavour="gpt2", n_layers=2, d_model=64, n_heads=4, vocab_size=500, seq_len=32, tie_embeddings=True)),
-    "llama_gqa": (dict(model_type="llama", vocab_size=500, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
+    "gpt2": (dict(model_type="gpt2", vocab_size=520, n_positions=32, n_embd=64, n_layer=2, n_head=4),
+             dict(flavour="gpt2", n_layers=2, d_model=64, n_heads=4, vocab_size=520, seq_len=32, tie_embeddings=True)),
+    "llama_gqa": (dict(model_type="llama", vocab_size=600, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32, tie_word_embeddings=False),
-                  dict(flavour="llama", n_layers=2, d_model=64, n_heads=4, n_kv_heads=2, d_ff=160, vocab_size=500, seq_len=32,
+                  dict(flavour="llama", n_layers=2, d_model=64, n_heads=4, n_kv_heads=2, d_ff=160, vocab_size=600, seq_len=32,
                        tie_embeddings=False, norm_eps=1e-6)),
     "llama": (dict(model_type="llama", vocab_size=384, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
                    num_attention_heads=2, max_position_embeddings=32, tie_word_embeddings=True, rms_norm_eps=1e-5),
@@ -151,10 +151,11 @@ def import_grow(prefix: str, out: str) -> dict:
     logits equal transformers' on the same tokens; (2) import -> width x2 -> depth x2 (shard to shard, layouts
     changing) -> export: the grown model's logits in transformers equal the small transformers model's."""
     from megagrow.growth.ops import Depth, Width  # noqa: F401 - operators named by the stages' grow fields
-    from megagrow.interop.export_cli import export as export_hf
-    from megagrow.interop.hf import import_checkpoint
+    from megagrow.export_cli import export as export_hf
+    from megagrow.hf import import_checkpoint
     from megagrow.state.checkpoint import SourceCheckpoint
     from megagrow.state.executor import regrow
+    from megagrow.train import train_stage
 
     paths = build_hf(out)
     res = {}
@@ -167,8 +168,12 @@ def import_grow(prefix: str, out: str) -> dict:
             s0 = _stage(base, tp=tp, dp=WORLD // tp, zero_stage=zero).replace(model=m, init_from=f"hf:{paths[name]}")
             plan = base.replace(stages=(s0,))
             init_distributed(s0.layout)
-            ck = os.path.join(out, f"{name}-tp{tp}")
-            import_checkpoint(plan, 0, ck)
+            if name != "llama" and tp == 2:  # through the trainer's start-up (init_from hook), 0 steps
+                train_stage(plan, 0, os.path.join(out, f"{name}-run"), stop_at=0, quiet=True)
+                ck = os.path.join(out, f"{name}-run", "s0", "checkpoints")
+            else:
+                ck = os.path.join(out, f"{name}-tp{tp}")
+                import_checkpoint(plan, 0, ck)
             mine = megagrow_logits(ck, x)
             if RANK == 0:
                 res[f"import-{name}-tp{tp}-z{zero}"] = {"max_abs_diff": (mine - ref).abs().max().item(),
@@ -183,7 +188,7 @@ def import_grow(prefix: str, out: str) -> dict:
         s1 = _stage(base, tp=1, dp=WORLD, zero_stage=3).replace(name="s1", model=wide, grow="width")
         s2 = _stage(base, tp=2, dp=WORLD // 2, zero_stage=1).replace(name="s2", model=deep, grow="depth")
         plan = base.replace(stages=(s0, s1, s2))
-        prev = os.path.join(out, f"{name}-tp2")
+        prev = os.path.join(out, f"{name}-run", "s0", "checkpoints")
         for k in (1, 2):
             init_distributed(plan.stages[k].layout)
             nxt = os.path.join(out, f"{name}-grown{k}")
@@ -206,9 +211,51 @@ def import_grow(prefix: str, out: str) -> dict:
     return res
 
 
+def megatron(prefix: str, out: str) -> dict:
+    """The conftest corpus rewritten in Megatron's indexed format by megatron-core's own builder (one sequence
+    per document, end-of-document token appended as preprocess_data.py --append-eod does): training on it gives
+    the same losses as on megagrow's own format (the same token stream), and 3 steps + resume in a fresh
+    engine to 6 equals 6 uninterrupted steps, bitwise, at TP=1 x DP=2 ZeRO-2 and TP=2 ZeRO-3 (dropout on)."""
+    import numpy as np
+    from megatron.core.datasets.indexed_dataset import DType, IndexedDatasetBuilder
+
+    from megagrow.data import TokenDataset
+    from megagrow.train import train_stage
+
+    init_distributed(Layout(tp=1, dp=WORLD))
+    mt = os.path.join(out, "megatron_corpus")
+    if RANK == 0:
+        ds = TokenDataset(prefix)
+        b = IndexedDatasetBuilder(mt + ".bin", dtype=DType.optimal_dtype(ds.vocab_size))
+        for d in range(ds.num_documents):
+            ids = np.concatenate([ds.document(d), [ds.eos_id]]).astype(np.int64)
+            b.add_document(torch.from_numpy(ids), [len(ids)])
+        b.finalize(mt + ".idx")
+    torch.distributed.barrier()
+    res = {}
+    for tp, zero in ((1, 2), (2, 3)):
+        key = f"tp{tp}-dp{WORLD // tp}-z{zero}"
+        runs = {}
+        for name, data, stop in (("megagrow", prefix, None), ("megatron", mt, None), ("megatron_resumed", mt, 3)):
+            if tp == 2 and name == "megagrow":
+                continue
+            plan = tiny_plan(data, steps=6, tp=tp, dp=WORLD // tp, zero_stage=zero, dropout=0.1,
+                             ds_config="ds_configs/cpu.json" if zero == 3 else None)
+            run = os.path.join(out, f"{key}-{name}")
+            train_stage(plan, 0, run, stop_at=stop, quiet=True)
+            torch.distributed.barrier()
+            if stop:
+                train_stage(plan, 0, run, quiet=True)
+                torch.distributed.barrier()
+            if RANK == 0:
+                runs[name] = [r["loss"] for r in read_log(run)]
+        res[key] = runs
+    return res
+
+
 if __name__ == "__main__":
     scenario, prefix, out = sys.argv[1:4]
-    result = {"export": export, "import_grow": import_grow}[scenario](prefix, out)
+    result = {"export": export, "import_grow": import_grow, "megatron": megatron}[scenario](prefix, out)
     if RANK == 0:
         with open(os.path.join(out, "result.json"), "w") as f:
             json.dump(result, f)

@@ -34,7 +34,7 @@ def test_sentencepiece_model_exported_as_tokenizer_json_encodes_identically(data
     import sentencepiece as spm
     from transformers import AutoTokenizer
 
-    from megagrow.interop.hf import write_tokenizer
+    from megagrow.hf import write_tokenizer
 
     info = write_tokenizer(data_prefix + ".model", str(tmp_path), 512)
     assert info["vocab_size"] == 512 and info["eos_token_id"] == 2 and info["bos_token_id"] == 1
@@ -65,7 +65,7 @@ def test_prepare_data_takes_a_tokenizer_json_or_model(data_prefix, tmp_path):
     to the sentencepiece one and adopts the tokenizer as PREFIX.tokenizer.json; --tokenizer X.model adopts it as
     PREFIX.model and removes the json; a tokenizer.json without an end-of-document token is one error line, exit 2,
     nothing written."""
-    from megagrow.interop.hf import load_tokenizer_object
+    from megagrow.hf import load_tokenizer_object
 
     tok, _ = load_tokenizer_object(data_prefix + ".model")
     tok.save(str(tmp_path / "tok.json"))
@@ -135,7 +135,7 @@ def test_hf_config_mapping_round_trip():
     """megagrow ModelConfig -> transformers config -> megagrow fields: sizes, GQA, head_dim, tying and the
     norm eps (written as set: transformers' Llama default is 1e-6, megagrow's 1e-5) survive; other
     architectures and rope scaling are UserErrors; a heads-grown GPT-2 is not exportable."""
-    from megagrow.interop.hf import hf_config, model_fields_from_hf
+    from megagrow.hf import hf_config, model_fields_from_hf
 
     for m in (ModelConfig(flavour="gpt2", n_layers=2, d_model=64, n_heads=4, vocab_size=500, seq_len=32),
               ModelConfig(flavour="llama", n_layers=3, d_model=64, n_heads=4, n_kv_heads=2, vocab_size=700,

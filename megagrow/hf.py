@@ -1,4 +1,6 @@
-"""Hugging Face transformers <-> megagrow: configs, weights, tokenizers.
+"""Hugging Face transformers <-> megagrow: configs, weights, tokenizers (the `hf` extra:
+transformers, safetensors; `megagrow export-hf` is megagrow/export_cli.py, `init_from: hf:PATH`
+starts a plan's first stage through `import_checkpoint`).
 
 megagrow's gpt2 flavour computes the same function as transformers' GPT2LMHeadModel and its
 llama flavour as LlamaForCausalLM (rotate-half RoPE, RMSNorm, SwiGLU, grouped-query
@@ -404,19 +406,20 @@ def import_checkpoint(plan, k: int, out_dir: str, progress: bool = False) -> dic
     fills its own fragments through the shard-to-shard executor; DeepSpeed writes the files.
     Process groups must be initialised for stage k's layout."""
     from megagrow.growth.ops import Identity, plan_growth
+    from megagrow.parallel.engine import build_stage
+    from megagrow.paths import tag_of
     from megagrow.state.executor import fill_engine, init_optimizer_state
-    from megagrow.train import StageState, build, client_state, tag_of
+    from megagrow.state.record import StageRecord
 
     stage = plan.stages[k]
     path = parse_init_from(stage.init_from)
     hf = HFCheckpoint(path)
     params = hf.tensors_for(stage.model, stage.name)
     gp = plan_growth(Identity(), stage.model)
-    engine, optimizer = build(plan, k, init=False)  # every weight is written below
+    engine, optimizer = build_stage(plan, k, init=False)  # every weight is written below
     init_optimizer_state(engine, optimizer)
     info = fill_engine(engine, gp.tensors, WeightsSource(params), plan.seed, progress)
-    st = StageState(step=0, sample_offset=0, lr_offset=0, rewarmup=0)
-    cs = client_state(plan, k, st, None)
+    cs = StageRecord(plan, k).to_client_state()  # step 0, data position 0, schedule from its start
     cs["init_from"] = {"hf": os.path.abspath(path), "config": hf.config}
     engine.global_steps = 0
     engine.save_checkpoint(out_dir, tag=tag_of(0), client_state=cs)

@@ -65,13 +65,13 @@ def default_tokenizer(plan_dict: dict) -> str | None:
 def export(ckpt: str, out: str, tag: str | None = None, tokenizer: str | None = None, no_tokenizer: bool = False,
            dtype: str = "fp32", progress: bool = False) -> dict:
     """Write the transformers directory `out` from the checkpoint; returns the summary."""
-    from megagrow.interop.hf import check_exportable, need_hf
+    from megagrow.hf import check_exportable, need_hf
 
     need_hf()
     import torch
     from safetensors.torch import save_file
 
-    from megagrow.interop.hf import hf_config, to_hf, write_tokenizer
+    from megagrow.hf import hf_config, to_hf, write_tokenizer
     from megagrow.state.checkpoint import SourceCheckpoint
 
     t0 = time.perf_counter()
