@@ -131,7 +131,7 @@ def model_fields_from_hf(cfg: dict, where: str) -> dict:
 def check_matches(hf: dict, m: ModelConfig, where: str, stage: str) -> None:
     """One-line UserError unless the stage's model is the transformers model (sizes, flavour, tied or not)."""
     if hf["vocab_size"] > m.vocab_size:
-        raise UserError(f"{where} has a vocab of {hf['vocab_size']}, larger than stage {stage!r}'s vocab_size {m.vocab_size}")
+        raise UserError(f"{where} has a vocab of {hf['vocab_size']}, larger than the vocab_size {m.vocab_size} of stage {stage!r}")
     mine = dict(flavour=m.flavour, n_layers=m.n_layers, d_model=m.d_model, n_heads=m.n_heads, head_dim=m.head_dim,
                 n_kv_heads=m.n_kv_heads, d_ff=m.ffn_dim, vocab_size=m.vocab_size, tie_embeddings=m.tie_embeddings,
                 norm_eps=m.norm_eps)
@@ -140,9 +140,9 @@ def check_matches(hf: dict, m: ModelConfig, where: str, stage: str) -> None:
     diff = [f"{k} {hf[k]!r} (stage: {v!r})" for k, v in mine.items() if k in hf and hf[k] != v
             and not (isinstance(v, float) and abs(hf[k] - v) <= 1e-12 * max(1.0, abs(v)))]
     if diff:
-        raise UserError(f"{where} does not match stage {stage!r}'s model: " + ", ".join(diff))
+        raise UserError(f"{where} does not match the model of stage {stage!r}: " + ", ".join(diff))
     if m.flavour == "gpt2" and hf["_positions"] < m.seq_len:
-        raise UserError(f"{where} has {hf['_positions']} positions, fewer than stage {stage!r}'s seq_len {m.seq_len}")
+        raise UserError(f"{where} has {hf['_positions']} positions, fewer than the seq_len {m.seq_len} of stage {stage!r}")
 
 
 # ---------------------------------------------------------------------------------------

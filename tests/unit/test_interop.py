@@ -168,3 +168,58 @@ def test_init_from_is_validated_once():
         Plan.from_dict({"stages": [dict(st, name="a"), dict(st, name="b", init_from="hf:/x")]})
     with pytest.raises(UserError, match="init_from must be hf:PATH"):
         Plan.from_dict({"stages": [dict(st, name="a", init_from="/x")]})
+
+
+INIT_PLAN = """name: imp
+data: {{prefix: {prefix}}}
+stages:
+  - name: s
+    init_from: "hf:{hf}"
+    model: {{n_layers: 1, d_model: 32, n_heads: 2, vocab_size: 512, seq_len: 16}}
+    layout: {{tp: 1, dp: 1, micro_batch: 2}}
+    steps: 2
+"""
+
+
+def test_init_from_bad_input_is_one_error_line_and_nothing_written(data_prefix, tmp_path, capfd):
+    """`megagrow train` of a stage with init_from: a transformers directory of another architecture, a missing
+    weights file, a missing directory, a vocab larger than the model's, other sizes: each one 'error:' line,
+    exit 2, no traceback, no checkpoint (not even a partial one) written."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    def save(name, kind, **kw):
+        path = tmp_path / name
+        AutoModelForCausalLM.from_config(AutoConfig.for_model(kind, **kw)).save_pretrained(str(path))
+        return path
+
+    gpt2 = dict(n_positions=16, n_embd=32, n_layer=1, n_head=2)
+    neox = save("neox", "gpt_neox", vocab_size=512, hidden_size=32, num_attention_heads=2, num_hidden_layers=1,
+                intermediate_size=64, max_position_embeddings=16)
+    nofile = save("nofile", "gpt2", vocab_size=512, **gpt2)
+    os.unlink(nofile / "model.safetensors")
+    big = save("big", "gpt2", vocab_size=600, **gpt2)
+    wide = save("wide", "gpt2", vocab_size=512, **dict(gpt2, n_embd=64))
+    cases = [(neox, "architecture 'GPTNeoXForCausalLM' is not supported"),
+             (nofile, "no model.safetensors"),
+             (tmp_path / "absent", "transformers model directory not found"),
+             (big, "has a vocab of 600, larger than the vocab_size 512 of stage 's'"),
+             (wide, "does not match the model of stage 's': d_model 64 (stage: 32)")]
+    from megagrow.cli import main
+
+    for i, (hf, needle) in enumerate(cases):
+        d = tmp_path / f"case{i}"
+        d.mkdir()
+        plan = d / "plan.yaml"
+        plan.write_text(INIT_PLAN.format(prefix=data_prefix, hf=hf))
+        args = ["train", str(plan), "--run-dir", str(d / "run")]
+        if i == 0:  # the real command line once (exit code, no traceback); the rest in this process (faster)
+            r = subprocess.run([sys.executable, "-m", "megagrow.cli", *args], capture_output=True, text=True, env=_env(),
+                               cwd=REPO, timeout=300)
+            rc, err = r.returncode, r.stderr
+        else:
+            capfd.readouterr()
+            rc = main(args)
+            err = capfd.readouterr().err
+        lines = [ln for ln in err.splitlines() if ln.startswith("error:")]
+        assert rc == 2 and "Traceback" not in err and len(lines) == 1 and needle in lines[0], (needle, err[-2000:])
+        assert not os.path.exists(d / "run" / "s" / "checkpoints") and not os.path.exists(d / "run" / "s" / "checkpoints.partial")
