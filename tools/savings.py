@@ -220,7 +220,12 @@ class Driver:
                 bar.close()
                 left = [r.name for r in pending]
                 if left:
-                    self.say(f"cannot run (a dependency failed or is missing): {', '.join(left)}")
+                    why = "a dependency failed or is missing"
+                    sweep = [s for s in states.values() if s.spec.kind == "sweep"]
+                    if "lr" not in ch and sweep and all(s.done for s in sweep):
+                        why = ("the LR sweep runs have no validation loss in their logs (eval records): "
+                               "does the data have a validation split (tools/prepare_data.py --valid-fraction)?")
+                    self.say(f"cannot run ({why}): {', '.join(left)}")
                     return 1
                 self.say("all runs done")
                 return 1 if self.failed else 0

@@ -467,9 +467,19 @@ def markdown(res: dict, spec: dict, commands: list[str]) -> str:
     L.append("")
     L.append("## Notes")
     L.append("")
-    L.append("- The ledger counts 6 N_non-embedding + attention FLOPs. At this size the tied embedding / LM head "
-             "(vocab x d_model) is a large share of the real work, and it is the same for a small-width stage only "
-             "in proportion to d_model; wall time (shared 2-core machine, indicative only) is in the table.")
+    V = spec["model"]["vocab_size"]
+    shares = []
+    for k in KINDS:
+        for c in chain(spec, k):
+            sh = c["shape"]
+            n = 12 * sh["n_layers"] * sh["d_model"] ** 2
+            shares.append((_shape(sh), V * sh["d_model"] / (V * sh["d_model"] + n)))
+    shares = sorted(set(shares))
+    L.append("- The ledger counts 6 N_non-embedding + attention FLOPs per token, as the issue fixes it. The tied "
+             "LM head (vocab x d_model matmul) is not in it, and at this size it is a large share of the real "
+             "matmul work: " + ", ".join(f"{s} {100 * x:.0f}%" for s, x in shares) + " (head / (head + 12 L d^2)). "
+             "A narrow first stage saves less real work than the ledger says (its head share is higher); wall "
+             "time (shared 2-core machine, indicative only) is in the table.")
     L.append("- Plot: `docs/results/savings.png` (validation loss vs FLOPs, every run; stage boundaries marked).")
     return "\n".join(L) + "\n"
 
@@ -505,7 +515,9 @@ def plot(res: dict, out: str, png: str) -> None:
             elif kind == "slope":
                 style.update(color=colors.get(chain_kind, "k"), ls="--", lw=1.5)
             elif kind == "ablation":
-                style.update(lw=0.9, ls="-.")
+                knob = name.rsplit("-", 1)[-1]
+                style.update(lw=1.0, ls="-.", color={"optreset": "tab:purple", "lrkeep": "tab:brown",
+                                                      "lrrestart": "tab:pink", "nosym": "tab:olive"}.get(knob, "k"))
             else:
                 style.update(color="k", ls=":", lw=1.5)
             label = name + ("" if r["done"] else " (incomplete)")

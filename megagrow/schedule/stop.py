@@ -2,11 +2,11 @@
 
 Which loss.  The rule watches the validation loss when the stage evaluates (the trainer passes
 `use_eval=True` when the stage config sets `eval_every` > 0 and the data has a held-out split,
-and feeds each periodic and stage-end eval to `update_eval`), else the logged training loss
-(`use_eval=False`, the default).  Validation points come from the eval records of
-log.jsonl ({"stage", "step", "eval_loss", "at", ...}: periodic, at the stage end, right after
-growth), training points from the training records ({"stage", "step", "loss", ...}); each kind
-is ignored in the other mode.  The per-batch training loss is noisy, which the rule's spike
+and feeds each periodic eval to `update_eval`), else the logged training loss (`use_eval=False`,
+the default).  Validation points are the periodic eval records of log.jsonl ({"stage", "step",
+"eval_loss", "at": "periodic", ...}; the evals at a stage end and around a growth are not
+decisions and are skipped, so a replay after a resume sees what the loop saw), training points
+the training records ({"stage", "step", "loss", ...}); each kind is ignored in the other mode.  The per-batch training loss is noisy, which the rule's spike
 filter and median fit (megagrow.schedule.slope) tolerate but the validation curve does not
 need.
 
@@ -109,6 +109,8 @@ class StageStop:
         if record.get("stage", self.stage.name) != self.stage.name:
             return False
         if "eval_loss" in record:
+            if record.get("at", "periodic") != "periodic":
+                return False
             return self.update_eval(int(record["step"]), float(record["eval_loss"]))
         if "loss" in record:
             return self.update(int(record["step"]), float(record["loss"]))
@@ -128,7 +130,8 @@ class StageStop:
                         r = json.loads(line)
                     except ValueError:
                         continue
-                    if r.get("stage", self.stage.name) == self.stage.name and key in r and 0 <= r["step"] <= upto:
+                    if r.get("stage", self.stage.name) == self.stage.name and key in r and 0 <= r["step"] <= upto \
+                            and (key == "loss" or r.get("at", "periodic") == "periodic"):
                         points[int(r["step"])] = float(r[key])
         for step in sorted(points):
             self._feed(step, points[step])

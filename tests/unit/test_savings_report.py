@@ -97,3 +97,104 @@ def test_oracle_switch_is_the_argmin_of_total_compute():
     o = oracle_switch(small_c[:2], small_l[:2], big_c, big_l, 4.0)
     assert o["index"] == 1 and o["at_end"]  # the minimum at the last point: the oracle may lie later
     assert oracle_switch(small_c, small_l, big_c, big_l, 2.0) is None  # the target is off the big curve
+
+
+# ============================================================================ the whole report
+def _fake_experiment(tmp_path):
+    """An experiment directory as tools/savings.py leaves it, with synthetic logs: every run
+    done, final losses and FLOPs chosen so the report's numbers are known exactly."""
+    import yaml
+
+    from megagrow.results.experiment import load_spec, runs
+
+    spec = load_spec(os.path.join(os.path.dirname(__file__), "..", "..", "recipes", "savings", "experiment.yaml"))
+    out = tmp_path / "exp"
+    finals = {  # run -> (FLOPs, final val loss)
+        "sweep-lr0.0025": (4e12, 4.35), "sweep-lr0.005": (4e12, 4.3), "sweep-lr0.01": (4e12, 4.4),
+        "base-0.35": (1e12, 5.0), "base-0.6": (2e12, 4.6), "base-1.6": (8e12, 4.1),
+        "staged-width": (2e12, 4.45), "staged-depth": (3e12, 4.2), "staged-both": (2e12, 3.9),
+        "slope-width": (2.5e12, 4.5), "slope-depth": (2e12, 4.7), "slope-both": (2e12, 4.6),
+        "abl-width-optreset": (2e12, 4.5), "abl-width-lrkeep": (2e12, 4.46), "abl-width-lrrestart": (2e12, 4.40),
+        "abl-width-nosym": (2e12, 4.6), "seed2-staged": (3e12, 4.4),
+        "seed2-base-0.6": (2e12, 4.62), "seed2-base-1": (4e12, 4.28),
+    }
+    for r in runs(spec, "data_cache/stdlib"):
+        plan = r.build({"lr": 0.005, "headline": "staged-depth"})
+        os.makedirs(out / "plans", exist_ok=True)
+        with open(out / "plans" / f"{r.name}.yaml", "w") as f:
+            yaml.safe_dump(plan, f)
+        flops, loss = finals[r.name]
+        names = [s["name"] for s in plan["stages"]]
+        for i, n in enumerate(names):
+            d = out / "runs" / r.name / n
+            os.makedirs(d)
+            f0, f1 = flops * i / len(names), flops * (i + 1) / len(names)
+            l1 = loss + 0.5 * (len(names) - 1 - i)
+            recs = [{"stage": n, "step": 10, "loss": l1 + 1.1, "tokens": 1, "flops": (f0 + f1) / 2, "time": 100.0 * i},
+                    {"stage": n, "step": 10, "eval_loss": l1 + 1.0, "tokens": 1, "flops": (f0 + f1) / 2, "at": "periodic", "time": 0},
+                    {"stage": n, "step": 20, "loss": l1 + 0.1, "tokens": 2, "flops": f1, "time": 100.0 * i + 50},
+                    {"stage": n, "step": 20, "eval_loss": l1, "tokens": 2, "flops": f1, "at": "stage_end", "time": 0}]
+            with open(d / "log.jsonl", "w") as f:
+                f.writelines(json.dumps(x) + "\n" for x in recs)
+            with open(d / "status.json", "w") as f:
+                json.dump({"state": "done", "step": 20}, f)
+    with open(out / "choices.json", "w") as f:
+        json.dump({"lr": 0.005, "lr_run": "sweep-lr0.005", "headline": "staged-depth"}, f)
+    return spec, out
+
+
+def test_report_from_synthetic_logs(tmp_path):
+    """The LR and headline choices from the logs, and the generated markdown: saving of
+    staged-width 1 - 2/2^1.5 = +29.3%, staged-depth (3e12 FLOPs, 4.2: baseline needs 4e12 x 2^0.5)
+    +47.0%, staged-both below the best baseline: "not reached"; the plot file is written."""
+    import subprocess
+    import sys
+
+    from megagrow.results.report import best_lr, headline, load_all
+
+    spec, out = _fake_experiment(tmp_path)
+    states = load_all(str(out), spec, "data_cache/stdlib")
+    assert best_lr(states) == (0.005, "sweep-lr0.005")
+    assert headline(states) == "staged-depth"
+    root = os.path.join(os.path.dirname(__file__), "..", "..")
+    md, png = tmp_path / "savings.md", tmp_path / "savings.png"
+    r = subprocess.run([sys.executable, os.path.join(root, "tools", "savings.py"), "report", "--out", str(out),
+                        "--md", str(md), "--png", str(png), "--json"], capture_output=True, text=True,
+                       env=dict(os.environ, PYTHONPATH=os.path.abspath(root)), timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.loads(r.stdout)
+    rows = {x["row"]["name"]: x["row"] for x in res["rows"]}
+    assert rows["staged-width"]["saving"] == pytest.approx(1 - 1 / math.sqrt(2), abs=1e-12)
+    assert rows["staged-depth"]["saving"] == pytest.approx(1 - 3 / (4 * math.sqrt(2)), abs=1e-12)
+    assert rows["staged-both"]["saving"] is None and rows["staged-both"]["delta_loss"] == pytest.approx(-0.7, abs=1e-12)
+    # second seed: read against the second seed's baselines (2e12, 4.62) and (4e12, 4.28)
+    need = 2e12 * 2 ** ((4.62 - 4.4) / (4.62 - 4.28))
+    assert rows["seed2-staged"]["saving"] == pytest.approx(1 - 3e12 / need, abs=1e-12)
+    text = md.read_text()
+    assert "All 19 runs complete." in text
+    assert "| staged-width | staged |" in text and "+29.3%" in text and "+47.0%" in text and "not reached" in text
+    assert "best 0.005, used for every run" in text and "`staged-depth`" in text
+    ab = {a["knob"]: a for a in res["ablations"]}
+    assert ab["lrrestart"]["delta"] == pytest.approx(4.40 - 4.45, abs=1e-12)
+    assert png.stat().st_size > 10_000
+
+
+def test_report_says_which_runs_are_incomplete(tmp_path):
+    import subprocess
+    import sys
+
+    spec, out = _fake_experiment(tmp_path)
+    for stage in ("small", "final"):
+        with open(out / "runs" / "abl-width-nosym" / stage / "status.json", "w") as f:
+            json.dump({"state": "running" if stage == "final" else "done", "step": 5}, f)
+    root = os.path.join(os.path.dirname(__file__), "..", "..")
+    md = tmp_path / "s.md"
+    r = subprocess.run([sys.executable, os.path.join(root, "tools", "savings.py"), "report", "--out", str(out),
+                        "--md", str(md), "--png", str(tmp_path / "s.png")], capture_output=True, text=True,
+                       env=dict(os.environ, PYTHONPATH=os.path.abspath(root)), timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    text = md.read_text()
+    assert "Runs complete: 18 of 19" in text and "abl-width-nosym" in text.split("Not complete")[1].splitlines()[0]
+    r = subprocess.run([sys.executable, os.path.join(root, "tools", "savings.py"), "report", "--out", str(tmp_path / "none")],
+                       capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=os.path.abspath(root)), timeout=300)
+    assert r.returncode == 2 and r.stderr.count("error:") == 1 and "Traceback" not in r.stderr
