@@ -6,7 +6,7 @@ CKPT is a stage's checkpoint directory (RUN/<stage>/checkpoints, holding `latest
 directory above it, or one tag directory inside it; any layout (TP, DP, ZeRO 1-3, fp32 or
 bf16 training). Only the fp32 master weights are read, tensor by tensor, through megagrow's
 shard-map reader (no optimizer state, no DeepSpeed engine, one process). OUT receives
-config.json (GPT2Config / LlamaConfig), model.safetensors, generation_config.json and the
+config.json (GPT2Config / LlamaConfig), model.safetensors, megagrow.json (the source) and the
 tokenizer (tokenizer.json + tokenizer_config.json, and tokenizer.model for a sentencepiece
 source), written to OUT.export-tmp and renamed at the end; an existing non-empty OUT is refused.
 The tokenizer is --tokenizer, else the plan's dataset tokenizer PREFIX.model (or
