@@ -192,16 +192,14 @@ def runs(spec: dict, data: str) -> list[RunSpec]:
         n = f"staged-{k}"
         out.append(RunSpec(n, "staged", sweep, lambda ctx, n=n, k=k: staged_plan(spec, n, k, ctx["lr"], s1, data),
                            {"chain": k, "seed": s1}))
+    for b in spec["headline_budgets"]:
+        n = f"seed2-base-{_fmt_budget(b)}"
+        out.append(RunSpec(n, "seed2-baseline", sweep, lambda ctx, n=n, b=b: baseline_plan(spec, n, b, ctx["lr"], s2, data),
+                           {"budget": b, "seed": s2}))
     for k in KINDS:
         n = f"slope-{k}"
         out.append(RunSpec(n, "slope", sweep, lambda ctx, n=n, k=k: staged_plan(spec, n, k, ctx["lr"], s1, data, slope=True),
                            {"chain": k, "seed": s1}))
-    base = spec["ablation_base"]
-    for key, (what, over) in ABLATIONS.items():
-        n = f"abl-{base}-{key}"
-        out.append(RunSpec(n, "ablation", sweep,
-                           lambda ctx, n=n, over=over: staged_plan(spec, n, base, ctx["lr"], s1, data, over=over),
-                           {"chain": base, "knob": key, "what": what, "of": f"staged-{base}", "seed": s1}))
     heads = [r.name for r in out if r.kind in ("baseline", "staged", "slope")] + sweep
 
     def seed2_staged(ctx):
@@ -210,10 +208,12 @@ def runs(spec: dict, data: str) -> list[RunSpec]:
         return staged_plan(spec, "seed2-staged", kind, ctx["lr"], s2, data, slope=slope)
 
     out.append(RunSpec("seed2-staged", "seed2-staged", heads, seed2_staged, {"seed": s2}))
-    for b in spec["headline_budgets"]:
-        n = f"seed2-base-{_fmt_budget(b)}"
-        out.append(RunSpec(n, "seed2-baseline", sweep, lambda ctx, n=n, b=b: baseline_plan(spec, n, b, ctx["lr"], s2, data),
-                           {"budget": b, "seed": s2}))
+    base = spec["ablation_base"]
+    for key, (what, over) in ABLATIONS.items():
+        n = f"abl-{base}-{key}"
+        out.append(RunSpec(n, "ablation", sweep,
+                           lambda ctx, n=n, over=over: staged_plan(spec, n, base, ctx["lr"], s1, data, over=over),
+                           {"chain": base, "knob": key, "what": what, "of": f"staged-{base}", "seed": s1}))
     return out
 
 
