@@ -390,6 +390,9 @@ class Stage(_Config):
     # end and around growth), over `eval_tokens` held-out tokens (0: no eval at all)
     eval_every: int = 0
     eval_tokens: int = 65536
+    # first stage only: start from a transformers model directory on disk ("hf:PATH"): its weights,
+    # fresh optimizer state, at this stage's layout (megagrow.hf; needs the `hf` extra)
+    init_from: Optional[str] = None
 
     def validate(self, where: str = "stage") -> None:
         _need(isinstance(self.name, str) and self.name.replace("_", "").replace("-", "").isalnum(), where, f"name must be alphanumeric (with - or _), got {self.name!r}")
@@ -401,6 +404,8 @@ class Stage(_Config):
             _need(_is_int(v) and v >= 0, where, f"{k} must be an integer >= 0, got {v!r}")
         self.layout.check_model(self.model, f"{where}.layout")
         _need(self.stop.min_steps <= self.steps, f"{where}.stop", f"min_steps {self.stop.min_steps} > steps {self.steps}")
+        _need(self.init_from is None or (self.init_from.startswith("hf:") and len(self.init_from) > 3), where,
+              f"init_from must be hf:PATH (a transformers model directory), got {self.init_from!r}")
 
 
 @dataclass(frozen=True)
@@ -460,6 +465,8 @@ class Plan(_Config):
         _need(_is_int(self.seed) and self.seed >= 0, where, "seed must be a non-negative integer")
         names = [s.name for s in self.stages]
         _need(len(set(names)) == len(names), where, f"stage names must be unique, got {names}")
+        later = [s.name for s in self.stages[1:] if s.init_from is not None]
+        _need(not later, where, f"only the first stage may have init_from (stage(s) {', '.join(later)} grow from the one before)")
 
     def stage(self, key: int | str) -> Stage:
         """A stage by 0-based index or by name."""
