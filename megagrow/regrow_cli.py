@@ -23,6 +23,7 @@ import shutil
 import sys
 import time
 
+from megagrow import faults
 from megagrow.errors import UserError, cli_entry
 
 
@@ -40,6 +41,9 @@ def _parser() -> argparse.ArgumentParser:
 
 @cli_entry
 def main(argv=None) -> int:
+    import signal
+
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, (signal.SIGUSR1, signal.SIGTERM))  # blocked by spawn_ranks
     args = _parser().parse_args(argv)
     from megagrow.config import load_plan
 
@@ -94,6 +98,7 @@ def main(argv=None) -> int:
         info = regrow(plan, k, src, tmp, args.grow, progress=(rank == 0 and not args.json))
         seal(tmp, info["tag"], checkpoint_meta(plan, k, info["step"], info["sample_offset"] + info["step"] * stage.layout.global_batch,
                                                source=f"{src.dir}/{src.tag}"), tp=stage.layout.tp)
+        faults.point("regrow.sealed", info["step"])
     except BaseException:
         if rank == 0:
             shutil.rmtree(tmp, ignore_errors=True)
