@@ -84,7 +84,13 @@ def _mark_failed(run_dir: str, stage: str, msg: str) -> None:
             with open(path) as f:
                 old = json.load(f)
         if isinstance(old, dict) and os.path.isdir(os.path.dirname(path)):
-            write_json_atomic(path, {**old, "state": "failed", "error": msg[:500], "time": time.time()})
+            new = {**old, "state": "failed", "error": msg[:300], "time": time.time()}
+            try:
+                write_json_atomic(path, new)
+            except OSError:  # disk full: rewrite in place (a small file keeps its blocks) rather than say "running"
+                with open(path, "r+") as f:
+                    f.write(json.dumps(new))
+                    f.truncate()
     except (OSError, ValueError):
         pass
 

@@ -6,7 +6,8 @@ Inert unless MEGAGROW_FAULT is set (one environment read per process), e.g.
 
 kills rank 1 right after it wrote its 2nd file of the checkpoint save at step 4. Keys:
   point  where (below); rank  the rank that dies (omitted: every rank that reaches it);
-  step   only at this step (the save's or the training step); n  for save.file: after the n-th file.
+  step   only at this step (the save's or the training step); n  for save.file: after the n-th file;
+  once   a marker file path: fire only if it does not exist yet (and create it), so a retry runs clean.
 Points: "step" (after a training step), "save.before", "save.file", "save.after" (a training
 save), "seal.checksummed" (a rank's own checksums done, before rank 0 gathers them),
 "seal.manifest" (rank 0: manifest written, `latest` not yet moved), "transition.regrown" (the
@@ -56,6 +57,12 @@ def point(name: str, step: int | None = None, n: int | None = None) -> None:
         return
     if spec.get("n") is not None and n != spec["n"]:
         return
+    once = spec.get("once")  # a marker file: the fault fires in one launch only (a retry then runs clean)
+    if once:
+        try:
+            os.close(os.open(once, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+        except FileExistsError:
+            return
     os.kill(os.getpid(), signal.SIGKILL)
 
 

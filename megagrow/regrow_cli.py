@@ -39,6 +39,19 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _verify_source(src) -> None:
+    """A sealed source must match its manifest (sizes and CRC-32); an unsealed one (an old
+    checkpoint, or one from elsewhere) is read as it is (SourceCheckpoint checks its structure)."""
+    from megagrow.state.manifest import MANIFEST, problems
+
+    tag_dir = os.path.join(src.dir, src.tag)
+    if os.path.exists(os.path.join(tag_dir, MANIFEST)):
+        bad = problems(tag_dir, deep=True)
+        if bad:
+            raise UserError(f"source checkpoint {tag_dir} failed verification: {bad[0]}"
+                            + (f" (+{len(bad) - 1} more)" if len(bad) > 1 else ""))
+
+
 @cli_entry
 def main(argv=None) -> int:
     import signal
@@ -59,6 +72,8 @@ def main(argv=None) -> int:
     from megagrow.state.executor import check_source
 
     src = SourceCheckpoint.open(args.src, args.tag)  # validates files and metadata first
+    if os.environ.get("RANK", "0") == "0" and not os.environ.get("MEGAGROW_REGROW_WORKER"):
+        _verify_source(src)
     same = check_source(plan, k, src)
     from megagrow.growth.ops import operator_between
 
@@ -69,7 +84,7 @@ def main(argv=None) -> int:
         from megagrow.procs import spawn_ranks, wait_ranks
 
         procs = spawn_ranks([sys.executable, "-m", "megagrow.regrow_cli", *(sys.argv[1:] if argv is None else argv)],
-                            stage.layout.world_size)
+                            stage.layout.world_size, env={**os.environ, "MEGAGROW_REGROW_WORKER": "1"})
         try:
             res = wait_ranks(procs, grace_s=60.0)
         except KeyboardInterrupt:

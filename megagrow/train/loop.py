@@ -190,7 +190,11 @@ def fp32_finite(optimizer) -> bool:
     """Every rank's fp32 master partition is finite (collective)."""
     from megagrow.state.executor import fp32_partitions
 
-    ok = all(bool(torch.isfinite(p).all()) for p in fp32_partitions(optimizer))
+    try:
+        tensors = fp32_partitions(optimizer)
+    except RuntimeError:  # no ZeRO flat partitions (zero_stage 0): the optimizer's own parameters
+        tensors = [p for g in optimizer.param_groups for p in g["params"]]
+    ok = all(bool(torch.isfinite(t).all()) for t in tensors)
     t = torch.tensor([1.0 if ok else 0.0])
     torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MIN)
     return bool(t.item() > 0)

@@ -49,7 +49,8 @@ def _check_train_trials(res: dict, n: int) -> None:
         assert t["resumed_at"] == t["expected_resume"], t
         assert t["mismatched"] == [] and t["losses_equal"], t
         survivors = [c for c in t["fault_codes"] if c != -9]
-        assert all(c == 74 for c in survivors), t  # a survivor stops with the one-line "lost contact" exit
+        # a survivor stops with the one-line "lost contact" exit, or finishes if the kill came after its last collective
+        assert all(c in (74, 0) for c in survivors), t
 
 
 def test_kill_during_training_saves_resumes_bitwise(data_prefix, tmp_path, request):
