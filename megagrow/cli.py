@@ -38,7 +38,9 @@ def _train(args) -> int:
     from megagrow.train import train_stage
 
     try:
-        return train_stage(plan, k, run_dir, stop_at=args.stop_at)
+        rc = train_stage(plan, k, run_dir, stop_at=args.stop_at)
+        _teardown()
+        return rc
     except UserError as e:
         if getattr(e, "stage_failed", False) or getattr(e, "exit_code", None) is not None:  # diverged, disk full
             _mark_failed(run_dir, plan.stages[k].name, str(e))
@@ -54,6 +56,16 @@ def _train(args) -> int:
         _mark_failed(run_dir, plan.stages[k].name, "lost contact with another rank")
         sys.stdout.flush()
         os._exit(EXIT_PEER_LOST)  # no teardown: destroying groups with a dead peer can block
+
+
+def _teardown() -> None:
+    """All ranks alive and done: leave the process group together, so no rank exits while its gloo
+    threads still talk to a peer that has already gone (seen as an abort at exit)."""
+    import torch
+
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
 
 
 def _peer_lost(e: BaseException) -> bool:

@@ -94,8 +94,12 @@ class Controller:
             "events": events[-200:],
             "updated": round(time.time(), 3),
         }
-        os.makedirs(self.run_dir, exist_ok=True)
-        write_json_atomic(RunPaths(self.run_dir).manifest, m)
+        try:
+            os.makedirs(self.run_dir, exist_ok=True)
+            write_json_atomic(RunPaths(self.run_dir).manifest, m)  # leaves no temp file when it fails
+        except OSError as e:
+            raise UserError(f"cannot write {RunPaths(self.run_dir).manifest} ({e.strerror or e}); the stages' "
+                            f"checkpoints are the truth: free space and run again") from None
         self.manifest = m
         return m
 
