@@ -42,8 +42,10 @@ def free_port() -> int:
 def init_distributed(layout: Layout) -> None:
     """Start torch.distributed (once) and megatron-core's TP/DP groups for `layout`."""
     import deepspeed
-    from megatron.core import parallel_state
 
+    from megagrow.nocompile import megatron_core
+
+    parallel_state = megatron_core().parallel_state
     rank, world, local_rank = _env_rank()
     layout.check_world(world)
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(local_rank))

@@ -39,13 +39,15 @@ def train_stage(plan: Plan, k: int, run_dir: str, stop_at: int | None = None, qu
     rank = torch.distributed.get_rank()
     dp_rank, dp_size = dp_rank_size()
     batches = Batches.open(plan, stage, dp_rank, dp_size)  # bad data fails before the engine is built
-    if k > 0 and not paths.has_checkpoint():
-        transition(plan, k, run_dir, quiet)
-    engine, optimizer = build_stage(plan, k)
+    grown = transition(plan, k, run_dir, quiet, keep_engine=True) if k > 0 and not paths.has_checkpoint() else None
+    if grown:  # train on from the grown engine: the same state a load of the checkpoint just saved gives
+        (engine, optimizer), rec = grown["engine"], grown["record"]
+    else:
+        engine, optimizer = build_stage(plan, k)
+        rec = StageRecord(plan, k)
     device = engine.device
 
-    rec = StageRecord(plan, k)
-    if paths.has_checkpoint():
+    if not grown and paths.has_checkpoint():
         _, cs = engine.load_checkpoint(paths.ckpt)
         rec = StageRecord.from_client_state(cs, paths.ckpt)
         rec.check_resumes(plan, k)
