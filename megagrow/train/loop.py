@@ -74,6 +74,7 @@ def train_stage(plan: Plan, k: int, run_dir: str, stop_at: int | None = None, qu
     engine.train()
     if stop.agreed(device):  # a signal that came during start-up
         save("preempted")
+        engine.destroy()
         return EXIT_PREEMPTED
     world = torch.distributed.get_world_size()
     while rec.step < end:
@@ -117,12 +118,14 @@ def train_stage(plan: Plan, k: int, run_dir: str, stop_at: int | None = None, qu
             save("preempted")
             if rank == 0 and not quiet:
                 print(f"[megagrow] signal received: saved stage {stage.name} at step {rec.step}, exiting {EXIT_PREEMPTED}", flush=True)
+            engine.destroy()
             return EXIT_PREEMPTED
         if rec.step % stage.save_every == 0 or rec.step == end:
             save("done" if rec.finished else "running")
     log.close()
     if rank == 0 and not quiet:
         print(f"[megagrow] stage {stage.name} at step {rec.step}: checkpoint {os.path.join(paths.ckpt, tag_of(rec.step))}", flush=True)
+    engine.destroy()  # frees the engine's buffers and hooks now (a process may train several stages)
     return EXIT_OK
 
 
