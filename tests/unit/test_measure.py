@@ -37,14 +37,15 @@ def _counted_train_flops_per_token(c: ModelConfig) -> float:
     return fc.get_total_flops() / x.numel()
 
 
-@pytest.mark.parametrize("flavour,tie,head_dim", [("gpt2", True, None), ("llama", False, None), ("gpt2", False, 24)])
-def test_flop_formulas_match_flops_counted_on_the_model(flavour, tie, head_dim):
+@pytest.mark.parametrize("flavour,tie,head_dim,kv", [("gpt2", True, None, None), ("llama", False, None, None),
+                                                     ("gpt2", False, 24, None), ("llama", True, None, 2)])
+def test_flop_formulas_match_flops_counted_on_the_model(flavour, tie, head_dim, kv):
     """Megatron-LM's formula == FLOPs torch counts in forward + backward of the real model, exactly
     (it counts every weight GEMM, the logit GEMM and the attention matmuls); megagrow's convention
     == that count - the logit GEMM (6 V d) + 6 x (the bias and norm parameters, which megagrow's
     6N counts and the GEMM count does not)."""
     c = ModelConfig(flavour=flavour, n_layers=2, d_model=64, n_heads=4, head_dim=head_dim, vocab_size=300, seq_len=48,
-                    tie_embeddings=tie)
+                    tie_embeddings=tie, n_kv_heads=kv)
     counted = _counted_train_flops_per_token(c)
     assert megatron_flops_per_token(c) == pytest.approx(counted, rel=1e-12)
     from megagrow.model.gpt import build_model
