@@ -72,7 +72,7 @@ class PlainLoop:
         from megagrow.model.gpt import build_model
         from megagrow.parallel.engine import param_groups
         from megagrow.schedule.lr import LRSchedule
-        from megagrow.train import Batches
+        from megagrow.data.batches import Batches
 
         self.plan = single_process_stage(plan, k)
         self.stage = self.plan.stages[k]
@@ -85,7 +85,7 @@ class PlainLoop:
         self.step_i = 0
 
     def step(self) -> float:
-        from megagrow.train import dropout_seed
+        from megagrow.data.batches import dropout_seed
 
         for g in self.opt.param_groups:
             g["lr"] = self.sched(self.step_i)
@@ -119,7 +119,7 @@ class SyntheticBatches:
 
 
 def _batches(plan: Plan, stage: Stage, dp_rank: int, dp_size: int, synthetic: bool):
-    from megagrow.train import Batches
+    from megagrow.data.batches import Batches
 
     return SyntheticBatches(stage, dp_rank, dp_size, plan.seed) if synthetic else Batches.open(plan, stage, dp_rank, dp_size)
 
@@ -153,7 +153,7 @@ class MegagrowLoop:
     def __init__(self, plan: Plan, k: int, synthetic: bool, timer: _Timer):
         from megagrow.parallel.groups import dp_rank_size
         from megagrow.schedule.lr import LRSchedule
-        from megagrow.train import build
+        from megagrow.parallel.engine import build_stage as build
 
         self.plan, self.stage = plan, plan.stages[k]
         self.engine, self.optimizer = build(plan, k)
@@ -167,7 +167,7 @@ class MegagrowLoop:
 
     def step(self) -> torch.Tensor:
         from megagrow.parallel.engine import set_lr
-        from megagrow.train import dropout_seed
+        from megagrow.data.batches import dropout_seed
 
         L, tm = self.stage.layout, self.timer
         set_lr(self.optimizer, self.sched(self.i))
@@ -238,7 +238,7 @@ class PlainDDPLoop:
     def step(self) -> torch.Tensor:
         import contextlib
 
-        from megagrow.train import dropout_seed
+        from megagrow.data.batches import dropout_seed
 
         L, o, tm = self.stage.layout, self.stage.optim, self.timer
         for g in self.opt.param_groups:
@@ -469,8 +469,9 @@ def bench_transition(plan: Plan, k: int, synthetic: bool) -> dict:
     """Transition into stage k (save k-1, grow + reshard, build + load k, first step) vs a
     same-layout save + resume of stage k, each phase timed (slowest rank)."""
     from megagrow.parallel.groups import init_distributed
-    from megagrow.train import StageState, client_state, tag_of
-    from megagrow.train import transition as do_transition
+    from megagrow.paths import tag_of
+    from megagrow.state.record import StageRecord
+    from megagrow.train.transition import transition as do_transition
 
     if k < 1:
         raise UserError("--transition needs a stage that grows from a previous one (--stage 1 or later)")
@@ -499,8 +500,7 @@ def bench_transition(plan: Plan, k: int, synthetic: bool) -> dict:
         return os.path.join(root, p.stages[i].name, "checkpoints")
 
     def save(engine, p: Plan, i: int, step: int):
-        st = StageState(step=step)
-        engine.save_checkpoint(stage_dir(p, i), tag=tag_of(step), client_state=client_state(p, i, st, None))
+        engine.save_checkpoint(stage_dir(p, i), tag=tag_of(step), client_state=StageRecord(p, i, step=step).to_client_state())
 
     try:
         # transition path
@@ -520,7 +520,7 @@ def bench_transition(plan: Plan, k: int, synthetic: bool) -> dict:
         lp.step()
         rdir = os.path.join(root, "resume")
         timed("resume", "save", lambda: lp.engine.save_checkpoint(rdir, tag=tag_of(1),
-                                                                  client_state=client_state(src_plan, k, StageState(step=1), None)))
+                                                                  client_state=StageRecord(src_plan, k, step=1).to_client_state()))
         lp.close()
         eng = timed("resume", "build_load", lambda: _build_load(src_plan, k, rdir))
         timed("resume", "first_step", lambda: _first_step(eng, src_plan, k, synthetic))
@@ -536,7 +536,7 @@ def bench_transition(plan: Plan, k: int, synthetic: bool) -> dict:
 
 
 def _build_load(plan: Plan, k: int, ckpt: str):
-    from megagrow.train import build
+    from megagrow.parallel.engine import build_stage as build
 
     engine, _ = build(plan, k)
     engine.load_checkpoint(ckpt)
@@ -645,7 +645,7 @@ def main(argv=None) -> int:
     rank, world, _ = _env_rank()
     plans = [row_plan(plan, k, over, world) for over in grid]  # every row checked before any runs
     if not args.synthetic:
-        from megagrow.train import Batches
+        from megagrow.data.batches import Batches
 
         Batches.open(plan, plan.stages[k], 0, 1)  # a missing dataset is an error before any engine
     rows = []

@@ -111,8 +111,8 @@ def main(argv=None) -> int:
         written = sum(os.path.getsize(os.path.join(dp, f)) for dp, _, fs in os.walk(out) for f in fs)
         summary = {
             "out": out, "stage": stage.name, "layout": stage.layout.to_dict(), "op": info["op"], "tag": info["tag"],
-            "source": {"dir": src.dir, "tag": src.tag, "stage": src.client["stage"]["name"],
-                       "layout": src.client["stage"]["layout"], "bytes": sum(os.path.getsize(f) for f in src.files())},
+            "source": {"dir": src.dir, "tag": src.tag, "stage": src.record.stage.name,
+                       "layout": src.record.stage.layout.to_dict(), "bytes": sum(os.path.getsize(f) for f in src.files())},
             "bytes_read_per_rank": [int(t[0]) for t in allr],
             "state_bytes_per_rank": [int(t[1]) for t in allr],
             "peak_rss_bytes_per_rank": [int(t[2]) for t in allr],

@@ -27,3 +27,23 @@ def install_early(signals=STOP_SIGNALS) -> None:
 def early_signal() -> int | None:
     """The first stop signal received before the trainer's own handlers, if any."""
     return _pending[0] if _pending else None
+
+
+class StopFlag:
+    """Signal handlers only set this flag; ranks agree on it at step boundaries (the trainer
+    folds the vote into its one per-step all-reduce; `agreed` is the stand-alone vote)."""
+
+    def __init__(self, signals=STOP_SIGNALS):
+        self.raised: int | None = early_signal()  # one caught while torch was still importing
+        for s in signals:
+            signal.signal(s, self._handler)
+
+    def _handler(self, signum, frame):
+        self.raised = signum
+
+    def agreed(self, device) -> bool:
+        import torch
+
+        t = torch.tensor([1.0 if self.raised else 0.0], device=device)
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+        return bool(t.item() > 0)

@@ -57,7 +57,8 @@ def main(argv=None) -> int:
     from megagrow.parallel.engine import param_groups, set_lr
     from megagrow.parallel.groups import init_distributed
     from megagrow.schedule.lr import LRSchedule
-    from megagrow.train import Batches, build, dropout_seed
+    from megagrow.data.batches import Batches, dropout_seed
+    from megagrow.parallel.engine import build_stage as build
 
     plan = load_plan(args.plan)
     if args.data:

@@ -45,7 +45,8 @@ from megagrow.bench import single_process_stage
 from megagrow.config import load_plan
 from megagrow.parallel.engine import set_lr
 from megagrow.parallel.groups import init_distributed
-from megagrow.train import Batches, build
+from megagrow.data.batches import Batches
+from megagrow.parallel.engine import build_stage as build
 plan = single_process_stage(load_plan(sys.argv[1]), 0); st = plan.stages[0]
 init_distributed(st.layout); engine, opt = build(plan, 0); b = Batches.open(plan, st, 0, 1)
 def step(i):

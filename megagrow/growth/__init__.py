@@ -1,4 +1,4 @@
-"""Growth operators as declarative maps on logical global tensors (DESIGN decision 4).
+"""Growth operators as declarative maps on logical global tensors (docs/design.md).
 
 - megagrow.growth.maps: boxes and pieces (Copy / Fill / Noise), TensorMap, apply
 - megagrow.growth.ops: the operators (Width, Depth, Stack, FFN, Identity; Heads pending a

@@ -13,7 +13,7 @@ import os
 
 import torch
 
-from megagrow.config import Stage
+from megagrow.config import Plan, Stage
 from megagrow.errors import UserError
 from megagrow.parallel.groups import MPU
 
@@ -88,6 +88,20 @@ def build_engine(model: torch.nn.Module, stage: Stage):
         model=model, model_parameters=param_groups(model, stage.optim.weight_decay), config=cfg, mpu=MPU()
     )
     return engine, optimizer
+
+
+DTYPE = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def build_stage(plan: Plan, k: int, init: bool = True):
+    """Model and DeepSpeed engine for stage k of `plan` (process groups already initialised).
+    init=False skips drawing initial weights (the caller overwrites every one of them)."""
+    from megagrow.model.gpt import GPT, build_model
+
+    stage = plan.stages[k]
+    dtype = DTYPE[stage.layout.dtype]
+    model = build_model(stage.model, plan.seed, dtype) if init else GPT(stage.model, dtype)
+    return build_engine(model, stage)
 
 
 def set_lr(optimizer, lr: float) -> None:

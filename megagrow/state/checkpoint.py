@@ -21,6 +21,7 @@ Files are opened with torch.load(mmap=True): slicing a flat tensor reads only th
 
 from __future__ import annotations
 
+import functools
 import glob
 import math
 import os
@@ -31,6 +32,7 @@ import torch
 from megagrow.config import ModelConfig, Plan, Stage
 from megagrow.errors import UserError
 from megagrow.model.gpt import partition_dim
+from megagrow.state.record import StageRecord
 
 STATE_KEYS = {"w": None, "m": "exp_avg", "v": "exp_avg_sq"}
 
@@ -154,13 +156,17 @@ class SourceCheckpoint:
                     raise UserError(f"{self.dir}/{self.tag}: {name} has {got} of {n} elements on TP rank {t}: incomplete checkpoint")
 
     # ---------------------------------------------------------------- metadata
+    @functools.cached_property
+    def record(self) -> StageRecord:
+        return StageRecord.from_client_state(self.client, os.path.join(self.dir, self.tag))
+
     @property
     def stage(self) -> Stage:
-        return Stage.from_dict(self.client["stage"], "checkpoint stage")
+        return self.record.stage
 
     @property
     def plan(self) -> Plan:
-        return Plan.from_dict(self.client["plan"], "checkpoint plan")
+        return self.record.plan
 
     @property
     def model(self) -> ModelConfig:

@@ -1,4 +1,4 @@
-"""Shard-to-shard growth and resharding (DESIGN decision 5).
+"""Shard-to-shard growth and resharding.
 
 Each rank of the new layout B builds its DeepSpeed engine for the new model, asks DeepSpeed
 which fragment of which parameter it owns (ZeRO-1/2 and bf16: `param._hp_mapping`;
@@ -20,6 +20,7 @@ import torch
 from megagrow.config import Plan
 from megagrow.errors import UserError
 from megagrow.model.gpt import partition_dim
+from megagrow.paths import tag_of
 from megagrow.state.checkpoint import STATE_KEYS, SourceCheckpoint
 
 
@@ -148,7 +149,7 @@ def check_source(plan: Plan, k: int, src: SourceCheckpoint) -> bool:
     """The source must be stage k itself (pure resharding: returns True) or stage k-1 of this
     plan (growth into stage k: returns False), judged by stage name and model config."""
     stage = plan.stages[k]
-    name, model = src.client["stage"]["name"], src.model
+    name, model = src.record.stage.name, src.model
     if name == stage.name and model == stage.model:
         return True
     if k > 0 and name == plan.stages[k - 1].name and model == plan.stages[k - 1].model:
@@ -167,7 +168,7 @@ def regrow(plan: Plan, k: int, src: SourceCheckpoint, out_dir: str, spec: str | 
     `spec`, or of stage k itself: pure resharding), and save it in `out_dir` with DeepSpeed.
     Process groups must be initialised for stage k's layout."""
     from megagrow.growth.ops import operator_between, plan_growth
-    from megagrow.train import StageState, build, client_state, tag_of
+    from megagrow.parallel.engine import build_stage
 
     stage = plan.stages[k]
     old_model = src.model
@@ -177,35 +178,34 @@ def regrow(plan: Plan, k: int, src: SourceCheckpoint, out_dir: str, spec: str | 
     gp = plan_growth(op, old_model, stage.model)
     reset = not same_stage and stage.growth.optimizer_state == "reset"  # stage.growth: the plan's ablation knobs
     t = [time.perf_counter()]
-    engine, optimizer = build(plan, k, init=False)  # every weight is written below
+    engine, optimizer = build_stage(plan, k, init=False)  # every weight is written below
     init_optimizer_state(engine, optimizer)
     t.append(time.perf_counter())
     info = fill_engine(engine, gp.tensors, src, plan.seed, progress, reset_optimizer=reset)
     t.append(time.perf_counter())
-    c = src.client
-    if same_stage:  # a resume at a new layout: the stage goes on where it stopped
-        st = StageState(step=c["step"], sample_offset=c["sample_offset"], lr_offset=c["lr_offset"], rewarmup=c["rewarmup"])
+    src_rec = src.record
+    if same_stage:  # a resume at a new layout: the stage goes on where it stopped, every field kept
+        rec = src_rec.resharded(plan, k)
     else:  # a new stage: its step 0 continues the data stream; LR placement from the operator
-        lr_offset, rewarmup = lr_placement(op, c, stage)
-        st = StageState(step=0, sample_offset=c["sample_index"], lr_offset=lr_offset, rewarmup=rewarmup)
-    engine.global_steps = st.step
-    engine.save_checkpoint(out_dir, tag=tag_of(st.step), client_state=client_state(plan, k, st, c.get("loss")))
+        rec = src_rec.grown(plan, k, *lr_placement(op, src_rec.lr_offset + src_rec.step, stage))
+    engine.global_steps = rec.step
+    engine.save_checkpoint(out_dir, tag=tag_of(rec.step), client_state=rec.to_client_state())
     torch.distributed.barrier()
     t.append(time.perf_counter())
     del engine, optimizer
-    info.update(op=op.describe() if hasattr(op, "describe") else str(op), step=st.step, sample_offset=st.sample_offset,
-                bytes_read=src.bytes_read, tag=tag_of(st.step),
+    info.update(op=op.describe() if hasattr(op, "describe") else str(op), step=rec.step, sample_offset=rec.sample_offset,
+                bytes_read=src.bytes_read, tag=tag_of(rec.step),
                 phase_seconds={"engine": t[1] - t[0], "fill": t[2] - t[1], "save": t[3] - t[2]})
     return info
 
 
-def lr_placement(op, client: dict, stage) -> tuple[int, int]:
-    """(schedule offset, re-warmup steps) of the grown stage, by `stage.optim.lr_placement`:
+def lr_placement(op, pos: int, stage) -> tuple[int, int]:
+    """(schedule offset, re-warmup steps) of the grown stage, from the source stage's schedule
+    position `pos` (its lr_offset + step), by `stage.optim.lr_placement`:
     "paper" places it at the big model's equivalent step, the source's schedule position / c
     (the operator's paper constant: 1.776 width x2, 1.412 depth x2; operators without one keep
     the position); "keep" keeps the position; "restart" starts the schedule again at 0."""
     o = stage.optim
-    pos = client["lr_offset"] + client["step"]
     if o.lr_placement == "restart":
         return 0, o.rewarmup_steps
     c = getattr(op, "paper_c", None)

@@ -1,4 +1,4 @@
-"""Shard-to-shard resharding and growth between layouts (DESIGN decision 5), on CPU/gloo."""
+"""Shard-to-shard resharding and growth between layouts, on CPU/gloo."""
 
 from __future__ import annotations
 

@@ -49,3 +49,28 @@ def test_slope_rule_ends_a_stage_early_and_the_plan_goes_on(tmp_path, data_prefi
     with open(os.path.join(run, "manifest.json")) as f:
         m = json.load(f)
     assert m["state"] == "done" and [s["state"] for s in m["stages"]] == ["done", "done"]
+
+    # the stage record survives save -> reshard -> resume: every field equal (final_step included,
+    # so the resharded stage does not train on to `steps`), only the layout changes
+    from megagrow.state.checkpoint import SourceCheckpoint
+
+    d2 = dict(d, stages=[dict(d["stages"][0], layout={"tp": 2, "dp": 1, "zero_stage": 1, "micro_batch": 8})])
+    plan2_path = tmp_path / "slope_tp2.yaml"
+    plan2_path.write_text(yaml.safe_dump(d2, sort_keys=False))
+    out = tmp_path / "run2" / "small" / "checkpoints"
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=0",
+                        "--rdzv_backend=c10d", "--rdzv_endpoint=127.0.0.1:0", os.path.join(REPO, "tools", "regrow.py"),
+                        "--src", os.path.join(run, "small", "checkpoints"), "--plan", str(plan2_path), "--to-stage", "small",
+                        "--out", str(out), "--json"], capture_output=True, text=True, env=_env(), cwd=REPO, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    a = SourceCheckpoint.open(os.path.join(run, "small", "checkpoints")).record
+    b = SourceCheckpoint.open(str(out)).record
+    assert a.final_step == end and b.final_step == end
+    assert b.stage.layout.tp == 2 and b.stage.model == a.stage.model
+    assert b.replace(plan=a.plan) == a  # step, sample offset/index, lr offset, rewarmup, final step, loss
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=0",
+                        "--rdzv_backend=c10d", "--rdzv_endpoint=127.0.0.1:0", "-m", "megagrow.cli", "train", str(plan2_path),
+                        "--stage", "small", "--run-dir", str(tmp_path / "run2"), "--data", data_prefix],
+                       capture_output=True, text=True, env=_env(), cwd=REPO, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert f"resumed stage small at step {end}" in r.stdout and "step 13/" not in r.stdout and f"step {end + 1}/" not in r.stdout

@@ -57,7 +57,7 @@ def logical_grads(model, tp: int) -> dict:
 def tp_equiv(prefix: str, out: str) -> dict:
     """Loss and logical grads at TP=1 vs TP=2, same seed, same batch, both flavours."""
     from megagrow.model.gpt import build_model
-    from megagrow.train import Batches
+    from megagrow.data.batches import Batches
 
     res = {}
     for flavour, tie in (("gpt2", True), ("llama", False), ("llama", True), ("llama_gqa", False), ("llama_mqa", True)):
@@ -198,7 +198,7 @@ def reshard(prefix: str, out: str) -> dict:
 
 def _eval_loss(plan: Plan, k: int, ckpt_dir: str, x, y, tag=None) -> float:
     """Loss of stage k's checkpoint on batch (x, y), loaded in a plain DeepSpeed engine at its layout."""
-    from megagrow.train import build
+    from megagrow.parallel.engine import build_stage as build
 
     init_distributed(plan.stages[k].layout)
     engine, _ = build(plan, k)
@@ -215,7 +215,8 @@ def grow(prefix: str, out: str) -> dict:
     from megagrow.growth.maps import apply_map
     from megagrow.growth.ops import operator_between
     from megagrow.state.checkpoint import SourceCheckpoint
-    from megagrow.train import Batches, train_stage
+    from megagrow.data.batches import Batches
+    from megagrow.train import train_stage
 
     cases = [
         ("width", dict(d_model=128, n_heads=8), dict(tp=1, dp=2, zero_stage=2), dict(tp=2, dp=1, zero_stage=3)),

@@ -43,7 +43,7 @@ def test_lr_placement_after_growth():
     from megagrow.growth.ops import FFN, Depth, Width
     from megagrow.state.executor import lr_placement
 
-    client = {"lr_offset": 50, "step": 150}  # schedule position 200
+    client = 50 + 150  # the source's schedule position: lr_offset 50 + step 150
     st = lambda how: Stage(optim=OptimConfig(lr_placement=how, rewarmup_steps=20))  # noqa: E731
     assert lr_placement(Width(2), client, st("paper")) == (112, 20)  # floor(200 / 1.776)
     assert lr_placement(Depth(2), client, st("paper")) == (141, 20)  # floor(200 / 1.412)

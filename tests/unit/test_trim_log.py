@@ -2,7 +2,7 @@
 
 import json
 
-from megagrow.train import trim_log
+from megagrow.train.log import trim_log
 
 
 def test_trim_log_keeps_steps_up_to_the_checkpoint(tmp_path):

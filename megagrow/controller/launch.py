@@ -1,0 +1,270 @@
+"""The controller's loop: launch each stage at its layout (locally one process per rank, under
+Slurm srun on the allocation's first hosts), forward signals, hand a stage that needs more nodes
+on to a dependent job, and keep the manifest."""
+
+from __future__ import annotations
+
+import os
+import shlex
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import asdict
+
+from megagrow.config import Plan
+from megagrow.controller.allocation import Allocation, Placement, place
+from megagrow.controller.progress import next_action, read_json, read_manifest, read_progress
+from megagrow.errors import EXIT_OK, EXIT_PREEMPTED, EXIT_USER_ERROR, UserError
+from megagrow.fsutil import write_json_atomic
+from megagrow.paths import RunPaths
+
+EXIT_FAILED = 1
+
+
+def master_port(job_id: str | None, launch: int) -> int:
+    """Under Slurm: 20000 + 10 x (job id mod 4000) + (launch number mod 10): the same for every
+    rank of a launch, different for jobs that may share a node, and for consecutive launches."""
+    return 20000 + 10 * (int(job_id) % 4000) + launch % 10
+
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _rc(code: int) -> int:
+    return 128 - code if code < 0 else code  # Popen: -N means killed by signal N
+
+
+def _clean_env(drop_slurm_step: bool = False) -> dict:
+    env = dict(os.environ)
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "GROUP_RANK"):
+        env.pop(k, None)
+    if drop_slurm_step:
+        for k in ("SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID", "SLURM_NPROCS"):
+            env.pop(k, None)
+    return env
+
+
+class Controller:
+    def __init__(self, plan: Plan, plan_path: str, run_dir: str, alloc: Allocation, data: str | None = None,
+                 grace_s: float = 60.0, out=None):
+        self.plan, self.plan_path, self.run_dir, self.alloc = plan, os.path.abspath(plan_path), run_dir, alloc
+        self.data = data
+        self.grace_s = grace_s
+        self.out = out or sys.stdout
+        self.stop: int | None = None
+        self.procs: list[subprocess.Popen] = []
+        self.launches = 0
+        self.manifest = read_manifest(run_dir) or {}
+
+    # ---- output and manifest
+    def say(self, msg: str) -> None:
+        print(f"[megagrow run] {msg}", file=self.out, flush=True)
+
+    def write_manifest(self, state: str, current: dict | None = None, event: dict | None = None) -> dict:
+        progress = read_progress(self.plan, self.run_dir)
+        stages = [asdict(p) for p in progress]
+        for s in stages:
+            s.pop("partial", None)
+            if current and s["index"] == current.get("stage_index") and state == "running":
+                s["state"] = "growing" if current.get("action") == "grow" and s["checkpoint"] is None else "running"
+            if current and s["index"] == current.get("stage_index") and state == "failed":
+                s["state"] = "failed"
+        events = list(self.manifest.get("events", []))
+        if event:
+            events.append({"time": round(time.time(), 3), **event, **self._job()})
+        m = {
+            "format": 1,
+            "plan_file": self.plan_path,
+            "plan": self.plan.to_dict(),
+            "run_dir": os.path.abspath(self.run_dir),
+            "state": state,
+            "current": current,
+            "stages": stages,
+            "allocation": {"kind": self.alloc.kind, "hosts": list(self.alloc.hosts), "tasks_per_node": self.alloc.tasks_per_node,
+                           "job_id": self.alloc.job_id, "restart_count": self.alloc.restart_count},
+            "events": events[-200:],
+            "updated": round(time.time(), 3),
+        }
+        os.makedirs(self.run_dir, exist_ok=True)
+        write_json_atomic(RunPaths(self.run_dir).manifest, m)
+        self.manifest = m
+        return m
+
+    def _job(self) -> dict:
+        return {"job_id": self.alloc.job_id, "restart": self.alloc.restart_count} if self.alloc.kind == "slurm" else {"pid": os.getpid()}
+
+    # ---- signals
+    def install_signals(self) -> None:
+        for s in (signal.SIGUSR1, signal.SIGTERM):
+            signal.signal(s, self._on_signal)
+
+    def _on_signal(self, signum, frame) -> None:
+        first = self.stop is None
+        self.stop = signum
+        if first:
+            print(f"[megagrow run] {signal.Signals(signum).name}: asking the running stage to save", file=self.out, flush=True)
+        self._forward()
+
+    def _forward(self) -> None:
+        for p in self.procs:
+            if p.poll() is None:
+                try:
+                    p.send_signal(signal.SIGUSR1)
+                except OSError:
+                    pass
+
+    # ---- one stage
+    def train_cmd(self, k: int) -> list[str]:
+        cmd = [sys.executable, "-m", "megagrow.cli", "train", self.plan_path, "--stage", str(k), "--run-dir", self.run_dir]
+        if self.data:
+            cmd += ["--data", self.data]
+        return cmd
+
+    def launch(self, k: int, pl: Placement) -> int:
+        """Run stage k's ranks to their end; returns 0, 75 or a failure code."""
+        self.launches += 1
+        if self.alloc.kind == "slurm":
+            return self._launch_srun(k, pl)
+        return self._launch_local(k, pl)
+
+    def _launch_local(self, k: int, pl: Placement) -> int:
+        port = str(_free_port())
+        self.procs = []
+        for r in range(pl.ntasks):
+            env = _clean_env(drop_slurm_step=True)
+            env.update(RANK=str(r), WORLD_SIZE=str(pl.ntasks), LOCAL_RANK=str(r), MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
+            self.procs.append(subprocess.Popen(self.train_cmd(k), env=env))
+        if self.stop:
+            self._forward()
+        return self._wait_all()
+
+    def _launch_srun(self, k: int, pl: Placement) -> int:
+        env = _clean_env(drop_slurm_step=True)
+        env.update(MASTER_ADDR=pl.hosts[0], MASTER_PORT=str(master_port(self.alloc.job_id, self.launches)))
+        cmd = ["srun", f"--nodes={pl.nodes}", f"--ntasks={pl.ntasks}", f"--ntasks-per-node={pl.tasks_per_node}",
+               f"--nodelist={','.join(pl.hosts)}", "--distribution=block", f"--wait={int(self.grace_s)}",
+               "--kill-on-bad-exit=0", f"--job-name={self.plan.stages[k].name}"]
+        if os.environ.get("SLURM_CPUS_PER_TASK"):  # srun does not inherit sbatch's --cpus-per-task (Slurm >= 22.05)
+            cmd.append(f"--cpus-per-task={os.environ['SLURM_CPUS_PER_TASK']}")
+        cmd += self.train_cmd(k)
+        self.say(f"srun on {','.join(pl.hosts)}: {pl.ntasks} ranks, MASTER_ADDR={pl.hosts[0]} MASTER_PORT={env['MASTER_PORT']}")
+        self.procs = [subprocess.Popen(cmd, env=env)]
+        if self.stop:
+            self._forward()
+        return self._wait_all()
+
+    def _wait_all(self) -> int:
+        """Wait for every process; when one fails (not 0, not 75), give the others `grace_s`
+        to finish by themselves, then terminate them (a rank left alone blocks in a collective)."""
+        failed_at = None
+        while True:
+            codes = [p.poll() for p in self.procs]
+            if all(c is not None for c in codes):
+                break
+            bad = [c for c in codes if c is not None and _rc(c) not in (EXIT_OK, EXIT_PREEMPTED)]
+            if bad and failed_at is None:
+                failed_at = time.time()
+            if failed_at is not None and time.time() - failed_at > self.grace_s:
+                for p in self.procs:
+                    if p.poll() is None:
+                        p.kill()
+            time.sleep(0.1)
+        codes = [_rc(p.returncode) for p in self.procs]
+        self.procs = []
+        bad = [c for c in codes if c not in (EXIT_OK, EXIT_PREEMPTED)]
+        if bad:
+            return bad[0]
+        return EXIT_PREEMPTED if EXIT_PREEMPTED in codes else EXIT_OK
+
+    # ---- dependent job
+    def submit_dependent(self, k: int, pl: Placement) -> str:
+        a = self.alloc
+        if not a.script:
+            raise UserError(f"stage {self.plan.stages[k].name!r} needs {pl.nodes} nodes, this job has {a.nodes}, and the "
+                            f"batch script is unknown (MEGAGROW_SBATCH_SCRIPT); submit it with --nodes={pl.nodes}")
+        env = {k2: v for k2, v in os.environ.items() if not k2.startswith("SLURM_") or k2 == "SLURM_CONF"}
+        env.update(MEGAGROW_PLAN=self.plan_path, MEGAGROW_RUN_DIR=os.path.abspath(self.run_dir))
+        if self.data:
+            env["MEGAGROW_DATA"] = os.path.abspath(self.data)
+        cmd = ["sbatch", "--parsable", f"--dependency=afterok:{a.job_id}", f"--nodes={pl.nodes}",
+               f"--ntasks-per-node={a.tasks_per_node}"]
+        if a.gpus_per_node:
+            cmd.append(f"--gpus-per-node={a.gpus_per_node}")
+        if os.environ.get("SLURM_JOB_NAME"):
+            cmd.append(f"--job-name={os.environ['SLURM_JOB_NAME']}")
+        if os.environ.get("SLURM_SUBMIT_DIR"):
+            cmd.append(f"--chdir={os.environ['SLURM_SUBMIT_DIR']}")
+        cmd += shlex.split(os.environ.get("MEGAGROW_SBATCH_ARGS", ""))  # e.g. --output=..., --partition=...
+        cmd.append(a.script)
+        r = subprocess.run(cmd, capture_output=True, text=True, env=env)
+        if r.returncode != 0:
+            raise RuntimeError(f"sbatch failed ({r.returncode}): {r.stderr.strip()}")
+        return r.stdout.strip().split(";")[0]
+
+    # ---- the loop
+    def run(self) -> int:
+        plan = self.plan
+        self.say(f"plan {plan.name}: {len(plan.stages)} stages, run dir {self.run_dir}, "
+                 + (f"slurm job {self.alloc.job_id} (restart {self.alloc.restart_count}) on {','.join(self.alloc.hosts)}, "
+                    f"{self.alloc.tasks_per_node} ranks/node" if self.alloc.kind == "slurm"
+                    else f"local, up to {self.alloc.tasks_per_node} processes"))
+        last = None
+        while True:
+            progress = read_progress(plan, self.run_dir)
+            act = next_action(plan, progress)
+            if act.kind == "done":
+                self.write_manifest("done", None, {"event": "done"} if self.manifest.get("state") != "done" else None)
+                self.say("plan done: " + ", ".join(f"{p.name} {p.step}/{p.steps}" for p in progress))
+                return EXIT_OK
+            if self.stop:
+                self.write_manifest("preempted", None, {"event": "preempted", "stage": plan.stages[act.stage].name})
+                self.say(f"stopping before the next launch ({act.describe(plan)}): exit {EXIT_PREEMPTED}")
+                return EXIT_PREEMPTED
+            k = act.stage
+            stage = plan.stages[k]
+            if last == (k, act.resume_step, act.kind):
+                self.write_manifest("failed", {"stage_index": k, "stage": stage.name, "action": act.kind},
+                                    {"event": "no_progress", "stage": stage.name})
+                self.say(f"stage {stage.name} made no progress in its last launch; giving up")
+                return EXIT_FAILED
+            last = (k, act.resume_step, act.kind)
+            pl = place(stage, self.alloc)
+            if not pl.fits:
+                job = self.submit_dependent(k, pl)
+                self.write_manifest("handed_off", {"stage_index": k, "stage": stage.name, "action": act.kind, "next_job": job},
+                                    {"event": "dependent_job", "stage": stage.name, "next_job": job, "nodes": pl.nodes})
+                self.say(f"stage {stage.name} needs {pl.nodes} nodes, this job has {self.alloc.nodes}: "
+                         f"submitted job {job} (--dependency=afterok:{self.alloc.job_id} --nodes={pl.nodes}); exit 0")
+                return EXIT_OK
+            for path in act.discard:
+                self.say(f"discarding a half-written transition output: {path}")
+                shutil.rmtree(path, ignore_errors=True)
+            current = {"stage_index": k, "stage": stage.name, "action": act.kind, "layout": stage.layout.to_dict(),
+                       "hosts": list(pl.hosts), "ntasks": pl.ntasks, "started": round(time.time(), 3)}
+            self.write_manifest("running", current, {"event": "launch", "stage": stage.name, "action": act.kind,
+                                                     "from_step": act.resume_step, "hosts": list(pl.hosts)})
+            self.say(f"{act.describe(plan)} at tp {stage.layout.tp} x dp {stage.layout.dp} zero {stage.layout.zero_stage} "
+                     f"({pl.ntasks} ranks on {pl.nodes} node{'s' if pl.nodes > 1 else ''})")
+            rc = self.launch(k, pl)
+            st = read_json(RunPaths(self.run_dir).stage(stage.name).status) or {}
+            ev = {"event": "exit", "stage": stage.name, "rc": rc, "step": st.get("step")}
+            if rc == EXIT_OK:
+                self.write_manifest("running", None, ev)
+                continue
+            if rc == EXIT_PREEMPTED or (self.stop and st.get("state") == "preempted"):
+                self.write_manifest("preempted", None, ev)
+                self.say(f"stage {stage.name} saved at step {st.get('step')} after a signal: exit {EXIT_PREEMPTED}")
+                return EXIT_PREEMPTED
+            self.write_manifest("failed", {"stage_index": k, "stage": stage.name, "action": act.kind}, ev)
+            if rc == EXIT_USER_ERROR:
+                self.say(f"stage {stage.name} refused its input (exit 2)")
+            else:
+                self.say(f"stage {stage.name} failed (exit {rc})")
+            return rc if rc not in (EXIT_OK, EXIT_PREEMPTED) else EXIT_FAILED

@@ -1,0 +1,65 @@
+"""`megagrow run PLAN`: validate the whole plan, take the run directory's lock, run the loop."""
+
+from __future__ import annotations
+
+import os
+import signal
+
+from megagrow.config import load_plan
+from megagrow.controller.allocation import detect_allocation, place
+from megagrow.controller.launch import Controller
+from megagrow.controller.progress import next_action, read_progress
+from megagrow.controller.validate import validate_plan
+from megagrow.errors import EXIT_OK, UserError
+from megagrow.paths import RunPaths
+
+
+def lock_run_dir(run_dir: str):
+    """One controller per run directory: an exclusive flock on RUN/.controller.lock, released when
+    the process ends (however it ends). File systems without flock: no lock, no error."""
+    import fcntl
+
+    os.makedirs(run_dir, exist_ok=True)
+    path = RunPaths(run_dir).controller_lock
+    f = open(path, "a")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.close()
+        raise UserError(f"another `megagrow run` is working on {run_dir} (it holds {path})") from None
+    except OSError:
+        pass
+    return f
+
+
+def run_main(args) -> int:
+    """`megagrow run PLAN`: validate everything, then the loop."""
+    ctl_signals = []
+    # catch a preemption signal from the very start (the loop installs its own handler below)
+    for s in (signal.SIGUSR1, signal.SIGTERM):
+        signal.signal(s, lambda n, f: ctl_signals.append(n))
+    plan = load_plan(args.plan)
+    data = args.data
+    if data:
+        import dataclasses
+
+        plan = dataclasses.replace(plan, data=plan.data.replace(prefix=data))
+    run_dir = args.run_dir or os.path.join("runs", plan.name)
+    alloc = detect_allocation(local=args.local, max_procs=args.max_procs, max_nodes=args.max_nodes)
+    validate_plan(plan, alloc, run_dir)
+    progress = read_progress(plan, run_dir)
+    act = next_action(plan, progress)
+    if args.dry_run:
+        pls = [place(s, alloc) for s in plan.stages]
+        for s, pl, p in zip(plan.stages, pls, progress):
+            where = ",".join(pl.hosts) if pl.fits else f"needs {pl.nodes} nodes: dependent job"
+            print(f"{s.name:12s} {p.state:11s} {p.step}/{p.steps:<7d} tp {s.layout.tp} x dp {s.layout.dp} zero "
+                  f"{s.layout.zero_stage} {s.layout.dtype}: {pl.ntasks} ranks, {pl.nodes} node(s) [{where}]")
+        print(f"next: {act.describe(plan)}")
+        return EXIT_OK
+    lock = lock_run_dir(run_dir)  # noqa: F841 - held until this process exits
+    ctl = Controller(plan, args.plan, run_dir, alloc, data=data, grace_s=args.grace)
+    ctl.install_signals()
+    if ctl_signals:
+        ctl.stop = ctl_signals[0]
+    return ctl.run()

@@ -1,0 +1,63 @@
+"""`megagrow status RUN`: a table (or --json) of every stage's state, from the run directory."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import asdict
+
+from megagrow.config import Plan
+from megagrow.controller.progress import read_manifest, read_progress
+from megagrow.errors import EXIT_OK, UserError
+from megagrow.paths import MANIFEST
+
+def _fmt_tokens(n: int) -> str:
+    for unit, div in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("k", 1e3)):
+        if n >= div:
+            return f"{n / div:.1f}{unit}"
+    return str(n)
+
+
+def status_dict(run_dir: str) -> dict:
+    m = read_manifest(run_dir)
+    if not m:
+        raise UserError(f"{run_dir}: no {MANIFEST} (not a run directory of `megagrow run`)")
+    plan = Plan.from_dict(m["plan"], "manifest.plan")
+    progress = read_progress(plan, run_dir)
+    cur = m.get("current") or {}
+    stages = []
+    for p in progress:
+        s = asdict(p)
+        s.pop("partial")
+        if m.get("state") == "running" and cur.get("stage_index") == p.index:
+            s["state"] = "growing" if cur.get("action") == "grow" and p.checkpoint is None else "running"
+        elif m.get("state") == "failed" and cur.get("stage_index") == p.index:
+            s["state"] = "failed"
+        stages.append(s)
+    total = sum(s["tokens"] for s in stages)
+    return {"run_dir": os.path.abspath(run_dir), "plan": plan.name, "plan_file": m.get("plan_file"), "state": m.get("state"),
+            "current": cur or None, "allocation": m.get("allocation"), "updated": m.get("updated"), "tokens": total,
+            "stages": stages, "events": m.get("events", [])[-5:]}
+
+
+def status_main(args) -> int:
+    d = status_dict(args.run_dir)
+    if args.json:
+        print(json.dumps(d, indent=1))
+        return EXIT_OK
+    a = d.get("allocation") or {}
+    where = f"slurm job {a.get('job_id')} (restart {a.get('restart_count')})" if a.get("kind") == "slurm" else "local"
+    age = time.time() - (d.get("updated") or time.time())
+    print(f"run {d['run_dir']}  plan {d['plan']}  state {d['state']}  ({where}, manifest updated {age:.0f} s ago)")
+    rows = [("STAGE", "STATE", "STEP", "TOKENS", "LOSS", "LAYOUT", "GROW", "CHECKPOINT")]
+    for s in d["stages"]:
+        L = s["layout"]
+        rows.append((s["name"], s["state"], f"{s['step']}/{s['steps']}", _fmt_tokens(s["tokens"]),
+                     "-" if s["loss"] is None else f"{s['loss']:.4f}",
+                     f"tp{L['tp']} dp{L['dp']} zero{L['zero_stage']} {L['dtype']}", s["grow"] or "-", s["checkpoint"] or "-"))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for r in rows:
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
+    print(f"tokens {_fmt_tokens(d['tokens'])}")
+    return EXIT_OK

@@ -1,0 +1,66 @@
+"""Every check of a plan that can fail before anything is launched or created."""
+
+from __future__ import annotations
+
+import os
+
+from megagrow.config import Plan
+from megagrow.controller.allocation import Allocation, Placement, place
+from megagrow.controller.progress import read_manifest
+from megagrow.errors import UserError
+
+
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def _ds_config_exists(path: str) -> bool:
+    # the trainer's rule (megagrow.parallel.engine.resolve_ds_config), without importing DeepSpeed
+    return any(os.path.isfile(c) for c in (path, os.path.join(REPO_ROOT, path)))
+
+
+def _data_files(prefix: str) -> list[str]:
+    return [f"{prefix}.bin", f"{prefix}.idx"]
+
+
+def validate_plan(plan: Plan, alloc: Allocation, run_dir: str | None = None) -> list[Placement]:
+    """Every check that can fail before a launch; raises one UserError. Returns each stage's placement."""
+    from megagrow.growth.ops import operator_between
+
+    missing = [p for p in _data_files(plan.data.prefix) if not os.path.isfile(p)]
+    if missing:
+        raise UserError(f"dataset {plan.data.prefix!r} not found ({', '.join(missing)} missing; "
+                        f"make it with tools/prepare_data.py or pass --data)")
+    placements = []
+    for k, stage in enumerate(plan.stages):
+        where = f"stage {k} ({stage.name})"
+        if k == 0 and stage.grow:
+            raise UserError(f"{where}: the first stage has no previous stage to grow from (grow: {stage.grow})")
+        if k > 0:
+            prev = plan.stages[k - 1]
+            if stage.grow is None and stage.model != prev.model:
+                raise UserError(f"{where}: the model differs from stage {prev.name!r} but no `grow` operator is given")
+            try:
+                operator_between(stage.grow or "identity", prev.model, stage.model)
+            except UserError as e:
+                raise UserError(f"{where}: grow {stage.grow or 'identity'!r} from stage {prev.name!r}: {e}") from None
+        if stage.layout.ds_config and not _ds_config_exists(stage.layout.ds_config):
+            raise UserError(f"{where}: ds_config {stage.layout.ds_config!r} not found")
+        placements.append(place(stage, alloc, where))
+    if run_dir is not None:
+        check_run_dir(plan, run_dir)
+    return placements
+
+
+def check_run_dir(plan: Plan, run_dir: str) -> None:
+    """A run directory belongs to one plan: refuse to continue a run of another model chain."""
+    m = read_manifest(run_dir)
+    if not m:
+        return
+    old = m.get("plan", {}).get("stages", [])
+    new = [s.to_dict() for s in plan.stages]
+    for i, (a, b) in enumerate(zip(old, new)):
+        for key in ("name", "model", "grow"):
+            if a.get(key) != b.get(key):
+                raise UserError(f"run directory {run_dir} holds a run of another plan (stage {i} {key} was "
+                                f"{a.get(key)!r}, now {b.get(key)!r}); use another --run-dir")

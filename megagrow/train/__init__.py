@@ -1,0 +1,17 @@
+"""One stage of a plan: start it (resume, or grow it from the previous stage), train it to its
+end or to a signal, save.
+
+- `megagrow.train.loop.train_stage`: the stage (the step loop, saving, signals)
+- `megagrow.train.transition.transition`: the previous stage's final checkpoint -> this
+  stage's first, grown and resharded shard to shard
+- `megagrow.train.log`: the stage's log.jsonl
+
+Run under torchrun or srun, one process per rank:
+
+    torchrun --nproc_per_node=2 -m megagrow.cli train recipes/tiny.yaml --stage 0
+"""
+
+from megagrow.train.loop import train_stage
+from megagrow.train.transition import transition
+
+__all__ = ["train_stage", "transition"]

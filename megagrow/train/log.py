@@ -1,0 +1,51 @@
+"""A stage's log: RUN/<stage>/log.jsonl, one JSON object per logged step, written by rank 0.
+
+On resume the records past the checkpoint's step are dropped first: steps logged after the
+last save of a run killed without a signal are trained again and must not appear twice.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+
+def trim_log(path: str, step: int) -> None:
+    """Drop log records past `step` (the checkpoint resumed from), and a torn last line."""
+    if not os.path.isfile(path):
+        return
+    with open(path) as f:
+        lines = f.readlines()
+    keep = []
+    for line in lines:
+        try:
+            if json.loads(line)["step"] <= step:
+                keep.append(line)
+        except (ValueError, KeyError):  # a torn last line
+            pass
+    if len(keep) != len(lines):
+        tmp = f"{path}.tmp{os.getpid()}"
+        with open(tmp, "w") as f:
+            f.writelines(keep)
+        os.replace(tmp, path)
+
+
+class StageLog:
+    """Appends records to log.jsonl (rank 0 only; on other ranks every call is a no-op)."""
+
+    def __init__(self, path: str, resume_step: int, active: bool):
+        self.path = path
+        self.f = None
+        if active:
+            trim_log(path, resume_step)
+            self.f = open(path, "a")
+
+    def write(self, rec: dict) -> None:
+        if self.f is not None:
+            self.f.write(json.dumps(rec) + "\n")
+            self.f.flush()
+
+    def close(self) -> None:
+        if self.f is not None:
+            self.f.close()
+            self.f = None

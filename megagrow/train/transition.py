@@ -1,0 +1,50 @@
+"""Stage k-1's final checkpoint -> stage k's first, grown and resharded shard to shard.
+
+The output is written under `checkpoints.partial/` and renamed to `checkpoints/` once every
+rank's files are written: an interrupted transition never leaves a half-written stage
+directory (the controller discards the leftovers and the transition runs again).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+
+import torch
+
+from megagrow.config import Plan
+from megagrow.errors import UserError
+from megagrow.paths import RunPaths
+
+
+def transition(plan: Plan, k: int, run_dir: str, quiet: bool = False) -> dict:
+    from megagrow.state.checkpoint import SourceCheckpoint
+    from megagrow.state.executor import regrow
+
+    prev, stage = plan.stages[k - 1], plan.stages[k]
+    run = RunPaths(run_dir)
+    prev_paths, paths = run.stage(prev.name), run.stage(stage.name)
+    if not prev_paths.has_checkpoint():
+        raise UserError(f"stage {stage.name!r} starts from stage {prev.name!r}, which has no checkpoint in {prev_paths.ckpt}")
+    src = SourceCheckpoint.open(prev_paths.ckpt)
+    rec = src.record
+    if not rec.finished:
+        raise UserError(f"stage {prev.name!r} is at step {rec.step} of {rec.end_step}: finish it first")
+    t0 = time.perf_counter()
+    rank = torch.distributed.get_rank()
+    if rank == 0 and not quiet:
+        print(f"[megagrow] transition {prev.name} -> {stage.name} ({stage.grow or 'identity'}): start", flush=True)
+    tmp = paths.partial
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+    torch.distributed.barrier()
+    info = regrow(plan, k, src, tmp)  # ends with a barrier: every rank's files are written
+    if rank == 0:
+        shutil.rmtree(paths.ckpt, ignore_errors=True)  # no `latest` there (else no transition): leftovers only
+        os.replace(tmp, paths.ckpt)
+    torch.distributed.barrier()
+    if rank == 0 and not quiet:
+        print(f"[megagrow] transition {prev.name} -> {stage.name} ({info['op']}) at {stage.layout.to_dict()} "
+              f"in {time.perf_counter() - t0:.1f} s, read {info['bytes_read'] / 1e6:.2f} MB on rank 0", flush=True)
+    return info
