@@ -22,9 +22,10 @@ setup(
         "pyyaml>=6.0",
         "tqdm>=4.66",
         "scipy>=1.11",
+        "matplotlib>=3.7",  # megagrow plot (Agg backend, no display)
     ],
     # NVIDIA apex is an optional GPU extra, detected at run time. Never PyPI's `apex`
     # (an unrelated package that also breaks megatron-core's CPU path).
-    extras_require={"test": ["pytest>=8", "hypothesis>=6"]},
+    extras_require={"test": ["pytest>=8", "hypothesis>=6", "tensorboard>=2.14"]},  # TensorBoard events beside log.jsonl
     entry_points={"console_scripts": ["megagrow=megagrow.cli:main"]},
 )

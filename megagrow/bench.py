@@ -400,7 +400,7 @@ def bench_row(plan: Plan, k: int, steps: int, warmup: int, block: int, synthetic
             row["ratio"] = med / row["baseline_step_time_s"]
             row["baseline_phases_s"] = _phases(plain.timer, steps, device)
         else:
-            row["baseline_step_time_s"] = row["ratio"] = None
+            row["baseline_step_time_s"] = row["ratio"] = row["baseline_phases_s"] = None
     except Exception as e:  # noqa: BLE001 - an OOM row is a result, not a crash
         if not _is_oom(e):
             raise
