@@ -1,6 +1,8 @@
 # megagrow: two commands on a fresh machine (Python 3.11, g++, package registries):
 #   make demo   - create .venv if missing, install, prepare the stdlib corpus, train the tiny plan on 2 CPU processes
 #   make test   - create .venv if missing, install, run the test suite
+#   make stress - the 200-case reshard property test and more fault-injection trials
+#   make savings - the savings experiment and its report (docs/results/savings.md)
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
@@ -13,7 +15,10 @@ export DS_BUILD_OPS := 0
 export PYTHONWARNINGS := ignore
 export OMP_NUM_THREADS ?= 1
 
-.PHONY: demo test install data clean
+SAVINGS_DATA ?= $(DATA)
+SAVINGS_OUT  ?= runs/savings
+
+.PHONY: demo test stress install data clean savings
 
 install: $(STAMP)
 
@@ -42,8 +47,21 @@ demo: $(STAMP) $(DATA).bin
 	@echo "logs:        runs/tiny/*/log.jsonl (+ TensorBoard events: tensorboard --logdir runs/tiny)"
 	@echo "plot:        runs/tiny/loss.png (eval and training loss vs FLOPs)"
 
+# the savings experiment (~1 h on 2 CPU cores; resumable: rerun to go on): staged runs vs from-scratch
+# baselines at equal FLOPs, then docs/results/savings.md + .png from the logs.
+# Another prepared corpus (with a validation split): make savings SAVINGS_DATA=data_cache/mydata
+savings: $(STAMP) $(DATA).bin
+	$(PY) tools/savings.py run --data $(SAVINGS_DATA) --out $(SAVINGS_OUT) --jobs 2; rc=$$?; \
+	$(PY) tools/savings.py report --data $(SAVINGS_DATA) --out $(SAVINGS_OUT) --md docs/results/savings.md \
+	    --png docs/results/savings.png && exit $$rc
+
 test: $(STAMP)
 	$(PY) -m pytest -q tests
+
+# longer property and fault-injection runs (about 10 minutes on 2 cores): 200 reshard cases, 3x the kill trials
+stress: $(STAMP)
+	$(PY) -m pytest -q tests/dist/test_reshard_property.py --cases 200
+	MEGAGROW_FAULT_TRIALS_SCALE=3 $(PY) -m pytest -q tests/dist/test_faults.py
 
 clean:
 	rm -rf runs build *.egg-info

@@ -31,7 +31,7 @@ def train_stage(plan: Plan, k: int, run_dir: str, stop_at: int | None = None, qu
     from megagrow.schedule.lr import LRSchedule
     from megagrow.schedule.stop import StageStop
     from megagrow.signals import StopFlag
-    from megagrow.train.transition import transition
+    from megagrow.train.transition import initial, transition
 
     stage = plan.stages[k]
     paths = RunPaths(run_dir).stage(stage.name)
@@ -42,6 +42,8 @@ def train_stage(plan: Plan, k: int, run_dir: str, stop_at: int | None = None, qu
     batches = Batches.open(plan, stage, dp_rank, dp_size)  # bad data fails before the engine is built
     if k > 0 and not paths.has_checkpoint():
         transition(plan, k, run_dir, quiet)
+    elif stage.init_from and not paths.has_checkpoint():  # a first stage starting from a transformers model
+        initial(plan, k, run_dir, quiet)
     engine, optimizer = build_stage(plan, k)
     device = engine.device
 
@@ -58,7 +60,6 @@ def train_stage(plan: Plan, k: int, run_dir: str, stop_at: int | None = None, qu
     sched = LRSchedule.from_optim(stage.optim, stage.steps, rec.lr_offset, rec.rewarmup)
     L = stage.layout
     end = rec.end_step if stop_at is None else min(stop_at, rec.end_step)
-    stopper = StageStop.of(plan, k, rec.lr_offset, paths.log, rec.step)  # stop: {rule: slope}; None: at `steps`
 
     def save(state: str) -> None:
         engine.save_checkpoint(paths.ckpt, tag=tag_of(rec.step), client_state=rec.to_client_state())
@@ -72,16 +73,19 @@ def train_stage(plan: Plan, k: int, run_dir: str, stop_at: int | None = None, qu
     log = StageLog(paths.log, rec.step, active=rank == 0)
     # the ledger (tokens, FLOPs) goes on from the record; evals on the held-out split; TensorBoard events
     meter = StageMeter(plan, k, rec.tokens_offset, rec.flops_offset, device, rank, paths.root, quiet)
+    # stop: {rule: slope} (None: the stage ends at `steps`), on the periodic eval loss when there is one
+    stopper = StageStop.of(plan, k, rec.lr_offset, paths.log, rec.step, use_eval=meter.enabled and stage.eval_every > 0)
 
-    def evaluate(at: str) -> None:
+    def evaluate(at: str, value: float | None = None) -> float:
         nonlocal rec
-        v = meter.evaluate(engine)  # every rank: eval mode, no grad; data position and RNGs untouched
+        v = meter.evaluate(engine) if value is None else value  # every rank: eval mode, no grad; data and RNGs untouched
         rec = rec.replace(eval_loss=v)
         entry = meter.eval_record(rec.step, v, at)
         log.write(entry)
         meter.write(entry)
         if rank == 0 and not quiet and at != "after_growth":
             print(f"[megagrow] {stage.name} step {rec.step} eval loss {v:.4f} ({at})", flush=True)
+        return v
 
     if k > 0 and rec.step == 0 and meter.enabled:  # just grown: the loss before (the source's final eval) and after
         before = rec.eval_loss if meter.comparable_before() else None
@@ -141,7 +145,14 @@ def train_stage(plan: Plan, k: int, run_dir: str, stop_at: int | None = None, qu
         if rec.finished and meter.enabled:
             evaluate("stage_end")  # before the save, so the checkpoint carries it (the next stage's "before growth")
         elif meter.periodic_due(rec.step, rec.finished):
-            evaluate("periodic")
+            v = evaluate("periodic")
+            if stopper and stopper.update_eval(rec.step, v):  # the slope rule on the validation loss
+                rec = rec.replace(final_step=rec.step)
+                end = rec.step
+                if rank == 0 and not quiet:
+                    print(f"[megagrow] {stage.name}: slope rule on the eval loss (d log L / d log C {stopper.rule.slope:.4f} > "
+                          f"{stopper.threshold}) ends the stage at step {rec.step}", flush=True)
+                evaluate("stage_end", v)  # the same model: its stage-end record, not a second eval
         if stop_votes > 0:
             save("preempted")
             meter.close()
