@@ -45,7 +45,17 @@ from megagrow.config import Plan, Stage, load_plan
 from megagrow.errors import UserError, cli_entry
 
 CONVENTION = "6*N_nonembedding + 12*L*attn_dim*seq_len FLOPs per token (attention without causal halving, no recompute)"
-SWEEP_KEYS = {"micro_batch": int, "grad_accum": int, "zero_stage": int, "tp": int, "dtype": str, "ds_config": str}
+def _bool(v: str) -> bool:
+    if v.lower() in ("1", "true", "on", "yes"):
+        return True
+    if v.lower() in ("0", "false", "off", "no"):
+        return False
+    raise ValueError(v)
+
+
+SWEEP_KEYS = {"micro_batch": int, "grad_accum": int, "zero_stage": int, "tp": int, "dtype": str, "ds_config": str,
+              "activation_checkpointing": _bool}
+STAGE_KEYS = ("activation_checkpointing",)  # swept on the stage, the others on its layout
 
 
 # --------------------------------------------------------------------------------------
@@ -219,6 +229,7 @@ class PlainDDPLoop:
         wdtype = torch.bfloat16 if (bf16 and not cuda) else torch.float32
         self.device = torch.device(device)
         model = build_model(self.stage.model, plan.seed, wdtype).to(self.device)
+        model.activation_checkpointing = self.stage.activation_checkpointing
         dp_rank, dp_size = dp_rank_size()
         self.ddp = dp_size > 1
         if self.ddp:
@@ -327,7 +338,7 @@ def bench_row(plan: Plan, k: int, steps: int, warmup: int, block: int, synthetic
     stage = plan.stages[k]
     L, m = stage.layout, stage.model
     world = L.world_size
-    row = {"stage": stage.name, "tp": L.tp, "dp": L.dp, "zero_stage": L.zero_stage, "micro_batch": L.micro_batch,
+    row = {"stage": stage.name, "activation_checkpointing": stage.activation_checkpointing, "tp": L.tp, "dp": L.dp, "zero_stage": L.zero_stage, "micro_batch": L.micro_batch,
            "grad_accum": L.grad_accum, "dtype": L.dtype, "ds_config": L.ds_config, "world_size": world,
            "params": m.num_params(), "params_non_embedding": m.num_params(embeddings=False),
            "tokens_per_step": L.global_batch * m.seq_len, "flops_per_token": flops_per_token(m),
@@ -445,7 +456,8 @@ def parse_sweeps(specs: list[str]) -> list[dict]:
 def row_plan(plan: Plan, k: int, over: dict, world: int) -> Plan:
     """Stage k with one sweep row's overrides; tp fixes dp = world / tp."""
     st = plan.stages[k]
-    kw = dict(over)
+    kw = {key: v for key, v in over.items() if key not in STAGE_KEYS}
+    stage_kw = {key: v for key, v in over.items() if key in STAGE_KEYS}
     if "tp" in kw:
         if world % kw["tp"]:
             raise UserError(f"--sweep tp={kw['tp']} does not divide the world size {world}")
@@ -458,7 +470,7 @@ def row_plan(plan: Plan, k: int, over: dict, world: int) -> Plan:
         if js is not None and js != kw["zero_stage"]:
             kw["ds_config"] = None  # the stage's JSON is for another ZeRO stage: DeepSpeed's defaults
     try:
-        new = st.replace(layout=st.layout.replace(**kw))
+        new = st.replace(layout=st.layout.replace(**kw), **stage_kw)
     except UserError as e:
         raise UserError(f"--sweep {over}: {e}") from None
     new.layout.check_world(world, f"--sweep {over}")

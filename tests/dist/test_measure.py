@@ -114,7 +114,7 @@ stages:
     layout: {{tp: 2, dp: 1, zero_stage: 1, micro_batch: 2, grad_accum: 2}}
 """
 
-ROW_FIELDS = {"stage", "tp", "dp", "zero_stage", "micro_batch", "grad_accum", "dtype", "world_size", "params",
+ROW_FIELDS = {"stage", "activation_checkpointing", "tp", "dp", "zero_stage", "micro_batch", "grad_accum", "dtype", "world_size", "params",
               "params_non_embedding", "tokens_per_step", "flops_per_token", "flops_per_token_megatron", "oom", "error",
               "device", "peak_mem_gb", "baseline", "steps", "warmup", "step_time_s", "step_time_p10_s", "step_time_p90_s",
               "tokens_per_s", "tokens_per_s_per_device", "tflops_per_device", "tflops_per_device_megatron", "peak_tflops",

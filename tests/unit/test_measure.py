@@ -56,6 +56,31 @@ def test_flop_formulas_match_flops_counted_on_the_model(flavour, tie, head_dim, 
     assert flops_per_token(c) == pytest.approx(counted - 6 * c.padded_vocab * c.d_model + 6 * vectors, rel=1e-12)
 
 
+@pytest.mark.parametrize("flavour", ["gpt2", "llama"])
+def test_activation_checkpointing_gives_the_same_loss_and_grads(flavour):
+    """Stage.activation_checkpointing recomputes block activations in backward: loss and every gradient
+    bitwise equal to the run without it (dropout 0, which the config requires)."""
+    from megagrow.model.gpt import build_model
+    from megagrow.parallel.groups import init_distributed
+
+    init_distributed(Layout())
+    c = ModelConfig(flavour=flavour, n_layers=3, d_model=32, n_heads=4, vocab_size=300, seq_len=16)
+    x = torch.randint(0, 300, (3, 16), generator=torch.Generator().manual_seed(0))
+    out = []
+    for ckpt in (False, True):
+        model = build_model(c, 0)
+        model.activation_checkpointing = ckpt
+        loss = model(x, x)
+        loss.backward()
+        out.append((loss.item(), {n: p.grad.clone() for n, p in model.named_parameters()}))
+    assert out[0][0] == out[1][0]
+    assert all(torch.equal(out[0][1][n], out[1][1][n]) for n in out[0][1])
+    from megagrow.errors import UserError
+
+    with pytest.raises(UserError, match="dropout 0"):
+        Stage(model=c.replace(dropout=0.1), activation_checkpointing=True).validate()
+
+
 def test_megatron_formula_is_the_papers_closed_form_for_gpt2():
     """For GPT-2 shapes (f = 4h, a = h) Megatron's count is 72 s L h^2 (1 + s/6h + V/12hL) per sequence."""
     c = ModelConfig(flavour="gpt2", n_layers=24, d_model=2048, n_heads=16, vocab_size=50257, seq_len=2048)
