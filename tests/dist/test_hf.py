@@ -81,11 +81,13 @@ def test_export_from_tp2_zero2_and_zero3_equals_megagrow_in_transformers(data_pr
 
 
 def test_import_at_tp1_and_tp2_then_grow_and_export(data_prefix, tmp_path):
-    """Random transformers GPT-2 (tied, vocab 500), Llama with grouped-query attention (untied) and Llama (tied),
-    built and saved in the test: imported (init_from) at TP=1 x DP=2 ZeRO-3 and TP=2 ZeRO-2, megagrow's logits
+    """Random transformers GPT-2 (tied, vocab 520, saved in safetensors shards), Llama with grouped-query attention
+    (untied, vocab 600) and Llama (tied), built and saved in the test: imported (init_from) at TP=1 x DP=2 ZeRO-3 and TP=2 ZeRO-2, megagrow's logits
     equal transformers' within 1e-5. Then import -> width x2 (TP=1 x DP=2, ZeRO-3) -> depth x2 (TP=2, ZeRO-1),
     shard to shard -> export: the grown model's logits in transformers equal the small model's within 1e-5."""
     res = run_hf_worker("import_grow", data_prefix, tmp_path)
+    files = res.pop("gpt2_files")
+    assert "model.safetensors.index.json" in files and sum(f.endswith(".safetensors") for f in files) > 1, files
     assert {k for k in res if k.startswith("import-")} == {f"import-{n}-{lay}" for n in ("gpt2", "llama_gqa", "llama")
                                                            for lay in ("tp1-z3", "tp2-z2")}
     assert {k for k in res if k.startswith("grow-")} == {"grow-gpt2", "grow-llama_gqa"}
