@@ -409,6 +409,25 @@ class Stage(_Config):
 
 
 @dataclass(frozen=True)
+class Reliability(_Config):
+    """How a run guards its progress against faults (docs/reliability.md)."""
+
+    keep_last: int = 0  # complete checkpoints kept per stage (0: all); the newest complete one is never deleted
+    # steps whose loss or gradient norm is not finite that a stage tolerates when the update was skipped
+    # (the weights stayed finite); 0: the first one stops the stage. Weights are never saved non-finite.
+    skip_nonfinite_steps: int = 0
+    collective_timeout_s: float = 600.0  # a collective waiting longer (a hung or lost rank) ends the stage
+    retries: int = 1  # `megagrow run`: a failed stage is launched again this often, from its newest complete checkpoint
+    verify_on_resume: bool = True  # check every file's CRC-32 against the manifest before resuming
+
+    def validate(self, where: str = "reliability") -> None:
+        _need(self.keep_last >= 0, where, f"keep_last must be >= 0, got {self.keep_last}")
+        _need(self.skip_nonfinite_steps >= 0, where, f"skip_nonfinite_steps must be >= 0, got {self.skip_nonfinite_steps}")
+        _need(self.collective_timeout_s > 0, where, f"collective_timeout_s must be positive, got {self.collective_timeout_s}")
+        _need(self.retries >= 0, where, f"retries must be >= 0, got {self.retries}")
+
+
+@dataclass(frozen=True)
 class Plan(_Config):
     """A staged run: shared data and seed, then the stages in order."""
 
@@ -416,6 +435,7 @@ class Plan(_Config):
     seed: int = 1234
     data: DataConfig = field(default_factory=DataConfig)
     stages: tuple = ()
+    reliability: Reliability = field(default_factory=Reliability)
 
     @classmethod
     def from_dict(cls, d: Any, where: str | None = None) -> "Plan":
@@ -438,7 +458,8 @@ class Plan(_Config):
         return plan
 
     def to_dict(self) -> dict:
-        return {"name": self.name, "seed": self.seed, "data": self.data.to_dict(), "stages": [s.to_dict() for s in self.stages]}
+        return {"name": self.name, "seed": self.seed, "data": self.data.to_dict(), "stages": [s.to_dict() for s in self.stages],
+                "reliability": self.reliability.to_dict()}
 
     def validate(self, where: str = "plan") -> None:
         _need(_is_int(self.seed) and self.seed >= 0, where, "seed must be a non-negative integer")
@@ -477,6 +498,7 @@ _SUBCONFIGS = {
     ("Stage", "optim"): OptimConfig,
     ("Stage", "stop"): StopRule,
     ("Plan", "data"): DataConfig,
+    ("Plan", "reliability"): Reliability,
 }
 
 
