@@ -72,16 +72,17 @@ def export(prefix: str, out: str) -> dict:
     from megagrow.export_cli import export as export_hf
     from megagrow.train import train_stage
 
-    cases = [("gpt2", True, 2), ("gpt2", False, 3), ("llama", False, 2), ("llama", True, 3),
-             ("llama_gqa", False, 2), ("llama_gqa", True, 3), ("llama_mqa", False, 3)]
+    cases = [("gpt2", True, 2, "fp32"), ("gpt2", False, 3, "fp32"), ("llama", False, 2, "fp32"), ("llama", True, 3, "fp32"),
+             ("llama_gqa", False, 2, "fp32"), ("llama_gqa", True, 3, "fp32"), ("llama_mqa", False, 3, "fp32"),
+             ("llama_gqa", False, 2, "bf16")]  # bf16 training: the fp32 master weights are exported
     res = {}
-    for flavour, tie, zero in cases:
-        plan = tiny_plan(prefix, flavour, steps=3, tie=tie, tp=2, dp=WORLD // 2, zero_stage=zero,
+    for flavour, tie, zero, dtype in cases:
+        plan = tiny_plan(prefix, flavour, steps=3, tie=tie, tp=2, dp=WORLD // 2, zero_stage=zero, dtype=dtype,
                          ds_config="ds_configs/cpu.json" if zero == 3 else None)
         # vocab 520 (padded to 640 here, trimmed on export); llama at transformers' default eps 1e-6 (megagrow's is 1e-5)
         eps = 1e-6 if flavour != "gpt2" else 1e-5
         plan = plan.replace(stages=(plan.stages[0].replace(model=plan.stages[0].model.replace(vocab_size=520, norm_eps=eps)),))
-        key = f"{flavour}-tie{int(tie)}-z{zero}"
+        key = f"{flavour}-tie{int(tie)}-z{zero}" + ("-bf16" if dtype == "bf16" else "")
         run = os.path.join(out, key)
         init_distributed(plan.stages[0].layout)
         train_stage(plan, 0, run, quiet=True)
