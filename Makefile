@@ -1,6 +1,7 @@
 # megagrow: two commands on a fresh machine (Python 3.11, g++, package registries):
 #   make demo   - create .venv if missing, install, prepare the stdlib corpus, train the tiny plan on 2 CPU processes
 #   make test   - create .venv if missing, install, run the test suite
+#   make stress - the 200-case reshard property test and more fault-injection trials
 #   make savings - the savings experiment and its report (docs/results/savings.md)
 PYTHON ?= python3
 VENV   := .venv
@@ -17,7 +18,7 @@ export OMP_NUM_THREADS ?= 1
 SAVINGS_DATA ?= $(DATA)
 SAVINGS_OUT  ?= runs/savings
 
-.PHONY: demo test install data clean savings
+.PHONY: demo test stress install data clean savings
 
 install: $(STAMP)
 
@@ -36,11 +37,15 @@ $(DATA).bin: $(STAMP)
 data: $(DATA).bin
 
 demo: $(STAMP) $(DATA).bin
+	# data prepared before validation splits existed: prepare it again (the tokenizer is reused)
+	test -f $(DATA).valid.idx || $(PY) tools/prepare_data.py --out $(DATA) --vocab-size 4096
 	rm -rf runs/tiny
 	$(PY) -m megagrow.cli run recipes/tiny.yaml --run-dir runs/tiny
 	$(PY) -m megagrow.cli status runs/tiny
+	$(PY) -m megagrow.cli plot runs/tiny --out runs/tiny/loss.png
 	@echo "checkpoints: runs/tiny/{small,wide,deep}/checkpoints (native DeepSpeed; zero_to_fp32.py inside)"
-	@echo "logs:        runs/tiny/*/log.jsonl"
+	@echo "logs:        runs/tiny/*/log.jsonl (+ TensorBoard events: tensorboard --logdir runs/tiny)"
+	@echo "plot:        runs/tiny/loss.png (eval and training loss vs FLOPs)"
 
 # the savings experiment (~1 h on 2 CPU cores; resumable: rerun to go on): staged runs vs from-scratch
 # baselines at equal FLOPs, then docs/results/savings.md + .png from the logs.
@@ -52,6 +57,11 @@ savings: $(STAMP) $(DATA).bin
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests
+
+# longer property and fault-injection runs (about 10 minutes on 2 cores): 200 reshard cases, 3x the kill trials
+stress: $(STAMP)
+	$(PY) -m pytest -q tests/dist/test_reshard_property.py --cases 200
+	MEGAGROW_FAULT_TRIALS_SCALE=3 $(PY) -m pytest -q tests/dist/test_faults.py
 
 clean:
 	rm -rf runs build *.egg-info

@@ -30,13 +30,14 @@ def tiny_plan(prefix: str, flavour="gpt2", steps=6, tie=True, dropout=0.0, **lay
                         tie_embeddings=tie, dropout=dropout, n_kv_heads=kv)
     lay = Layout(**{"tp": 1, "dp": WORLD, "zero_stage": 2, "micro_batch": 2, "grad_accum": 2, **layout})
     optim = OptimConfig(lr=3e-3, min_lr=3e-4, warmup_steps=2, weight_decay=0.1, grad_clip=1.0)
-    st = Stage(name="s0", model=model, layout=lay, optim=optim, steps=steps, save_every=1000, log_every=1)
+    st = Stage(name="s0", model=model, layout=lay, optim=optim, steps=steps, save_every=1000, log_every=1, eval_tokens=4096)
     return Plan(name="t", seed=7, data=DataConfig(prefix=prefix), stages=(st,))
 
 
 def read_log(run_dir: str) -> list[dict]:
+    """The training records of stage s0 (eval records, which carry eval_loss instead of loss, left out)."""
     with open(os.path.join(run_dir, "s0", "log.jsonl")) as f:
-        return [json.loads(line) for line in f]
+        return [r for r in map(json.loads, f) if "loss" in r]
 
 
 def logical_grads(model, tp: int) -> dict:
@@ -200,6 +201,94 @@ def reshard(prefix: str, out: str) -> dict:
     return res
 
 
+def r1_cases(n: int, seed: int, per_source: int) -> list[dict]:
+    """R1 property cases, drawn from `seed`: ceil(n / per_source) sources, each a random small model
+    (flavour, depth, heads, width, tied or not, llama GQA, explicit d_ff) trained at a random layout A
+    (TP x DP x ZeRO 1-3 x fp32/bf16 at this world size, any the model allows), each converted into
+    `per_source` random layouts B != A (n cases in all)."""
+    import itertools
+    import random
+
+    from megagrow.errors import UserError
+
+    rng = random.Random(seed)
+    every = [dict(tp=t, zero_stage=z, dtype=d) for t, z, d in
+             itertools.product([t for t in (1, 2, 4) if WORLD % t == 0], (1, 2, 3), ("fp32", "bf16"))]
+    sources, left = [], n
+    while left > 0:
+        h = rng.choice([2, 4, 8])
+        flavour = rng.choice(["gpt2", "llama"])
+        m = dict(flavour=flavour, n_layers=rng.choice([1, 2, 3]), d_model=8 * h * rng.choice([1, 2]), n_heads=h,
+                 tie_embeddings=rng.choice([True, False]), seq_len=16)
+        if flavour == "llama" and rng.random() < 0.3:
+            m["n_kv_heads"] = rng.choice([k for k in (1, 2, 4) if h % k == 0 and k < h])
+        if rng.random() < 0.3:
+            m["d_ff"] = 32 * rng.choice([2, 3, 4])
+        model = ModelConfig(vocab_size=512, **m)
+        ok = []
+        for L in every:
+            try:
+                Layout(dp=WORLD // L["tp"], **L).check_model(model)
+                ok.append(L)
+            except UserError:
+                pass
+        if len(ok) < 2:
+            continue
+        a = rng.choice(ok)
+        targets = [rng.choice([b for b in ok if b != a]) for _ in range(min(per_source, left))]
+        left -= len(targets)
+        sources.append({"model": m, "a": a, "targets": targets})
+    return sources
+
+
+def reshard_property(prefix: str, out: str) -> dict:
+    """R1: for every case, identity regrow (pure resharding) from layout A to layout B, and every fp32
+    weight, exp_avg and exp_avg_sq of B, read back through megagrow's shard-map reader, equals A's
+    bitwise. One launch trains each source once and converts it into several targets.
+    Knobs: MEGAGROW_R1_CASES (default 30), MEGAGROW_R1_PER_SOURCE (default 6), MEGAGROW_PROPERTY_SEED."""
+    import shutil
+    import time
+
+    from megagrow.state.checkpoint import SourceCheckpoint
+    from megagrow.state.executor import regrow
+    from megagrow.train import train_stage
+
+    n = int(os.environ.get("MEGAGROW_R1_CASES", "30"))
+    per = int(os.environ.get("MEGAGROW_R1_PER_SOURCE", "6"))
+    seed = int(os.environ.get("MEGAGROW_PROPERTY_SEED", "0"))
+    ds = lambda L: "ds_configs/cpu.json" if L["zero_stage"] == 3 else None  # noqa: E731
+    t0 = time.perf_counter()
+    res = {"cases": [], "seed": seed}
+    for i, src_case in enumerate(r1_cases(n, seed, per)):
+        a = dict(src_case["a"], dp=WORLD // src_case["a"]["tp"])
+        pa = tiny_plan(prefix, steps=2, ds_config=ds(a), **a)
+        pa = pa.replace(stages=(pa.stages[0].replace(model=pa.stages[0].model.replace(**src_case["model"])),))
+        ra = os.path.join(out, f"src{i}")
+        init_distributed(pa.stages[0].layout)
+        train_stage(pa, 0, ra, quiet=True)
+        torch.distributed.barrier()
+        ck_a = os.path.join(ra, "s0", "checkpoints")
+        A = _logical_all(SourceCheckpoint.open(ck_a)) if RANK == 0 else None
+        for j, b in enumerate(src_case["targets"]):
+            b = dict(b, dp=WORLD // b["tp"])
+            pb = pa.replace(stages=(pa.stages[0].replace(layout=pa.stages[0].layout.replace(**b, ds_config=ds(b))),))
+            rb = os.path.join(out, f"src{i}_t{j}")
+            init_distributed(pb.stages[0].layout)
+            regrow(pb, 0, SourceCheckpoint.open(ck_a), rb)
+            torch.distributed.barrier()
+            if RANK == 0:
+                B = _logical_all(SourceCheckpoint.open(rb))
+                mism = sorted(f"{k[0]}/{k[1]}" for k in A if k not in B or not torch.equal(A[k], B[k]))
+                res["cases"].append({"model": src_case["model"], "a": a, "b": b, "tensors": len(A), "mismatched": mism,
+                                     "states": sorted({k[1] for k in A})})
+                shutil.rmtree(rb, ignore_errors=True)
+            torch.distributed.barrier()
+        if RANK == 0:
+            shutil.rmtree(ra, ignore_errors=True)
+    res["seconds"] = time.perf_counter() - t0
+    return res
+
+
 def _eval_loss(plan: Plan, k: int, ckpt_dir: str, x, y, tag=None) -> float:
     """Loss of stage k's checkpoint on batch (x, y), loaded in a plain DeepSpeed engine at its layout."""
     from megagrow.parallel.engine import build_stage as build
@@ -286,15 +375,123 @@ def grow(prefix: str, out: str) -> dict:
                 r["tensors"] = len(tensors)
                 r["adam_step"] = [src.adam_step(), grown_ck.adam_step()]
                 r["sample_offset"] = grown_ck.client["sample_offset"]
-                r["losses_s1"] = [json.loads(line)["loss"] for line in open(os.path.join(run, "s1", "log.jsonl"))]
-                r["losses_s1_resumed"] = [json.loads(line)["loss"] for line in open(os.path.join(again, "s1", "log.jsonl"))]
+                r["losses_s1"] = [x["loss"] for x in map(json.loads, open(os.path.join(run, "s1", "log.jsonl"))) if "loss" in x]
+                r["losses_s1_resumed"] = [x["loss"] for x in map(json.loads, open(os.path.join(again, "s1", "log.jsonl")))
+                                          if "loss" in x]
             res[key] = r
+    return res
+
+
+def _records(run_dir: str, stage: str) -> list[dict]:
+    with open(os.path.join(run_dir, stage, "log.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def measure(prefix: str, out: str) -> dict:
+    """Eval loss and the FLOP ledger, for real: (1) the eval loss of the same initial weights at
+    TP1xDP2 (ZeRO-2, mb 2), TP2xDP1 (ZeRO-1, mb 3), TP1xDP2 (ZeRO-3, mb 5) vs a plain single-process
+    loop over the same window list; (2) training with evals every 2 steps vs no evals (dropout on):
+    the same losses; (3) s0 -> s1 (width, TP2) -> s2 (depth, DP2 ZeRO-3) through the trainer's
+    transitions, s1 stopped at step 2 and resumed: eval records, ledger; (4) data without a
+    validation split: eval off, said once."""
+    import contextlib
+    import io
+    import shutil
+
+    from megagrow.data.evalset import EvalSet
+    from megagrow.metrics.evaluate import evaluate
+    from megagrow.parallel.engine import build_stage
+    from megagrow.parallel.groups import dp_rank_size
+    from megagrow.train import train_stage
+    from megatron.core import parallel_state as ps
+
+    res = {}
+    base = tiny_plan(prefix, dropout=0.1)
+    s0 = base.stages[0]
+    es, _ = EvalSet.open(prefix, s0.model.seq_len, s0.eval_tokens, s0.model.vocab_size)
+    res["eval_windows"] = es.num_windows
+    # (1) layout independence
+    vals = {}
+    for lay in (dict(tp=1, dp=2, zero_stage=2, micro_batch=2), dict(tp=2, dp=1, zero_stage=1, micro_batch=3),
+                dict(tp=1, dp=2, zero_stage=3, micro_batch=5, ds_config="ds_configs/cpu.json")):
+        p = base.replace(stages=(s0.replace(layout=s0.layout.replace(grad_accum=1, **lay)),))
+        init_distributed(p.stages[0].layout)
+        engine, _ = build_stage(p, 0)
+        r, n = dp_rank_size()
+        vals[f"tp{lay['tp']}-dp{lay['dp']}-z{lay['zero_stage']}-mb{lay['micro_batch']}"] = evaluate(
+            engine, es, r, n, ps.get_data_parallel_group(), lay["micro_batch"], engine.device)
+        engine.destroy()
+    init_distributed(Layout(tp=1, dp=2))
+    if RANK == 0:
+        from megagrow.model.gpt import build_model
+
+        model = build_model(s0.model, base.seed).eval()
+        with torch.no_grad():
+            tot = sum(model(torch.from_numpy(w[:, :-1]).contiguous(), torch.from_numpy(w[:, 1:]).contiguous()).double().item()
+                      * len(w) * s0.model.seq_len for w in (es.windows(es.window_ids[i:i + 7]) for i in range(0, es.num_windows, 7)))
+        vals["plain-single-process"] = tot / es.num_tokens
+    res["layouts"] = vals
+    torch.distributed.barrier()
+    # (2) evals do not disturb training
+    losses = {}
+    for every, tokens in ((2, 4096), (0, 0)):
+        p = base.replace(stages=(s0.replace(eval_every=every, eval_tokens=tokens),))
+        run = os.path.join(out, f"evalevery{every}")
+        train_stage(p, 0, run, quiet=True)
+        torch.distributed.barrier()
+        if RANK == 0:
+            recs = _records(run, "s0")
+            losses[every] = {"train": [r["loss"] for r in recs if "loss" in r],
+                             "evals": [(r["step"], r["at"]) for r in recs if "eval_loss" in r]}
+    res["disturb"] = losses
+    # (3) a staged run through real transitions
+    st0 = s0.replace(steps=4, eval_every=2, log_every=1)
+    st1 = st0.replace(name="s1", grow="width", model=st0.model.replace(d_model=128, n_heads=8),
+                      layout=st0.layout.replace(tp=2, dp=1, zero_stage=1), steps=4)
+    st2 = st0.replace(name="s2", grow="depth", model=st1.model.replace(n_layers=4),
+                      layout=st0.layout.replace(tp=1, dp=2, zero_stage=3, ds_config="ds_configs/cpu.json"), steps=2)
+    plan = base.replace(stages=(st0, st1, st2))
+    run = os.path.join(out, "staged")
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        train_stage(plan, 0, run, quiet=False)
+        train_stage(plan, 1, run, stop_at=2, quiet=False)
+        torch.distributed.barrier()
+        train_stage(plan, 1, run, quiet=False)  # resumed at step 2
+        train_stage(plan, 2, run, quiet=False)
+    torch.distributed.barrier()
+    if RANK == 0:
+        from megagrow.metrics.flops import flops_per_token
+
+        res["staged"] = {n: _records(run, n) for n in ("s0", "s1", "s2")}
+        res["staged_printed"] = [line for line in printed.getvalue().splitlines() if "eval" in line]
+        res["per_step"] = {st.name: [st.layout.global_batch * st.model.seq_len,
+                                     st.layout.global_batch * st.model.seq_len * flops_per_token(st.model)]
+                           for st in plan.stages}
+        res["tb_files"] = sorted(f for f in os.listdir(os.path.join(run, "s0")) if f.startswith("events.out.tfevents"))
+        with open(os.path.join(run, "s1", "status.json")) as f:
+            res["s1_status"] = json.load(f)
+    # (4) data prepared without a validation split
+    bare = os.path.join(out, "bare")
+    if RANK == 0:
+        for ext in (".bin", ".idx"):
+            shutil.copy(prefix + ext, bare + ext)
+    torch.distributed.barrier()
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        train_stage(base.replace(data=base.data.replace(prefix=bare), stages=(s0.replace(steps=2),)), 0,
+                    os.path.join(out, "bare_run"), quiet=False)
+    torch.distributed.barrier()
+    if RANK == 0:
+        res["bare_printed"] = printed.getvalue().splitlines()
+        res["bare_records"] = _records(os.path.join(out, "bare_run"), "s0")
     return res
 
 
 if __name__ == "__main__":
     scenario, prefix, out = sys.argv[1:4]
-    result = {"tp_equiv": tp_equiv, "zero_match": zero_match, "resume": resume, "reshard": reshard, "grow": grow}[scenario](prefix, out)
+    result = {"tp_equiv": tp_equiv, "zero_match": zero_match, "resume": resume, "reshard": reshard, "grow": grow,
+              "reshard_property": reshard_property, "measure": measure}[scenario](prefix, out)
     if RANK == 0:
         with open(os.path.join(out, "result.json"), "w") as f:
             json.dump(result, f)
