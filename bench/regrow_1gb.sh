@@ -6,7 +6,7 @@
 #   SIZES  checkpoint sizes to run, any of 0.25 (16M params, ~0.25 GB) and 1.3 (81M params, ~1.3 GB);
 #          default "1.3"
 #   TREES  megagrow checkouts whose tools/regrow.py is timed, side by side on the same source
-#          checkpoint (cp, then each tree, per size); default: this checkout
+#          checkpoint (cp, then each tree, per size; the first tree trains the source); default: this checkout
 #   DATA   dataset prefix (default data_cache/stdlib; make demo prepares it)
 #   PY     python (default .venv/bin/python)
 set -euo pipefail
@@ -38,7 +38,8 @@ stages:
     model: {flavour: gpt2, $MODEL, vocab_size: 4096, seq_len: 64}
     layout: {tp: 2, dp: 1, zero_stage: 1, micro_batch: 1}
 YAML
-  PYTHONPATH=$HERE run -m megagrow.cli train "$S/plan.yaml" --stage a --run-dir "$S/run" >/dev/null 2>&1
+  FIRST=${TREES%% *}  # the source is trained by the first tree: an older tree may not read a newer record
+  (cd "$FIRST" && PYTHONPATH=$FIRST run -m megagrow.cli train "$S/plan.yaml" --stage a --run-dir "$S/run" >/dev/null 2>&1)
   SRC="$S/run/a/checkpoints"
   sync; t0=$(date +%s.%N); cp -r "$SRC" "$S/copy"; sync; t1=$(date +%s.%N)
   rm -rf "$S/copy"
