@@ -101,6 +101,7 @@ def build_stage(plan: Plan, k: int, init: bool = True):
     stage = plan.stages[k]
     dtype = DTYPE[stage.layout.dtype]
     model = build_model(stage.model, plan.seed, dtype) if init else GPT(stage.model, dtype)
+    model.activation_checkpointing = stage.activation_checkpointing
     return build_engine(model, stage)
 
 

@@ -30,7 +30,7 @@ def test_slope_rule_ends_a_stage_early_and_the_plan_goes_on(tmp_path, data_prefi
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
 
     with open(os.path.join(run, "small", "log.jsonl")) as f:
-        logged = [r for r in map(json.loads, f) if "loss" in r]  # training records (eval records have no "loss")
+        logged = [r for r in map(json.loads, f) if "loss" in r]  # training records (eval records carry eval_loss)
     with open(os.path.join(run, "small", "status.json")) as f:
         st = json.load(f)
     end = st["step"]
