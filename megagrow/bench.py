@@ -375,6 +375,7 @@ def bench_row(plan: Plan, k: int, steps: int, warmup: int, block: int, synthetic
         if plain is not None:
             plain.timer.phases.clear()
         times = {lp.name: [] for lp in loops}
+        cpu = {lp.name: [] for lp in loops}  # process CPU time a step (all threads): robust to a busy machine
         done = 0
         while done < steps:
             n = min(block, steps - done)
@@ -382,10 +383,11 @@ def bench_row(plan: Plan, k: int, steps: int, warmup: int, block: int, synthetic
                 for _ in range(n):
                     torch.distributed.barrier()
                     sync()
-                    t0 = time.perf_counter()
+                    t0, c0 = time.perf_counter(), time.process_time()
                     loss = lp.step()
                     sync()
                     times[lp.name].append(time.perf_counter() - t0)
+                    cpu[lp.name].append(time.process_time() - c0)
                     if lp is mg:
                         losses.append(loss)
             done += n
@@ -405,13 +407,17 @@ def bench_row(plan: Plan, k: int, steps: int, warmup: int, block: int, synthetic
         ls = torch.stack(losses).tolist() if losses else []
         row["loss_first"], row["loss_last"] = (ls[0], ls[-1]) if ls else (None, None)
         row["phases_s"] = _phases(mg_timer, steps, device)
+        row["step_cpu_time_s"] = statistics.median(_slowest_rank(cpu["megagrow"], device))
         if plain is not None:
             t_pl = _slowest_rank(times["plain"], device)
             row["baseline_step_time_s"] = statistics.median(t_pl)
             row["ratio"] = med / row["baseline_step_time_s"]
+            row["baseline_step_cpu_time_s"] = statistics.median(_slowest_rank(cpu["plain"], device))
+            row["cpu_time_ratio"] = row["step_cpu_time_s"] / row["baseline_step_cpu_time_s"]
             row["baseline_phases_s"] = _phases(plain.timer, steps, device)
         else:
             row["baseline_step_time_s"] = row["ratio"] = row["baseline_phases_s"] = None
+            row["baseline_step_cpu_time_s"] = row["cpu_time_ratio"] = None
     except Exception as e:  # noqa: BLE001 - an OOM row is a result, not a crash
         if not _is_oom(e):
             raise
@@ -580,7 +586,10 @@ def format_table(res: dict) -> str:
              f"({'synthetic' if res['synthetic'] else 'real'} tokens)",
              f"FLOPs/token: {CONVENTION}; 'megatron' columns: Megatron-LM's formula (adds the logit GEMM)"]
     head = ["tp", "dp", "zero", "mb", "ga", "dtype", "step ms (p10-p90)", "tok/s", "tok/s/dev", "TFLOP/s/dev",
-            "megatron", "MFU", "peak GB", "plain ms", "ratio"]
+            "megatron", "MFU", "peak GB", "plain ms", "ratio", "cpu-time ratio"]
+    extra = [(k, lbl) for k, lbl in (("ds_config", "ds_config"), ("activation_checkpointing", "ckpt"))
+             if any(r.get(k) for r in rows)]  # only when some row sets them
+    head = head[:6] + [lbl for _, lbl in extra] + head[6:]
     table = [head]
 
     def f(v, fmt):
@@ -588,15 +597,16 @@ def format_table(res: dict) -> str:
 
     for r in rows:
         base = [str(r["tp"]), str(r["dp"]), str(r["zero_stage"]), str(r["micro_batch"]), str(r["grad_accum"]), r["dtype"]]
+        base += [os.path.basename(str(r.get(k))) if k == "ds_config" else ("on" if r.get(k) else "off") for k, _ in extra]
         if r["oom"]:
-            table.append(base + ["OOM"] + [""] * (len(head) - 7))
+            table.append(base + ["OOM"] + [""] * (len(head) - len(base) - 1))
             continue
         table.append(base + [
             f"{r['step_time_s'] * 1e3:.1f} ({r['step_time_p10_s'] * 1e3:.0f}-{r['step_time_p90_s'] * 1e3:.0f})",
             f"{r['tokens_per_s']:.0f}", f"{r['tokens_per_s_per_device']:.0f}", f(r["tflops_per_device"], ".4g"),
             f(r["tflops_per_device_megatron"], ".4g"), "-" if r["mfu"] is None else f"{100 * r['mfu']:.1f}%",
             f(r["peak_mem_gb"], ".2f"), "-" if r["baseline_step_time_s"] is None else f"{r['baseline_step_time_s'] * 1e3:.1f}",
-            f(r["ratio"], ".3f")])
+            f(r["ratio"], ".3f"), f(r["cpu_time_ratio"], ".3f")])
     widths = [max(len(row[i]) for row in table) for i in range(len(head))]
     for row in table:
         lines.append("  ".join(c.rjust(w) for c, w in zip(row, widths)))

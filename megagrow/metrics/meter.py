@@ -20,9 +20,6 @@ import torch
 from megagrow.config import Plan
 from megagrow.metrics.flops import Ledger, peak_memory_gb, peak_tflops, throughput
 
-EXACT_TOLERANCE = 1e-4  # |eval after - eval before| of a loss-preserving operator (fp32) above this: a warning
-
-
 class StageMeter:
     def __init__(self, plan: Plan, k: int, tokens0: int, flops0: int, device, rank: int, log_dir: str | None,
                  quiet: bool = False):
@@ -81,19 +78,6 @@ class StageMeter:
         return {"stage": self.stage.name, "step": step, "eval_loss": value, "tokens": self.ledger.tokens(step),
                 "flops": self.ledger.flops(step), "at": at, "time": time.time()}
 
-    def growth_report(self, before: float | None, after: float) -> str:
-        """The line printed at a transition, and a warning when a loss-preserving operator moved the loss."""
-        prev = self.plan.stages[self.k - 1]
-        if before is None:
-            return f"[megagrow] eval loss after growth {prev.name} -> {self.stage.name}: {after:.4f} (no eval before it)"
-        delta = after - before
-        line = f"[megagrow] eval loss at growth {prev.name} -> {self.stage.name}: {before:.4f} -> {after:.4f} (delta {delta:.1e})"
-        op = self._operator()
-        if op is not None and op.exact and abs(delta) > EXACT_TOLERANCE and self.stage.layout.dtype == "fp32":
-            line += (f"\n[megagrow] WARNING: {self.stage.grow or 'identity'} is loss preserving but the eval loss moved by "
-                     f"{delta:+.2e} (> {EXACT_TOLERANCE:.0e}); grown tensor kinds: {', '.join(self._grown_kinds())}")
-        return line
-
     def comparable_before(self) -> bool:
         """The previous stage's final eval read the same window list as this stage's evals."""
         from megagrow.data.evalset import EvalSet
@@ -101,23 +85,6 @@ class StageMeter:
         prev = self.plan.stages[self.k - 1]
         es, _ = EvalSet.open(self.plan.data.prefix, prev.model.seq_len, prev.eval_tokens, prev.model.vocab_size)
         return es is not None and self.evalset is not None and es.key == self.evalset.key
-
-    def _operator(self):
-        from megagrow.growth.ops import operator_between
-
-        prev = self.plan.stages[self.k - 1]
-        try:
-            return operator_between(self.stage.grow or "identity", prev.model, self.stage.model)
-        except Exception:  # noqa: BLE001 - a report line must not fail the stage
-            return None
-
-    def _grown_kinds(self) -> list[str]:
-        from megagrow.growth.ops import logical_tensors
-
-        old = logical_tensors(self.plan.stages[self.k - 1].model)
-        new = logical_tensors(self.stage.model)
-        kinds = {n.split(".", 2)[2] if n.startswith("blocks.") else n for n, s in new.items() if old.get(n) != s}
-        return sorted(kinds)
 
     # ---- output ---------------------------------------------------------------------------
     def write(self, rec: dict) -> None:

@@ -97,7 +97,7 @@ def train_stage(plan: Plan, k: int, run_dir: str, stop_at: int | None = None, qu
             meter.write(entry)
         evaluate("after_growth")
         if rank == 0 and not quiet:
-            print(meter.growth_report(before, rec.eval_loss), flush=True)
+            print(growth_report(plan, k, before, rec.eval_loss), flush=True)
     t_last, steps_since, eval_s = time.perf_counter(), 0, meter.eval_seconds
     engine.train()
     if stop.agreed(device):  # a signal that came during start-up
@@ -176,3 +176,28 @@ def train_stage(plan: Plan, k: int, run_dir: str, stop_at: int | None = None, qu
 def _grad_norm(engine) -> float | None:
     g = engine.get_global_grad_norm()
     return None if g is None else float(g)
+
+
+EXACT_TOLERANCE = 1e-4  # |eval after - eval before| of a loss-preserving operator in fp32 above this: a warning
+
+
+def growth_report(plan: Plan, k: int, before: float | None, after: float) -> str:
+    """The line printed when stage k has grown from stage k-1, and a warning when a loss-preserving
+    operator moved the eval loss (fp32) by more than EXACT_TOLERANCE, naming the grown tensor kinds."""
+    from megagrow.growth.ops import logical_tensors, operator_between
+
+    prev, stage = plan.stages[k - 1], plan.stages[k]
+    if before is None:
+        return f"[megagrow] eval loss after growth {prev.name} -> {stage.name}: {after:.4f} (no comparable eval before it)"
+    delta = after - before
+    line = f"[megagrow] eval loss at growth {prev.name} -> {stage.name}: {before:.4f} -> {after:.4f} (delta {delta:.1e})"
+    try:
+        exact = operator_between(stage.grow or "identity", prev.model, stage.model).exact
+    except Exception:  # noqa: BLE001 - a report line must not fail the stage
+        exact = False
+    if exact and abs(delta) > EXACT_TOLERANCE and stage.layout.dtype == "fp32":
+        old, new = logical_tensors(prev.model), logical_tensors(stage.model)
+        kinds = sorted({n.split(".", 2)[2] if n.startswith("blocks.") else n for n, s in new.items() if old.get(n) != s})
+        line += (f"\n[megagrow] WARNING: {stage.grow or 'identity'} is loss preserving but the eval loss moved by "
+                 f"{delta:+.2e} (> {EXACT_TOLERANCE:.0e}); grown tensor kinds: {', '.join(kinds)}")
+    return line

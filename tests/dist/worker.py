@@ -30,7 +30,7 @@ def tiny_plan(prefix: str, flavour="gpt2", steps=6, tie=True, dropout=0.0, **lay
                         tie_embeddings=tie, dropout=dropout, n_kv_heads=kv)
     lay = Layout(**{"tp": 1, "dp": WORLD, "zero_stage": 2, "micro_batch": 2, "grad_accum": 2, **layout})
     optim = OptimConfig(lr=3e-3, min_lr=3e-4, warmup_steps=2, weight_decay=0.1, grad_clip=1.0)
-    st = Stage(name="s0", model=model, layout=lay, optim=optim, steps=steps, save_every=1000, log_every=1, eval_tokens=4096)
+    st = Stage(name="s0", model=model, layout=lay, optim=optim, steps=steps, save_every=1000, log_every=1, eval_tokens=1024)
     return Plan(name="t", seed=7, data=DataConfig(prefix=prefix), stages=(st,))
 
 
@@ -407,6 +407,7 @@ def measure(prefix: str, out: str) -> dict:
 
     res = {}
     base = tiny_plan(prefix, dropout=0.1)
+    base = base.replace(stages=(base.stages[0].replace(eval_tokens=4096),))
     s0 = base.stages[0]
     es, _ = EvalSet.open(prefix, s0.model.seq_len, s0.eval_tokens, s0.model.vocab_size)
     res["eval_windows"] = es.num_windows

@@ -238,3 +238,19 @@ def test_plot_writes_a_png_of_two_runs(tmp_path):
     bad = subprocess.run([sys.executable, "-m", "megagrow.cli", "plot", str(tmp_path / "nothing"), "--out", str(tmp_path / "x.png")],
                          capture_output=True, text=True, timeout=120, cwd=REPO)
     assert bad.returncode == 2 and bad.stderr.startswith("error:") and not os.path.exists(tmp_path / "x.png")
+
+
+def test_growth_report_line_and_warning():
+    """The transition line reads 'eval loss at growth A -> B: x -> y (delta d)'; a loss-preserving operator
+    moving the fp32 eval loss by more than 1e-4 adds a WARNING naming the grown tensor kinds; `stack`
+    (not loss preserving) does not warn."""
+    from megagrow.config import load_plan
+    from megagrow.train.loop import growth_report
+
+    plan = load_plan(os.path.join(REPO, "recipes", "tiny.yaml"))
+    assert growth_report(plan, 1, 4.8512, 4.8512) == "[megagrow] eval loss at growth small -> wide: 4.8512 -> 4.8512 (delta 0.0e+00)"
+    assert "WARNING" not in growth_report(plan, 1, 4.8512, 4.85125)
+    warned = growth_report(plan, 2, 4.8512, 4.9)
+    assert "WARNING: depth is loss preserving" in warned and "attn.q.weight" in warned
+    stacked = plan.replace(stages=(plan.stages[0], plan.stages[1], plan.stages[2].replace(grow="stack")))
+    assert "WARNING" not in growth_report(stacked, 2, 4.8512, 4.9)

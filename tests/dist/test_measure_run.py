@@ -1,4 +1,5 @@
-"""Eval loss, the FLOP ledger and `megagrow bench`, for real on 2 CPU processes (two launches)."""
+"""Eval loss, the FLOP ledger and `megagrow bench`, for real on 2 CPU processes (two launches).
+(Named apart from tests/unit/test_measure.py: pytest needs unique test module basenames here.)"""
 
 from __future__ import annotations
 
@@ -119,7 +120,7 @@ ROW_FIELDS = {"stage", "activation_checkpointing", "tp", "dp", "zero_stage", "mi
               "device", "peak_mem_gb", "baseline", "steps", "warmup", "step_time_s", "step_time_p10_s", "step_time_p90_s",
               "tokens_per_s", "tokens_per_s_per_device", "tflops_per_device", "tflops_per_device_megatron", "peak_tflops",
               "mfu", "mfu_megatron", "loss_first", "loss_last", "phases_s", "baseline_step_time_s", "ratio",
-              "baseline_phases_s"}
+              "baseline_phases_s", "step_cpu_time_s", "baseline_step_cpu_time_s", "cpu_time_ratio"}
 
 
 def test_bench_json_on_cpu_has_every_field(data_prefix, tmp_path):
