@@ -35,12 +35,11 @@ def _train(args) -> int:
 
         plan = dataclasses.replace(plan, data=plan.data.replace(prefix=args.data))
     run_dir = args.run_dir or os.path.join("runs", plan.name)
+    from megagrow.procs import exit_rank
     from megagrow.train import train_stage
 
     try:
         rc = train_stage(plan, k, run_dir, stop_at=args.stop_at)
-        _teardown()
-        return rc
     except UserError as e:
         if getattr(e, "stage_failed", False) or getattr(e, "exit_code", None) is not None:  # diverged, disk full
             _mark_failed(run_dir, plan.stages[k].name, str(e))
@@ -56,16 +55,7 @@ def _train(args) -> int:
         _mark_failed(run_dir, plan.stages[k].name, "lost contact with another rank")
         sys.stdout.flush()
         os._exit(EXIT_PEER_LOST)  # no teardown: destroying groups with a dead peer can block
-
-
-def _teardown() -> None:
-    """All ranks alive and done: leave the process group together, so no rank exits while its gloo
-    threads still talk to a peer that has already gone (seen as an abort at exit)."""
-    import torch
-
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.barrier()
-        torch.distributed.destroy_process_group()
+    exit_rank(rc)  # every rank meets at a barrier, then exits without interpreter shutdown
 
 
 def _peer_lost(e: BaseException) -> bool:

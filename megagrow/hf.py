@@ -36,12 +36,13 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Callable, Iterator
-
-import torch
+from typing import TYPE_CHECKING, Callable, Iterator
 
 from megagrow.config import ModelConfig
 from megagrow.errors import UserError
+
+if TYPE_CHECKING:  # torch is imported where tensors are made: reading configs stays light (the controller checks
+    import torch   # init_from before it launches anything, without loading torch)
 
 ARCHITECTURES = {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM"}
 _TANH_GELU = ("gelu_new", "gelu_pytorch_tanh")
@@ -71,7 +72,7 @@ def hf_config(m: ModelConfig, bos_id: int | None = None, eos_id: int | None = No
     """The transformers config object of model `m` (vocabulary without megagrow's padding)."""
     need_hf()
     check_exportable(m)
-    ids = {k: v for k, v in (("bos_token_id", bos_id), ("eos_token_id", eos_id)) if v is not None}
+    ids = {"bos_token_id": bos_id, "eos_token_id": eos_id}  # None without a tokenizer (not GPT-2's 50256)
     if m.flavour == "gpt2":
         from transformers import GPT2Config
 
@@ -152,6 +153,8 @@ def check_matches(hf: dict, m: ModelConfig, where: str, stage: str) -> None:
 def to_hf(m: ModelConfig, read: Callable[[str], torch.Tensor]) -> Iterator[tuple[str, torch.Tensor]]:
     """(transformers name, tensor) of every weight of model `m`; `read(name)` gives megagrow's
     logical fp32 tensor `name` (called once per name). Vocabulary padding dropped."""
+    import torch
+
     V = m.vocab_size
     if m.flavour == "gpt2":
         yield "transformer.wte.weight", read("tok_emb.weight")[:V]
@@ -190,6 +193,8 @@ def to_hf(m: ModelConfig, read: Callable[[str], torch.Tensor]) -> Iterator[tuple
 def from_hf(m: ModelConfig, get: Callable[[str], torch.Tensor]) -> dict[str, torch.Tensor]:
     """megagrow's logical fp32 tensors of model `m` from a transformers state dict (`get(name)`);
     the vocabulary padded with zero rows, GPT-2's position table cut to seq_len."""
+    import torch
+
     def pad(t):
         out = torch.zeros(m.padded_vocab, t.shape[1], dtype=torch.float32)
         out[:t.shape[0]] = t
@@ -227,6 +232,43 @@ def from_hf(m: ModelConfig, get: Callable[[str], torch.Tensor]) -> dict[str, tor
     return {n: t.float().contiguous() for n, t in P.items()}
 
 
+def read_hf_dir(path: str) -> tuple[dict, dict, dict]:
+    """(config.json, the ModelConfig fields it fixes, {weight name or None: safetensors file}) of a
+    transformers model directory; json and os only (no torch, no transformers)."""
+    if not os.path.isdir(path):
+        raise UserError(f"transformers model directory not found: {path}")
+    cfg_path = os.path.join(path, "config.json")
+    if not os.path.isfile(cfg_path):
+        raise UserError(f"{path}: no config.json (not a transformers model directory)")
+    try:
+        with open(cfg_path) as f:
+            config = json.load(f)
+        fields = model_fields_from_hf(config, path)
+    except (ValueError, KeyError, TypeError) as e:
+        raise UserError(f"{cfg_path}: not a readable transformers config ({type(e).__name__}: {e})") from None
+    single, index = os.path.join(path, "model.safetensors"), os.path.join(path, "model.safetensors.index.json")
+    if os.path.isfile(single):
+        files = {None: single}
+    elif os.path.isfile(index):
+        try:
+            with open(index) as f:
+                wm = json.load(f)["weight_map"]
+        except (ValueError, KeyError) as e:
+            raise UserError(f"{index}: not a readable safetensors index ({type(e).__name__}: {e})") from None
+        files = {n: os.path.join(path, fn) for n, fn in wm.items()}
+    else:
+        raise UserError(f"{path}: no model.safetensors (or model.safetensors.index.json); only safetensors weights are read")
+    return config, fields, files
+
+
+def check_init_from(stage) -> None:
+    """The checks of a stage's `init_from: hf:PATH` that need no weights: the directory, its
+    config against the stage's model, a weights file. UserError naming the first problem."""
+    path = parse_init_from(stage.init_from)
+    _, fields, _ = read_hf_dir(path)
+    check_matches(fields, stage.model, path, stage.name)
+
+
 class HFCheckpoint:
     """A transformers model directory on disk: config.json + model.safetensors (or a sharded
     model.safetensors.index.json). Tensors are read one at a time (safetensors memory-maps)."""
@@ -234,26 +276,7 @@ class HFCheckpoint:
     def __init__(self, path: str):
         need_hf()
         self.path = path
-        if not os.path.isdir(path):
-            raise UserError(f"transformers model directory not found: {path}")
-        cfg_path = os.path.join(path, "config.json")
-        if not os.path.isfile(cfg_path):
-            raise UserError(f"{path}: no config.json (not a transformers model directory)")
-        try:
-            with open(cfg_path) as f:
-                self.config = json.load(f)
-        except ValueError as e:
-            raise UserError(f"{cfg_path}: not valid JSON ({e})") from None
-        self.fields = model_fields_from_hf(self.config, path)
-        single, index = os.path.join(path, "model.safetensors"), os.path.join(path, "model.safetensors.index.json")
-        if os.path.isfile(single):
-            self.files = {None: single}
-        elif os.path.isfile(index):
-            with open(index) as f:
-                wm = json.load(f)["weight_map"]
-            self.files = {n: os.path.join(path, fn) for n, fn in wm.items()}
-        else:
-            raise UserError(f"{path}: no model.safetensors (or model.safetensors.index.json); only safetensors weights are read")
+        self.config, self.fields, self.files = read_hf_dir(path)
         self._open: dict = {}
 
     def get(self, name: str) -> torch.Tensor:
@@ -368,6 +391,8 @@ class _Zeros:
         return name in self.params
 
     def __getitem__(self, name):
+        import torch
+
         t = self.params[name]
 
         class _View:
@@ -405,6 +430,8 @@ def import_checkpoint(plan, k: int, out_dir: str, progress: bool = False) -> dic
     Every rank reads the tensors it needs from the safetensors files (memory-mapped) and
     fills its own fragments through the shard-to-shard executor; DeepSpeed writes the files.
     Process groups must be initialised for stage k's layout."""
+    import torch
+
     from megagrow.growth.ops import Identity, plan_growth
     from megagrow.parallel.engine import build_stage
     from megagrow.paths import tag_of

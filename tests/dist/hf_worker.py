@@ -67,21 +67,22 @@ def _stage(plan, **layout):
 
 
 def export(prefix: str, out: str) -> dict:
-    """Train 3 steps at TP=2 x DP=1 ZeRO-2 or ZeRO-3, export (rank 0) through megagrow.interop, load the
+    """Train 3 steps at TP=2 x DP=1 ZeRO-2 or ZeRO-3, export (rank 0) through megagrow.export_cli, load the
     result in transformers: logits equal megagrow's (TP=2 model, same weights) on the same tokens."""
     from megagrow.export_cli import export as export_hf
     from megagrow.train import train_stage
 
-    cases = [("gpt2", True, 2), ("gpt2", False, 3), ("llama", False, 2), ("llama", True, 3),
-             ("llama_gqa", False, 2), ("llama_gqa", True, 3), ("llama_mqa", False, 3)]
+    cases = [("gpt2", True, 2, "fp32"), ("gpt2", False, 3, "fp32"), ("llama", False, 2, "fp32"), ("llama", True, 3, "fp32"),
+             ("llama_gqa", False, 2, "fp32"), ("llama_gqa", True, 3, "fp32"), ("llama_mqa", False, 3, "fp32"),
+             ("llama_gqa", False, 2, "bf16")]  # bf16 training: the fp32 master weights are exported
     res = {}
-    for flavour, tie, zero in cases:
-        plan = tiny_plan(prefix, flavour, steps=3, tie=tie, tp=2, dp=WORLD // 2, zero_stage=zero,
+    for flavour, tie, zero, dtype in cases:
+        plan = tiny_plan(prefix, flavour, steps=3, tie=tie, tp=2, dp=WORLD // 2, zero_stage=zero, dtype=dtype,
                          ds_config="ds_configs/cpu.json" if zero == 3 else None)
         # vocab 520 (padded to 640 here, trimmed on export); llama at transformers' default eps 1e-6 (megagrow's is 1e-5)
         eps = 1e-6 if flavour != "gpt2" else 1e-5
         plan = plan.replace(stages=(plan.stages[0].replace(model=plan.stages[0].model.replace(vocab_size=520, norm_eps=eps)),))
-        key = f"{flavour}-tie{int(tie)}-z{zero}"
+        key = f"{flavour}-tie{int(tie)}-z{zero}" + ("-bf16" if dtype == "bf16" else "")
         run = os.path.join(out, key)
         init_distributed(plan.stages[0].layout)
         train_stage(plan, 0, run, quiet=True)
@@ -140,7 +141,8 @@ def build_hf(out: str) -> dict:
             cfg = AutoConfig.for_model(kw.pop("model_type"), **kw)
             model = AutoModelForCausalLM.from_config(cfg)
             _randomize(model, 100 + i)
-            model.save_pretrained(path)
+            # GPT-2 saved in shards (model.safetensors.index.json): the import reads sharded weights too
+            model.save_pretrained(path, max_shard_size="200KB" if name == "gpt2" else "5GB")
         paths[name] = path
     torch.distributed.barrier()
     return paths
@@ -158,7 +160,7 @@ def import_grow(prefix: str, out: str) -> dict:
     from megagrow.train import train_stage
 
     paths = build_hf(out)
-    res = {}
+    res = {"gpt2_files": sorted(os.listdir(paths["gpt2"]))}
     for name, (_, mkw) in HF_MODELS.items():
         base = tiny_plan(prefix, steps=3)
         m = ModelConfig(**mkw)
@@ -198,12 +200,11 @@ def import_grow(prefix: str, out: str) -> dict:
         if RANK == 0:
             info = export_hf(prev, os.path.join(out, f"{name}-grown-hf"), no_tokenizer=True)
             grown = hf_logits(info["out"], x)
-            from transformers import AutoConfig
+            from transformers import AutoConfig, AutoModelForCausalLM
 
             c = AutoConfig.from_pretrained(info["out"])
             res[f"grow-{name}"] = {"max_abs_diff": (grown - ref).abs().max().item(), "max_abs": ref.abs().max().item(),
-                                   "params_small": sum(t.numel() for t in __import__("safetensors.torch").torch.load_file(
-                                       os.path.join(paths[name], "model.safetensors")).values()),
+                                   "params_small": AutoModelForCausalLM.from_pretrained(paths[name]).num_parameters(),
                                    "params_grown": info["params"],
                                    "grown_config": {k: getattr(c, k, None) for k in ("n_embd", "n_layer", "hidden_size",
                                                                                      "num_hidden_layers", "num_key_value_heads")}}

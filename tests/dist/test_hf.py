@@ -28,20 +28,20 @@ def _export_cli(*args) -> subprocess.CompletedProcess:
 
 def test_export_from_tp2_zero2_and_zero3_equals_megagrow_in_transformers(data_prefix, tmp_path):
     """Checkpoints trained 3 steps at TP=2 ZeRO-2 and TP=2 ZeRO-3 (gpt2 and llama, tied and untied, llama with
-    2 K/V heads and with 1), exported: GPT2LMHeadModel / LlamaForCausalLM loaded by transformers give logits
+    2 K/V heads and with 1; one trained in bf16, whose fp32 master weights are exported), exported: GPT2LMHeadModel / LlamaForCausalLM loaded by transformers give logits
     equal to megagrow's own TP=2 model within 1e-5 (fp32) on the same tokens; the vocabulary padding (520 ->
     640 rows) is trimmed and the parameter count is the model's. Then the CLI: --json summary, the tokenizer
-    loads with AutoTokenizer and encodes like sentencepiece; bad input (missing checkpoint, non-empty output,
+    loads with AutoTokenizer and encodes like sentencepiece, --dtype bf16 writes bf16 weights; bad input (missing checkpoint, non-empty output,
     a tokenizer larger than the model's vocab) is one error line, exit 2, nothing written."""
     res = run_hf_worker("export", data_prefix, tmp_path)
     assert set(res) == {"gpt2-tie1-z2", "gpt2-tie0-z3", "llama-tie0-z2", "llama-tie1-z3", "llama_gqa-tie0-z2",
-                        "llama_gqa-tie1-z3", "llama_mqa-tie0-z3"}
+                        "llama_gqa-tie1-z3", "llama_mqa-tie0-z3", "llama_gqa-tie0-z2-bf16"}
     for key, r in res.items():
         print(f"\n[export] {key}: max |logits_hf - logits_megagrow| = {r['max_abs_diff']:.2e} (max |logit| {r['max_abs']:.2f})")
         assert r["max_abs_diff"] < TOL, (key, r)
         assert r["max_abs"] > 0.1, (key, r)  # not trivially zero
         assert r["shape"][-1] == 520 and r["params"] == r["num_params"] and r["tokenizer_vocab"] == 512, (key, r)
-        assert r["layout"]["tp"] == 2 and r["layout"]["zero_stage"] == int(key[-1]), key
+        assert r["layout"]["tp"] == 2 and r["layout"]["zero_stage"] == int(key.split("-z")[1][0]), key
 
     import sentencepiece as spm
     from transformers import AutoTokenizer
@@ -56,6 +56,13 @@ def test_export_from_tp2_zero2_and_zero3_equals_megagrow_in_transformers(data_pr
     text = open(os.path.join(os.path.dirname(os.__file__), "textwrap.py")).read()
     sp = spm.SentencePieceProcessor(model_file=data_prefix + ".model")
     assert AutoTokenizer.from_pretrained(str(out)).encode(text, add_special_tokens=False) == sp.encode(text)
+    r = _export_cli(ckpt, tmp_path / "cli-bf16", "--dtype", "bf16", "--no-tokenizer", "--json")
+    assert r.returncode == 0, r.stderr
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "cli-bf16" / "model.safetensors"), framework="pt") as f:
+        assert {str(f.get_tensor(k).dtype) for k in f.keys()} == {"torch.bfloat16"}
+    assert not os.path.exists(tmp_path / "cli-bf16" / "tokenizer.json")
     r = subprocess.run([sys.executable, "-m", "megagrow.cli", "export-hf", "--help"], capture_output=True, text=True,
                        env=_env(), cwd=REPO, timeout=120)
     assert r.returncode == 0 and "safetensors" in r.stdout
@@ -81,11 +88,13 @@ def test_export_from_tp2_zero2_and_zero3_equals_megagrow_in_transformers(data_pr
 
 
 def test_import_at_tp1_and_tp2_then_grow_and_export(data_prefix, tmp_path):
-    """Random transformers GPT-2 (tied, vocab 500), Llama with grouped-query attention (untied) and Llama (tied),
-    built and saved in the test: imported (init_from) at TP=1 x DP=2 ZeRO-3 and TP=2 ZeRO-2, megagrow's logits
+    """Random transformers GPT-2 (tied, vocab 520, saved in safetensors shards), Llama with grouped-query attention
+    (untied, vocab 600) and Llama (tied), built and saved in the test: imported (init_from) at TP=1 x DP=2 ZeRO-3 and TP=2 ZeRO-2, megagrow's logits
     equal transformers' within 1e-5. Then import -> width x2 (TP=1 x DP=2, ZeRO-3) -> depth x2 (TP=2, ZeRO-1),
     shard to shard -> export: the grown model's logits in transformers equal the small model's within 1e-5."""
     res = run_hf_worker("import_grow", data_prefix, tmp_path)
+    files = res.pop("gpt2_files")
+    assert "model.safetensors.index.json" in files and sum(f.endswith(".safetensors") for f in files) > 1, files
     assert {k for k in res if k.startswith("import-")} == {f"import-{n}-{lay}" for n in ("gpt2", "llama_gqa", "llama")
                                                            for lay in ("tp1-z3", "tp2-z2")}
     assert {k for k in res if k.startswith("grow-")} == {"grow-gpt2", "grow-llama_gqa"}

@@ -225,3 +225,10 @@ def test_init_from_bad_input_is_one_error_line_and_nothing_written(data_prefix, 
         lines = [ln for ln in err.splitlines() if ln.startswith("error:")]
         assert rc == 2 and "Traceback" not in err and len(lines) == 1 and needle in lines[0], (needle, err[-2000:])
         assert not os.path.exists(d / "run" / "s" / "checkpoints") and not os.path.exists(d / "run" / "s" / "checkpoints.partial")
+    # the controller checks init_from before it launches anything (reading config.json only, no torch)
+    plan = tmp_path / "case4" / "plan.yaml"
+    r = subprocess.run([sys.executable, "-m", "megagrow.cli", "run", str(plan), "--run-dir", str(tmp_path / "ctl"),
+                        "--local", "--dry-run"], capture_output=True, text=True, env=_env(), cwd=REPO, timeout=300)
+    assert r.returncode == 2 and r.stderr.count("error:") == 1 and "Traceback" not in r.stderr, r.stderr
+    assert "stage 0 (s): init_from:" in r.stderr and "d_model 64 (stage: 32)" in r.stderr, r.stderr
+    assert not os.path.exists(tmp_path / "ctl" / "s")
