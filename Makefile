@@ -1,6 +1,7 @@
 # megagrow: two commands on a fresh machine (Python 3.11, g++, package registries):
 #   make demo   - create .venv if missing, install, prepare the stdlib corpus, train the tiny plan on 2 CPU processes
 #   make test   - create .venv if missing, install, run the test suite
+#   make savings - the savings experiment and its report (docs/results/savings.md)
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
@@ -13,7 +14,10 @@ export DS_BUILD_OPS := 0
 export PYTHONWARNINGS := ignore
 export OMP_NUM_THREADS ?= 1
 
-.PHONY: demo test install data clean
+SAVINGS_DATA ?= $(DATA)
+SAVINGS_OUT  ?= runs/savings
+
+.PHONY: demo test install data clean savings
 
 install: $(STAMP)
 
@@ -37,6 +41,14 @@ demo: $(STAMP) $(DATA).bin
 	$(PY) -m megagrow.cli status runs/tiny
 	@echo "checkpoints: runs/tiny/{small,wide,deep}/checkpoints (native DeepSpeed; zero_to_fp32.py inside)"
 	@echo "logs:        runs/tiny/*/log.jsonl"
+
+# the savings experiment (~1 h on 2 CPU cores; resumable: rerun to go on): staged runs vs from-scratch
+# baselines at equal FLOPs, then docs/results/savings.md + .png from the logs.
+# Another prepared corpus (with a validation split): make savings SAVINGS_DATA=data_cache/mydata
+savings: $(STAMP) $(DATA).bin
+	$(PY) tools/savings.py run --data $(SAVINGS_DATA) --out $(SAVINGS_OUT) --jobs 2; rc=$$?; \
+	$(PY) tools/savings.py report --data $(SAVINGS_DATA) --out $(SAVINGS_OUT) --md docs/results/savings.md \
+	    --png docs/results/savings.png && exit $$rc
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests

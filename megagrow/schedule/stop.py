@@ -1,11 +1,12 @@
 """A stage's stop rule inside the training loop: `stop: {rule: slope, ...}` in a plan.
 
-Which loss.  The rule watches the validation loss when the stage has an eval set (the stage
-config sets `eval_every` > 0 and the data has a held-out split; the trainer says which with
-`use_eval`), else the logged training loss.  Validation points come from the eval records of
-log.jsonl ({"stage", "step", "eval_loss", "at", ...}: periodic, at the stage end, right after
-growth), training points from the training records ({"stage", "step", "loss", ...}); each kind
-is ignored in the other mode.  The per-batch training loss is noisy, which the rule's spike
+Which loss.  The rule watches the validation loss when the stage evaluates (the trainer passes
+`use_eval=True` when the stage config sets `eval_every` > 0 and the data has a held-out split,
+and feeds each periodic eval to `update_eval`), else the logged training loss (`use_eval=False`,
+the default).  Validation points are the periodic eval records of log.jsonl ({"stage", "step",
+"eval_loss", "at": "periodic", ...}; the evals at a stage end and around a growth are not
+decisions and are skipped, so a replay after a resume sees what the loop saw), training points
+the training records ({"stage", "step", "loss", ...}); each kind is ignored in the other mode.  The per-batch training loss is noisy, which the rule's spike
 filter and median fit (megagrow.schedule.slope) tolerate but the validation curve does not
 need.
 
@@ -47,18 +48,13 @@ def slope_threshold(plan: Plan, k: int) -> float:
     return threshold_for("stop")
 
 
-def stage_has_eval(stage) -> bool:
-    """Whether the stage config asks for periodic evaluation (`eval_every` > 0)."""
-    return (getattr(stage, "eval_every", 0) or 0) > 0
-
-
 class StageStop:
     """The slope rule of stage k, fed one logged point at a time (validation or training loss)."""
 
-    def __init__(self, plan: Plan, k: int, lr_offset: int = 0, use_eval: bool | None = None):
+    def __init__(self, plan: Plan, k: int, lr_offset: int = 0, use_eval: bool = False):
         stage = plan.stages[k]
         self.stage, self.lr_offset = stage, lr_offset
-        self.use_eval = stage_has_eval(stage) if use_eval is None else bool(use_eval)
+        self.use_eval = bool(use_eval)
         self.threshold = slope_threshold(plan, k)
         s = stage.stop
         self.rule = SlopeRule(self.threshold, window=s.window, ema=s.ema, patience=s.patience,
@@ -73,7 +69,7 @@ class StageStop:
 
     @classmethod
     def of(cls, plan: Plan, k: int, lr_offset: int = 0, log_path: str | None = None, upto: int = 0,
-           use_eval: bool | None = None) -> "StageStop | None":
+           use_eval: bool = False) -> "StageStop | None":
         """The stage's rule (None for rule "steps"), with the logged points up to step `upto` replayed."""
         if plan.stages[k].stop.rule != "slope":
             return None
@@ -113,6 +109,8 @@ class StageStop:
         if record.get("stage", self.stage.name) != self.stage.name:
             return False
         if "eval_loss" in record:
+            if record.get("at", "periodic") != "periodic":
+                return False
             return self.update_eval(int(record["step"]), float(record["eval_loss"]))
         if "loss" in record:
             return self.update(int(record["step"]), float(record["loss"]))
@@ -132,7 +130,8 @@ class StageStop:
                         r = json.loads(line)
                     except ValueError:
                         continue
-                    if r.get("stage", self.stage.name) == self.stage.name and key in r and 0 <= r["step"] <= upto:
+                    if r.get("stage", self.stage.name) == self.stage.name and key in r and 0 <= r["step"] <= upto \
+                            and (key == "loss" or r.get("at", "periodic") == "periodic"):
                         points[int(r["step"])] = float(r[key])
         for step in sorted(points):
             self._feed(step, points[step])

@@ -235,6 +235,27 @@ def test_rule_watches_validation_loss_when_the_stage_evaluates(tmp_path):
     assert not tr.update_eval(201, 0.1)
 
 
+def test_only_periodic_evals_decide(tmp_path):
+    """Evals at a stage end or around a growth are not fed (the loop decides at periodic evals), so
+    a replay of a log with them equals the online rule fed the periodic ones."""
+    plan = _plan({"rule": "slope", "threshold": -0.05, "window": 4})
+    ref = StageStop(plan, 0)
+    curve = _kinked(ref, kink=60, n=200)
+    log = tmp_path / "log.jsonl"
+    with open(log, "w") as f:
+        for at, s, v in (("before_growth", 0, 9.0), ("after_growth", 0, 9.0)):
+            f.write(json.dumps({"stage": "a", "step": s, "eval_loss": v, "at": at}) + "\n")
+        for s in range(5, 101, 5):
+            f.write(json.dumps({"stage": "a", "step": s, "eval_loss": curve[s - 1], "at": "periodic"}) + "\n")
+        f.write(json.dumps({"stage": "a", "step": 100, "eval_loss": 1.0, "at": "stage_end"}) + "\n")
+    online = StageStop(plan, 0, lr_offset=3, use_eval=True)
+    for s in range(5, 101, 5):
+        online.update_eval(s, curve[s - 1])
+    replayed = StageStop.of(plan, 0, 3, str(log), upto=100, use_eval=True)
+    assert replayed.rule.count == online.rule.count == 20 and replayed.rule.fired_at == online.rule.fired_at
+    assert not online.observe({"stage": "a", "step": 105, "eval_loss": 0.5, "at": "stage_end"}) and online.rule.count == 20
+
+
 def test_eval_after_growth_at_compute_zero_is_skipped_and_repeats_count_once():
     plan = _plan({"rule": "slope", "window": 2})
     st = StageStop(plan, 0, lr_offset=0, use_eval=True)

@@ -1,0 +1,1 @@
+"""Results of experiments read off run logs (the savings report)."""
