@@ -1,6 +1,7 @@
 # megagrow: two commands on a fresh machine (Python 3.11, g++, package registries):
 #   make demo   - create .venv if missing, install, prepare the stdlib corpus, train the tiny plan on 2 CPU processes
 #   make test   - create .venv if missing, install, run the test suite
+#   make stress - the 200-case reshard property test and more fault-injection trials
 #   make savings - the savings experiment and its report (docs/results/savings.md)
 PYTHON ?= python3
 VENV   := .venv
@@ -17,7 +18,7 @@ export OMP_NUM_THREADS ?= 1
 SAVINGS_DATA ?= $(DATA)
 SAVINGS_OUT  ?= runs/savings
 
-.PHONY: demo test install data clean savings
+.PHONY: demo test stress install data clean savings
 
 install: $(STAMP)
 
@@ -52,6 +53,11 @@ savings: $(STAMP) $(DATA).bin
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests
+
+# longer property and fault-injection runs (about 10 minutes on 2 cores): 200 reshard cases, 3x the kill trials
+stress: $(STAMP)
+	$(PY) -m pytest -q tests/dist/test_reshard_property.py --cases 200
+	MEGAGROW_FAULT_TRIALS_SCALE=3 $(PY) -m pytest -q tests/dist/test_faults.py
 
 clean:
 	rm -rf runs build *.egg-info

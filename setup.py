@@ -5,6 +5,8 @@ from setuptools import find_packages, setup
 # megatron-core 0.16.x is the newest release for Python 3.11; 0.17+ need Python 3.12.
 megatron = "megatron-core==0.16.1" if sys.version_info < (3, 12) else "megatron-core>=0.16.1,<0.18"
 
+HF = ["transformers>=5.24,<6", "safetensors>=0.6", "tokenizers>=0.22", "protobuf>=4"]
+
 setup(
     name="megagrow",
     version="0.1.0",
@@ -25,6 +27,12 @@ setup(
     ],
     # NVIDIA apex is an optional GPU extra, detected at run time. Never PyPI's `apex`
     # (an unrelated package that also breaks megatron-core's CPU path).
-    extras_require={"test": ["pytest>=8", "hypothesis>=6"]},
+    # hf: Hugging Face interop (megagrow export-hf, init_from: hf:PATH, tokenizer.json for prepare_data.py);
+    # protobuf reads sentencepiece models for the tokenizer.json conversion. The test extra installs it,
+    # so the interop tests run (never skipped) wherever the tests run.
+    extras_require={
+        "hf": HF,
+        "test": ["pytest>=8", "hypothesis>=6", *HF],
+    },
     entry_points={"console_scripts": ["megagrow=megagrow.cli:main"]},
 )

@@ -7,6 +7,7 @@
     megagrow plan ...                              the scaling-law stage planner
     megagrow bench PLAN --stage K ...              throughput, TFLOP/s, MFU, overhead, transition cost
     megagrow plot RUN [RUN ...] --out fig.png      eval/training loss vs FLOPs, stage boundaries marked
+    megagrow export-hf CKPT OUT                    a checkpoint -> a transformers model directory
 """
 
 from __future__ import annotations
@@ -106,6 +107,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("plan", help="scaling-law stage planner (megagrow plan --help)", add_help=False)
     sub.add_parser("bench", help="throughput / MFU / overhead / transition benchmark (megagrow bench --help)", add_help=False)
     sub.add_parser("plot", help="loss vs FLOPs of one or more runs to a PNG (megagrow plot --help)", add_help=False)
+    sub.add_parser("export-hf", help="a stage checkpoint -> a Hugging Face transformers model directory "
+                   "(megagrow export-hf --help)", add_help=False)
     return p
 
 
@@ -124,6 +127,10 @@ def main(argv: list[str] | None = None) -> int:
         from megagrow.metrics.plot import main as plot_main
 
         return plot_main(argv[1:])
+    if argv and argv[0] == "export-hf":
+        from megagrow.export_cli import main as export_main
+
+        return export_main(argv[1:])
     args = build_parser().parse_args(argv)
     return args.fn(args)
 

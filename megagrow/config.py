@@ -379,6 +379,9 @@ class Stage(_Config):
     # end and around growth), over `eval_tokens` held-out tokens (0: no eval at all)
     eval_every: int = 0
     eval_tokens: int = 65536
+    # first stage only: start from a transformers model directory on disk ("hf:PATH"): its weights,
+    # fresh optimizer state, at this stage's layout (megagrow.hf; needs the `hf` extra)
+    init_from: Optional[str] = None
 
     def validate(self, where: str = "stage") -> None:
         _need(isinstance(self.name, str) and self.name.replace("_", "").replace("-", "").isalnum(), where, f"name must be alphanumeric (with - or _), got {self.name!r}")
@@ -390,6 +393,27 @@ class Stage(_Config):
             _need(_is_int(v) and v >= 0, where, f"{k} must be an integer >= 0, got {v!r}")
         self.layout.check_model(self.model, f"{where}.layout")
         _need(self.stop.min_steps <= self.steps, f"{where}.stop", f"min_steps {self.stop.min_steps} > steps {self.steps}")
+        _need(self.init_from is None or (self.init_from.startswith("hf:") and len(self.init_from) > 3), where,
+              f"init_from must be hf:PATH (a transformers model directory), got {self.init_from!r}")
+
+
+@dataclass(frozen=True)
+class Reliability(_Config):
+    """How a run guards its progress against faults (docs/reliability.md)."""
+
+    keep_last: int = 0  # complete checkpoints kept per stage (0: all); the newest complete one is never deleted
+    # steps whose loss or gradient norm is not finite that a stage tolerates when the update was skipped
+    # (the weights stayed finite); 0: the first one stops the stage. Weights are never saved non-finite.
+    skip_nonfinite_steps: int = 0
+    collective_timeout_s: float = 600.0  # a collective waiting longer (a hung or lost rank) ends the stage
+    retries: int = 1  # `megagrow run`: a failed stage is launched again this often, from its newest complete checkpoint
+    verify_on_resume: bool = True  # check every file's CRC-32 against the manifest before resuming
+
+    def validate(self, where: str = "reliability") -> None:
+        _need(self.keep_last >= 0, where, f"keep_last must be >= 0, got {self.keep_last}")
+        _need(self.skip_nonfinite_steps >= 0, where, f"skip_nonfinite_steps must be >= 0, got {self.skip_nonfinite_steps}")
+        _need(self.collective_timeout_s > 0, where, f"collective_timeout_s must be positive, got {self.collective_timeout_s}")
+        _need(self.retries >= 0, where, f"retries must be >= 0, got {self.retries}")
 
 
 @dataclass(frozen=True)
@@ -400,6 +424,7 @@ class Plan(_Config):
     seed: int = 1234
     data: DataConfig = field(default_factory=DataConfig)
     stages: tuple = ()
+    reliability: Reliability = field(default_factory=Reliability)
 
     @classmethod
     def from_dict(cls, d: Any, where: str | None = None) -> "Plan":
@@ -422,12 +447,15 @@ class Plan(_Config):
         return plan
 
     def to_dict(self) -> dict:
-        return {"name": self.name, "seed": self.seed, "data": self.data.to_dict(), "stages": [s.to_dict() for s in self.stages]}
+        return {"name": self.name, "seed": self.seed, "data": self.data.to_dict(), "stages": [s.to_dict() for s in self.stages],
+                "reliability": self.reliability.to_dict()}
 
     def validate(self, where: str = "plan") -> None:
         _need(_is_int(self.seed) and self.seed >= 0, where, "seed must be a non-negative integer")
         names = [s.name for s in self.stages]
         _need(len(set(names)) == len(names), where, f"stage names must be unique, got {names}")
+        later = [s.name for s in self.stages[1:] if s.init_from is not None]
+        _need(not later, where, f"only the first stage may have init_from (stage(s) {', '.join(later)} grow from the one before)")
 
     def stage(self, key: int | str) -> Stage:
         """A stage by 0-based index or by name."""
@@ -459,6 +487,7 @@ _SUBCONFIGS = {
     ("Stage", "optim"): OptimConfig,
     ("Stage", "stop"): StopRule,
     ("Plan", "data"): DataConfig,
+    ("Plan", "reliability"): Reliability,
 }
 
 

@@ -11,6 +11,9 @@ import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
+# transformers (the hf extra) must never reach the network in tests: every model is built locally
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
 
 
 def _env() -> dict:
@@ -80,3 +83,11 @@ def spawn_ranks(nproc: int, args: list[str], slurm_env: bool = True) -> list[sub
         procs.append(subprocess.Popen([sys.executable, "-m", "megagrow.cli"] + args, env=env, cwd=REPO,
                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
     return procs
+
+
+def pytest_addoption(parser):
+    parser.addoption("--cases", type=int, default=None,
+                     help="R1 reshard property test: number of random (model, layout A, layout B, dtype) cases "
+                          "(default 30, or MEGAGROW_R1_CASES; `make stress` runs 200)")
+    parser.addoption("--trials", type=int, default=None,
+                     help="fault-injection tests: kill trials per test (default: the test's own, or MEGAGROW_FAULT_TRIALS)")

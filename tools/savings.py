@@ -95,7 +95,7 @@ class Driver:
         self.out = os.path.abspath(args.out)
         self.data = os.path.abspath(args.data)
         self.runs = runs(spec, self.data)
-        self.procs: dict = {}  # name -> (Popen, log file)
+        self.procs: dict = {}  # name -> (Popen, log file, start time)
         self.failed: set = set()
         self.stopping = False
         self.choices_path = os.path.join(self.out, "choices.json")
@@ -157,15 +157,32 @@ class Driver:
         log.write(f"$ {' '.join(cmd)}\n")
         log.flush()
         p = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=_env(), cwd=REPO, start_new_session=True)
-        self.procs[r.name] = (p, log)
+        self.procs[r.name] = (p, log, time.time())
         self.say(f"start  {r.name} ({r.kind})")
+
+    def reload(self, name: str):
+        from megagrow.results.report import load_state
+
+        return load_state(self.out, next(r for r in self.runs if r.name == name))
+
+    def record_time(self, name: str, seconds: float) -> None:
+        """Wall seconds of this session of the run (a resumed run adds to what is recorded)."""
+        from megagrow.fsutil import write_json_atomic
+
+        path = os.path.join(self.out, "timing", f"{name}.json")
+        prev = 0.0
+        if os.path.isfile(path):
+            with open(path) as f:
+                prev = float(json.load(f).get("seconds", 0.0))
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        write_json_atomic(path, {"seconds": prev + seconds})
 
     def say(self, msg: str) -> None:
         print(f"[savings {time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
     def on_signal(self, signum, frame) -> None:
         self.stopping = True
-        for p, _ in self.procs.values():
+        for p, _, _ in self.procs.values():
             try:
                 p.send_signal(signal.SIGTERM)  # the controller forwards it: the stage saves and exits 75
             except ProcessLookupError:
@@ -190,12 +207,14 @@ class Driver:
         while True:
             states = self.states()
             ch = self.choices(states)
-            for name, (p, log) in list(self.procs.items()):
+            for name, (p, log, t0) in list(self.procs.items()):
                 rc = p.poll()
                 if rc is None:
                     continue
                 log.close()
                 del self.procs[name]
+                states[name] = self.reload(name)
+                self.record_time(name, time.time() - t0)
                 if states[name].done:
                     bar.update(1)
                     self.say(f"done   {name}")

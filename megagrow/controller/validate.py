@@ -44,6 +44,13 @@ def validate_plan(plan: Plan, alloc: Allocation, run_dir: str | None = None) -> 
                 operator_between(stage.grow or "identity", prev.model, stage.model)
             except UserError as e:
                 raise UserError(f"{where}: grow {stage.grow or 'identity'!r} from stage {prev.name!r}: {e}") from None
+        if stage.init_from:  # a transformers model to start from: config checked against the stage (json only)
+            from megagrow.hf import check_init_from
+
+            try:
+                check_init_from(stage)
+            except UserError as e:
+                raise UserError(f"{where}: init_from: {e}") from None
         if stage.layout.ds_config and not _ds_config_exists(stage.layout.ds_config):
             raise UserError(f"{where}: ds_config {stage.layout.ds_config!r} not found")
         placements.append(place(stage, alloc, where))

@@ -33,12 +33,12 @@ class Batches:
 
     @classmethod
     def open(cls, plan: Plan, stage: Stage, dp_rank: int, dp_size: int) -> "Batches":
-        from megagrow.data.dataset import TokenDataset
+        from megagrow.data.megatron import open_dataset
         from megagrow.data.sampler import GlobalSampler
 
-        ds = TokenDataset(plan.data.prefix)
         m = stage.model
-        if ds.vocab_size > m.vocab_size:
+        ds = open_dataset(plan.data.prefix, vocab_limit=m.vocab_size)  # megagrow's format or Megatron's
+        if ds.vocab_size is not None and ds.vocab_size > m.vocab_size:
             raise UserError(f"dataset {plan.data.prefix} has vocab {ds.vocab_size} > model vocab_size {m.vocab_size}")
         n = ds.num_windows(m.seq_len)
         if n < 1:

@@ -65,6 +65,10 @@ def find_input_files(paths: Iterable[str], max_files: int | None = None) -> list
             raise UserError(f"input path not found: {p}")
         found = [p] if not os.path.isdir(p) else _walk(p, TEXT_SUFFIXES, _SKIP_DIRS)
         for f in found:
+            if not os.path.exists(f):  # found by the walk, but a symlink to nothing
+                raise UserError(f"input file {f} is a dangling symlink (to {os.readlink(f)!r}); remove it or fix the link")
+            if not os.path.isfile(f):
+                raise UserError(f"input {f} is not a regular file")
             key = os.path.realpath(f)
             if key not in seen:
                 seen.add(key)

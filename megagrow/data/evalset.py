@@ -41,8 +41,10 @@ class EvalSet:
         if not has_valid_split(prefix):
             return None, (f"no validation split {valid_prefix(prefix)}.bin/.idx beside the dataset (re-run "
                           "tools/prepare_data.py, default --valid-fraction 0.005)")
-        ds = TokenDataset(valid_prefix(prefix))
-        if ds.vocab_size > vocab_size:
+        from megagrow.data.megatron import open_dataset
+
+        ds = open_dataset(valid_prefix(prefix), vocab_limit=vocab_size)  # megagrow's format or Megatron's
+        if ds.vocab_size is not None and ds.vocab_size > vocab_size:
             raise UserError(f"validation split {ds.prefix} has vocab {ds.vocab_size} > model vocab_size {vocab_size}")
         avail = ds.num_windows(seq_len)
         if avail < 1:

@@ -8,8 +8,10 @@ Inputs are files or directories (searched recursively for .py/.txt/.md/.rst/.jso
 line's "text" field is a document, any other file is one document). Without --input the
 default corpus is the Python standard library's .py source (see megagrow.data.corpus).
 
-Tokenizer: --tokenizer if given, else PREFIX.model if it exists, else one is trained to
-PREFIX.model. Then every document is encoded and written, followed by EOS, to PREFIX.bin and
+Tokenizer: --tokenizer if given (a sentencepiece .model, or a Hugging Face tokenizer.json:
+needs the `hf` extra), copied next to the dataset as PREFIX.model / PREFIX.tokenizer.json (the
+other kind removed, so the dataset names one tokenizer); else PREFIX.model if it exists; else
+one is trained to PREFIX.model. Then every document is encoded and written, followed by EOS, to PREFIX.bin and
 PREFIX.idx (megagrow.data.dataset). Outputs appear atomically or not at all.
 
 Validation split: ``--valid-fraction`` f (default 0.005) of the documents, at least one, chosen
@@ -32,7 +34,7 @@ import time
 from megagrow.data.corpus import (TEXT_SUFFIXES, default_corpus_files, find_input_files,
                                   read_documents, stdlib_dir)
 from megagrow.data.dataset import DatasetWriter, TokenDataset, valid_prefix
-from megagrow.data.tokenizer import MIN_VOCAB_SIZE, MAX_VOCAB_SIZE, Tokenizer, train_tokenizer
+from megagrow.data.tokenizer import MIN_VOCAB_SIZE, MAX_VOCAB_SIZE, Tokenizer, load_tokenizer, train_tokenizer
 from megagrow.errors import UserError, cli_entry
 from megagrow.fsutil import unlink_quietly
 
@@ -54,7 +56,8 @@ def _parser() -> argparse.ArgumentParser:
                         "default: the Python standard library's .py files")
     p.add_argument("--vocab-size", type=int, default=None,
                    help=f"vocab size of a newly trained tokenizer (default {DEFAULT_VOCAB_SIZE})")
-    p.add_argument("--tokenizer", metavar="MODEL", help="use this existing sentencepiece .model")
+    p.add_argument("--tokenizer", metavar="PATH", help="use this existing tokenizer: a sentencepiece .model or a "
+                   "Hugging Face tokenizer.json (copied to PREFIX.model / PREFIX.tokenizer.json)")
     p.add_argument("--max-files", type=int, default=None, metavar="N",
                    help="use only the first N input files (in sorted order)")
     p.add_argument("--max-sentences", type=int, default=300_000, metavar="N",
@@ -127,13 +130,32 @@ def _split(all_prefix: str, prefix: str, fraction: float, seed: int) -> tuple[in
     return len(held), n_valid_tokens
 
 
-def _load_tokenizer(path: str, requested_vocab: int | None, how: str) -> Tokenizer:
-    tok = Tokenizer(path)
+def _load_tokenizer(path: str, requested_vocab: int | None, how: str):
+    tok = load_tokenizer(path)
     if requested_vocab is not None and requested_vocab != tok.vocab_size:
         raise UserError(f"{how} tokenizer {path} has vocab size {tok.vocab_size} but --vocab-size "
                         f"{requested_vocab} was given (delete it to train a new one, or drop "
                         "--vocab-size)")
     return tok
+
+
+def _adopt_tokenizer(path: str, prefix: str) -> str:
+    """Copy tokenizer `path` next to the dataset (PREFIX.model or PREFIX.tokenizer.json, written
+    atomically) and remove the other kind, so that the dataset names exactly one tokenizer."""
+    import shutil
+
+    mine = prefix + (".tokenizer.json" if path.endswith(".json") else ".model")
+    other = prefix + (".model" if path.endswith(".json") else ".tokenizer.json")
+    if not (os.path.exists(mine) and os.path.samefile(path, mine)):
+        tmp = f"{mine}.tmp-{os.getpid()}"
+        try:
+            shutil.copyfile(path, tmp)
+            os.replace(tmp, mine)
+        except BaseException:
+            unlink_quietly(tmp)
+            raise
+    unlink_quietly(other)
+    return mine
 
 
 @cli_entry
@@ -212,11 +234,12 @@ def main(argv: list[str] | None = None) -> int:
             for ext in (".idx", ".bin"):
                 unlink_quietly(all_prefix + ext)
     tokenize_seconds = time.perf_counter() - t1
+    tok_path = _adopt_tokenizer(args.tokenizer, args.out) if args.tokenizer else tok.path
     seconds = time.perf_counter() - t_start
 
     summary = {
         "prefix": args.out,
-        "tokenizer": tok.path,
+        "tokenizer": tok_path,
         "vocab_size": tok.vocab_size,
         "documents": documents,
         "tokens": tokens,
@@ -234,7 +257,7 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(summary))
     else:
         how = f"trained in {tokenizer_seconds:.1f} s" if trained else "reused"
-        print(f"tokenizer  {tok.path}: vocab {tok.vocab_size} ({how})")
+        print(f"tokenizer  {tok_path}: vocab {tok.vocab_size} ({how})")
         print(f"dataset    {args.out}.bin/.idx: {documents:,} documents, {tokens:,} tokens "
               f"from {len(files):,} files, {input_bytes / 1e6:.1f} MB "
               f"({input_bytes / max(tokens + valid_tokens, 1):.2f} bytes/token), tokenized in "

@@ -215,3 +215,58 @@ class Tokenizer:
 
     def __repr__(self) -> str:
         return f"Tokenizer({self.path!r}, vocab_size={self.vocab_size})"
+
+
+EOS_PIECES = ("</s>", "<|endoftext|>", "<|end_of_text|>", "<eos>")
+
+
+class JsonTokenizer:
+    """A Hugging Face ``tokenizer.json`` (the `tokenizers` library, installed with the `hf`
+    extra) with the interface of ``Tokenizer``. Its end-of-document id is the first of
+    ``</s>``, ``<|endoftext|>``, ``<|end_of_text|>``, ``<eos>`` it has."""
+
+    def __init__(self, path: str):
+        if not os.path.isfile(path):
+            raise UserError(f"tokenizer not found: {path}")
+        try:
+            from tokenizers import Tokenizer as _HF
+        except ImportError:
+            raise UserError("a tokenizer.json needs the `tokenizers` package: pip install 'megagrow[hf]'") from None
+        try:
+            self.tok = _HF.from_file(path)
+        except Exception as e:  # noqa: BLE001 - the library raises plain Exceptions
+            raise UserError(f"not a tokenizer.json: {path} ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+        self.path = path
+        vocab = self.tok.get_vocab(with_added_tokens=True)
+        eos = next((p for p in EOS_PIECES if p in vocab), None)
+        if eos is None:
+            raise UserError(f"tokenizer {path} has no end-of-document token (one of {', '.join(EOS_PIECES)})")
+        self._eos = int(vocab[eos])
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.tok.get_vocab_size(with_added_tokens=True))
+
+    @property
+    def eos_id(self) -> int:
+        return self._eos
+
+    def encode(self, text: str) -> list[int]:
+        return self.tok.encode(text, add_special_tokens=False).ids
+
+    def encode_batch(self, texts: Sequence[str], num_threads: int = 2) -> list[list[int]]:
+        return [e.ids for e in self.tok.encode_batch(list(texts), add_special_tokens=False)]
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return self.tok.decode([int(i) for i in ids], skip_special_tokens=True)
+
+    def id_to_piece(self, i: int) -> str:
+        return self.tok.id_to_token(int(i))
+
+    def __repr__(self) -> str:
+        return f"JsonTokenizer({self.path!r}, vocab_size={self.vocab_size})"
+
+
+def load_tokenizer(path: str):
+    """A sentencepiece ``.model`` (Tokenizer) or a Hugging Face ``tokenizer.json`` (JsonTokenizer)."""
+    return JsonTokenizer(path) if path.endswith(".json") else Tokenizer(path)

@@ -39,10 +39,26 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def init_distributed(layout: Layout) -> None:
-    """Start torch.distributed (once) and megatron-core's TP/DP groups for `layout`."""
+def collective_timeout_s(default: float = 600.0) -> float:
+    """Seconds a collective may wait for the other ranks: MEGAGROW_COLLECTIVE_TIMEOUT_S, else `default`
+    (the plan's reliability.collective_timeout_s)."""
+    v = os.environ.get("MEGAGROW_COLLECTIVE_TIMEOUT_S")
+    try:
+        return float(v) if v else float(default)
+    except ValueError:
+        raise UserError(f"MEGAGROW_COLLECTIVE_TIMEOUT_S must be a number of seconds, got {v!r}") from None
+
+
+def init_distributed(layout: Layout, timeout_s: float | None = None) -> None:
+    """Start torch.distributed (once) and megatron-core's TP/DP groups for `layout`. Every group gets
+    the collective timeout `timeout_s` (default: collective_timeout_s()): a rank that dies or hangs
+    makes the others fail in bounded time instead of waiting for the 30-minute default."""
+    import datetime
+
     import deepspeed
     from megatron.core import parallel_state
+
+    timeout = collective_timeout_s() if timeout_s is None else collective_timeout_s(timeout_s)
 
     rank, world, local_rank = _env_rank()
     layout.check_world(world)
@@ -61,10 +77,12 @@ def init_distributed(layout: Layout) -> None:
             # DeepSpeed JIT-compiles a shared-memory op (inference all-reduce only) in
             # init_distributed; training never uses it, so skip the build on CPU.
             sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None
-        deepspeed.init_distributed(dist_backend=backend, verbose=False)
+        deepspeed.init_distributed(dist_backend=backend, verbose=False, timeout=datetime.timedelta(seconds=timeout))
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
-    parallel_state.initialize_model_parallel(tensor_model_parallel_size=layout.tp, create_gloo_process_groups=False)
+    # megatron-core takes minutes and builds timedelta(minutes=...): a float keeps sub-minute timeouts
+    parallel_state.initialize_model_parallel(tensor_model_parallel_size=layout.tp, create_gloo_process_groups=False,
+                                             distributed_timeout_minutes=timeout / 60.0)
 
 
 class MPU:

@@ -135,8 +135,12 @@ def _shape(m: dict) -> str:
 
 
 def _wall(out: str, st: RunState) -> Optional[float]:
-    """Seconds from the first to the last record of each stage, summed (the machine is shared:
-    indicative only)."""
+    """Wall seconds of the run: from the driver's OUT/timing/<run>.json (start-up, growth and
+    evals included), else the span of each stage's log records, summed. The machine is shared:
+    indicative only."""
+    t = _read_json(os.path.join(out, "timing", f"{st.name}.json"))
+    if t and t.get("seconds"):
+        return float(t["seconds"])
     if not st.plan:
         return None
     total = 0.0
@@ -158,27 +162,23 @@ def _wall(out: str, st: RunState) -> Optional[float]:
 
 
 def transitions(st: RunState) -> list[dict]:
-    """Each growth of a run: eval loss right before and right after it (from the log's
-    before_growth / after_growth records), and where it happened."""
+    """Each growth of a run: the eval loss right before and right after it (the grown stage's
+    log holds both, at its step 0: "before_growth" is the source's final eval, "after_growth"
+    the grown model's), and where it happened."""
     out = []
     if not st.plan or not st.curve:
         return out
-    c = st.curve
     stage_names = [s["name"] for s in st.plan["stages"]]
-    # read the raw records again: read_curve merges the two (same FLOPs)
     for k in range(1, len(stage_names)):
         prev, cur = stage_names[k - 1], stage_names[k]
-        before = after = None
-        for n, key in ((prev, "before_growth"), (cur, "after_growth")):
-            for r in _records(os.path.join(st.dir, n, "log.jsonl")):
-                if r.get("at") == key and "eval_loss" in r:
-                    if key == "before_growth":
-                        before = r
-                    else:
-                        after = after or r
+        found = {}
+        for r in _records(os.path.join(st.dir, cur, "log.jsonl")):
+            if r.get("at") in ("before_growth", "after_growth") and "eval_loss" in r and r.get("step") == 0:
+                found.setdefault(r["at"], r)
         status = st.stages[k - 1] or {}
+        before, after = found.get("before_growth"), found.get("after_growth")
         out.append({"from": prev, "to": cur, "step": status.get("step"), "stopped_by": status.get("stopped_by"),
-                    "flops": before["flops"] if before else dict(c.stage_ends).get(prev),
+                    "flops": (before or after or {}).get("flops", dict(st.curve.stage_ends).get(prev)),
                     "before": before["eval_loss"] if before else None, "after": after["eval_loss"] if after else None})
     return out
 

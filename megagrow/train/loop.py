@@ -30,7 +30,7 @@ def train_stage(plan: Plan, k: int, run_dir: str, stop_at: int | None = None, qu
     from megagrow.schedule.lr import LRSchedule
     from megagrow.schedule.stop import StageStop
     from megagrow.signals import StopFlag
-    from megagrow.train.transition import transition
+    from megagrow.train.transition import initial, transition
 
     stage = plan.stages[k]
     paths = RunPaths(run_dir).stage(stage.name)
@@ -41,6 +41,8 @@ def train_stage(plan: Plan, k: int, run_dir: str, stop_at: int | None = None, qu
     batches = Batches.open(plan, stage, dp_rank, dp_size)  # bad data fails before the engine is built
     if k > 0 and not paths.has_checkpoint():
         transition(plan, k, run_dir, quiet)
+    elif stage.init_from and not paths.has_checkpoint():  # a first stage starting from a transformers model
+        initial(plan, k, run_dir, quiet)
     engine, optimizer = build_stage(plan, k)
     device = engine.device
 

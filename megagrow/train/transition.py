@@ -1,4 +1,5 @@
-"""Stage k-1's final checkpoint -> stage k's first, grown and resharded shard to shard.
+"""Stage k-1's final checkpoint -> stage k's first, grown and resharded shard to shard; or, for a
+first stage with `init_from: hf:PATH`, a transformers model -> its first checkpoint (`initial`).
 
 The output is written under `checkpoints.partial/` and renamed to `checkpoints/` once every
 rank's files are written: an interrupted transition never leaves a half-written stage
@@ -47,4 +48,29 @@ def transition(plan: Plan, k: int, run_dir: str, quiet: bool = False) -> dict:
     if rank == 0 and not quiet:
         print(f"[megagrow] transition {prev.name} -> {stage.name} ({info['op']}) at {stage.layout.to_dict()} "
               f"in {time.perf_counter() - t0:.1f} s, read {info['bytes_read'] / 1e6:.2f} MB on rank 0", flush=True)
+    return info
+
+
+def initial(plan: Plan, k: int, run_dir: str, quiet: bool = False) -> dict:
+    """Stage k's step-0 checkpoint from the transformers model its `init_from: hf:PATH` names
+    (weights only, fresh optimizer state, at the stage's layout), written like a transition's.
+    A missing or mismatching model is a UserError before anything is written."""
+    from megagrow.hf import import_checkpoint
+
+    stage = plan.stages[k]
+    paths = RunPaths(run_dir).stage(stage.name)
+    t0 = time.perf_counter()
+    rank = torch.distributed.get_rank()
+    tmp = paths.partial
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+    torch.distributed.barrier()
+    info = import_checkpoint(plan, k, tmp)  # checks the model first; ends with a barrier
+    if rank == 0:
+        shutil.rmtree(paths.ckpt, ignore_errors=True)
+        os.replace(tmp, paths.ckpt)
+    torch.distributed.barrier()
+    if rank == 0 and not quiet:
+        print(f"[megagrow] {stage.name}: initialised from {info['init_from']} at {stage.layout.to_dict()} "
+              f"in {time.perf_counter() - t0:.1f} s", flush=True)
     return info

@@ -252,6 +252,94 @@ def reshard(prefix: str, out: str) -> dict:
     return res
 
 
+def r1_cases(n: int, seed: int, per_source: int) -> list[dict]:
+    """R1 property cases, drawn from `seed`: ceil(n / per_source) sources, each a random small model
+    (flavour, depth, heads, width, tied or not, llama GQA, explicit d_ff) trained at a random layout A
+    (TP x DP x ZeRO 1-3 x fp32/bf16 at this world size, any the model allows), each converted into
+    `per_source` random layouts B != A (n cases in all)."""
+    import itertools
+    import random
+
+    from megagrow.errors import UserError
+
+    rng = random.Random(seed)
+    every = [dict(tp=t, zero_stage=z, dtype=d) for t, z, d in
+             itertools.product([t for t in (1, 2, 4) if WORLD % t == 0], (1, 2, 3), ("fp32", "bf16"))]
+    sources, left = [], n
+    while left > 0:
+        h = rng.choice([2, 4, 8])
+        flavour = rng.choice(["gpt2", "llama"])
+        m = dict(flavour=flavour, n_layers=rng.choice([1, 2, 3]), d_model=8 * h * rng.choice([1, 2]), n_heads=h,
+                 tie_embeddings=rng.choice([True, False]), seq_len=16)
+        if flavour == "llama" and rng.random() < 0.3:
+            m["n_kv_heads"] = rng.choice([k for k in (1, 2, 4) if h % k == 0 and k < h])
+        if rng.random() < 0.3:
+            m["d_ff"] = 32 * rng.choice([2, 3, 4])
+        model = ModelConfig(vocab_size=512, **m)
+        ok = []
+        for L in every:
+            try:
+                Layout(dp=WORLD // L["tp"], **L).check_model(model)
+                ok.append(L)
+            except UserError:
+                pass
+        if len(ok) < 2:
+            continue
+        a = rng.choice(ok)
+        targets = [rng.choice([b for b in ok if b != a]) for _ in range(min(per_source, left))]
+        left -= len(targets)
+        sources.append({"model": m, "a": a, "targets": targets})
+    return sources
+
+
+def reshard_property(prefix: str, out: str) -> dict:
+    """R1: for every case, identity regrow (pure resharding) from layout A to layout B, and every fp32
+    weight, exp_avg and exp_avg_sq of B, read back through megagrow's shard-map reader, equals A's
+    bitwise. One launch trains each source once and converts it into several targets.
+    Knobs: MEGAGROW_R1_CASES (default 30), MEGAGROW_R1_PER_SOURCE (default 6), MEGAGROW_PROPERTY_SEED."""
+    import shutil
+    import time
+
+    from megagrow.state.checkpoint import SourceCheckpoint
+    from megagrow.state.executor import regrow
+    from megagrow.train import train_stage
+
+    n = int(os.environ.get("MEGAGROW_R1_CASES", "30"))
+    per = int(os.environ.get("MEGAGROW_R1_PER_SOURCE", "6"))
+    seed = int(os.environ.get("MEGAGROW_PROPERTY_SEED", "0"))
+    ds = lambda L: "ds_configs/cpu.json" if L["zero_stage"] == 3 else None  # noqa: E731
+    t0 = time.perf_counter()
+    res = {"cases": [], "seed": seed}
+    for i, src_case in enumerate(r1_cases(n, seed, per)):
+        a = dict(src_case["a"], dp=WORLD // src_case["a"]["tp"])
+        pa = tiny_plan(prefix, steps=2, ds_config=ds(a), **a)
+        pa = pa.replace(stages=(pa.stages[0].replace(model=pa.stages[0].model.replace(**src_case["model"])),))
+        ra = os.path.join(out, f"src{i}")
+        init_distributed(pa.stages[0].layout)
+        train_stage(pa, 0, ra, quiet=True)
+        torch.distributed.barrier()
+        ck_a = os.path.join(ra, "s0", "checkpoints")
+        A = _logical_all(SourceCheckpoint.open(ck_a)) if RANK == 0 else None
+        for j, b in enumerate(src_case["targets"]):
+            b = dict(b, dp=WORLD // b["tp"])
+            pb = pa.replace(stages=(pa.stages[0].replace(layout=pa.stages[0].layout.replace(**b, ds_config=ds(b))),))
+            rb = os.path.join(out, f"src{i}_t{j}")
+            init_distributed(pb.stages[0].layout)
+            regrow(pb, 0, SourceCheckpoint.open(ck_a), rb)
+            torch.distributed.barrier()
+            if RANK == 0:
+                B = _logical_all(SourceCheckpoint.open(rb))
+                mism = sorted(f"{k[0]}/{k[1]}" for k in A if k not in B or not torch.equal(A[k], B[k]))
+                res["cases"].append({"model": src_case["model"], "a": a, "b": b, "tensors": len(A), "mismatched": mism,
+                                     "states": sorted({k[1] for k in A})})
+                shutil.rmtree(rb, ignore_errors=True)
+            torch.distributed.barrier()
+        if RANK == 0:
+            shutil.rmtree(ra, ignore_errors=True)
+    res["seconds"] = time.perf_counter() - t0
+    return res
+
+
 def _eval_loss(plan: Plan, k: int, ckpt_dir: str, x, y, tag=None) -> float:
     """Loss of stage k's checkpoint on batch (x, y), loaded in a plain DeepSpeed engine at its layout."""
     from megagrow.parallel.engine import build_stage as build
@@ -333,7 +421,8 @@ def grow(prefix: str, out: str) -> dict:
 
 if __name__ == "__main__":
     scenario, prefix, out = sys.argv[1:4]
-    result = {"tp_equiv": tp_equiv, "zero_match": zero_match, "resume": resume, "reshard": reshard, "grow": grow}[scenario](prefix, out)
+    result = {"tp_equiv": tp_equiv, "zero_match": zero_match, "resume": resume, "reshard": reshard, "grow": grow,
+              "reshard_property": reshard_property}[scenario](prefix, out)
     if RANK == 0:
         with open(os.path.join(out, "result.json"), "w") as f:
             json.dump(result, f)

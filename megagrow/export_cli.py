@@ -1,0 +1,149 @@
+"""`megagrow export-hf` / tools/export_hf.py: a stage checkpoint -> a transformers model directory.
+
+    megagrow export-hf CKPT OUT [--tag T] [--tokenizer PATH | --no-tokenizer] [--dtype fp32|bf16|fp16] [--json]
+
+CKPT is a stage's checkpoint directory (RUN/<stage>/checkpoints, holding `latest`), the stage
+directory above it, or one tag directory inside it; any layout (TP, DP, ZeRO 1-3, fp32 or
+bf16 training). Only the fp32 master weights are read, tensor by tensor, through megagrow's
+shard-map reader (no optimizer state, no DeepSpeed engine, one process). OUT receives
+config.json (GPT2Config / LlamaConfig), model.safetensors, megagrow.json (the source) and the
+tokenizer (tokenizer.json + tokenizer_config.json, and tokenizer.model for a sentencepiece
+source), written to OUT.export-tmp and renamed at the end; an existing non-empty OUT is refused.
+The tokenizer is --tokenizer, else the plan's dataset tokenizer PREFIX.model (or
+PREFIX.tokenizer.json) when it exists.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import time
+
+from megagrow.errors import UserError, cli_entry
+
+DTYPES = ("fp32", "bf16", "fp16")
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="megagrow export-hf", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("ckpt", help="checkpoint directory (with 'latest'), its stage directory, or a tag directory")
+    p.add_argument("out", help="output directory for the transformers model (must not exist or be empty)")
+    p.add_argument("--tag", help="checkpoint tag (default: the one 'latest' names)")
+    p.add_argument("--tokenizer", help="sentencepiece .model or tokenizer.json (default: the plan dataset's PREFIX.model)")
+    p.add_argument("--no-tokenizer", action="store_true", help="write no tokenizer")
+    p.add_argument("--dtype", choices=DTYPES, default="fp32", help="dtype of the saved weights (default fp32)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    p.add_argument("--json", action="store_true", help="print a JSON summary on stdout")
+    return p
+
+
+def resolve_checkpoint(path: str, tag: str | None) -> tuple[str, str | None]:
+    """(checkpoint directory, tag) from a checkpoint dir, a stage dir or a tag dir."""
+    if not os.path.isdir(path):
+        raise UserError(f"checkpoint not found: {path}")
+    if os.path.isfile(os.path.join(path, "latest")) or tag:
+        return path, tag
+    if os.path.isfile(os.path.join(path, "checkpoints", "latest")):
+        return os.path.join(path, "checkpoints"), tag
+    if any(f.endswith("_model_states.pt") for f in os.listdir(path)):
+        return os.path.dirname(os.path.abspath(path)), os.path.basename(os.path.abspath(path))
+    raise UserError(f"{path}: no DeepSpeed checkpoint there ('latest', checkpoints/latest or *_model_states.pt)")
+
+
+def default_tokenizer(plan_dict: dict) -> str | None:
+    prefix = (plan_dict.get("data") or {}).get("prefix")
+    for suffix in (".model", ".tokenizer.json"):
+        if prefix and os.path.isfile(prefix + suffix):
+            return prefix + suffix
+    return None
+
+
+def export(ckpt: str, out: str, tag: str | None = None, tokenizer: str | None = None, no_tokenizer: bool = False,
+           dtype: str = "fp32", progress: bool = False) -> dict:
+    """Write the transformers directory `out` from the checkpoint; returns the summary."""
+    from megagrow.hf import check_exportable, need_hf
+
+    need_hf()
+    import torch
+    from safetensors.torch import save_file
+
+    from megagrow.hf import hf_config, to_hf, write_tokenizer
+    from megagrow.state.checkpoint import SourceCheckpoint
+
+    t0 = time.perf_counter()
+    out = os.path.abspath(out)
+    if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
+        raise UserError(f"output {out} exists and is not an empty directory; refusing to overwrite")
+    d, tag = resolve_checkpoint(ckpt, tag)
+    src = SourceCheckpoint.open(d, tag)
+    m = src.model
+    check_exportable(m)
+    if not no_tokenizer:
+        tokenizer = tokenizer or default_tokenizer(src.client.get("plan", {}))
+        if tokenizer is None:
+            raise UserError("no tokenizer: the plan's dataset has no PREFIX.model here; pass --tokenizer PATH or --no-tokenizer")
+    shapes = src.logical_shapes()
+    tmp = f"{out}.export-tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    try:
+        tok_info = write_tokenizer(tokenizer, tmp, m.vocab_size) if not no_tokenizer else None
+        bar = None
+        if progress:
+            from tqdm import tqdm
+
+            bar = tqdm(total=len(shapes), desc="export-hf", unit="tensor", file=sys.stderr)
+
+        def read(name):
+            t = src.read_box(name, "w", tuple((0, n) for n in shapes[name]))
+            if bar is not None:
+                bar.update(1)
+            return t
+
+        tdtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
+        sd = {n: t.to(tdtype).contiguous() for n, t in to_hf(m, read)}
+        if bar is not None:
+            bar.close()
+        cfg = hf_config(m, tok_info and tok_info["bos_token_id"], tok_info and tok_info["eos_token_id"])
+        cfg.torch_dtype = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}[dtype]
+        cfg.save_pretrained(tmp)
+        save_file(sd, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
+        with open(os.path.join(tmp, "megagrow.json"), "w") as f:  # where it came from
+            json.dump({"checkpoint": os.path.abspath(d), "tag": src.tag, "stage": src.client["stage"],
+                       "step": src.client.get("step"), "sample_index": src.client.get("sample_index")}, f, indent=1)
+        if os.path.isdir(out):
+            os.rmdir(out)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    n_params = sum(t.numel() for t in sd.values())
+    return {"out": out, "architecture": cfg.architectures[0], "flavour": m.flavour, "checkpoint": os.path.abspath(d),
+            "tag": src.tag, "stage": src.client["stage"]["name"], "step": src.client.get("step"),
+            "source_layout": src.client["stage"]["layout"], "params": n_params, "vocab_size": m.vocab_size,
+            "dtype": dtype, "tokenizer": tok_info, "bytes_read": src.bytes_read,
+            "bytes_written": sum(os.path.getsize(os.path.join(out, f)) for f in os.listdir(out)),
+            "seconds": round(time.perf_counter() - t0, 3)}
+
+
+@cli_entry
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.tokenizer and args.no_tokenizer:
+        raise UserError("--tokenizer and --no-tokenizer exclude each other")
+    s = export(args.ckpt, args.out, args.tag, args.tokenizer, args.no_tokenizer, args.dtype,
+               progress=not (args.no_progress or args.json))
+    if args.json:
+        print(json.dumps(s))
+    else:
+        print(f"export-hf: {s['stage']} step {s['step']} ({s['flavour']}, {s['params']:,} params) -> {s['out']} "
+              f"as {s['architecture']} ({s['bytes_written'] / 1e6:.1f} MB, {s['dtype']}) in {s['seconds']:.1f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
