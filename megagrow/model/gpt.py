@@ -256,6 +256,13 @@ def shard_box(shape: tuple[int, ...], split: int | None, tp: int, rank: int) -> 
     return tuple(box)
 
 
+def tp_slice(full: torch.Tensor, p: torch.Tensor, tp: int, rank: int) -> torch.Tensor:
+    """This TP rank's shard of the logical tensor `full` (contiguous chunk along partition_dim)."""
+    if not getattr(p, "tensor_model_parallel", False) or tp == 1:
+        return full
+    return full.chunk(tp, dim=p.partition_dim)[rank]
+
+
 def _draw(out: torch.Tensor, name: str, c: ModelConfig, seed: int, shape: tuple, box: tuple, start: int) -> None:
     """Elements [start, start + out.numel()) (C order) of `box` of logical tensor `name`'s initial value."""
     init = params.rule(name).init
