@@ -37,11 +37,15 @@ $(DATA).bin: $(STAMP)
 data: $(DATA).bin
 
 demo: $(STAMP) $(DATA).bin
+	# data prepared before validation splits existed: prepare it again (the tokenizer is reused)
+	test -f $(DATA).valid.idx || $(PY) tools/prepare_data.py --out $(DATA) --vocab-size 4096
 	rm -rf runs/tiny
 	$(PY) -m megagrow.cli run recipes/tiny.yaml --run-dir runs/tiny
 	$(PY) -m megagrow.cli status runs/tiny
+	$(PY) -m megagrow.cli plot runs/tiny --out runs/tiny/loss.png
 	@echo "checkpoints: runs/tiny/{small,wide,deep}/checkpoints (native DeepSpeed; zero_to_fp32.py inside)"
-	@echo "logs:        runs/tiny/*/log.jsonl"
+	@echo "logs:        runs/tiny/*/log.jsonl (+ TensorBoard events: tensorboard --logdir runs/tiny)"
+	@echo "plot:        runs/tiny/loss.png (eval and training loss vs FLOPs)"
 
 # the savings experiment (~1 h on 2 CPU cores; resumable: rerun to go on): staged runs vs from-scratch
 # baselines at equal FLOPs, then docs/results/savings.md + .png from the logs.

@@ -379,6 +379,8 @@ class Stage(_Config):
     # end and around growth), over `eval_tokens` held-out tokens (0: no eval at all)
     eval_every: int = 0
     eval_tokens: int = 65536
+    # recompute each block's activations in the backward pass (less memory, ~1/3 more compute); needs dropout 0
+    activation_checkpointing: bool = False
     # first stage only: start from a transformers model directory on disk ("hf:PATH"): its weights,
     # fresh optimizer state, at this stage's layout (megagrow.hf; needs the `hf` extra)
     init_from: Optional[str] = None
@@ -391,6 +393,9 @@ class Stage(_Config):
         for k in ("eval_every", "eval_tokens"):
             v = getattr(self, k)
             _need(_is_int(v) and v >= 0, where, f"{k} must be an integer >= 0, got {v!r}")
+        _need(isinstance(self.activation_checkpointing, bool), where, "activation_checkpointing must be true or false")
+        _need(not self.activation_checkpointing or self.model.dropout == 0.0, where,
+              "activation_checkpointing needs model.dropout 0 (a recomputed block would draw other dropout masks)")
         self.layout.check_model(self.model, f"{where}.layout")
         _need(self.stop.min_steps <= self.steps, f"{where}.stop", f"min_steps {self.stop.min_steps} > steps {self.steps}")
         _need(self.init_from is None or (self.init_from.startswith("hf:") and len(self.init_from) > 3), where,

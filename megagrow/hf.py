@@ -72,7 +72,7 @@ def hf_config(m: ModelConfig, bos_id: int | None = None, eos_id: int | None = No
     """The transformers config object of model `m` (vocabulary without megagrow's padding)."""
     need_hf()
     check_exportable(m)
-    ids = {k: v for k, v in (("bos_token_id", bos_id), ("eos_token_id", eos_id)) if v is not None}
+    ids = {"bos_token_id": bos_id, "eos_token_id": eos_id}  # None without a tokenizer (not GPT-2's 50256)
     if m.flavour == "gpt2":
         from transformers import GPT2Config
 

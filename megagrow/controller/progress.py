@@ -46,6 +46,23 @@ class StageProgress:
     checkpoint: Optional[str]  # RUN-relative path of the tag `latest` names
     grow: Optional[str]
     partial: list = field(default_factory=list)  # leftovers of an interrupted transition (discarded before a launch)
+    eval_loss: Optional[float] = None  # the latest eval loss in the stage's log.jsonl (None: no eval yet, or eval off)
+
+
+def last_eval_loss(log_path: str) -> Optional[float]:
+    """The eval_loss of the last eval record of a stage's log.jsonl."""
+    last = None
+    try:
+        with open(log_path) as f:
+            for line in f:
+                if '"eval_loss"' in line:
+                    try:
+                        last = json.loads(line)["eval_loss"]
+                    except (ValueError, KeyError):  # a torn last line
+                        pass
+    except OSError:
+        return None
+    return last
 
 
 def read_progress(plan: Plan, run_dir: str) -> list[StageProgress]:
@@ -76,7 +93,8 @@ def read_progress(plan: Plan, run_dir: str) -> list[StageProgress]:
         L = stage.layout
         out.append(StageProgress(k, stage.name, state, step, stage.steps, step * L.global_batch * stage.model.seq_len,
                                  st.get("loss") if tag else None, L.to_dict(),
-                                 RunPaths(run_dir).stage_rel(stage.name, "checkpoints", tag) if tag else None, stage.grow, partial))
+                                 RunPaths(run_dir).stage_rel(stage.name, "checkpoints", tag) if tag else None, stage.grow, partial,
+                                 last_eval_loss(sp.log) if tag else None))
     return out
 
 

@@ -50,11 +50,12 @@ def status_main(args) -> int:
     where = f"slurm job {a.get('job_id')} (restart {a.get('restart_count')})" if a.get("kind") == "slurm" else "local"
     age = time.time() - (d.get("updated") or time.time())
     print(f"run {d['run_dir']}  plan {d['plan']}  state {d['state']}  ({where}, manifest updated {age:.0f} s ago)")
-    rows = [("STAGE", "STATE", "STEP", "TOKENS", "LOSS", "LAYOUT", "GROW", "CHECKPOINT")]
+    rows = [("STAGE", "STATE", "STEP", "TOKENS", "LOSS", "EVAL", "LAYOUT", "GROW", "CHECKPOINT")]
     for s in d["stages"]:
         L = s["layout"]
         rows.append((s["name"], s["state"], f"{s['step']}/{s['steps']}", _fmt_tokens(s["tokens"]),
                      "-" if s["loss"] is None else f"{s['loss']:.4f}",
+                     "-" if s.get("eval_loss") is None else f"{s['eval_loss']:.4f}",
                      f"tp{L['tp']} dp{L['dp']} zero{L['zero_stage']} {L['dtype']}", s["grow"] or "-", s["checkpoint"] or "-"))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for r in rows:

@@ -14,9 +14,10 @@ logit layer.
 Megatron-LM's count (Narayanan et al. 2021, appendix; `num_floating_point_operations` in
 Megatron-LM) is given beside it in `megagrow bench`; it adds the output logit GEMM:
 
-    12 * L * h^2 * [ (1 + 1 + s/h) * a/h  +  (f/h) * g  +  V / (2 * L * h) ]   per token
+    12 * L * h^2 * [ (1 + k/n + s/h) * a/h  +  (f/h) * g  +  V / (2 * L * h) ]   per token
 
-h = d_model, f the FFN width, g = 3/2 for SwiGLU (llama) else 1, V the padded vocab.
+h = d_model, n heads of which k key/value heads (grouped-query attention; k = n otherwise), f
+the FFN width, g = 3/2 for SwiGLU (llama) else 1, V the padded vocab.
 """
 
 from __future__ import annotations
@@ -43,10 +44,10 @@ def flops_per_token(m: ModelConfig) -> int:
 
 
 def megatron_flops_per_token(m: ModelConfig) -> float:
-    """Training FLOPs per token by Megatron-LM's formula (no GQA, no MoE in megagrow's models)."""
+    """Training FLOPs per token by Megatron-LM's formula (no MoE in megagrow's models)."""
     h, s, L = m.d_model, m.seq_len, m.n_layers
     gated = 1.5 if m.flavour == "llama" else 1.0
-    attn = (1 + 1 + s / h) * (m.attn_dim / h)
+    attn = (1 + m.kv_heads / m.n_heads + s / h) * (m.attn_dim / h)
     mlp = (m.ffn_dim / h) * gated
     logit = m.padded_vocab / (2 * L * h)
     return 12 * L * h * h * (attn + mlp + logit)

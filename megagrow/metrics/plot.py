@@ -4,8 +4,8 @@
 
 Reads every RUN/<stage>/log.jsonl (stages in the order they ran: by the cumulative tokens of
 their first record). Eval loss records are drawn as lines with markers, training loss thin
-and faint in the same colour, one colour per run; dotted vertical lines mark where each stage
-of a staged run begins (labelled with the stage name), so a staged run and a from-scratch
+and faint in the same colour, one colour per run; dotted vertical lines mark where each later
+stage of a staged run begins (labelled with the stage name), so a staged run and a from-scratch
 baseline are seen on one ledger. matplotlib with the Agg backend: no display needed. The PNG is
 written to a temporary name and renamed.
 """
@@ -69,7 +69,8 @@ def plot_runs(runs: list[str], out: str, x: str = "flops", logx: bool = False, t
             if missing:
                 raise UserError(f"{run}/{name}/log.jsonl: records without {x!r} (written by an older megagrow?); "
                                 f"plot against another --x")
-            bounds.append((name, min(r[x] for r in recs)))
+            at0 = [r[x] for r in recs if r.get("step") == 0]  # a grown stage's step 0 (its growth evals)
+            bounds.append((name, min(at0) if at0 else min(r[x] for r in recs)))
             for r in sorted(recs, key=lambda r: (r[x], r.get("step", 0))):
                 if "eval_loss" in r:
                     ev_x.append(r[x])
@@ -84,7 +85,7 @@ def plot_runs(runs: list[str], out: str, x: str = "flops", logx: bool = False, t
             ax.plot([ev_x[j] for j in order], [ev_y[j] for j in order], color=c, marker="o", markersize=3.5,
                     linewidth=1.8, label=f"{label} eval")
         if len(bounds) > 1:
-            for name, bx in bounds:
+            for name, bx in bounds[1:]:  # where each later stage begins
                 ax.axvline(bx, color=c, linestyle=":", linewidth=1.0, alpha=0.8)
                 ax.annotate(name, (bx, 1.0), xycoords=("data", "axes fraction"), xytext=(2, -12),
                             textcoords="offset points", fontsize=8, color=c, rotation=90, va="top")
@@ -100,7 +101,8 @@ def plot_runs(runs: list[str], out: str, x: str = "flops", logx: bool = False, t
         ax.set_xscale("log")
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8)
-    ax.set_title(title or ("loss vs compute: " + ", ".join(os.path.basename(os.path.normpath(r)) for r in runs)))
+    names = [(labels[i] if labels and i < len(labels) else None) or os.path.basename(os.path.normpath(r)) for i, r in enumerate(runs)]
+    ax.set_title(title or ("loss vs compute: " + ", ".join(names)))
     fig.tight_layout()
     out_dir = os.path.dirname(os.path.abspath(out))
     if not os.path.isdir(out_dir):

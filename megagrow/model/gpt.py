@@ -27,6 +27,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from megatron.core import parallel_state, tensor_parallel
 from megatron.core.model_parallel_config import ModelParallelConfig
 
@@ -212,6 +213,7 @@ class GPT(nn.Module):
         if not c.tie_embeddings:
             self.lm_head = column(mp, c.d_model, c.padded_vocab, False)
         self.dropout_gen: torch.Generator | None = None
+        self.activation_checkpointing = False  # set from the stage config (Stage.activation_checkpointing)
 
     def set_dropout_seed(self, seed: int) -> None:
         """Seed this micro-batch's dropout masks (the trainer derives it from the data position)."""
@@ -230,7 +232,11 @@ class GPT(nn.Module):
             rope = (self.rope_cos, self.rope_sin)
         x = dropout(x, c.dropout, self.dropout_gen, self.training)
         for block in self.blocks:
-            x = block(x, rope, self.dropout_gen)
+            if self.activation_checkpointing and self.training and torch.is_grad_enabled():
+                # keep only each block's input; recompute its activations in the backward pass
+                x = torch.utils.checkpoint.checkpoint(block, x, rope, self.dropout_gen, use_reentrant=False)
+            else:
+                x = block(x, rope, self.dropout_gen)
         x = self.ln_f(x)
         if c.tie_embeddings:
             x = tensor_parallel.copy_to_tensor_model_parallel_region(x)

@@ -138,6 +138,7 @@ def build_stage(plan: Plan, k: int, init: bool = True):
         making = _zero3_init(cfg)
     with making:
         model = GPT(stage.model, dtype)
+    model.activation_checkpointing = stage.activation_checkpointing
     if init:
         init_weights(model, plan.seed)
     return build_engine(model, stage, cfg)

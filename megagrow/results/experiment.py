@@ -214,7 +214,11 @@ def runs(spec: dict, data: str) -> list[RunSpec]:
         out.append(RunSpec(n, "ablation", sweep,
                            lambda ctx, n=n, over=over: staged_plan(spec, n, base, ctx["lr"], s1, data, over=over),
                            {"chain": base, "knob": key, "what": what, "of": f"staged-{base}", "seed": s1}))
-    return out
+    # priority: the sweep, then the baseline nearest the staged runs' budget and the ablation base's
+    # staged run (the first comparison that can be read off), then the rest in the order above
+    near = min((r for r in out if r.kind == "baseline"), key=lambda r: abs(r.info["budget"] - spec["staged_tokens"]))
+    first = [r for r in out if r.kind == "sweep"] + [near] + [r for r in out if r.name == f"staged-{base}"]
+    return first + [r for r in out if r not in first]
 
 
 def plan_of(d: dict) -> Plan:

@@ -217,6 +217,8 @@ def build(out: str, spec: dict, spec_path: str, data: str) -> dict:
               "complete": [r["row"]["name"] for r in rows if r["done"]],
               "incomplete": [r["row"]["name"] for r in rows if not r["done"]],
               "splits": {k: planner_split(spec, k) for k in KINDS}}
+    rd = os.path.join(out, "runs")
+    result["not_in_spec"] = sorted(d for d in (os.listdir(rd) if os.path.isdir(rd) else []) if d not in states)
     result["slope"] = _slope_vs_oracle(states, spec)
     result["seeds"] = _seeds(states, choices, f1, f2)
     result["ablations"] = _ablations(states, spec)
@@ -317,6 +319,10 @@ def markdown(res: dict, spec: dict, commands: list[str]) -> str:
                  f"or shown as partial): {', '.join(res['incomplete'])}.")
     else:
         L.append(f"All {n_all} runs complete.")
+    if res.get("not_in_spec"):
+        L.append("")
+        L.append(f"Run directories in `{res['out']}/runs` that the spec no longer lists (left out of everything "
+                 f"below): {', '.join(res['not_in_spec'])}.")
     L.append("")
     # setup
     final = spec["final"]

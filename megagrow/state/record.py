@@ -29,6 +29,11 @@ class StageRecord:
     rewarmup: int = 0  # re-warmup steps after growth
     final_step: Optional[int] = None  # the step a stop rule ended the stage at (None: it ends at `steps`)
     loss: Optional[float] = None  # the last training loss (for display)
+    # the FLOP ledger: cumulative training tokens and FLOPs of the whole run at this stage's step 0
+    # (earlier stages included; carried over growth, like sample_offset)
+    tokens_offset: int = 0
+    flops_offset: int = 0
+    eval_loss: Optional[float] = None  # the latest eval loss (at a grown stage's step 0: the source's final one)
 
     @property
     def stage(self) -> Stage:
@@ -38,6 +43,20 @@ class StageRecord:
     def sample_index(self) -> int:
         """The global sample index of the next step's first sample."""
         return self.sample_offset + self.step * self.stage.layout.global_batch
+
+    @property
+    def tokens(self) -> int:
+        """Cumulative training tokens of the run after `step` steps of this stage."""
+        from megagrow.metrics.flops import Ledger
+
+        return Ledger.of(self.stage, self.tokens_offset, self.flops_offset).tokens(self.step)
+
+    @property
+    def flops(self) -> int:
+        """Cumulative training FLOPs of the run (megagrow/metrics/flops.py's convention) after `step` steps."""
+        from megagrow.metrics.flops import Ledger
+
+        return Ledger.of(self.stage, self.tokens_offset, self.flops_offset).flops(self.step)
 
     @property
     def end_step(self) -> int:
@@ -57,9 +76,9 @@ class StageRecord:
         return self.replace(plan=plan, index=index)
 
     def grown(self, plan: Plan, index: int, lr_offset: int, rewarmup: int) -> "StageRecord":
-        """Step 0 of the next stage: it continues the data stream where this one ended."""
+        """Step 0 of the next stage: it continues the data stream and the FLOP ledger where this one ended."""
         return StageRecord(plan, index, step=0, sample_offset=self.sample_index, lr_offset=lr_offset, rewarmup=rewarmup,
-                           loss=self.loss)
+                           loss=self.loss, tokens_offset=self.tokens, flops_offset=self.flops, eval_loss=self.eval_loss)
 
     # ---------------------------------------------------------------- storage
     def to_client_state(self) -> dict:
@@ -76,6 +95,11 @@ class StageRecord:
             "rewarmup": self.rewarmup,
             "final_step": self.final_step,
             "loss": self.loss,
+            "tokens_offset": self.tokens_offset,
+            "flops_offset": self.flops_offset,
+            "tokens": self.tokens,  # derived, for readers of the raw file
+            "flops": self.flops,
+            "eval_loss": self.eval_loss,
         }
 
     @classmethod
@@ -93,7 +117,10 @@ class StageRecord:
                 raise ValueError(f"stage_index {index} outside the plan's {len(plan.stages)} stages")
             return cls(plan, index, step=int(cs["step"]), sample_offset=int(cs["sample_offset"]),
                        lr_offset=int(cs["lr_offset"]), rewarmup=int(cs["rewarmup"]),
-                       final_step=None if cs.get("final_step") is None else int(cs["final_step"]), loss=cs.get("loss"))
+                       final_step=None if cs.get("final_step") is None else int(cs["final_step"]), loss=cs.get("loss"),
+                       # absent in checkpoints written before the ledger: the run's count starts at 0 there
+                       tokens_offset=int(cs.get("tokens_offset", 0)), flops_offset=int(cs.get("flops_offset", 0)),
+                       eval_loss=cs.get("eval_loss"))
         except (KeyError, TypeError, ValueError) as e:
             raise UserError(f"{where}: stage record is incomplete or malformed ({type(e).__name__}: {e})") from None
 

@@ -28,7 +28,7 @@ def _log(run_dir):
     if not os.path.exists(path):
         return []
     with open(path) as f:
-        return [json.loads(line) for line in f if line.endswith("\n")]
+        return [r for r in (json.loads(line) for line in f if line.endswith("\n")) if "loss" in r]  # training records
 
 
 def _wait(procs, timeout=300):

@@ -30,7 +30,7 @@ def test_slope_rule_ends_a_stage_early_and_the_plan_goes_on(tmp_path, data_prefi
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
 
     with open(os.path.join(run, "small", "log.jsonl")) as f:
-        logged = [json.loads(line) for line in f]
+        logged = [r for r in map(json.loads, f) if "loss" in r]  # training records (eval records carry eval_loss)
     with open(os.path.join(run, "small", "status.json")) as f:
         st = json.load(f)
     end = st["step"]
@@ -74,3 +74,34 @@ def test_slope_rule_ends_a_stage_early_and_the_plan_goes_on(tmp_path, data_prefi
                        capture_output=True, text=True, env=_env(), cwd=REPO, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     assert f"resumed stage small at step {end}" in r.stdout and "step 13/" not in r.stdout and f"step {end + 1}/" not in r.stdout
+
+
+def test_slope_rule_on_the_eval_loss_ends_a_stage_at_an_eval(tmp_path, data_prefix):
+    """A stage that evaluates (eval_every 2) is ended by the rule on its periodic eval losses, not on
+    the training loss: it ends at an eval step, status says slope, and the same rule replayed
+    offline on the logged periodic eval records (use_eval=True) fires first at that step."""
+    with open(os.path.join(REPO, "recipes", "tiny_test.yaml")) as f:
+        d = yaml.safe_load(f)
+    d["stages"] = d["stages"][:2]
+    d["stages"][1]["steps"] = 2
+    # a shallow threshold: the eval curve (steep early in training) crosses it once the window is full
+    d["stages"][0].update(steps=40, eval_every=2, eval_tokens=512,
+                          stop={"rule": "slope", "threshold": -0.3, "window": 4, "min_steps": 8})
+    plan_path = tmp_path / "slope_eval.yaml"
+    plan_path.write_text(yaml.safe_dump(d, sort_keys=False))
+    run = str(tmp_path / "run")
+    r = subprocess.run([sys.executable, "-m", "megagrow.cli", "run", str(plan_path), "--run-dir", run, "--data", data_prefix,
+                        "--max-procs", "2"], capture_output=True, text=True, env=_env(), cwd=REPO, timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    with open(os.path.join(run, "small", "status.json")) as f:
+        st = json.load(f)
+    end = st["step"]
+    assert st["state"] == "done" and st.get("stopped_by") == "slope" and 8 <= end < 40 and end % 2 == 0, st
+    with open(os.path.join(run, "small", "log.jsonl")) as f:
+        logged = [json.loads(line) for line in f]
+    evals = [x for x in logged if "eval_loss" in x and x.get("at") == "periodic"]
+    assert evals and evals[-1]["step"] <= end
+    rule = StageStop(load_plan(str(plan_path)), 0, use_eval=True)
+    fired = [x["step"] for x in logged if rule.observe(x)]
+    assert fired[:1] == [end], (fired, end)
+    assert "slope rule on the eval loss" in r.stdout

@@ -30,13 +30,14 @@ def tiny_plan(prefix: str, flavour="gpt2", steps=6, tie=True, dropout=0.0, **lay
                         tie_embeddings=tie, dropout=dropout, n_kv_heads=kv)
     lay = Layout(**{"tp": 1, "dp": WORLD, "zero_stage": 2, "micro_batch": 2, "grad_accum": 2, **layout})
     optim = OptimConfig(lr=3e-3, min_lr=3e-4, warmup_steps=2, weight_decay=0.1, grad_clip=1.0)
-    st = Stage(name="s0", model=model, layout=lay, optim=optim, steps=steps, save_every=1000, log_every=1)
+    st = Stage(name="s0", model=model, layout=lay, optim=optim, steps=steps, save_every=1000, log_every=1, eval_tokens=1024)
     return Plan(name="t", seed=7, data=DataConfig(prefix=prefix), stages=(st,))
 
 
 def read_log(run_dir: str) -> list[dict]:
+    """The training records of stage s0 (eval records, which carry eval_loss instead of loss, left out)."""
     with open(os.path.join(run_dir, "s0", "log.jsonl")) as f:
-        return [json.loads(line) for line in f]
+        return [r for r in map(json.loads, f) if "loss" in r]
 
 
 def logical_grads(model, tp: int) -> dict:
@@ -414,15 +415,122 @@ def grow(prefix: str, out: str) -> dict:
                 r["tensors"] = len(tensors)
                 r["adam_step"] = [src.adam_step(), grown_ck.adam_step()]
                 r["sample_offset"] = grown_ck.client["sample_offset"]
-                r["losses_s1"] = [json.loads(line)["loss"] for line in open(os.path.join(run, "s1", "log.jsonl"))]
+                r["losses_s1"] = [x["loss"] for x in map(json.loads, open(os.path.join(run, "s1", "log.jsonl"))) if "loss" in x]
             res[key] = r
+    return res
+
+
+def _records(run_dir: str, stage: str) -> list[dict]:
+    with open(os.path.join(run_dir, stage, "log.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def measure(prefix: str, out: str) -> dict:
+    """Eval loss and the FLOP ledger, for real: (1) the eval loss of the same initial weights at
+    TP1xDP2 (ZeRO-2, mb 2), TP2xDP1 (ZeRO-1, mb 3), TP1xDP2 (ZeRO-3, mb 5) vs a plain single-process
+    loop over the same window list; (2) training with evals every 2 steps vs no evals (dropout on):
+    the same losses; (3) s0 -> s1 (width, TP2) -> s2 (depth, DP2 ZeRO-3) through the trainer's
+    transitions, s1 stopped at step 2 and resumed: eval records, ledger; (4) data without a
+    validation split: eval off, said once."""
+    import contextlib
+    import io
+    import shutil
+
+    from megagrow.data.evalset import EvalSet
+    from megagrow.metrics.evaluate import evaluate
+    from megagrow.parallel.engine import build_stage
+    from megagrow.parallel.groups import dp_rank_size
+    from megagrow.train import train_stage
+    from megatron.core import parallel_state as ps
+
+    res = {}
+    base = tiny_plan(prefix, dropout=0.1)
+    base = base.replace(stages=(base.stages[0].replace(eval_tokens=4096),))
+    s0 = base.stages[0]
+    es, _ = EvalSet.open(prefix, s0.model.seq_len, s0.eval_tokens, s0.model.vocab_size)
+    res["eval_windows"] = es.num_windows
+    # (1) layout independence
+    vals = {}
+    for lay in (dict(tp=1, dp=2, zero_stage=2, micro_batch=2), dict(tp=2, dp=1, zero_stage=1, micro_batch=3),
+                dict(tp=1, dp=2, zero_stage=3, micro_batch=5, ds_config="ds_configs/cpu.json")):
+        p = base.replace(stages=(s0.replace(layout=s0.layout.replace(grad_accum=1, **lay)),))
+        init_distributed(p.stages[0].layout)
+        engine, _ = build_stage(p, 0)
+        r, n = dp_rank_size()
+        vals[f"tp{lay['tp']}-dp{lay['dp']}-z{lay['zero_stage']}-mb{lay['micro_batch']}"] = evaluate(
+            engine, es, r, n, ps.get_data_parallel_group(), lay["micro_batch"], engine.device)
+        engine.destroy()
+    init_distributed(Layout(tp=1, dp=2))
+    if RANK == 0:
+        from megagrow.model.gpt import build_model
+
+        model = build_model(s0.model, base.seed).eval()
+        with torch.no_grad():
+            tot = sum(model(torch.from_numpy(w[:, :-1]).contiguous(), torch.from_numpy(w[:, 1:]).contiguous()).double().item()
+                      * len(w) * s0.model.seq_len for w in (es.windows(es.window_ids[i:i + 7]) for i in range(0, es.num_windows, 7)))
+        vals["plain-single-process"] = tot / es.num_tokens
+    res["layouts"] = vals
+    torch.distributed.barrier()
+    # (2) evals do not disturb training
+    losses = {}
+    for every, tokens in ((2, 4096), (0, 0)):
+        p = base.replace(stages=(s0.replace(eval_every=every, eval_tokens=tokens),))
+        run = os.path.join(out, f"evalevery{every}")
+        train_stage(p, 0, run, quiet=True)
+        torch.distributed.barrier()
+        if RANK == 0:
+            recs = _records(run, "s0")
+            losses[every] = {"train": [r["loss"] for r in recs if "loss" in r],
+                             "evals": [(r["step"], r["at"]) for r in recs if "eval_loss" in r]}
+    res["disturb"] = losses
+    # (3) a staged run through real transitions
+    st0 = s0.replace(steps=4, eval_every=2, log_every=1)
+    st1 = st0.replace(name="s1", grow="width", model=st0.model.replace(d_model=128, n_heads=8),
+                      layout=st0.layout.replace(tp=2, dp=1, zero_stage=1), steps=4)
+    st2 = st0.replace(name="s2", grow="depth", model=st1.model.replace(n_layers=4),
+                      layout=st0.layout.replace(tp=1, dp=2, zero_stage=3, ds_config="ds_configs/cpu.json"), steps=2)
+    plan = base.replace(stages=(st0, st1, st2))
+    run = os.path.join(out, "staged")
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        train_stage(plan, 0, run, quiet=False)
+        train_stage(plan, 1, run, stop_at=2, quiet=False)
+        torch.distributed.barrier()
+        train_stage(plan, 1, run, quiet=False)  # resumed at step 2
+        train_stage(plan, 2, run, quiet=False)
+    torch.distributed.barrier()
+    if RANK == 0:
+        from megagrow.metrics.flops import flops_per_token
+
+        res["staged"] = {n: _records(run, n) for n in ("s0", "s1", "s2")}
+        res["staged_printed"] = [line for line in printed.getvalue().splitlines() if "eval" in line]
+        res["per_step"] = {st.name: [st.layout.global_batch * st.model.seq_len,
+                                     st.layout.global_batch * st.model.seq_len * flops_per_token(st.model)]
+                           for st in plan.stages}
+        res["tb_files"] = sorted(f for f in os.listdir(os.path.join(run, "s0")) if f.startswith("events.out.tfevents"))
+        with open(os.path.join(run, "s1", "status.json")) as f:
+            res["s1_status"] = json.load(f)
+    # (4) data prepared without a validation split
+    bare = os.path.join(out, "bare")
+    if RANK == 0:
+        for ext in (".bin", ".idx"):
+            shutil.copy(prefix + ext, bare + ext)
+    torch.distributed.barrier()
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        train_stage(base.replace(data=base.data.replace(prefix=bare), stages=(s0.replace(steps=2),)), 0,
+                    os.path.join(out, "bare_run"), quiet=False)
+    torch.distributed.barrier()
+    if RANK == 0:
+        res["bare_printed"] = printed.getvalue().splitlines()
+        res["bare_records"] = _records(os.path.join(out, "bare_run"), "s0")
     return res
 
 
 if __name__ == "__main__":
     scenario, prefix, out = sys.argv[1:4]
     result = {"tp_equiv": tp_equiv, "zero_match": zero_match, "resume": resume, "reshard": reshard, "grow": grow,
-              "reshard_property": reshard_property}[scenario](prefix, out)
+              "reshard_property": reshard_property, "measure": measure}[scenario](prefix, out)
     if RANK == 0:
         with open(os.path.join(out, "result.json"), "w") as f:
             json.dump(result, f)

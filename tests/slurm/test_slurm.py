@@ -143,7 +143,7 @@ def log_steps(run: str, stage: str) -> list[int]:
     if not os.path.exists(path):
         return []
     with open(path) as f:
-        return [json.loads(line)["step"] for line in f if line.endswith("\n")]
+        return [r["step"] for r in (json.loads(line) for line in f if line.endswith("\n")) if "loss" in r]  # training records
 
 
 def read_json(path: str) -> dict:

@@ -37,14 +37,15 @@ def _counted_train_flops_per_token(c: ModelConfig) -> float:
     return fc.get_total_flops() / x.numel()
 
 
-@pytest.mark.parametrize("flavour,tie,head_dim", [("gpt2", True, None), ("llama", False, None), ("gpt2", False, 24)])
-def test_flop_formulas_match_flops_counted_on_the_model(flavour, tie, head_dim):
+@pytest.mark.parametrize("flavour,tie,head_dim,kv", [("gpt2", True, None, None), ("llama", False, None, None),
+                                                     ("gpt2", False, 24, None), ("llama", True, None, 2)])
+def test_flop_formulas_match_flops_counted_on_the_model(flavour, tie, head_dim, kv):
     """Megatron-LM's formula == FLOPs torch counts in forward + backward of the real model, exactly
     (it counts every weight GEMM, the logit GEMM and the attention matmuls); megagrow's convention
     == that count - the logit GEMM (6 V d) + 6 x (the bias and norm parameters, which megagrow's
     6N counts and the GEMM count does not)."""
     c = ModelConfig(flavour=flavour, n_layers=2, d_model=64, n_heads=4, head_dim=head_dim, vocab_size=300, seq_len=48,
-                    tie_embeddings=tie)
+                    tie_embeddings=tie, n_kv_heads=kv)
     counted = _counted_train_flops_per_token(c)
     assert megatron_flops_per_token(c) == pytest.approx(counted, rel=1e-12)
     from megagrow.model.gpt import build_model
@@ -53,6 +54,31 @@ def test_flop_formulas_match_flops_counted_on_the_model(flavour, tie, head_dim):
                    if p.dim() == 2 and not n.startswith(("tok_emb", "pos_emb", "lm_head")))
     vectors = c.num_params(embeddings=False) - matrices
     assert flops_per_token(c) == pytest.approx(counted - 6 * c.padded_vocab * c.d_model + 6 * vectors, rel=1e-12)
+
+
+@pytest.mark.parametrize("flavour", ["gpt2", "llama"])
+def test_activation_checkpointing_gives_the_same_loss_and_grads(flavour):
+    """Stage.activation_checkpointing recomputes block activations in backward: loss and every gradient
+    bitwise equal to the run without it (dropout 0, which the config requires)."""
+    from megagrow.model.gpt import build_model
+    from megagrow.parallel.groups import init_distributed
+
+    init_distributed(Layout())
+    c = ModelConfig(flavour=flavour, n_layers=3, d_model=32, n_heads=4, vocab_size=300, seq_len=16)
+    x = torch.randint(0, 300, (3, 16), generator=torch.Generator().manual_seed(0))
+    out = []
+    for ckpt in (False, True):
+        model = build_model(c, 0)
+        model.activation_checkpointing = ckpt
+        loss = model(x, x)
+        loss.backward()
+        out.append((loss.item(), {n: p.grad.clone() for n, p in model.named_parameters()}))
+    assert out[0][0] == out[1][0]
+    assert all(torch.equal(out[0][1][n], out[1][1][n]) for n in out[0][1])
+    from megagrow.errors import UserError
+
+    with pytest.raises(UserError, match="dropout 0"):
+        Stage(model=c.replace(dropout=0.1), activation_checkpointing=True).validate()
 
 
 def test_megatron_formula_is_the_papers_closed_form_for_gpt2():
@@ -212,3 +238,19 @@ def test_plot_writes_a_png_of_two_runs(tmp_path):
     bad = subprocess.run([sys.executable, "-m", "megagrow.cli", "plot", str(tmp_path / "nothing"), "--out", str(tmp_path / "x.png")],
                          capture_output=True, text=True, timeout=120, cwd=REPO)
     assert bad.returncode == 2 and bad.stderr.startswith("error:") and not os.path.exists(tmp_path / "x.png")
+
+
+def test_growth_report_line_and_warning():
+    """The transition line reads 'eval loss at growth A -> B: x -> y (delta d)'; a loss-preserving operator
+    moving the fp32 eval loss by more than 1e-4 adds a WARNING naming the grown tensor kinds; `stack`
+    (not loss preserving) does not warn."""
+    from megagrow.config import load_plan
+    from megagrow.train.loop import growth_report
+
+    plan = load_plan(os.path.join(REPO, "recipes", "tiny.yaml"))
+    assert growth_report(plan, 1, 4.8512, 4.8512) == "[megagrow] eval loss at growth small -> wide: 4.8512 -> 4.8512 (delta 0.0e+00)"
+    assert "WARNING" not in growth_report(plan, 1, 4.8512, 4.85125)
+    warned = growth_report(plan, 2, 4.8512, 4.9)
+    assert "WARNING: depth is loss preserving" in warned and "attn.q.weight" in warned
+    stacked = plan.replace(stages=(plan.stages[0], plan.stages[1], plan.stages[2].replace(grow="stack")))
+    assert "WARNING" not in growth_report(stacked, 2, 4.8512, 4.9)

@@ -16,7 +16,8 @@ PLAN = load_plan(os.path.join(REPO, "recipes", "tiny_test.yaml"))
 
 def test_round_trip_keeps_every_field():
     """to_client_state -> from_client_state gives an equal record (every field, the plan included)."""
-    rec = StageRecord(PLAN, 1, step=7, sample_offset=128, lr_offset=9, rewarmup=2, final_step=7, loss=3.5)
+    rec = StageRecord(PLAN, 1, step=7, sample_offset=128, lr_offset=9, rewarmup=2, final_step=7, loss=3.5,
+                      tokens_offset=4096, flops_offset=10**15, eval_loss=3.7)
     cs = rec.to_client_state()
     assert cs["record_version"] == RECORD_VERSION and cs["sample_index"] == 128 + 7 * 8
     assert StageRecord.from_client_state(cs) == rec
@@ -30,6 +31,23 @@ def test_reshard_keeps_every_field_and_growth_continues_the_data_stream():
     g = rec.grown(PLAN, 1, lr_offset=5, rewarmup=2)
     assert (g.index, g.step, g.sample_offset, g.lr_offset, g.rewarmup, g.final_step) == (1, 0, 80, 5, 2, None)
     assert not g.finished and g.end_step == PLAN.stages[1].steps
+
+
+def test_ledger_continues_over_growth():
+    """grown(): the next stage's step 0 starts the FLOP ledger at the source's cumulative tokens and FLOPs
+    (the source's own offsets included), and carries its final eval loss (the value before growth)."""
+    from megagrow.metrics.flops import flops_per_token
+
+    s0, s1 = PLAN.stages[0], PLAN.stages[1]
+    rec = StageRecord(PLAN, 0, step=10, tokens_offset=500, flops_offset=7, eval_loss=4.25)
+    tok0 = s0.layout.global_batch * s0.model.seq_len
+    assert rec.tokens == 500 + 10 * tok0 and rec.flops == 7 + 10 * tok0 * flops_per_token(s0.model)
+    g = rec.grown(PLAN, 1, lr_offset=5, rewarmup=2)
+    assert (g.tokens, g.flops, g.eval_loss) == (rec.tokens, rec.flops, 4.25)
+    tok1 = s1.layout.global_batch * s1.model.seq_len
+    assert g.replace(step=3).flops == rec.flops + 3 * tok1 * flops_per_token(s1.model)
+    old = {k: v for k, v in rec.to_client_state().items() if k not in ("tokens_offset", "flops_offset", "eval_loss")}
+    assert StageRecord.from_client_state(old).flops_offset == 0  # checkpoints from before the ledger still load
 
 
 def test_bad_records_are_user_errors():

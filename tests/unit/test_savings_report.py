@@ -108,6 +108,11 @@ def _fake_experiment(tmp_path):
     from megagrow.results.experiment import load_spec, runs
 
     spec = load_spec(os.path.join(os.path.dirname(__file__), "..", "..", "recipes", "savings", "experiment.yaml"))
+    spec.update(baseline_budgets=[0.35, 0.6, 1.0, 1.6], headline_budgets=[0.6, 1.0])  # the runs named below
+    spec["lr_sweep"] = {"budget": 1.0, "lrs": [0.0025, 0.005, 0.01]}
+    spec["ablation_base"] = "width"
+    with open(tmp_path / "spec.yaml", "w") as f:
+        yaml.safe_dump(spec, f)
     out = tmp_path / "exp"
     finals = {  # run -> (FLOPs, final val loss)
         "sweep-lr0.0025": (4e12, 4.35), "sweep-lr0.005": (4e12, 4.3), "sweep-lr0.01": (4e12, 4.4),
@@ -159,7 +164,7 @@ def test_report_from_synthetic_logs(tmp_path):
     root = os.path.join(os.path.dirname(__file__), "..", "..")
     md, png = tmp_path / "savings.md", tmp_path / "savings.png"
     r = subprocess.run([sys.executable, os.path.join(root, "tools", "savings.py"), "report", "--out", str(out),
-                        "--md", str(md), "--png", str(png), "--json"], capture_output=True, text=True,
+                        "--md", str(md), "--png", str(png), "--json", "--spec", str(tmp_path / "spec.yaml")], capture_output=True, text=True,
                        env=dict(os.environ, PYTHONPATH=os.path.abspath(root)), timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     res = json.loads(r.stdout)
@@ -190,7 +195,7 @@ def test_report_says_which_runs_are_incomplete(tmp_path):
     root = os.path.join(os.path.dirname(__file__), "..", "..")
     md = tmp_path / "s.md"
     r = subprocess.run([sys.executable, os.path.join(root, "tools", "savings.py"), "report", "--out", str(out),
-                        "--md", str(md), "--png", str(tmp_path / "s.png")], capture_output=True, text=True,
+                        "--md", str(md), "--png", str(tmp_path / "s.png"), "--spec", str(tmp_path / "spec.yaml")], capture_output=True, text=True,
                        env=dict(os.environ, PYTHONPATH=os.path.abspath(root)), timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     text = md.read_text()
