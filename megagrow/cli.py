@@ -35,9 +35,10 @@ def _train(args) -> int:
 
         plan = dataclasses.replace(plan, data=plan.data.replace(prefix=args.data))
     run_dir = args.run_dir or os.path.join("runs", plan.name)
+    from megagrow.procs import exit_rank
     from megagrow.train import train_stage
 
-    return train_stage(plan, k, run_dir, stop_at=args.stop_at)
+    exit_rank(train_stage(plan, k, run_dir, stop_at=args.stop_at))  # skips interpreter shutdown (~1.5 s)
 
 
 def _run(args) -> int:

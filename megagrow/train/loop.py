@@ -40,15 +40,17 @@ def train_stage(plan: Plan, k: int, run_dir: str, stop_at: int | None = None, qu
     rank = torch.distributed.get_rank()
     dp_rank, dp_size = dp_rank_size()
     batches = Batches.open(plan, stage, dp_rank, dp_size)  # bad data fails before the engine is built
-    if k > 0 and not paths.has_checkpoint():
-        transition(plan, k, run_dir, quiet)
-    elif stage.init_from and not paths.has_checkpoint():  # a first stage starting from a transformers model
+    grown = transition(plan, k, run_dir, quiet, keep_engine=True) if k > 0 and not paths.has_checkpoint() else None
+    if not grown and stage.init_from and not paths.has_checkpoint():  # a first stage starting from a transformers model
         initial(plan, k, run_dir, quiet)
-    engine, optimizer = build_stage(plan, k)
+    if grown:  # train on from the grown engine: the same state a load of the checkpoint just saved gives
+        (engine, optimizer), rec = grown["engine"], grown["record"]
+    else:
+        engine, optimizer = build_stage(plan, k)
+        rec = StageRecord(plan, k)
     device = engine.device
 
-    rec = StageRecord(plan, k)
-    if paths.has_checkpoint():
+    if not grown and paths.has_checkpoint():
         _, cs = engine.load_checkpoint(paths.ckpt)
         rec = StageRecord.from_client_state(cs, paths.ckpt)
         rec.check_resumes(plan, k)
@@ -101,6 +103,7 @@ def train_stage(plan: Plan, k: int, run_dir: str, stop_at: int | None = None, qu
     if stop.agreed(device):  # a signal that came during start-up
         save("preempted")
         meter.close()
+        engine.destroy()
         return EXIT_PREEMPTED
     world = torch.distributed.get_world_size()
     while rec.step < end:
@@ -158,6 +161,7 @@ def train_stage(plan: Plan, k: int, run_dir: str, stop_at: int | None = None, qu
             meter.close()
             if rank == 0 and not quiet:
                 print(f"[megagrow] signal received: saved stage {stage.name} at step {rec.step}, exiting {EXIT_PREEMPTED}", flush=True)
+            engine.destroy()
             return EXIT_PREEMPTED
         if rec.step % stage.save_every == 0 or rec.step == end:
             save("done" if rec.finished else "running")
@@ -165,6 +169,7 @@ def train_stage(plan: Plan, k: int, run_dir: str, stop_at: int | None = None, qu
     meter.close()
     if rank == 0 and not quiet:
         print(f"[megagrow] stage {stage.name} at step {rec.step}: checkpoint {os.path.join(paths.ckpt, tag_of(rec.step))}", flush=True)
+    engine.destroy()  # frees the engine's buffers and hooks now (a process may train several stages)
     return EXIT_OK
 
 

@@ -19,7 +19,9 @@ from megagrow.errors import UserError
 from megagrow.paths import RunPaths
 
 
-def transition(plan: Plan, k: int, run_dir: str, quiet: bool = False) -> dict:
+def transition(plan: Plan, k: int, run_dir: str, quiet: bool = False, keep_engine: bool = False) -> dict:
+    """Grow stage k-1's final checkpoint into stage k's first (saved in stage k's checkpoints).
+    keep_engine: also return the grown engine, ready to train (see executor.regrow)."""
     from megagrow.state.checkpoint import SourceCheckpoint
     from megagrow.state.executor import regrow
 
@@ -40,14 +42,16 @@ def transition(plan: Plan, k: int, run_dir: str, quiet: bool = False) -> dict:
     if rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)
     torch.distributed.barrier()
-    info = regrow(plan, k, src, tmp)  # ends with a barrier: every rank's files are written
+    info = regrow(plan, k, src, tmp, keep_engine=keep_engine)  # ends with a barrier: every rank's files are written
+    src.close()
     if rank == 0:
         shutil.rmtree(paths.ckpt, ignore_errors=True)  # no `latest` there (else no transition): leftovers only
         os.replace(tmp, paths.ckpt)
     torch.distributed.barrier()
     if rank == 0 and not quiet:
         print(f"[megagrow] transition {prev.name} -> {stage.name} ({info['op']}) at {stage.layout.to_dict()} "
-              f"in {time.perf_counter() - t0:.1f} s, read {info['bytes_read'] / 1e6:.2f} MB on rank 0", flush=True)
+              f"in {time.perf_counter() - t0:.1f} s, read {info['bytes_read'] / 1e6:.2f} MB from {info['files_opened']} files "
+              f"on rank 0", flush=True)
     return info
 
 

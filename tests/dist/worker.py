@@ -241,6 +241,10 @@ def reshard(prefix: str, out: str) -> dict:
         both = torch.tensor([float(info["bytes_read"]), float(info["bytes_written_state"])])
         torch.distributed.all_reduce(both, op=torch.distributed.ReduceOp.MAX)
         r = {"max_read_over_share": (both[0] / both[1]).item()}
+        # files this rank opened (metadata file + optimizer files) vs the optimizer files its boxes need
+        opens = [None] * WORLD
+        torch.distributed.all_gather_object(opens, (len(src.opened), len(src.needed_files()), a["tp"] * a["dp"]))
+        r["opens"] = opens
         if RANK == 0:
             A = _logical_all(SourceCheckpoint.open(os.path.join(ra, "s0", "checkpoints")))
             B = _logical_all(SourceCheckpoint.open(os.path.join(rb, "s0", "checkpoints")))
@@ -389,7 +393,19 @@ def grow(prefix: str, out: str) -> dict:
             run = os.path.join(out, f"{flavour}-{spec}-{m1.d_model}x{m1.n_layers}".replace(":", "_"))
             init_distributed(s0.layout)
             train_stage(plan, 0, run, quiet=True)
-            train_stage(plan, 1, run, quiet=True, stop_at=2)  # transition at start-up, then 2 steps
+            train_stage(plan, 1, run, quiet=True, stop_at=2)  # transition at start-up, then 2 steps on the grown engine
+            torch.distributed.barrier()
+            # the same 2 steps the old way: a fresh engine loading the transition's checkpoint
+            again = run + "-resumed"
+            if RANK == 0:
+                import shutil
+
+                shutil.copytree(os.path.join(run, "s1", "checkpoints", "step_00000000"),
+                                os.path.join(again, "s1", "checkpoints", "step_00000000"))
+                with open(os.path.join(again, "s1", "checkpoints", "latest"), "w") as f:
+                    f.write("step_00000000")
+            torch.distributed.barrier()
+            train_stage(plan, 1, again, quiet=True, stop_at=2)
             torch.distributed.barrier()
             key = f"{flavour}-{spec}-{m1.d_model}x{m1.n_layers}"
             r = {"exact": spec != "stack"}
@@ -416,6 +432,8 @@ def grow(prefix: str, out: str) -> dict:
                 r["adam_step"] = [src.adam_step(), grown_ck.adam_step()]
                 r["sample_offset"] = grown_ck.client["sample_offset"]
                 r["losses_s1"] = [x["loss"] for x in map(json.loads, open(os.path.join(run, "s1", "log.jsonl"))) if "loss" in x]
+                r["losses_s1_resumed"] = [x["loss"] for x in map(json.loads, open(os.path.join(again, "s1", "log.jsonl")))
+                                          if "loss" in x]
             res[key] = r
     return res
 
