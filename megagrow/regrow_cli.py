@@ -23,6 +23,7 @@ import shutil
 import sys
 import time
 
+from megagrow import faults
 from megagrow.errors import UserError, cli_entry
 
 
@@ -40,6 +41,19 @@ def _parser() -> argparse.ArgumentParser:
                    help="start no ranks, read no tensors: print what each target rank would open, read and fill "
                    "(files_opened_per_rank, bytes_read_per_rank, state_bytes_per_rank), from the shard maps alone, at any scale")
     return p
+
+
+def _verify_source(src) -> None:
+    """A sealed source must match its manifest (sizes and CRC-32); an unsealed one (an old
+    checkpoint, or one from elsewhere) is read as it is (SourceCheckpoint checks its structure)."""
+    from megagrow.state.manifest import MANIFEST, problems
+
+    tag_dir = os.path.join(src.dir, src.tag)
+    if os.path.exists(os.path.join(tag_dir, MANIFEST)):
+        bad = problems(tag_dir, deep=True)
+        if bad:
+            raise UserError(f"source checkpoint {tag_dir} failed verification: {bad[0]}"
+                            + (f" (+{len(bad) - 1} more)" if len(bad) > 1 else ""))
 
 
 def _dry_run(args, plan, k: int) -> int:
@@ -71,6 +85,9 @@ def _dry_run(args, plan, k: int) -> int:
 
 @cli_entry
 def main(argv=None) -> int:
+    import signal
+
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, (signal.SIGUSR1, signal.SIGTERM))  # blocked by spawn_ranks
     args = _parser().parse_args(argv)
     from megagrow.config import load_plan
 
@@ -90,6 +107,8 @@ def main(argv=None) -> int:
     from megagrow.state.executor import check_source
 
     src = SourceCheckpoint.open(args.src, args.tag)  # reads the metadata (one file); validates it
+    if os.environ.get("RANK", "0") == "0" and not os.environ.get("MEGAGROW_REGROW_WORKER"):
+        _verify_source(src)
     same = check_source(plan, k, src)
     from megagrow.growth.ops import operator_between
 
@@ -104,7 +123,7 @@ def main(argv=None) -> int:
         from megagrow.procs import spawn_ranks, wait_ranks
 
         procs = spawn_ranks([sys.executable, "-m", "megagrow.regrow_cli", *(sys.argv[1:] if argv is None else argv)],
-                            stage.layout.world_size)
+                            stage.layout.world_size, env={**os.environ, "MEGAGROW_REGROW_WORKER": "1"})
         try:
             res = wait_ranks(procs, grace_s=60.0)
         except KeyboardInterrupt:
@@ -133,6 +152,7 @@ def main(argv=None) -> int:
         info = regrow(plan, k, src, tmp, args.grow, progress=(rank == 0 and not args.json))
         seal(tmp, info["tag"], checkpoint_meta(plan, k, info["step"], info["sample_offset"] + info["step"] * stage.layout.global_batch,
                                                source=f"{src.dir}/{src.tag}"), tp=stage.layout.tp)
+        faults.point("regrow.sealed", info["step"])
     except BaseException:
         if rank == 0:
             shutil.rmtree(tmp, ignore_errors=True)

@@ -24,6 +24,11 @@ from megagrow.paths import tag_of
 from megagrow.state.checkpoint import STATE_KEYS, SourceCheckpoint
 
 
+def fp32_partitions(optimizer) -> list:
+    """This rank's flat fp32 master partitions (what Adam updates and checkpoints hold)."""
+    return _fp32_partitions(optimizer)
+
+
 def _fp32_partitions(optimizer) -> list:
     """This rank's flat fp32 master partitions: the tensors Adam's state is keyed on."""
     for attr in ("fp32_partitioned_groups_flat", "single_partition_of_fp32_groups", "fp32_groups_flat_partition"):
