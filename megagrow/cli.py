@@ -16,7 +16,7 @@ import argparse
 import os
 import sys
 
-from megagrow.errors import UserError, cli_entry
+from megagrow.errors import EXIT_PEER_LOST, UserError, cli_entry
 
 
 def _train(args) -> int:
@@ -35,9 +35,66 @@ def _train(args) -> int:
 
         plan = dataclasses.replace(plan, data=plan.data.replace(prefix=args.data))
     run_dir = args.run_dir or os.path.join("runs", plan.name)
+    from megagrow.procs import exit_rank
     from megagrow.train import train_stage
 
-    return train_stage(plan, k, run_dir, stop_at=args.stop_at)
+    try:
+        rc = train_stage(plan, k, run_dir, stop_at=args.stop_at)
+    except UserError as e:
+        if getattr(e, "stage_failed", False) or getattr(e, "exit_code", None) is not None:  # diverged, disk full
+            _mark_failed(run_dir, plan.stages[k].name, str(e))
+        raise
+    except Exception as e:  # noqa: BLE001 - a collective that failed: one line, not a gloo/NCCL traceback
+        if not _peer_lost(e):
+            raise
+        rank = os.environ.get("RANK", "?")
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        print(f"error: stage {plan.stages[k].name}: rank {rank} lost contact with another rank ({first[:200]}); another "
+              f"rank died or hung (the launcher names it); run again to resume from the newest complete checkpoint",
+              file=sys.stderr, flush=True)
+        _mark_failed(run_dir, plan.stages[k].name, "lost contact with another rank")
+        sys.stdout.flush()
+        os._exit(EXIT_PEER_LOST)  # no teardown: destroying groups with a dead peer can block
+    exit_rank(rc)  # every rank meets at a barrier, then exits without interpreter shutdown
+
+
+def _peer_lost(e: BaseException) -> bool:
+    """A failed or timed-out collective (gloo/NCCL), as opposed to a bug."""
+    names = {c.__name__ for c in type(e).__mro__}
+    if names & {"DistError", "DistBackendError", "DistNetworkError", "DistStoreError"}:
+        return True
+    msg = str(e)
+    return isinstance(e, RuntimeError) and any(s in msg for s in (
+        "gloo", "Gloo", "NCCL", "Connection closed by peer", "Connection reset by peer", "Timed out waiting",
+        "Broken pipe", "Socket Timeout", "Connection refused"))
+
+
+def _mark_failed(run_dir: str, stage: str, msg: str) -> None:
+    """Rank 0: status.json says "failed" (not "running") after a stage stopped on an error; best effort."""
+    if os.environ.get("RANK", "0") != "0":
+        return
+    from megagrow.fsutil import write_json_atomic
+    from megagrow.paths import RunPaths
+
+    path = RunPaths(run_dir).stage(stage).status
+    try:
+        import json
+        import time
+
+        old = {}
+        if os.path.isfile(path):
+            with open(path) as f:
+                old = json.load(f)
+        if isinstance(old, dict) and os.path.isdir(os.path.dirname(path)):
+            new = {**old, "state": "failed", "error": msg[:300], "time": time.time()}
+            try:
+                write_json_atomic(path, new)
+            except OSError:  # disk full: rewrite in place (a small file keeps its blocks) rather than say "running"
+                with open(path, "r+") as f:
+                    f.write(json.dumps(new))
+                    f.truncate()
+    except (OSError, ValueError):
+        pass
 
 
 def _run(args) -> int:
@@ -87,6 +144,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--max-procs", type=int, help="local process limit (default: usable CPU cores, or GPUs)")
     r.add_argument("--max-nodes", type=int, help="Slurm: most nodes a dependent job may ask for (default: the partition's)")
     r.add_argument("--grace", type=float, default=60.0, help="seconds the other ranks get after one rank fails (default 60)")
+    r.add_argument("--retries", type=int, help="launch a failed stage again this often, from its newest complete "
+                   "checkpoint, before the run is declared failed (default: the plan's reliability.retries, 1)")
     r.add_argument("--dry-run", action="store_true", help="validate, print each stage's placement and the next action, launch nothing")
     r.set_defaults(fn=_run)
     st = sub.add_parser("status", help="progress of a run directory (table, or --json)")

@@ -16,6 +16,11 @@ EXIT_USER_ERROR = 2
 # A stage stopped early on SIGUSR1/SIGTERM after saving a checkpoint: the job should be
 # requeued/resumed. Distinct from success and from errors (Slurm requeue logic keys on it).
 EXIT_PREEMPTED = 75
+# The stage diverged: a non-finite loss, gradient norm or weight (nothing non-finite was saved).
+# Not retried by the controller: the same data and LR would diverge again.
+EXIT_NONFINITE = 3
+# A collective failed or timed out: another rank died or hung. The launcher names that rank.
+EXIT_PEER_LOST = 74
 
 
 class UserError(Exception):
@@ -49,7 +54,7 @@ def cli_entry(fn: Callable[..., int | None]) -> Callable[..., int]:
         except UserError as e:
             if not (getattr(e, "all_ranks", False) and _rank() != 0):
                 print(f"error: {e}", file=sys.stderr, flush=True)
-            return EXIT_USER_ERROR
+            return getattr(e, "exit_code", EXIT_USER_ERROR)
         except KeyboardInterrupt:
             print("error: interrupted", file=sys.stderr, flush=True)
             return 130

@@ -9,11 +9,15 @@ import os
 def write_json_atomic(path: str, obj: dict) -> None:
     """Write `obj` as JSON to `path` so that readers see the old file or the whole new one."""
     tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1, sort_keys=True)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w") as f:
+            json.dump(obj, f, indent=1, sort_keys=True)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:  # disk full, interrupted: the old file stays, no temp file is left behind
+        unlink_quietly(tmp)
+        raise
 
 
 def unlink_quietly(path: str) -> None:

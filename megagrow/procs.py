@@ -19,7 +19,7 @@ import sys
 import time
 from dataclasses import dataclass
 
-from megagrow.errors import EXIT_OK, EXIT_PREEMPTED
+from megagrow.errors import EXIT_OK, EXIT_PEER_LOST, EXIT_PREEMPTED
 
 PR_SET_PDEATHSIG = 1
 
@@ -37,11 +37,15 @@ def set_parent_death_signal(sig: int = signal.SIGKILL) -> bool:
 
 def _child_setup() -> None:  # runs in the child between fork and exec
     set_parent_death_signal(signal.SIGKILL)
+    # stop signals stay blocked (pending, not fatal) until the rank installs its handlers
+    # (megagrow.signals.install_early unblocks them): safe to signal from the first instant
+    signal.pthread_sigmask(signal.SIG_BLOCK, (signal.SIGUSR1, signal.SIGTERM))
 
 
 def spawn_ranks(cmd: list[str], n: int, env: dict | None = None, master_port: int | None = None, **popen) -> list[subprocess.Popen]:
     """Start `n` ranks of `cmd` on this machine (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT set),
-    each dying with this process."""
+    each dying with this process, with SIGUSR1/SIGTERM blocked until the command unblocks them
+    (`megagrow train` and tools/regrow.py do, first thing)."""
     from megagrow.parallel.groups import free_port
 
     port = str(master_port or free_port())
@@ -77,9 +81,15 @@ class RanksResult:
     others_stopped_s: float | None = None  # how long the other ranks took to stop after that
     killed: list | None = None  # ranks killed after the grace period
 
+    codes: list | None = None  # every rank's code (shell style)
+
     def describe(self) -> str:
         if self.failed_rank is None:
             return f"exit {self.rc}"
+        if self.codes and len(set(self.codes)) == 1 and not self.killed:
+            return f"every rank: {self.failed_how}"
+        if self.killed and self.failed_rank in self.killed:
+            return f"rank {self.failed_rank} hung (did not stop within the grace period; killed)"
         s = f"rank {self.failed_rank} failed first ({self.failed_how})"
         if self.killed:
             s += f"; ranks {', '.join(map(str, self.killed))} did not stop within the grace period and were killed"
@@ -89,16 +99,21 @@ class RanksResult:
 
 
 def wait_ranks(procs: list, grace_s: float = 60.0, poll_s: float = 0.05) -> RanksResult:
-    """Wait for all ranks; when one fails, give the rest `grace_s`, then kill them."""
-    failed_at, first, killed = None, None, []
+    """Wait for all ranks; when one fails, give the rest `grace_s`, then kill them. The rank named
+    as the failure is the first to exit with a code of its own (not 0, 75, or EXIT_PEER_LOST, which
+    a survivor of a lost peer exits with); else a rank that had to be killed (it hung); else the
+    first that failed."""
+    failed_at, killed, order = None, [], []
     while True:
         codes = [p.poll() for p in procs]
+        for r, c in enumerate(codes):
+            if c is not None and r not in order:
+                order.append(r)
         if all(c is not None for c in codes):
             break
-        for r, c in enumerate(codes):
-            if first is None and c is not None and rc_of(c) not in (EXIT_OK, EXIT_PREEMPTED):
-                first, failed_at = r, time.time()
-        if failed_at is not None and time.time() - failed_at > grace_s:
+        if failed_at is None and any(c is not None and rc_of(c) not in (EXIT_OK, EXIT_PREEMPTED) for c in codes):
+            failed_at = time.time()
+        if failed_at is not None and failed_at != float("inf") and time.time() - failed_at > grace_s:
             for r, p in enumerate(procs):
                 if p.poll() is None:
                     p.kill()
@@ -106,11 +121,36 @@ def wait_ranks(procs: list, grace_s: float = 60.0, poll_s: float = 0.05) -> Rank
             failed_at = float("inf")
         time.sleep(poll_s)
     done = time.time()
-    codes = [p.returncode for p in procs]
-    if first is None:
-        bad = [r for r, c in enumerate(codes) if rc_of(c) not in (EXIT_OK, EXIT_PREEMPTED)]
-        first = bad[0] if bad else None
-    if first is not None:
-        stopped = None if failed_at in (None, float("inf")) else done - failed_at
-        return RanksResult(rc_of(codes[first]), first, describe_rc(codes[first]), stopped, killed or None)
-    return RanksResult(EXIT_PREEMPTED if any(rc_of(c) == EXIT_PREEMPTED for c in codes) else EXIT_OK)
+    codes = [rc_of(p.returncode) for p in procs]
+    bad = [r for r in order if codes[r] not in (EXIT_OK, EXIT_PREEMPTED)]
+    if not bad:
+        return RanksResult(EXIT_PREEMPTED if EXIT_PREEMPTED in codes else EXIT_OK, codes=codes)
+    own = [r for r in bad if codes[r] != EXIT_PEER_LOST and r not in killed]
+    first = own[0] if own else (killed[0] if killed else bad[0])
+    how = "hung: did not stop and was killed" if first in killed else describe_rc(procs[first].returncode)
+    stopped = None if failed_at in (None, float("inf")) else done - failed_at
+    return RanksResult(codes[first], first, how, stopped, killed or None, codes)
+
+
+def exit_rank(rc: int):
+    """End this rank's process now, with code `rc`, once its work is on disk and every rank is done.
+
+    A trainer or regrow rank spends ~1.5 s in interpreter shutdown after its last save (tearing
+    down torch, DeepSpeed and the process group module by module); os._exit skips that. Before
+    it: stdout/stderr and logging are flushed, atexit handlers run (anything that registered a
+    flush there keeps it), and all ranks meet at a barrier, so no rank disappears while another
+    still talks to it. Everything megagrow writes (checkpoints, log.jsonl, status.json,
+    manifests) is closed by then; the status and manifest files were fsynced when written.
+    Only for the end of a rank's main(): nothing after this call runs.
+    """
+    import atexit
+    import logging
+
+    dist = sys.modules.get("torch.distributed")
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        dist.barrier()
+    atexit._run_exitfuncs()
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(rc)

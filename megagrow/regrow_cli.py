@@ -23,29 +23,81 @@ import shutil
 import sys
 import time
 
+from megagrow import faults
 from megagrow.errors import UserError, cli_entry
 
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="regrow.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--src", required=True, help="source DeepSpeed checkpoint directory (holds 'latest' and tag folders)")
+    p.add_argument("--src", help="source DeepSpeed checkpoint directory (holds 'latest' and tag folders); "
+                   "with --dry-run it may be left out: the source is then stage K-1 of the plan at its layout")
     p.add_argument("--tag", help="source tag (default: the one 'latest' names)")
     p.add_argument("--plan", required=True, help="the stage plan YAML")
     p.add_argument("--to-stage", required=True, help="target stage index or name")
-    p.add_argument("--out", required=True, help="output checkpoint directory (must not exist or be empty)")
+    p.add_argument("--out", help="output checkpoint directory (must not exist or be empty); not with --dry-run")
     p.add_argument("--grow", help="growth operator spec overriding the stage's `grow` field")
     p.add_argument("--json", action="store_true", help="print a JSON summary (rank 0)")
+    p.add_argument("--dry-run", action="store_true",
+                   help="start no ranks, read no tensors: print what each target rank would open, read and fill "
+                   "(files_opened_per_rank, bytes_read_per_rank, state_bytes_per_rank), from the shard maps alone, at any scale")
     return p
+
+
+def _verify_source(src) -> None:
+    """A sealed source must match its manifest (sizes and CRC-32); an unsealed one (an old
+    checkpoint, or one from elsewhere) is read as it is (SourceCheckpoint checks its structure)."""
+    from megagrow.state.manifest import MANIFEST, problems
+
+    tag_dir = os.path.join(src.dir, src.tag)
+    if os.path.exists(os.path.join(tag_dir, MANIFEST)):
+        bad = problems(tag_dir, deep=True)
+        if bad:
+            raise UserError(f"source checkpoint {tag_dir} failed verification: {bad[0]}"
+                            + (f" (+{len(bad) - 1} more)" if len(bad) > 1 else ""))
+
+
+def _dry_run(args, plan, k: int) -> int:
+    from megagrow.state.checkpoint import SourceCheckpoint
+    from megagrow.state.executor import read_plan
+    from megagrow.state.record import StageRecord
+
+    if args.out:
+        raise UserError("--dry-run writes nothing: leave out --out")
+    if args.src:
+        src = SourceCheckpoint.open(args.src, args.tag)
+    elif k == 0:
+        raise UserError("--dry-run without --src plans growth from stage K-1: give a stage after the first, or --src")
+    else:
+        prev = plan.stages[k - 1]
+        L = prev.layout
+        src = SourceCheckpoint.planned(prev.model, L.tp, L.dp, L.zero_stage, record=StageRecord(plan, k - 1))
+    res = read_plan(plan, k, src, args.grow)
+    res["stage"] = plan.stages[k].name
+    if args.json:
+        print(json.dumps(res))
+    else:
+        o, b, s = res["files_opened_per_rank"], res["bytes_read_per_rank"], res["state_bytes_per_rank"]
+        print(f"regrow (dry run): -> {res['stage']} ({res['op']}) at {res['layout']}, from {res['source_layout']} "
+              f"({res['source_files']} optimizer files)\n  per rank: files opened max {max(o)} mean {sum(o) / len(o):.1f}; "
+              f"read max {max(b) / 1e9:.3f} GB; state filled max {max(s) / 1e9:.3f} GB")
+    return 0
 
 
 @cli_entry
 def main(argv=None) -> int:
+    import signal
+
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, (signal.SIGUSR1, signal.SIGTERM))  # blocked by spawn_ranks
     args = _parser().parse_args(argv)
     from megagrow.config import load_plan
 
     plan = load_plan(args.plan)
     k = plan.stages.index(plan.stage(args.to_stage))
     stage = plan.stages[k]
+    if args.dry_run:
+        return _dry_run(args, plan, k)
+    if not args.src or not args.out:
+        raise UserError("--src and --out are required (only --dry-run goes without them)")
     out = os.path.abspath(args.out)
     if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
         raise UserError(f"output {out} exists and is not an empty directory; refusing to overwrite")
@@ -54,18 +106,24 @@ def main(argv=None) -> int:
     from megagrow.state.checkpoint import SourceCheckpoint
     from megagrow.state.executor import check_source
 
-    src = SourceCheckpoint.open(args.src, args.tag)  # validates files and metadata first
+    src = SourceCheckpoint.open(args.src, args.tag)  # reads the metadata (one file); validates it
+    if os.environ.get("RANK", "0") == "0" and not os.environ.get("MEGAGROW_REGROW_WORKER"):
+        _verify_source(src)
     same = check_source(plan, k, src)
     from megagrow.growth.ops import operator_between
 
     operator_between("identity" if same else (args.grow or stage.grow or "identity"), src.model, stage.model)
+    direct = not any(k in os.environ for k in ("RANK", "SLURM_PROCID"))
+    if direct:  # one process checks every source file before any rank starts; ranks open only their own
+        src.check_files()
+        src.close()
 
-    if not any(k in os.environ for k in ("RANK", "SLURM_PROCID")) and stage.layout.world_size > 1:
+    if direct and stage.layout.world_size > 1:
         # started directly: everything above was checked once, here; now the ranks
         from megagrow.procs import spawn_ranks, wait_ranks
 
         procs = spawn_ranks([sys.executable, "-m", "megagrow.regrow_cli", *(sys.argv[1:] if argv is None else argv)],
-                            stage.layout.world_size)
+                            stage.layout.world_size, env={**os.environ, "MEGAGROW_REGROW_WORKER": "1"})
         try:
             res = wait_ranks(procs, grace_s=60.0)
         except KeyboardInterrupt:
@@ -94,6 +152,7 @@ def main(argv=None) -> int:
         info = regrow(plan, k, src, tmp, args.grow, progress=(rank == 0 and not args.json))
         seal(tmp, info["tag"], checkpoint_meta(plan, k, info["step"], info["sample_offset"] + info["step"] * stage.layout.global_batch,
                                                source=f"{src.dir}/{src.tag}"), tp=stage.layout.tp)
+        faults.point("regrow.sealed", info["step"])
     except BaseException:
         if rank == 0:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -101,8 +160,9 @@ def main(argv=None) -> int:
     import resource
 
     peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024.0  # Linux: KiB
-    mine = torch.tensor([float(info["bytes_read"]), float(info["bytes_written_state"]), peak_rss], dtype=torch.float64)
-    allr = [torch.zeros(3, dtype=torch.float64) for _ in range(torch.distributed.get_world_size())]
+    mine = torch.tensor([float(info["bytes_read"]), float(info["bytes_written_state"]), peak_rss, float(info["files_opened"])],
+                        dtype=torch.float64)
+    allr = [torch.zeros(4, dtype=torch.float64) for _ in range(torch.distributed.get_world_size())]
     torch.distributed.all_gather(allr, mine)
     if rank == 0:
         if os.path.isdir(out):
@@ -116,6 +176,7 @@ def main(argv=None) -> int:
             "bytes_read_per_rank": [int(t[0]) for t in allr],
             "state_bytes_per_rank": [int(t[1]) for t in allr],
             "peak_rss_bytes_per_rank": [int(t[2]) for t in allr],
+            "files_opened_per_rank": [int(t[3]) for t in allr],  # source files: its metadata file + the optimizer files it read
             "bytes_written": written, "seconds": time.perf_counter() - t0,
             "phase_seconds_rank0": {k: round(v, 3) for k, v in info["phase_seconds"].items()},
         }
@@ -123,8 +184,9 @@ def main(argv=None) -> int:
               f"regrow: {summary['source']['stage']} -> {stage.name} ({info['op']}) at {stage.layout.to_dict()}\n"
               f"  wrote {out} ({written / 1e6:.1f} MB) in {summary['seconds']:.1f} s; "
               f"read per rank {[round(b / 1e6, 2) for b in summary['bytes_read_per_rank']]} MB", flush=True)
-    torch.distributed.barrier()
-    return 0
+    from megagrow.procs import exit_rank
+
+    exit_rank(0)  # after a barrier; skips interpreter shutdown (~1.5 s)
 
 
 if __name__ == "__main__":

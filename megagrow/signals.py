@@ -20,8 +20,12 @@ def _record(signum, frame) -> None:
 
 
 def install_early(signals=STOP_SIGNALS) -> None:
+    """Record stop signals from now on. A launcher that starts ranks with these signals blocked
+    (megagrow.procs.spawn_ranks) closes the window before this call too: a signal sent then stays
+    pending and is delivered here, once the handler is in."""
     for s in signals:
         signal.signal(s, _record)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, signals)
 
 
 def early_signal() -> int | None:

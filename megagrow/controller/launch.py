@@ -17,7 +17,7 @@ from dataclasses import asdict
 from megagrow.config import Plan
 from megagrow.controller.allocation import Allocation, Placement, place
 from megagrow.controller.progress import next_action, read_json, read_manifest, read_progress
-from megagrow.errors import EXIT_OK, EXIT_PREEMPTED, EXIT_USER_ERROR, UserError
+from megagrow.errors import EXIT_NONFINITE, EXIT_OK, EXIT_PREEMPTED, EXIT_USER_ERROR, UserError
 from megagrow.fsutil import write_json_atomic
 from megagrow.paths import RunPaths
 
@@ -53,7 +53,7 @@ def _clean_env(drop_slurm_step: bool = False) -> dict:
 
 class Controller:
     def __init__(self, plan: Plan, plan_path: str, run_dir: str, alloc: Allocation, data: str | None = None,
-                 grace_s: float = 60.0, out=None):
+                 grace_s: float = 60.0, out=None, retries: int | None = None):
         self.plan, self.plan_path, self.run_dir, self.alloc = plan, os.path.abspath(plan_path), run_dir, alloc
         self.data = data
         self.grace_s = grace_s
@@ -61,6 +61,8 @@ class Controller:
         self.stop: int | None = None
         self.procs: list[subprocess.Popen] = []
         self.launches = 0
+        self.retries = retries  # None: the plan's reliability.retries
+        self.last_failure: str | None = None
         self.manifest = read_manifest(run_dir) or {}
 
     # ---- output and manifest
@@ -92,8 +94,12 @@ class Controller:
             "events": events[-200:],
             "updated": round(time.time(), 3),
         }
-        os.makedirs(self.run_dir, exist_ok=True)
-        write_json_atomic(RunPaths(self.run_dir).manifest, m)
+        try:
+            os.makedirs(self.run_dir, exist_ok=True)
+            write_json_atomic(RunPaths(self.run_dir).manifest, m)  # leaves no temp file when it fails
+        except OSError as e:
+            raise UserError(f"cannot write {RunPaths(self.run_dir).manifest} ({e.strerror or e}); the stages' "
+                            f"checkpoints are the truth: free space and run again") from None
         self.manifest = m
         return m
 
@@ -135,12 +141,12 @@ class Controller:
         return self._launch_local(k, pl)
 
     def _launch_local(self, k: int, pl: Placement) -> int:
-        port = str(_free_port())
-        self.procs = []
-        for r in range(pl.ntasks):
-            env = _clean_env(drop_slurm_step=True)
-            env.update(RANK=str(r), WORLD_SIZE=str(pl.ntasks), LOCAL_RANK=str(r), MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
-            self.procs.append(subprocess.Popen(self.train_cmd(k), env=env))
+        # each rank dies with this controller (parent-death signal) and starts with SIGUSR1/SIGTERM
+        # blocked until its handlers are in (megagrow.signals.install_early): a preemption signal
+        # forwarded at any moment is never fatal to a rank
+        from megagrow.procs import spawn_ranks
+
+        self.procs = spawn_ranks(self.train_cmd(k), pl.ntasks, env=_clean_env(drop_slurm_step=True))
         if self.stop:
             self._forward()
         return self._wait_all()
@@ -162,26 +168,14 @@ class Controller:
 
     def _wait_all(self) -> int:
         """Wait for every process; when one fails (not 0, not 75), give the others `grace_s`
-        to finish by themselves, then terminate them (a rank left alone blocks in a collective)."""
-        failed_at = None
-        while True:
-            codes = [p.poll() for p in self.procs]
-            if all(c is not None for c in codes):
-                break
-            bad = [c for c in codes if c is not None and _rc(c) not in (EXIT_OK, EXIT_PREEMPTED)]
-            if bad and failed_at is None:
-                failed_at = time.time()
-            if failed_at is not None and time.time() - failed_at > self.grace_s:
-                for p in self.procs:
-                    if p.poll() is None:
-                        p.kill()
-            time.sleep(0.1)
-        codes = [_rc(p.returncode) for p in self.procs]
+        to finish by themselves, then kill them (a rank left alone blocks in a collective until its
+        timeout). Locally the failure is described by rank (`self.last_failure`)."""
+        from megagrow.procs import wait_ranks
+
+        res = wait_ranks(self.procs, grace_s=self.grace_s, poll_s=0.1)
         self.procs = []
-        bad = [c for c in codes if c not in (EXIT_OK, EXIT_PREEMPTED)]
-        if bad:
-            return bad[0]
-        return EXIT_PREEMPTED if EXIT_PREEMPTED in codes else EXIT_OK
+        self.last_failure = res.describe() if res.failed_rank is not None and self.alloc.kind == "local" else None
+        return res.rc
 
     # ---- dependent job
     def submit_dependent(self, k: int, pl: Placement) -> str:
@@ -216,6 +210,7 @@ class Controller:
                     f"{self.alloc.tasks_per_node} ranks/node" if self.alloc.kind == "slurm"
                     else f"local, up to {self.alloc.tasks_per_node} processes"))
         last = None
+        retries_left = plan.reliability.retries if self.retries is None else self.retries
         while True:
             progress = read_progress(plan, self.run_dir)
             act = next_action(plan, progress)
@@ -252,19 +247,33 @@ class Controller:
                                                      "from_step": act.resume_step, "hosts": list(pl.hosts)})
             self.say(f"{act.describe(plan)} at tp {stage.layout.tp} x dp {stage.layout.dp} zero {stage.layout.zero_stage} "
                      f"({pl.ntasks} ranks on {pl.nodes} node{'s' if pl.nodes > 1 else ''})")
+            self.last_failure = None
             rc = self.launch(k, pl)
             st = read_json(RunPaths(self.run_dir).stage(stage.name).status) or {}
-            ev = {"event": "exit", "stage": stage.name, "rc": rc, "step": st.get("step")}
+            now = read_progress(plan, self.run_dir)[k]
+            ev = {"event": "exit", "stage": stage.name, "rc": rc, "step": now.step}
+            if self.last_failure:
+                ev["failure"] = self.last_failure
             if rc == EXIT_OK:
                 self.write_manifest("running", None, ev)
                 continue
             if rc == EXIT_PREEMPTED or (self.stop and st.get("state") == "preempted"):
                 self.write_manifest("preempted", None, ev)
-                self.say(f"stage {stage.name} saved at step {st.get('step')} after a signal: exit {EXIT_PREEMPTED}")
+                self.say(f"stage {stage.name} saved at step {now.step} after a signal: exit {EXIT_PREEMPTED}")
                 return EXIT_PREEMPTED
+            why = f"exit {rc}" + (f": {self.last_failure}" if self.last_failure else "")
+            if rc not in (EXIT_USER_ERROR, EXIT_NONFINITE) and not self.stop and retries_left > 0:
+                retries_left -= 1
+                last = None  # a retry may resume from the same checkpoint
+                self.write_manifest("running", None, {**ev, "event": "retry"})
+                self.say(f"stage {stage.name} failed ({why}); retrying from its newest complete checkpoint "
+                         f"(step {now.step}; {retries_left} retr{'y' if retries_left == 1 else 'ies'} left after this one)")
+                continue
             self.write_manifest("failed", {"stage_index": k, "stage": stage.name, "action": act.kind}, ev)
             if rc == EXIT_USER_ERROR:
                 self.say(f"stage {stage.name} refused its input (exit 2)")
+            elif rc == EXIT_NONFINITE:
+                self.say(f"stage {stage.name} diverged (non-finite loss or weights; exit {rc}): not retried")
             else:
-                self.say(f"stage {stage.name} failed (exit {rc})")
+                self.say(f"stage {stage.name} failed ({why})")
             return rc if rc not in (EXIT_OK, EXIT_PREEMPTED) else EXIT_FAILED

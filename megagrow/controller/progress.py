@@ -66,33 +66,41 @@ def last_eval_loss(log_path: str) -> Optional[float]:
 
 
 def read_progress(plan: Plan, run_dir: str) -> list[StageProgress]:
-    """Each stage's state from its status.json and checkpoint directory (not from the manifest:
-    the files the trainer writes are the truth, the manifest is a summary)."""
+    """Each stage's progress from its newest complete checkpoint (its manifest: step, final step),
+    not from status.json, which only labels how the last launch ended (preempted, running, failed).
+    A checkpoint that was never completed (no manifest, a file missing or short) does not count."""
+    from megagrow.state.manifest import choose, manifest_of
+
     out = []
     for k, stage in enumerate(plan.stages):
         sp = RunPaths(run_dir).stage(stage.name)
         ckpt = sp.ckpt
-        tag = latest_tag(ckpt)
+        tag = choose(ckpt)[0] if os.path.isdir(ckpt) else None
+        m = (manifest_of(ckpt, tag) or {}) if tag else {}
         st = read_json(sp.status) or {}
+        if not isinstance(st, dict):
+            st = {}
         partial = []
         if os.path.isdir(sp.partial):
             partial.append(sp.partial)
         if k > 0 and tag is None and os.path.isdir(ckpt):
-            partial.append(ckpt)  # a later stage's checkpoint dir without `latest`: a half-written transition
-        step = int(st.get("step", 0)) if tag else 0
+            partial.append(ckpt)  # a later stage's checkpoint dir without a complete tag: a half-written transition
+        step = int(m.get("step", 0)) if tag else 0
+        final = m.get("final_step")
+        at_status = st.get("step") == step
         if tag is None:
             state = "pending"
-        elif st.get("state") == "done" or step >= stage.steps or st.get("stopped_by"):
-            state = "done"  # at its last step (saved as preempted there or not), or ended early by its stop rule
-        elif st.get("state") == "preempted":
+        elif m.get("finished") or step >= stage.steps or (final is not None and step >= final):
+            state = "done"  # at its last step, or ended early by its stop rule
+        elif at_status and st.get("state") == "preempted":
             state = "preempted"
-        elif st.get("state") == "running":
+        elif st.get("state") in ("running", "failed", "preempted"):
             state = "interrupted"  # saved mid-stage; nothing tells that it still runs (the manifest may)
         else:
             state = "ready"  # a checkpoint without status: the transition wrote it, training has not saved yet
         L = stage.layout
         out.append(StageProgress(k, stage.name, state, step, stage.steps, step * L.global_batch * stage.model.seq_len,
-                                 st.get("loss") if tag else None, L.to_dict(),
+                                 st.get("loss") if tag and at_status else None, L.to_dict(),
                                  RunPaths(run_dir).stage_rel(stage.name, "checkpoints", tag) if tag else None, stage.grow, partial,
                                  last_eval_loss(sp.log) if tag else None))
     return out
@@ -143,4 +151,14 @@ def next_action(plan: Plan, progress: list[StageProgress]) -> Action:
 
 
 def read_manifest(run_dir: str) -> Optional[dict]:
-    return read_json(RunPaths(run_dir).manifest)
+    """The run's manifest, or None if there is none; one that is not a JSON object (or not ours) is
+    a UserError naming it, never a traceback."""
+    path = RunPaths(run_dir).manifest
+    if not os.path.exists(path):
+        return None
+    m = read_json(path)
+    if not isinstance(m, dict) or not isinstance(m.get("plan"), dict):
+        what = "not valid JSON" if m is None else f"a JSON {type(m).__name__}, not a run manifest object"
+        raise UserError(f"{path} is {what}; move it aside (the checkpoints and status files are the truth: "
+                        f"`megagrow run` writes a new one)")
+    return m

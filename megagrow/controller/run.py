@@ -58,7 +58,7 @@ def run_main(args) -> int:
         print(f"next: {act.describe(plan)}")
         return EXIT_OK
     lock = lock_run_dir(run_dir)  # noqa: F841 - held until this process exits
-    ctl = Controller(plan, args.plan, run_dir, alloc, data=data, grace_s=args.grace)
+    ctl = Controller(plan, args.plan, run_dir, alloc, data=data, grace_s=args.grace, retries=getattr(args, "retries", None))
     ctl.install_signals()
     if ctl_signals:
         ctl.stop = ctl_signals[0]

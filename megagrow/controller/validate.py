@@ -23,6 +23,26 @@ def _data_files(prefix: str) -> list[str]:
     return [f"{prefix}.bin", f"{prefix}.idx"]
 
 
+def check_dataset(plan: Plan) -> None:
+    """The dataset opens (header, index and token file sizes agree: a truncated .bin is caught), its
+    vocabulary fits every stage's model, and it holds at least one sequence of every stage: the
+    trainer's own checks (data.batches), run here before anything is launched or created."""
+    from megagrow.data.megatron import open_dataset
+
+    opened = {}
+    for k, stage in enumerate(plan.stages):
+        m = stage.model
+        if m.vocab_size not in opened:
+            opened[m.vocab_size] = open_dataset(plan.data.prefix, vocab_limit=m.vocab_size)
+        ds = opened[m.vocab_size]
+        where = f"stage {k} ({stage.name})"
+        if ds.vocab_size is not None and ds.vocab_size > m.vocab_size:
+            raise UserError(f"{where}: dataset {plan.data.prefix} has vocab {ds.vocab_size} > the model's vocab_size "
+                            f"{m.vocab_size} (tokenizer and model do not match)")
+        if ds.num_windows(m.seq_len) < 1:
+            raise UserError(f"{where}: dataset {plan.data.prefix} is shorter than one sequence of {m.seq_len + 1} tokens")
+
+
 def validate_plan(plan: Plan, alloc: Allocation, run_dir: str | None = None) -> list[Placement]:
     """Every check that can fail before a launch; raises one UserError. Returns each stage's placement."""
     from megagrow.growth.ops import operator_between
@@ -54,6 +74,7 @@ def validate_plan(plan: Plan, alloc: Allocation, run_dir: str | None = None) -> 
         if stage.layout.ds_config and not _ds_config_exists(stage.layout.ds_config):
             raise UserError(f"{where}: ds_config {stage.layout.ds_config!r} not found")
         placements.append(place(stage, alloc, where))
+    check_dataset(plan)  # after the plan's own checks: a config mistake is reported first
     if run_dir is not None:
         check_run_dir(plan, run_dir)
     return placements

@@ -1,5 +1,9 @@
 """The GPT model (gpt2 and llama flavours) on megatron-core tensor-parallel layers."""
 
-from megagrow.model.gpt import GPT, build_model
+from megagrow.nocompile import megatron_core
+
+megatron_core()  # before the model imports megatron-core: see megagrow/nocompile.py
+
+from megagrow.model.gpt import GPT, build_model  # noqa: E402
 
 __all__ = ["GPT", "build_model"]

@@ -82,6 +82,9 @@ def build_engine(model: torch.nn.Module, stage: Stage):
     from deepspeed.utils import logger as ds_logger
 
     ds_logger.setLevel(logging.WARNING)  # DeepSpeed's per-engine memory/config banners
+    from megagrow.nocompile import deepspeed_muon
+
+    deepspeed_muon()  # before initialize imports it: no torch.compile (megagrow/nocompile.py)
 
     cfg = ds_config(stage)
     engine, optimizer, _, _ = deepspeed.initialize(

@@ -56,8 +56,10 @@ def init_distributed(layout: Layout, timeout_s: float | None = None) -> None:
     import datetime
 
     import deepspeed
-    from megatron.core import parallel_state
 
+    from megagrow.nocompile import megatron_core
+
+    parallel_state = megatron_core().parallel_state
     timeout = collective_timeout_s() if timeout_s is None else collective_timeout_s(timeout_s)
 
     rank, world, local_rank = _env_rank()

@@ -17,6 +17,16 @@ The shard map of a checkpoint written at layout (tp, dp, zero_stage):
 
 Files are opened with torch.load(mmap=True): slicing a flat tensor reads only those pages.
 `bytes_read` counts the tensor bytes actually sliced out.
+
+The shard map is computed once from one file's metadata: the model-states file records
+`param_shapes` (per param group, in the flat order), and the layout gives the rest -- ZeRO-1/2
+pads each group's flat buffer to a multiple of 2*dp and cuts it into dp equal partitions;
+ZeRO-3 pads each param by itself (above). So `open` reads one file, and an optimizer file is
+opened only when a read needs one of its fragments: a rank opens the files its own boxes
+touch, not the tp x dp files of the source. Each optimizer file, when opened, is checked
+against the computed map (its own `param_slice_mappings` / flat lengths); a checkpoint
+partitioned some other way (e.g. `zero_optimization.parameter_alignment`) is refused with a
+clear error rather than misread. `opened` lists the files opened, in order.
 """
 
 from __future__ import annotations
@@ -63,6 +73,97 @@ class _Frag:
     flat_start: int  # where it sits in that rank's flat partition of the group
 
 
+def _touches(f: _Frag, r0: int, r1: int, c0: int, c1: int, cols: int) -> bool:
+    """Whether fragment `f` of a row-major matrix with `cols` columns holds an element of
+    rows [r0, r1) x columns [c0, c1)."""
+    a, b = f.param_offset, f.param_offset + f.numel
+    lo, hi = max(r0, a // cols), min(r1, -(-b // cols))  # rows the fragment reaches
+    if lo >= hi:
+        return False
+    if hi - lo > 2:  # a middle row lies wholly inside the fragment
+        return True
+    return any(max(a, r * cols + c0) < min(b, r * cols + c1) for r in range(lo, hi))
+
+
+@dataclass
+class ShardMap:
+    """Where every TP-local param's elements live among the DP ranks' optimizer files, computed
+    from the param shapes (per group, in DeepSpeed's flat order), the DP size and the ZeRO stage.
+    The same for every TP rank (TP ranks hold equally shaped local params)."""
+
+    groups: list  # [{name: local shape}] per param group, flat order
+    dp: int
+    zero_stage: int
+    frags: dict  # name -> [_Frag] in DP rank order
+    partition_numel: list  # per group: ZeRO-1/2 elements of one rank's flat partition; ZeRO-3 the rank's flat group
+
+    @classmethod
+    def of(cls, groups: list, dp: int, zero_stage: int) -> "ShardMap":
+        frags: dict = {}
+        sizes = []
+        for g, shapes in enumerate(groups):
+            if zero_stage == 3:
+                off = 0
+                for name, shape in shapes.items():
+                    n = math.prod(shape)
+                    P = -(-n // dp)
+                    frags[name] = [_Frag(d, d * P, min(P, n - d * P), g, off) for d in range(dp) if d * P < n]
+                    off += P
+                sizes.append(off)
+            else:  # one flat buffer per group, padded to a multiple of 2*dp, cut into dp equal parts
+                total = sum(math.prod(s) for s in shapes.values())
+                P = -(-total // (2 * dp)) * 2  # (total rounded up to a multiple of 2*dp) / dp
+                off = 0
+                for name, shape in shapes.items():
+                    n = math.prod(shape)
+                    lst = []
+                    for d in range(off // P, dp) if P else ():
+                        lo, hi = max(off, d * P), min(off + n, (d + 1) * P)
+                        if lo >= hi:
+                            break
+                        lst.append(_Frag(d, lo - off, hi - lo, g, lo - d * P))
+                    frags[name] = lst
+                    off += n
+                sizes.append(P)
+        return cls(groups, dp, zero_stage, frags, sizes)
+
+    def local_shapes(self) -> dict:
+        return {n: s for g in self.groups for n, s in g.items()}
+
+    def overlapping(self, name: str, start: int, stop: int) -> list:
+        """Fragments of `name` holding some of its flat elements [start, stop)."""
+        return [f for f in self.frags[name] if f.param_offset < stop and start < f.param_offset + f.numel]
+
+    def rank_fragments(self, dp_rank: int) -> list:
+        """(name, start, numel) of every fragment DP rank `dp_rank` holds (its own share)."""
+        return [(n, f.param_offset, f.numel) for n, lst in self.frags.items() for f in lst if f.dp_rank == dp_rank]
+
+    def check_file(self, sd: dict, dp_rank: int, path: str) -> None:
+        """An opened optimizer file must hold exactly the fragments the map puts there."""
+        bad = None
+        if self.zero_stage == 3:
+            flats = sd.get("fp32_flat_groups", [])
+            got = [int(t.numel()) for t in flats]
+            if got != self.partition_numel:
+                bad = f"flat group sizes {got}, expected {self.partition_numel}"
+        else:
+            parts = sd.get("single_partition_of_fp32_groups", [])
+            got = [int(t.numel()) for t in parts]
+            if got != self.partition_numel:
+                bad = f"partition sizes {got}, expected {self.partition_numel}"
+            else:
+                for g, mapping in enumerate(sd.get("param_slice_mappings", [])):
+                    have = {n: (int(a.start), int(a.numel)) for n, a in mapping.items() if int(a.numel) > 0}
+                    want = {n: (f.flat_start, f.numel) for n, lst in self.frags.items() for f in lst
+                            if f.dp_rank == dp_rank and f.group == g}
+                    if have != want:
+                        bad = f"group {g} fragments {sorted(set(have.items()) ^ set(want.items()))[:4]} differ"
+                        break
+        if bad:
+            raise UserError(f"{path}: not partitioned as DeepSpeed's ZeRO-{self.zero_stage} default layout for its "
+                            f"param_shapes ({bad}); unsupported (e.g. zero_optimization.parameter_alignment)")
+
+
 @dataclass
 class SourceCheckpoint:
     """A native DeepSpeed checkpoint of a megagrow stage, readable box by box."""
@@ -74,10 +175,12 @@ class SourceCheckpoint:
     dp: int
     zero_stage: int
     prefix: str  # "" or "bf16_"
-    frags: dict = field(default_factory=dict)  # (tp_rank, name) -> [_Frag]
     local_shapes: dict = field(default_factory=dict)  # name -> TP-local shape
     _files: dict = field(default_factory=dict)
     bytes_read: int = 0
+    opened: list = field(default_factory=list)  # paths of the files opened, in order
+    boxes: set = field(default_factory=set)  # (name, logical box) of every read_box: what this reader needed
+    map: "ShardMap | None" = None
 
     # ---------------------------------------------------------------- opening
     @classmethod
@@ -98,15 +201,40 @@ class SourceCheckpoint:
         dp = int(ms["dp_world_size"])
         prefix = "bf16_" if ms["stage"]["layout"]["dtype"] == "bf16" else ""
         ck = cls(ckpt_dir, tag, {k: v for k, v in ms.items() if k not in ("module", "optimizer")}, tp, dp, zero, prefix)
-        for g, shapes in enumerate(ms["param_shapes"]):
-            for name, shape in shapes.items():
-                ck.local_shapes[name] = tuple(shape)
-        for t in range(tp):  # every rank file readable (metadata only: tensors stay mmapped)
-            for d in range(dp):
-                ck._optim(t, d)
-        ck._index(ms)
-        ck._check_shapes()
+        ck.opened.append(model_file)
+        ck._set_map(ShardMap.of([{n: tuple(s) for n, s in g.items()} for g in ms["param_shapes"]], dp, zero))
         return ck
+
+    @classmethod
+    def planned(cls, model: ModelConfig, tp: int, dp: int, zero_stage: int, record: StageRecord | None = None) -> "SourceCheckpoint":
+        """A checkpoint of `model` at layout (tp, dp, zero_stage) as DeepSpeed would write it, with
+        no files: its shard map answers `files_for` (which files a box's read opens) at any scale,
+        for planning and docs/scale.md. Param groups as megagrow.parallel.engine makes them
+        (matrices and embeddings, then vectors), each in model order. `record`: the stage record
+        it would carry (needed by `executor.read_plan`)."""
+        from megagrow.growth.ops import logical_tensors
+
+        groups: list = [{}, {}]
+        for name, shape in logical_tensors(model).items():
+            s = list(shape)
+            pd = partition_dim(name)
+            if pd is not None:
+                s[pd] //= tp
+            groups[0 if len(s) >= 2 else 1][name] = tuple(s)
+        ck = cls("(planned)", "(planned)", record.to_client_state() if record else {}, tp, dp, zero_stage, "")
+        ck._set_map(ShardMap.of(groups, dp, zero_stage))
+        return ck
+
+    def _set_map(self, smap: "ShardMap") -> None:
+        self.map = smap
+        self.local_shapes = smap.local_shapes()
+
+    def check_files(self) -> None:
+        """Open every optimizer file of the source and check it against the shard map (one
+        process validating a source before its ranks start; the ranks then open only their own)."""
+        for t in range(self.tp):
+            for d in range(self.dp):
+                self._optim(t, d)
 
     def path(self, kind: str, tp_rank: int, dp_rank: int) -> str:
         base = os.path.join(self.dir, self.tag)
@@ -119,41 +247,34 @@ class SourceCheckpoint:
     def _optim(self, tp_rank: int, dp_rank: int) -> dict:
         key = (tp_rank, dp_rank)
         if key not in self._files:
-            sd = _load(self.path("optim", tp_rank, dp_rank))["optimizer_state_dict"]
+            path = self.path("optim", tp_rank, dp_rank)
+            sd = _load(path)["optimizer_state_dict"]
+            self.opened.append(path)
+            self.map.check_file(sd, dp_rank, path)
             self._files[key] = sd
         return self._files[key]
 
-    def _index(self, ms: dict) -> None:
-        """Where every TP-local param's elements live among the DP ranks' files (metadata only)."""
-        for t in range(self.tp):
-            if self.zero_stage == 3:
-                for g, shapes in enumerate(ms["param_shapes"]):
-                    off = 0
-                    for name, shape in shapes.items():
-                        n = math.prod(shape)
-                        P = -(-n // self.dp)
-                        self.frags[(t, name)] = [
-                            _Frag(d, d * P, max(0, min(P, n - d * P)), g, off) for d in range(self.dp) if d * P < n
-                        ]
-                        off += P
+    def files_for(self, name: str, box: tuple) -> set:
+        """The (tp_rank, dp_rank) optimizer files that `read_box(name, _, box)` opens (metadata only)."""
+        out = set()
+        for t, b in self._tp_shards(name, box):
+            local = self.local_shapes[name]
+            if len(local) == 1:
+                out |= {(t, f.dp_rank) for f in self.map.overlapping(name, b[0][0], b[0][1])}
             else:
-                seen: dict = {}
-                for d in range(self.dp):
-                    for g, mapping in enumerate(self._optim(t, d)["param_slice_mappings"]):
-                        for name, addr in mapping.items():
-                            lst = seen.setdefault(name, [])
-                            done = sum(f.numel for f in lst)
-                            lst.append(_Frag(d, done, int(addr.numel), g, int(addr.start)))
-                for name, lst in seen.items():
-                    self.frags[(t, name)] = lst
+                (r0, r1), (c0, c1) = b
+                cols = local[1]
+                out |= {(t, f.dp_rank) for f in self.map.overlapping(name, r0 * cols, r1 * cols)
+                        if _touches(f, r0, r1, c0, c1, cols)}
+        return out
 
-    def _check_shapes(self) -> None:
-        for name in self.logical_shapes():
-            n = math.prod(self.local_shapes[name])
-            for t in range(self.tp):
-                got = sum(f.numel for f in self.frags.get((t, name), []))
-                if got != n:
-                    raise UserError(f"{self.dir}/{self.tag}: {name} has {got} of {n} elements on TP rank {t}: incomplete checkpoint")
+    def needed_files(self) -> set:
+        """The optimizer files (tp_rank, dp_rank) that the boxes read so far need (metadata only)."""
+        return set().union(*(self.files_for(n, b) for n, b in self.boxes))
+
+    def close(self) -> None:
+        """Drop the opened files' mappings (the object stays usable: files reopen on demand)."""
+        self._files.clear()
 
     # ---------------------------------------------------------------- metadata
     @functools.cached_property
@@ -183,7 +304,7 @@ class SourceCheckpoint:
         return out
 
     def adam_step(self) -> int:
-        sd = self._optim(0, 0)
+        sd = next(iter(self._files.values())) if self._files else self._optim(0, 0)  # every file holds it
         base = sd["optimizer_state_dict"] if self.zero_stage == 3 else sd["base_optimizer_state"]
         return int(next(iter(base["state"].values()))["step"])
 
@@ -201,10 +322,8 @@ class SourceCheckpoint:
     def read_flat(self, tp_rank: int, name: str, state: str, start: int, stop: int) -> torch.Tensor:
         """Elements [start, stop) of the flattened TP-local param `name` of TP rank `tp_rank`."""
         out = torch.empty(stop - start, dtype=torch.float32)
-        for f in self.frags[(tp_rank, name)]:
+        for f in self.map.overlapping(name, start, stop):
             lo, hi = max(start, f.param_offset), min(stop, f.param_offset + f.numel)
-            if lo >= hi:
-                continue
             flat = self._flat(tp_rank, f.dp_rank, f.group, state)
             a = f.flat_start + lo - f.param_offset
             out[lo - start:hi - start] = flat[a:a + hi - lo]
@@ -213,25 +332,29 @@ class SourceCheckpoint:
 
     def read_box(self, name: str, state: str, box: tuple) -> torch.Tensor:
         """The logical box `box` ((start, stop) per dim) of tensor `name` for state w | m | v."""
-        pd = partition_dim(name)
+        self.boxes.add((name, box))
         local = self.local_shapes[name]
         parts = []
-        if pd is None or self.tp == 1:
-            shards = [(0, box)]
-        else:
-            size = local[pd]
-            lo, hi = box[pd]
-            shards = []
-            for t in range(lo // size, (hi - 1) // size + 1):
-                b = list(box)
-                b[pd] = (max(lo, t * size) - t * size, min(hi, (t + 1) * size) - t * size)
-                shards.append((t, tuple(b)))
-        for t, b in shards:
+        for t, b in self._tp_shards(name, box):
             if len(local) == 1:
                 parts.append(self.read_flat(t, name, state, b[0][0], b[0][1]))
             else:
                 parts.append(self._read_matrix_box(t, name, state, local[1], b))
-        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=pd)
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=partition_dim(name))
+
+    def _tp_shards(self, name: str, box: tuple) -> list:
+        """[(tp_rank, box in that rank's TP-local tensor)] covering the logical `box`."""
+        pd = partition_dim(name)
+        if pd is None or self.tp == 1:
+            return [(0, box)]
+        size = self.local_shapes[name][pd]
+        lo, hi = box[pd]
+        shards = []
+        for t in range(lo // size, (hi - 1) // size + 1):
+            b = list(box)
+            b[pd] = (max(lo, t * size) - t * size, min(hi, (t + 1) * size) - t * size)
+            shards.append((t, tuple(b)))
+        return shards
 
     def _read_matrix_box(self, t: int, name: str, state: str, cols: int, b: tuple) -> torch.Tensor:
         """Rows [r0, r1) x cols [c0, c1) of a TP-local matrix stored row-major in flat fragments:
@@ -240,11 +363,11 @@ class SourceCheckpoint:
         if c0 == 0 and c1 == cols:
             return self.read_flat(t, name, state, r0 * cols, r1 * cols).view(r1 - r0, cols)
         out = torch.empty(r1 - r0, c1 - c0, dtype=torch.float32)
-        for f in self.frags[(t, name)]:
+        for f in self.map.overlapping(name, r0 * cols, r1 * cols):
+            if not _touches(f, r0, r1, c0, c1, cols):
+                continue  # the fragment holds only columns outside the box: its file is not opened
             # rows of the box that this fragment touches, then per row the wanted columns in it
             fr0, fr1 = max(r0, f.param_offset // cols), min(r1, -(-(f.param_offset + f.numel) // cols))
-            if fr0 >= fr1:
-                continue
             flat = self._flat(t, f.dp_rank, f.group, state)
             base = f.flat_start - f.param_offset
             lo_all, hi_all = f.param_offset, f.param_offset + f.numel

@@ -24,6 +24,11 @@ from megagrow.paths import tag_of
 from megagrow.state.checkpoint import STATE_KEYS, SourceCheckpoint
 
 
+def fp32_partitions(optimizer) -> list:
+    """This rank's flat fp32 master partitions (what Adam updates and checkpoints hold)."""
+    return _fp32_partitions(optimizer)
+
+
 def _fp32_partitions(optimizer) -> list:
     """This rank's flat fp32 master partitions: the tensors Adam's state is keyed on."""
     for attr in ("fp32_partitioned_groups_flat", "single_partition_of_fp32_groups", "fp32_groups_flat_partition"):
@@ -145,6 +150,16 @@ def fill_engine(engine, tensors: dict, src: SourceCheckpoint, seed: int, progres
     return {"bytes_written_state": written, "fill_seconds": time.perf_counter() - t0, "adam_step": step}
 
 
+def sync_module_weights(engine) -> None:
+    """Set the module's (low-precision) weights from the fp32 master just written, as loading a
+    checkpoint does. ZeRO-1/2 did it before the save (update_lp_params); ZeRO-3 copies each fp32
+    partition into its param partition, as DeepSpeed's step and checkpoint load do."""
+    if _z3(engine):
+        opt = engine.optimizer
+        for i in range(len(opt.fp32_partitioned_groups_flat)):
+            opt._reassign_or_swap_out_partitioned_parameters(i)
+
+
 def check_source(plan: Plan, k: int, src: SourceCheckpoint) -> bool:
     """The source must be stage k itself (pure resharding: returns True) or stage k-1 of this
     plan (growth into stage k: returns False), judged by stage name and model config."""
@@ -163,10 +178,15 @@ def _short(m) -> str:
     return f"{m.flavour} L={m.n_layers} d={m.d_model} H={m.n_heads}"
 
 
-def regrow(plan: Plan, k: int, src: SourceCheckpoint, out_dir: str, spec: str | None = None, progress: bool = False) -> dict:
+def regrow(plan: Plan, k: int, src: SourceCheckpoint, out_dir: str, spec: str | None = None, progress: bool = False,
+           keep_engine: bool = False) -> dict:
     """Build stage k's engine at its layout from checkpoint `src` (of stage k-1 with growth
     `spec`, or of stage k itself: pure resharding), and save it in `out_dir` with DeepSpeed.
-    Process groups must be initialised for stage k's layout."""
+    Process groups must be initialised for stage k's layout.
+
+    keep_engine: the engine is returned ready to train (info["engine"] = (engine, optimizer),
+    info["record"] the stage record saved), its module weights equal to the fp32 master as a
+    load of the saved checkpoint would leave them; else it is destroyed here."""
     from megagrow.growth.ops import operator_between, plan_growth
     from megagrow.parallel.engine import build_stage
 
@@ -192,9 +212,14 @@ def regrow(plan: Plan, k: int, src: SourceCheckpoint, out_dir: str, spec: str | 
     engine.save_checkpoint(out_dir, tag=tag_of(rec.step), client_state=rec.to_client_state())
     torch.distributed.barrier()
     t.append(time.perf_counter())
-    del engine, optimizer
+    if keep_engine:
+        sync_module_weights(engine)
+        info.update(engine=(engine, optimizer), record=rec)
+    else:
+        engine.destroy()
+        del engine, optimizer
     info.update(op=op.describe() if hasattr(op, "describe") else str(op), step=rec.step, sample_offset=rec.sample_offset,
-                bytes_read=src.bytes_read, tag=tag_of(rec.step),
+                bytes_read=src.bytes_read, files_opened=len(src.opened), tag=tag_of(rec.step),
                 phase_seconds={"engine": t[1] - t[0], "fill": t[2] - t[1], "save": t[3] - t[2]})
     return info
 
@@ -213,3 +238,46 @@ def lr_placement(op, pos: int, stage) -> tuple[int, int]:
     if o.lr_placement == "paper" and c:
         pos = int(math.floor(pos / c))
     return pos, o.rewarmup_steps
+
+
+def read_plan(plan: Plan, k: int, src: SourceCheckpoint, spec: str | None = None) -> dict:
+    """What `regrow(plan, k, src, ...)` costs each rank of stage k's layout, from metadata alone:
+    the same box arithmetic as `fill_engine` with no tensors and no processes. `src` may be a
+    real checkpoint (its own shard map) or `SourceCheckpoint.planned(...)` (a layout that was
+    never written: any scale). Per target rank (rank order: TP fastest, as megatron numbers them):
+    the source files it opens (its metadata file + the optimizer files its boxes touch), the
+    bytes it reads (fp32 elements of the source boxes, per state read) and the optimizer-state
+    bytes it fills (fp32 weight + 2 moments of its own fragments); assumes DeepSpeed partitions
+    stage k as `ShardMap` does (every opened source file is checked against that rule)."""
+    from megagrow.growth.maps import Copy, box_size
+    from megagrow.growth.ops import operator_between, plan_growth
+
+    stage = plan.stages[k]
+    same = check_source(plan, k, src)
+    op = operator_between("identity" if same else (spec or stage.grow or "identity"), src.model, stage.model,
+                          symmetry_breaking=stage.growth.symmetry_breaking)
+    tensors = plan_growth(op, src.model, stage.model).tensors
+    states = ("w",) if (not same and stage.growth.optimizer_state == "reset") else ("w", "m", "v")
+    L = stage.layout
+    target = SourceCheckpoint.planned(stage.model, L.tp, L.dp, L.zero_stage)
+    opened, read, filled = [], [], []
+    for d in range(L.dp):
+        frags = [f for f in target.map.rank_fragments(d) if f[2] > 0]
+        for t in range(L.tp):
+            files, nbytes, state = set(), 0, 0
+            for name, start, numel in frags:
+                box, _ = fragment_box(name, target.local_shapes[name], start, numel, L.tp, t)
+                for p in tensors[name].restrict(box):  # as apply_pieces: a copy with factor 0 reads nothing
+                    n = sum(isinstance(p, Copy) and p.factor(st) != 0.0 for st in states)
+                    if n:
+                        files |= src.files_for(p.src, p.src_box)
+                        nbytes += box_size(p.src_box) * 4 * n
+                state += numel * 4 * 3
+            opened.append((d * L.tp + t, 1 + len(files)))
+            read.append((d * L.tp + t, nbytes))
+            filled.append((d * L.tp + t, state))
+    order = lambda xs: [v for _, v in sorted(xs)]  # noqa: E731
+    return {"op": op.describe() if hasattr(op, "describe") else str(op), "layout": L.to_dict(),
+            "source_layout": {"tp": src.tp, "dp": src.dp, "zero_stage": src.zero_stage},
+            "source_files": src.tp * src.dp, "files_opened_per_rank": order(opened),
+            "bytes_read_per_rank": order(read), "state_bytes_per_rank": order(filled)}

@@ -33,6 +33,7 @@ import shutil
 import time
 import zlib
 
+from megagrow import faults
 from megagrow.errors import UserError
 
 MANIFEST = "megagrow_manifest.json"
@@ -237,7 +238,7 @@ def checkpoint_meta(plan, k: int, step: int, sample_index: int, **extra) -> dict
     """What a manifest records about the checkpoint besides its files."""
     stage = plan.stages[k]
     return {"plan": plan.name, "stage": stage.name, "stage_index": k, "step": int(step), "sample_index": int(sample_index),
-            "layout": stage.layout.to_dict(), **extra}
+            "layout": stage.layout.to_dict(), "model": stage.model.to_dict(), **extra}
 
 
 def seal(ckpt_dir: str, tag: str, meta: dict, tp: int = 1, keep_last: int = 0) -> dict:
@@ -254,6 +255,7 @@ def seal(ckpt_dir: str, tag: str, meta: dict, tp: int = 1, keep_last: int = 0) -
     t0 = time.perf_counter()
     mine = {n: checksum(os.path.join(tag_dir, n), sync=True) for n in names if owner_rank(n, tp, world) == rank}
     t_sum = time.perf_counter() - t0
+    faults.point("seal.checksummed", meta.get("step"))
     gathered = [None] * world if rank == 0 else None
     if dist:
         dist.gather_object(mine, gathered, dst=0)
@@ -274,6 +276,7 @@ def seal(ckpt_dir: str, tag: str, meta: dict, tp: int = 1, keep_last: int = 0) -
                  "files": {n: {"size": s, "crc32": c} for n, (s, c) in sorted(files.items())}}
             _fsync_dir(tag_dir)
             write_atomic(os.path.join(tag_dir, MANIFEST), json.dumps(m, indent=1, sort_keys=True))
+            faults.point("seal.manifest", meta.get("step"))
             write_latest(ckpt_dir, tag)
             if keep_last:
                 prune(ckpt_dir, keep_last)
@@ -284,7 +287,9 @@ def seal(ckpt_dir: str, tag: str, meta: dict, tp: int = 1, keep_last: int = 0) -
         dist.broadcast_object_list(box, src=0)
         err = box[0]
     if err:
-        raise UserError(err, all_ranks=True)
+        e = UserError(err, all_ranks=True)
+        e.stage_failed = True
+        raise e
     return m
 
 
@@ -317,6 +322,36 @@ def prune(ckpt_dir: str, keep_last: int) -> list[str]:
     for t in gone:
         shutil.rmtree(os.path.join(ckpt_dir, t), ignore_errors=True)
     return gone
+
+
+def save(engine, ckpt_dir: str, tag: str, client_state: dict, meta: dict, tp: int = 1, keep_last: int = 0) -> dict:
+    """DeepSpeed's save of `tag` (without its `latest`), then `seal`. Collective. A tag that is already
+    complete is not written again (a save at the step just resumed from: the same state), only
+    pointed at: a kill during such a save can then never tear the checkpoint it started from.
+    A write that fails (disk full) on rank 0 raises a UserError on every rank, with `latest` left at
+    the previous complete checkpoint; on another rank it raises there and the others see a lost rank."""
+    dist = _dist()
+    rank = dist.get_rank() if dist else 0
+    tag_dir = os.path.join(ckpt_dir, tag)
+    done = os.path.isdir(tag_dir) and not problems(tag_dir, deep=False)
+    if dist:
+        box = [done]
+        dist.broadcast_object_list(box, src=0)
+        done = box[0]
+    if done:
+        if rank == 0:
+            write_latest(ckpt_dir, tag)
+        return read_manifest(tag_dir) or {}
+    if rank == 0 and os.path.isdir(tag_dir):  # a torn earlier save of this step: start it clean
+        prepare(ckpt_dir, tag)
+        shutil.rmtree(tag_dir, ignore_errors=True)
+    try:
+        engine.save_checkpoint(ckpt_dir, tag=tag, client_state=client_state, save_latest=False)
+    except OSError as e:
+        err = UserError(f"could not write checkpoint {tag_dir} ({e.strerror or e}); " + _kept(ckpt_dir, tag))
+        err.stage_failed = True
+        raise err from None
+    return seal(ckpt_dir, tag, meta, tp=tp, keep_last=keep_last)
 
 
 def verify_distributed(ckpt_dir: str, tag: str, tp: int = 1) -> None:

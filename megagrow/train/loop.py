@@ -9,13 +9,16 @@ ranks agree (folded into the step's one all-reduce), save together and exit with
 
 from __future__ import annotations
 
+import math
 import os
 import time
 
 import torch
 
+from megagrow import faults
 from megagrow.config import Plan
-from megagrow.errors import EXIT_OK, EXIT_PREEMPTED
+from megagrow.errors import EXIT_NONFINITE, EXIT_OK, EXIT_PREEMPTED, UserError
+from megagrow.state import manifest
 from megagrow.fsutil import write_json_atomic
 from megagrow.paths import RunPaths, tag_of
 from megagrow.state.record import StageRecord
@@ -34,26 +37,44 @@ def train_stage(plan: Plan, k: int, run_dir: str, stop_at: int | None = None, qu
     from megagrow.train.transition import initial, transition
 
     stage = plan.stages[k]
+    rel = plan.reliability
     paths = RunPaths(run_dir).stage(stage.name)
     stop = StopFlag()
-    init_distributed(stage.layout)
+    init_distributed(stage.layout, rel.collective_timeout_s)
     rank = torch.distributed.get_rank()
+    lock = _stage_lock(paths.root)  # noqa: F841 - held (rank 0) until this process ends
     dp_rank, dp_size = dp_rank_size()
     batches = Batches.open(plan, stage, dp_rank, dp_size)  # bad data fails before the engine is built
-    if k > 0 and not paths.has_checkpoint():
-        transition(plan, k, run_dir, quiet)
-    elif stage.init_from and not paths.has_checkpoint():  # a first stage starting from a transformers model
+    tag = _resume_tag(paths.ckpt, rank, quiet)  # the newest complete checkpoint, or None
+    resuming = tag is not None
+    grown = None
+    if tag is None and k > 0:
+        grown = transition(plan, k, run_dir, quiet, keep_engine=True)
+        tag = _resume_tag(paths.ckpt, rank, True)
+    elif tag is None and stage.init_from:  # a first stage starting from a transformers model
         initial(plan, k, run_dir, quiet)
-    engine, optimizer = build_stage(plan, k)
+        tag = _resume_tag(paths.ckpt, rank, True)
+    if tag is not None and not grown:
+        _check_manifest_fits(paths.ckpt, tag, plan, k)  # another plan's or stage's checkpoint: refused before loading
+        if rel.verify_on_resume:
+            manifest.verify_distributed(paths.ckpt, tag, tp=stage.layout.tp)
+    if grown:  # train on from the grown engine: the same state a load of the checkpoint just saved gives
+        (engine, optimizer), rec = grown["engine"], grown["record"]
+    else:
+        engine, optimizer = build_stage(plan, k)
+        rec = StageRecord(plan, k)
     device = engine.device
 
-    rec = StageRecord(plan, k)
-    if paths.has_checkpoint():
-        _, cs = engine.load_checkpoint(paths.ckpt)
+    if tag is not None and not grown:
+        try:
+            _, cs = engine.load_checkpoint(paths.ckpt, tag=tag)
+        except (RuntimeError, OSError, ValueError, KeyError, EOFError) as e:
+            raise UserError(f"cannot load checkpoint {os.path.join(paths.ckpt, tag)}: {type(e).__name__}: "
+                            f"{str(e).splitlines()[0] if str(e) else ''}", all_ranks=True) from None
         rec = StageRecord.from_client_state(cs, paths.ckpt)
         rec.check_resumes(plan, k)
         rec = rec.resharded(plan, k)  # this run's plan (same stage; e.g. another --data path)
-        if rank == 0 and not quiet:
+        if rank == 0 and not quiet and resuming:
             print(f"[megagrow] resumed stage {stage.name} at step {rec.step} (sample {rec.sample_index})", flush=True)
     if rank == 0:
         os.makedirs(paths.root, exist_ok=True)
@@ -62,7 +83,17 @@ def train_stage(plan: Plan, k: int, run_dir: str, stop_at: int | None = None, qu
     end = rec.end_step if stop_at is None else min(stop_at, rec.end_step)
 
     def save(state: str) -> None:
-        engine.save_checkpoint(paths.ckpt, tag=tag_of(rec.step), client_state=rec.to_client_state())
+        # never a checkpoint with non-finite weights: the last complete one stays the newest
+        if not fp32_finite(optimizer):
+            raise NonFinite(f"stage {stage.name}: the weights are not finite at step {rec.step}; not saving it "
+                            f"({_kept_msg(paths.ckpt)})")
+        faults.set_step(rec.step)
+        faults.point("save.before")
+        manifest.save(engine, paths.ckpt, tag_of(rec.step), rec.to_client_state(),
+                      manifest.checkpoint_meta(plan, k, rec.step, rec.sample_index, final_step=rec.final_step,
+                                               finished=rec.finished),
+                      tp=L.tp, keep_last=rel.keep_last)
+        faults.point("save.after")
         if rank == 0:
             write_json_atomic(paths.status, {"state": state, "stage": stage.name, "step": rec.step, "steps": stage.steps,
                                              "sample_index": rec.sample_index, "loss": rec.loss, "tag": tag_of(rec.step),
@@ -70,6 +101,7 @@ def train_stage(plan: Plan, k: int, run_dir: str, stop_at: int | None = None, qu
                                              "layout": L.to_dict(), "time": time.time(),
                                              **({"stopped_by": stage.stop.rule} if rec.final_step is not None else {})})
 
+    faults.arm(engine)
     log = StageLog(paths.log, rec.step, active=rank == 0)
     # the ledger (tokens, FLOPs) goes on from the record; evals on the held-out split; TensorBoard events
     meter = StageMeter(plan, k, rec.tokens_offset, rec.flops_offset, device, rank, paths.root, quiet)
@@ -101,8 +133,10 @@ def train_stage(plan: Plan, k: int, run_dir: str, stop_at: int | None = None, qu
     if stop.agreed(device):  # a signal that came during start-up
         save("preempted")
         meter.close()
+        engine.destroy()
         return EXIT_PREEMPTED
     world = torch.distributed.get_world_size()
+    nonfinite = 0
     while rec.step < end:
         lr = sched(rec.step)
         set_lr(optimizer, lr)
@@ -116,12 +150,24 @@ def train_stage(plan: Plan, k: int, run_dir: str, stop_at: int | None = None, qu
             engine.step()
             total += loss.detach().float()
         # one collective and one host sync a step: the loss summed over all ranks (TP ranks hold
-        # the same value) and the stop flag (any rank signalled -> all save together)
-        red = torch.stack([total, torch.tensor(1.0 if stop.raised else 0.0, device=device)])
+        # the same value), the stop flag (any rank signalled -> all save together) and whether the
+        # gradient norm was finite
+        red = torch.stack([total, torch.tensor(1.0 if stop.raised else 0.0, device=device), _grad_norm_bad(engine, device)])
         torch.distributed.all_reduce(red)
-        loss_sum, stop_votes = red.tolist()
+        loss_sum, stop_votes, grad_bad = red.tolist()
         rec = rec.replace(step=rec.step + 1, loss=loss_sum / (L.grad_accum * world))
         steps_since += 1
+        faults.point("step", rec.step)
+        if not math.isfinite(loss_sum) or grad_bad > 0:
+            nonfinite += 1
+            what = f"loss {rec.loss}" if not math.isfinite(loss_sum) else "gradient norm not finite"
+            if nonfinite > rel.skip_nonfinite_steps or not fp32_finite(optimizer):
+                raise NonFinite(f"stage {stage.name}: {what} at step {rec.step} (lr {lr:.3g})"
+                                + (f", {nonfinite} such steps (skip_nonfinite_steps {rel.skip_nonfinite_steps})" if nonfinite > 1 else "")
+                                + f"; stopped without saving ({_kept_msg(paths.ckpt)}); lower optim.lr or check the data")
+            if rank == 0:
+                print(f"[megagrow] {stage.name}: {what} at step {rec.step}: update skipped, weights finite "
+                      f"({nonfinite} of {rel.skip_nonfinite_steps} allowed)", flush=True)
         logged = rec.step % stage.log_every == 0 or rec.step == end
         if stopper and logged and stopper.update(rec.step, rec.loss):
             rec = rec.replace(final_step=rec.step)  # the slope rule fired on the logged loss: the stage ends here
@@ -158,6 +204,7 @@ def train_stage(plan: Plan, k: int, run_dir: str, stop_at: int | None = None, qu
             meter.close()
             if rank == 0 and not quiet:
                 print(f"[megagrow] signal received: saved stage {stage.name} at step {rec.step}, exiting {EXIT_PREEMPTED}", flush=True)
+            engine.destroy()
             return EXIT_PREEMPTED
         if rec.step % stage.save_every == 0 or rec.step == end:
             save("done" if rec.finished else "running")
@@ -165,7 +212,112 @@ def train_stage(plan: Plan, k: int, run_dir: str, stop_at: int | None = None, qu
     meter.close()
     if rank == 0 and not quiet:
         print(f"[megagrow] stage {stage.name} at step {rec.step}: checkpoint {os.path.join(paths.ckpt, tag_of(rec.step))}", flush=True)
+    engine.destroy()  # frees the engine's buffers and hooks now (a process may train several stages)
     return EXIT_OK
+
+
+def _grad_norm_bad(engine, device) -> torch.Tensor:
+    """1.0 if this step's global gradient norm is not finite (as a tensor: no host sync), else 0.0."""
+    g = engine.get_global_grad_norm()
+    if g is None:
+        return torch.zeros((), device=device)
+    g = torch.as_tensor(g, device=device, dtype=torch.float32)
+    return (~torch.isfinite(g)).float().reshape(())
+
+
+class NonFinite(UserError):
+    """The stage diverged (a non-finite loss, gradient norm or weight): one line, exit EXIT_NONFINITE;
+    raised on every rank alike (the values it is decided on are all-reduced)."""
+
+    exit_code = EXIT_NONFINITE
+
+    def __init__(self, message: str):
+        super().__init__(message, all_ranks=True)
+
+
+def fp32_finite(optimizer) -> bool:
+    """Every rank's fp32 master partition is finite (collective)."""
+    from megagrow.state.executor import fp32_partitions
+
+    try:
+        tensors = fp32_partitions(optimizer)
+    except RuntimeError:  # no ZeRO flat partitions (zero_stage 0): the optimizer's own parameters
+        tensors = [p for g in optimizer.param_groups for p in g["params"]]
+    ok = all(bool(torch.isfinite(t).all()) for t in tensors)
+    t = torch.tensor([1.0 if ok else 0.0])
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MIN)
+    return bool(t.item() > 0)
+
+
+def _kept_msg(ckpt_dir: str) -> str:
+    tags = manifest.complete_tags(ckpt_dir)
+    return f"the last complete checkpoint {tags[0]} is kept" if tags else "no complete checkpoint of this stage yet"
+
+
+def _resume_tag(ckpt_dir: str, rank: int, quiet: bool) -> str | None:
+    """The newest complete checkpoint of the stage (every rank decides alike: rank 0 decides and
+    broadcasts), naming the incomplete newer ones it skips."""
+    box = [None, []]
+    if rank == 0:
+        tag, skipped = manifest.choose(ckpt_dir)
+        latest = manifest.read_latest(ckpt_dir)
+        if tag is None and latest is not None:
+            why = "; ".join(f"{t}: {w}" for t, w in skipped[:3]) or "no tags"
+            box = [None, [f"error: {ckpt_dir}: `latest` names {latest!r} but no checkpoint there is complete ({why}); "
+                          f"`megagrow verify {ckpt_dir}` lists them"]]
+        else:
+            box = [tag, skipped]
+            if tag is not None and latest != tag:
+                manifest.write_latest(ckpt_dir, tag)
+    torch.distributed.broadcast_object_list(box, src=0)
+    tag, skipped = box
+    if tag is None and skipped and isinstance(skipped[0], str):
+        raise UserError(skipped[0][len("error: "):], all_ranks=True)
+    if rank == 0 and not quiet:
+        for t, why in skipped:
+            print(f"[megagrow] skipping incomplete checkpoint {t} ({why})", flush=True)
+    return tag
+
+
+def _check_manifest_fits(ckpt_dir: str, tag: str, plan: Plan, k: int) -> None:
+    """Refuse, before loading, a checkpoint whose manifest is of another stage, model or layout."""
+    m = manifest.manifest_of(ckpt_dir, tag) or {}
+    stage = plan.stages[k]
+    where = os.path.join(ckpt_dir, tag)
+    if m.get("stage") != stage.name:
+        raise UserError(f"{where} is a checkpoint of stage {m.get('stage')!r} (plan {m.get('plan')!r}), not of stage "
+                        f"{stage.name!r}; refusing to resume", all_ranks=True)
+    if "model" in m and m["model"] != stage.model.to_dict():
+        raise UserError(f"{where} was written for another model config (plan {m.get('plan')!r}) than stage "
+                        f"{stage.name!r} of plan {plan.name!r} has; refusing to resume", all_ranks=True)
+    if "layout" in m and m["layout"] != stage.layout.to_dict():
+        raise UserError(f"{where} was written at layout {m['layout']}, this run uses {stage.layout.to_dict()}: "
+                        f"reshard it with tools/regrow.py", all_ranks=True)
+
+
+def _stage_lock(stage_root: str):
+    """Rank 0 holds an exclusive flock on RUN/<stage>/.stage.lock while the stage runs: a second set of
+    ranks on the same stage directory (an orphan, a second launcher) is refused. File systems
+    without flock: no lock."""
+    import fcntl
+
+    f = None
+    err = ""
+    if torch.distributed.get_rank() == 0:
+        os.makedirs(stage_root, exist_ok=True)
+        f = open(os.path.join(stage_root, ".stage.lock"), "a")
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.close()
+            f, err = None, f"another set of ranks is training {stage_root} (it holds {stage_root}/.stage.lock)"
+        except OSError:
+            pass
+    box = [err]
+    torch.distributed.broadcast_object_list(box, src=0)
+    if box[0]:
+        raise UserError(box[0], all_ranks=True)
+    return f
 
 
 def _grad_norm(engine) -> float | None:

@@ -14,21 +14,36 @@ import time
 
 import torch
 
+from megagrow import faults
 from megagrow.config import Plan
+from megagrow.state import manifest
 from megagrow.errors import UserError
 from megagrow.paths import RunPaths
 
 
-def transition(plan: Plan, k: int, run_dir: str, quiet: bool = False) -> dict:
+def _seal(tmp: str, plan: Plan, k: int, info: dict, **extra) -> None:
+    """A transition's (or import's) output counts only once sealed, like a training save."""
+    stage = plan.stages[k]
+    manifest.seal(tmp, info["tag"], manifest.checkpoint_meta(plan, k, info["step"], info["sample_offset"] + info["step"] * stage.layout.global_batch,
+                                                             **extra), tp=stage.layout.tp)
+
+
+def transition(plan: Plan, k: int, run_dir: str, quiet: bool = False, keep_engine: bool = False) -> dict:
+    """Grow stage k-1's final checkpoint into stage k's first (saved in stage k's checkpoints).
+    keep_engine: also return the grown engine, ready to train (see executor.regrow)."""
     from megagrow.state.checkpoint import SourceCheckpoint
     from megagrow.state.executor import regrow
 
     prev, stage = plan.stages[k - 1], plan.stages[k]
     run = RunPaths(run_dir)
     prev_paths, paths = run.stage(prev.name), run.stage(stage.name)
-    if not prev_paths.has_checkpoint():
-        raise UserError(f"stage {stage.name!r} starts from stage {prev.name!r}, which has no checkpoint in {prev_paths.ckpt}")
-    src = SourceCheckpoint.open(prev_paths.ckpt)
+    src_tag, _ = manifest.choose(prev_paths.ckpt)
+    if src_tag is None:
+        raise UserError(f"stage {stage.name!r} starts from stage {prev.name!r}, which has no complete checkpoint in "
+                        f"{prev_paths.ckpt}", all_ranks=True)
+    if plan.reliability.verify_on_resume:
+        manifest.verify_distributed(prev_paths.ckpt, src_tag, tp=prev.layout.tp)
+    src = SourceCheckpoint.open(prev_paths.ckpt, src_tag)
     rec = src.record
     if not rec.finished:
         raise UserError(f"stage {prev.name!r} is at step {rec.step} of {rec.end_step}: finish it first")
@@ -40,14 +55,19 @@ def transition(plan: Plan, k: int, run_dir: str, quiet: bool = False) -> dict:
     if rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)
     torch.distributed.barrier()
-    info = regrow(plan, k, src, tmp)  # ends with a barrier: every rank's files are written
+    info = regrow(plan, k, src, tmp, keep_engine=keep_engine)  # ends with a barrier: every rank's files are written
+    src.close()
+    faults.point("transition.regrown", 0)
+    _seal(tmp, plan, k, info, source=f"{prev_paths.ckpt}/{src.tag}")
+    faults.point("transition.sealed", 0)
     if rank == 0:
         shutil.rmtree(paths.ckpt, ignore_errors=True)  # no `latest` there (else no transition): leftovers only
         os.replace(tmp, paths.ckpt)
     torch.distributed.barrier()
     if rank == 0 and not quiet:
         print(f"[megagrow] transition {prev.name} -> {stage.name} ({info['op']}) at {stage.layout.to_dict()} "
-              f"in {time.perf_counter() - t0:.1f} s, read {info['bytes_read'] / 1e6:.2f} MB on rank 0", flush=True)
+              f"in {time.perf_counter() - t0:.1f} s, read {info['bytes_read'] / 1e6:.2f} MB from {info['files_opened']} files "
+              f"on rank 0", flush=True)
     return info
 
 
@@ -66,6 +86,7 @@ def initial(plan: Plan, k: int, run_dir: str, quiet: bool = False) -> dict:
         shutil.rmtree(tmp, ignore_errors=True)
     torch.distributed.barrier()
     info = import_checkpoint(plan, k, tmp)  # checks the model first; ends with a barrier
+    _seal(tmp, plan, k, {"tag": info["tag"], "step": 0, "sample_offset": 0}, source=info["init_from"])
     if rank == 0:
         shutil.rmtree(paths.ckpt, ignore_errors=True)
         os.replace(tmp, paths.ckpt)

@@ -17,10 +17,13 @@ def test_reshard_round_trip_is_bitwise(data_prefix, tmp_path):
     """Identity regrow from layout A to B (TP 1<->2, DP 1<->2, ZeRO 1/2/3, fp32 and bf16, plus 3 random
     small models and layout pairs): every fp32 weight, exp_avg and exp_avg_sq read back from B equals
     A bitwise, through megagrow's reader and (TP=1) DeepSpeed's zero_to_fp32; each rank reads at most
-    1.5x the bytes of its own share (whole rows of a matrix are read)."""
+    1.5x the bytes of its own share (whole rows of a matrix are read) and opens exactly the source files
+    its boxes need (the metadata file + those optimizer files; before: all tp x dp on every rank)."""
     res = run_worker(2, "reshard", data_prefix, tmp_path)
     assert len(res) == 8
     for key, r in res.items():
+        for opened, needed, files in r["opens"]:
+            assert opened == 1 + needed and needed <= files, (key, r["opens"])
         assert r["mismatched"] == [], key
         assert r["tensors"] >= 3 * 7, key
         assert r.get("zero_to_fp32_mismatched", []) == [], key
@@ -33,7 +36,8 @@ def test_growth_sharded_equals_gathered_and_keeps_loss(data_prefix, tmp_path):
     and heads growth of a llama with grouped-query attention (2 K/V heads, group size kept): the
     grown checkpoint equals the growth map applied to the gathered source, bitwise, for weights and both
     Adam moments; the Adam step and the data position carry over; eval loss before == after within 1e-5
-    (G_stack: documented as not loss preserving, so only the bitwise property); training continues at B."""
+    (G_stack: documented as not loss preserving, so only the bitwise property); training continues at B, on
+    the engine the transition built, with losses bitwise equal to a fresh engine loading the grown checkpoint."""
     res = run_worker(2, "grow", data_prefix, tmp_path)
     assert len(res) == 13
     for key, r in res.items():
@@ -43,6 +47,7 @@ def test_growth_sharded_equals_gathered_and_keeps_loss(data_prefix, tmp_path):
         if r["exact"]:
             assert abs(r["loss_before"] - r["loss_after"]) < 1e-5, (key, r)
         assert len(r["losses_s1"]) == 2 and r["losses_s1"][1] < r["losses_s1"][0], (key, r)
+        assert r["losses_s1"] == r["losses_s1_resumed"], (key, r)
 
 
 PLAN = """name: rg
@@ -70,7 +75,9 @@ def _regrow(*args):
 
 def test_regrow_cli_end_to_end_and_bad_input(data_prefix, tmp_path):
     """tools/regrow.py under torchrun writes a loadable checkpoint and a JSON summary; bad input (wrong
-    stage, missing tag, truncated file, non-empty output) is one 'error:' line, exit 2, nothing written."""
+    stage, missing tag, truncated file, non-empty output) is one 'error:' line, exit 2, nothing written.
+    --dry-run (no ranks, no tensors; from the real source's metadata, or from the plan's stage 0 layout alone)
+    predicts every rank's files opened, bytes read and state bytes exactly as the run counted them."""
     plan = tmp_path / "plan.yaml"
     plan.write_text(PLAN.format(prefix=data_prefix))
     run = tmp_path / "run"
@@ -86,6 +93,12 @@ def test_regrow_cli_end_to_end_and_bad_input(data_prefix, tmp_path):
     assert os.path.isfile(out / "latest") and not os.path.exists(f"{out}.regrow-tmp")
     from megagrow.state.manifest import choose, problems
     assert choose(str(out))[0] == summary["tag"] and problems(str(out / summary["tag"])) == []  # sealed: manifest, sizes, CRC-32
+    keys = ("files_opened_per_rank", "bytes_read_per_rank", "state_bytes_per_rank")
+    for src_args in (["--src", src], []):
+        r = _regrow(*src_args, "--plan", str(plan), "--to-stage", "b", "--dry-run", "--json")
+        assert r.returncode == 0, r.stderr[-3000:]
+        dry = json.loads(r.stdout)
+        assert {k: dry[k] for k in keys} == {k: summary[k] for k in keys}, (src_args, dry, summary)
 
     other = tmp_path / "other.yaml"  # stage a of this plan has another model: the source does not fit
     other.write_text(PLAN.format(prefix=data_prefix).replace("n_layers: 1, d_model: 32", "n_layers: 1, d_model: 48", 1))

@@ -30,7 +30,7 @@ def tiny_plan(prefix: str, flavour="gpt2", steps=6, tie=True, dropout=0.0, **lay
                         tie_embeddings=tie, dropout=dropout, n_kv_heads=kv)
     lay = Layout(**{"tp": 1, "dp": WORLD, "zero_stage": 2, "micro_batch": 2, "grad_accum": 2, **layout})
     optim = OptimConfig(lr=3e-3, min_lr=3e-4, warmup_steps=2, weight_decay=0.1, grad_clip=1.0)
-    st = Stage(name="s0", model=model, layout=lay, optim=optim, steps=steps, save_every=1000, log_every=1, eval_tokens=4096)
+    st = Stage(name="s0", model=model, layout=lay, optim=optim, steps=steps, save_every=1000, log_every=1, eval_tokens=1024)
     return Plan(name="t", seed=7, data=DataConfig(prefix=prefix), stages=(st,))
 
 
@@ -185,6 +185,10 @@ def reshard(prefix: str, out: str) -> dict:
         both = torch.tensor([float(info["bytes_read"]), float(info["bytes_written_state"])])
         torch.distributed.all_reduce(both, op=torch.distributed.ReduceOp.MAX)
         r = {"max_read_over_share": (both[0] / both[1]).item()}
+        # files this rank opened (metadata file + optimizer files) vs the optimizer files its boxes need
+        opens = [None] * WORLD
+        torch.distributed.all_gather_object(opens, (len(src.opened), len(src.needed_files()), a["tp"] * a["dp"]))
+        r["opens"] = opens
         if RANK == 0:
             A = _logical_all(SourceCheckpoint.open(os.path.join(ra, "s0", "checkpoints")))
             B = _logical_all(SourceCheckpoint.open(os.path.join(rb, "s0", "checkpoints")))
@@ -333,7 +337,19 @@ def grow(prefix: str, out: str) -> dict:
             run = os.path.join(out, f"{flavour}-{spec}-{m1.d_model}x{m1.n_layers}".replace(":", "_"))
             init_distributed(s0.layout)
             train_stage(plan, 0, run, quiet=True)
-            train_stage(plan, 1, run, quiet=True, stop_at=2)  # transition at start-up, then 2 steps
+            train_stage(plan, 1, run, quiet=True, stop_at=2)  # transition at start-up, then 2 steps on the grown engine
+            torch.distributed.barrier()
+            # the same 2 steps the old way: a fresh engine loading the transition's checkpoint
+            again = run + "-resumed"
+            if RANK == 0:
+                import shutil
+
+                shutil.copytree(os.path.join(run, "s1", "checkpoints", "step_00000000"),
+                                os.path.join(again, "s1", "checkpoints", "step_00000000"))
+                with open(os.path.join(again, "s1", "checkpoints", "latest"), "w") as f:
+                    f.write("step_00000000")
+            torch.distributed.barrier()
+            train_stage(plan, 1, again, quiet=True, stop_at=2)
             torch.distributed.barrier()
             key = f"{flavour}-{spec}-{m1.d_model}x{m1.n_layers}"
             r = {"exact": spec != "stack"}
@@ -360,6 +376,8 @@ def grow(prefix: str, out: str) -> dict:
                 r["adam_step"] = [src.adam_step(), grown_ck.adam_step()]
                 r["sample_offset"] = grown_ck.client["sample_offset"]
                 r["losses_s1"] = [x["loss"] for x in map(json.loads, open(os.path.join(run, "s1", "log.jsonl"))) if "loss" in x]
+                r["losses_s1_resumed"] = [x["loss"] for x in map(json.loads, open(os.path.join(again, "s1", "log.jsonl")))
+                                          if "loss" in x]
             res[key] = r
     return res
 
@@ -389,6 +407,7 @@ def measure(prefix: str, out: str) -> dict:
 
     res = {}
     base = tiny_plan(prefix, dropout=0.1)
+    base = base.replace(stages=(base.stages[0].replace(eval_tokens=4096),))
     s0 = base.stages[0]
     es, _ = EvalSet.open(prefix, s0.model.seq_len, s0.eval_tokens, s0.model.vocab_size)
     res["eval_windows"] = es.num_windows

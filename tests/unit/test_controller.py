@@ -28,8 +28,8 @@ LOCAL2 = Allocation("local", ("localhost",), 2)
 def _plan(tmp_path, **edits) -> Plan:
     """A 3-stage plan a (L1 d32) -> b (width x2, TP=2) -> c (depth x2, DP=2 ZeRO-3); fake data files."""
     prefix = tmp_path / "data"
-    for ext in (".bin", ".idx"):
-        (tmp_path / f"data{ext}").write_bytes(b"")
+    if not (tmp_path / "data.idx").exists():
+        _dataset(str(prefix), 500)
     d = {"name": "p", "data": {"prefix": str(prefix)}, "defaults": {"log_every": 1}, "stages": [
         {"name": "a", "model": {"n_layers": 1, "d_model": 32, "n_heads": 2, "vocab_size": 512, "seq_len": 16},
          "layout": {"tp": 1, "dp": 2, "zero_stage": 2, "micro_batch": 2}, "steps": 10},
@@ -43,14 +43,28 @@ def _plan(tmp_path, **edits) -> Plan:
     return Plan.from_dict(d)
 
 
+def _dataset(prefix: str, tokens: int, vocab: int = 512) -> None:
+    """A real (tiny) token dataset: one document of `tokens` tokens."""
+    import numpy as np
+
+    from megagrow.data.dataset import DatasetWriter
+
+    with DatasetWriter(prefix, vocab) as w:
+        w.add_document(np.arange(tokens, dtype=np.int64) % (vocab - 3) + 3)
+
+
 def _ckpt(run, stage: str, step: int, state: str | None = "done", latest: bool = True) -> None:
-    """Fake what the trainer leaves: checkpoints/<tag>/, `latest`, status.json."""
+    """Fake what the trainer leaves: checkpoints/<tag>/ with a file, sealed (manifest + `latest`)
+    unless latest=False (a save killed before its seal), and status.json."""
+    from megagrow.state.manifest import seal
+
     ck = os.path.join(run, stage, "checkpoints")
     tag = f"step_{step:08d}"
     os.makedirs(os.path.join(ck, tag), exist_ok=True)
+    with open(os.path.join(ck, tag, "mp_rank_00_model_states.pt"), "wb") as f:
+        f.write(os.urandom(64))
     if latest:
-        with open(os.path.join(ck, "latest"), "w") as f:
-            f.write(tag)
+        seal(ck, tag, {"plan": "p", "stage": stage, "step": step, "finished": state == "done"})
     if state:
         with open(os.path.join(run, stage, "status.json"), "w") as f:
             json.dump({"state": state, "step": step, "loss": 4.5, "tag": tag}, f)
@@ -294,13 +308,14 @@ def test_loop_discards_half_written_transition_and_stops_on_failure(tmp_path, mo
     def failing(self, k, pl):
         calls.append(k)
         assert not os.path.exists(os.path.join(run, "b", "checkpoints"))  # discarded before the launch
-        return 3
+        return 1
 
     monkeypatch.setattr(Controller, "launch", failing)
-    assert Controller(plan, "p.yaml", run, LOCAL2).run() == 3
-    assert calls == [1]
+    assert Controller(plan, "p.yaml", run, LOCAL2).run() == 1
+    assert calls == [1, 1]  # reliability.retries (default 1): launched again once before the run is declared failed
     m = read_manifest(run)
     assert m["state"] == "failed" and m["stages"][1]["state"] == "failed"
+    assert [e["event"] for e in m["events"]].count("retry") == 1
     assert status_dict(run)["stages"][1]["state"] == "failed"
 
 
@@ -326,8 +341,7 @@ def test_run_bad_input_is_one_line_and_launches_nothing(tmp_path):
     d["stages"][2]["grow"] = "deepen"
     bad = tmp_path / "bad.yaml"
     bad.write_text(yaml.safe_dump(d))
-    (tmp_path / "data.bin").write_bytes(b"")
-    (tmp_path / "data.idx").write_bytes(b"")
+    _dataset(str(tmp_path / "data"), 500)
     r = _cli("run", str(bad), "--run-dir", str(tmp_path / "run"), "--data", str(tmp_path / "data"), "--max-procs", "2")
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert r.stderr.strip().splitlines() == [r.stderr.strip()] and r.stderr.startswith("error: stage 2 (deep)")
@@ -340,8 +354,7 @@ def test_run_bad_input_is_one_line_and_launches_nothing(tmp_path):
 
 
 def test_run_dry_run_and_status(tmp_path):
-    (tmp_path / "data.bin").write_bytes(b"")
-    (tmp_path / "data.idx").write_bytes(b"")
+    _dataset(str(tmp_path / "data"), 500)
     run = str(tmp_path / "run")
     r = _cli("run", os.path.join(RECIPES, "tiny_test.yaml"), "--run-dir", run, "--data", str(tmp_path / "data"),
              "--max-procs", "2", "--dry-run")

@@ -1,4 +1,5 @@
-"""Eval loss, the FLOP ledger and `megagrow bench`, for real on 2 CPU processes (two launches)."""
+"""Eval loss, the FLOP ledger and `megagrow bench`, for real on 2 CPU processes (two launches).
+(Named apart from tests/unit/test_measure.py: pytest needs unique test module basenames here.)"""
 
 from __future__ import annotations
 
