@@ -12,6 +12,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
+from megagrow import params as _params
 from megagrow.errors import UserError
 
 FLAVOURS = ("gpt2", "llama")
@@ -209,21 +210,9 @@ class ModelConfig(_Config):
         return VOCAB_MULTIPLE * ((self.vocab_size + VOCAB_MULTIPLE - 1) // VOCAB_MULTIPLE)
 
     def num_params(self, embeddings: bool = True) -> int:
-        """Exact parameter count of the logical model."""
-        d, f, L = self.d_model, self.ffn_dim, self.n_layers
-        bias = self.flavour == "gpt2"
-        norm = 2 * d if bias else d  # LayerNorm has a bias, RMSNorm not
-        A, K = self.attn_dim, self.kv_dim
-        attn = 2 * d * A + 2 * d * K + (A + 2 * K + d if bias else 0)
-        mlp = (2 * d * f + (f + d if bias else 0)) if self.flavour == "gpt2" else 3 * d * f
-        n = L * (attn + mlp + 2 * norm) + norm
-        if embeddings:
-            n += self.padded_vocab * d
-            if self.flavour == "gpt2":
-                n += self.seq_len * d
-            if not self.tie_embeddings:
-                n += self.padded_vocab * d
-        return n
+        """Exact parameter count of the logical model (megagrow.params' table; embeddings=False:
+        without the token and position embeddings and the untied LM head)."""
+        return _params.num_params(self, embeddings)
 
 
 @dataclass(frozen=True)

@@ -32,12 +32,12 @@ The same map is applied to the weights (``state="w"``) and to both Adam moments
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass, field, replace
 from typing import Iterable, Mapping, Optional, Union
 
-import numpy as np
 import torch
+
+from megagrow import rng
 
 Box = tuple  # tuple[tuple[int, int], ...]
 STATES = ("w", "m", "v")
@@ -101,49 +101,18 @@ def _as_box(box) -> Box:
 
 
 # ---------------------------------------------------------------------------------------
-# seeded noise, keyed by (seed, key, flat index): exact integer hashing, platform independent
-
-_M64 = np.uint64(0xFFFFFFFFFFFFFFFF)
-_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
-_MIX1 = np.uint64(0xBF58476D1CE4E5B9)
-_MIX2 = np.uint64(0x94D049BB133111EB)
-
-
-def _key_base(seed: int, key: str) -> np.uint64:
-    h = hashlib.blake2b(f"{int(seed)}\x00{key}".encode(), digest_size=8).digest()
-    return np.uint64(int.from_bytes(h, "little"))
-
-
-def _splitmix(z: np.ndarray) -> np.ndarray:
-    z = z ^ (z >> np.uint64(30))
-    z = z * _MIX1
-    z = z ^ (z >> np.uint64(27))
-    z = z * _MIX2
-    return z ^ (z >> np.uint64(31))
+# seeded noise, keyed by (seed, key, flat index): megagrow.rng (the model's initialisation
+# draws from the same generator)
 
 
 def noise_values(seed: int, key: str, key_box: Box, box: Box, std: float) -> torch.Tensor:
     """float32 noise for the elements of `box` (inside `key_box`): uniform, mean 0, std `std`.
 
-    Element p gets u(seed, key, ravel(p - key_box.start, shape(key_box))); u is splitmix64 of
-    a per-key base plus the flat index, its top 53 bits as a float in [0, 1). Only integer
-    operations and one exact scaling: the same bytes on every machine and every sharding.
+    Element p gets u(seed, key, ravel(p - key_box.start, shape(key_box))) (megagrow.rng's
+    "uniform"): only integer operations and one exact scaling, the same bytes on every
+    machine and every sharding.
     """
-    kshape = box_shape(key_box)
-    rel = [np.arange(a - k0, b - k0, dtype=np.uint64) for (a, b), (k0, _) in zip(box, key_box)]
-    flat = np.zeros(box_shape(box), dtype=np.uint64)
-    stride = 1
-    for d in range(len(kshape) - 1, -1, -1):
-        sh = [1] * len(kshape)
-        sh[d] = -1
-        flat = flat + rel[d].reshape(sh) * np.uint64(stride)
-        stride *= kshape[d]
-    with np.errstate(over="ignore"):
-        z = _key_base(seed, key) + (flat + np.uint64(1)) * _GOLDEN
-        z = _splitmix(z)
-    u = (z >> np.uint64(11)).astype(np.float64) * (1.0 / 9007199254740992.0)  # [0, 1)
-    vals = (2.0 * u - 1.0) * (np.sqrt(3.0) * std)  # uniform on [-sqrt3 std, sqrt3 std): std `std`
-    return torch.from_numpy(vals.astype(np.float32))
+    return rng.draw("uniform", seed, key, key_box, box, std)
 
 
 # ---------------------------------------------------------------------------------------

@@ -24,60 +24,15 @@ from typing import Optional
 from megagrow.config import ModelConfig
 from megagrow.errors import UserError
 from megagrow.growth.maps import Copy, Fill, Noise, TensorMap, full_box
+from megagrow.params import block_tensors, kaplan_params, logical_tensors, rule
 
 # ---------------------------------------------------------------------------------------
-# the logical tensors of a config (the names are megagrow.model.gpt's parameter names)
-
-_OUTPUT_PROJ = ("attn.o.weight", "attn.o.bias", "mlp.fc2.weight", "mlp.fc2.bias", "mlp.down.weight")
-
-
-def attn_dim(c) -> int:
-    """The attention inner dim n_heads * head_dim (== d_model until ModelConfig gets a head_dim field)."""
-    return c.n_heads * c.head_dim
-
-
-def block_tensors(c: ModelConfig) -> dict[str, tuple]:
-    """Shapes of one block's tensors, by name relative to `blocks.{i}.`."""
-    d, f, a, kv = c.d_model, c.ffn_dim, attn_dim(c), c.kv_dim
-    gpt2 = c.flavour == "gpt2"
-    t: dict[str, tuple] = {"ln1.weight": (d,)}
-    if gpt2:
-        t["ln1.bias"] = (d,)
-    for p, rows in (("q", a), ("k", kv), ("v", kv)):
-        t[f"attn.{p}.weight"] = (rows, d)
-        if gpt2:
-            t[f"attn.{p}.bias"] = (rows,)
-    t["attn.o.weight"] = (d, a)
-    if gpt2:
-        t["attn.o.bias"] = (d,)
-    t["ln2.weight"] = (d,)
-    if gpt2:
-        t["ln2.bias"] = (d,)
-        t.update({"mlp.fc1.weight": (f, d), "mlp.fc1.bias": (f,), "mlp.fc2.weight": (d, f), "mlp.fc2.bias": (d,)})
-    else:
-        t.update({"mlp.gate.weight": (f, d), "mlp.up.weight": (f, d), "mlp.down.weight": (d, f)})
-    return t
-
-
-def logical_tensors(c: ModelConfig) -> dict[str, tuple]:
-    """{name: logical global shape} of every parameter of the model `c`, in model order."""
-    d = c.d_model
-    t: dict[str, tuple] = {"tok_emb.weight": (c.padded_vocab, d)}
-    if c.flavour == "gpt2":
-        t["pos_emb.weight"] = (c.seq_len, d)
-    for i in range(c.n_layers):
-        for k, s in block_tensors(c).items():
-            t[f"blocks.{i}.{k}"] = s
-    t["ln_f.weight"] = (d,)
-    if c.flavour == "gpt2":
-        t["ln_f.bias"] = (d,)
-    if not c.tie_embeddings:
-        t["lm_head.weight"] = (c.padded_vocab, d)
-    return t
+# the logical tensors of a config: megagrow.params' table (the model's parameter names)
 
 
 def is_output_proj(rel: str) -> bool:
-    return rel in _OUTPUT_PROJ
+    """Part of an output projection onto the residual stream (attn.o, mlp.fc2, mlp.down)."""
+    return rule(rel).output
 
 
 def _copy_all(name: str, shape: tuple, src: str | None = None, m: float = 1.0, v: float = 1.0) -> TensorMap:
@@ -506,6 +461,6 @@ def operator_between(spec: str, old: ModelConfig, new: ModelConfig, symmetry_bre
 
 
 def kaplan_peak_lr(c: ModelConfig) -> float:
-    """The reference code's peak LR: 0.003239 - 0.0001395 log10(N), N = 12 L d^2."""
-    N = 12 * c.n_layers * c.d_model ** 2
+    """The reference code's peak LR: 0.003239 - 0.0001395 log10(N), N = 12 L d^2 (Kaplan's count)."""
+    N = kaplan_params(c.n_layers, c.d_model)
     return 0.003239 - 0.0001395 * math.log10(N)

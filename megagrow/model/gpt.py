@@ -14,14 +14,15 @@ tensor-parallel parameter carries `partition_dim` (megatron's attribute), and it
 global tensor is the concatenation of the TP ranks' shards along that dim. Q, K and V are
 separate tensors so growth operators can address each.
 
-Initialisation is layout-independent: each parameter's full logical tensor is drawn from
-a generator seeded by (seed, parameter name), and each TP rank keeps its own slice.
+Initialisation is layout-independent and drawn shard by shard: entry i (flat index in the
+logical tensor) of a parameter is a function of (seed, parameter name, i) only
+(megagrow.rng's "normal", megagrow.params says which tensors are drawn and with what std),
+so each rank draws just the entries it holds - its TP slice, or under ZeRO-3 (the model
+built inside deepspeed.zero.Init) its partition of that slice - and the logical tensors come
+out bitwise the same under any layout.
 """
 
 from __future__ import annotations
-
-import math
-import zlib
 
 import torch
 import torch.nn as nn
@@ -30,6 +31,7 @@ import torch.utils.checkpoint
 from megatron.core import parallel_state, tensor_parallel
 from megatron.core.model_parallel_config import ModelParallelConfig
 
+from megagrow import params, rng
 from megagrow.config import ModelConfig
 
 
@@ -248,18 +250,16 @@ class GPT(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------
-# Layout-independent initialisation and the logical view of parameters
+# Layout-independent initialisation, drawn shard by shard, and the logical view of parameters
 
 
-def is_output_projection(name: str) -> bool:
-    return name.endswith(("attn.o.weight", "mlp.fc2.weight", "mlp.down.weight"))
-
-
-def logical_shape(p: torch.Tensor, tp: int) -> tuple[int, ...]:
-    shape = list(p.shape)
-    if getattr(p, "tensor_model_parallel", False):
-        shape[p.partition_dim] *= tp
-    return tuple(shape)
+def shard_box(shape: tuple[int, ...], split: int | None, tp: int, rank: int) -> tuple:
+    """This TP rank's box of a logical tensor of `shape` split along `split` (None: all of it)."""
+    box = [(0, n) for n in shape]
+    if split is not None and tp > 1:
+        n = shape[split] // tp
+        box[split] = (rank * n, (rank + 1) * n)
+    return tuple(box)
 
 
 def tp_slice(full: torch.Tensor, p: torch.Tensor, tp: int, rank: int) -> torch.Tensor:
@@ -269,45 +269,56 @@ def tp_slice(full: torch.Tensor, p: torch.Tensor, tp: int, rank: int) -> torch.T
     return full.chunk(tp, dim=p.partition_dim)[rank]
 
 
+def _draw(out: torch.Tensor, name: str, c: ModelConfig, seed: int, shape: tuple, box: tuple, start: int) -> None:
+    """Elements [start, start + out.numel()) (C order) of `box` of logical tensor `name`'s initial value."""
+    init = params.rule(name).init
+    if init == "zeros":
+        out.zero_()
+    elif init == "ones":
+        out.fill_(1.0)
+    else:
+        rng.fill_range(out, "normal", seed, name, tuple((0, n) for n in shape), box, start, params.init_std(c, name))
+
+
 def init_logical(name: str, shape: tuple[int, ...], c: ModelConfig, seed: int) -> torch.Tensor:
-    """The initial value of logical tensor `name`, a function of (seed, name, shape) only."""
-    leaf = name.rsplit(".", 1)[-1]
-    if leaf == "bias":
-        return torch.zeros(shape)
-    if len(shape) == 1:  # norm gains
-        return torch.ones(shape)
-    g = torch.Generator().manual_seed((seed * 1_000_003 + zlib.crc32(name.encode())) % (2**63))
-    std = c.init_std / math.sqrt(2 * c.n_layers) if is_output_projection(name) else c.init_std
-    return torch.randn(shape, generator=g) * std
+    """The whole initial value of logical tensor `name` (float32), a function of (seed, name) only."""
+    out = torch.empty(shape, dtype=torch.float32)
+    _draw(out.view(-1), name, c, seed, shape, tuple((0, n) for n in shape), 0)
+    return out
 
 
 @torch.no_grad()
 def init_weights(model: GPT, seed: int) -> None:
+    """Draw this rank's entries of every parameter: its TP slice, or under ZeRO-3 (parameters
+    partitioned by deepspeed.zero.Init) its flat partition of that slice."""
     tp = parallel_state.get_tensor_model_parallel_world_size()
     rank = parallel_state.get_tensor_model_parallel_rank()
+    shapes = params.logical_tensors(model.config)
     for name, p in model.named_parameters():
-        full = init_logical(name, logical_shape(p, tp), model.config, seed)
-        p.copy_(tp_slice(full, p, tp, rank))
+        shape = shapes[name]
+        box = shard_box(shape, params.partition_dim(name), tp, rank)
+        local = tuple(p.ds_shape) if hasattr(p, "ds_tensor") else tuple(p.shape)
+        if rng.box_shape(box) != local:
+            raise AssertionError(f"{name}: TP shard {local} is not {rng.box_shape(box)} of logical {shape} (megagrow.params)")
+        if hasattr(p, "ds_tensor"):  # ZeRO-3: rank r of the partition group holds flat [r P, (r+1) P), zero-padded
+            part = p.ds_tensor.view(-1)
+            start = part.numel() * torch.distributed.get_rank(p.ds_process_group)
+            n = max(0, min(part.numel(), p.ds_numel - start))
+            _draw(part[:n], name, model.config, seed, shape, box, start)
+            part[n:].zero_()
+        else:
+            _draw(p.view(-1), name, model.config, seed, shape, box, 0)
 
 
 def build_model(c: ModelConfig, seed: int, dtype: torch.dtype = torch.float32) -> GPT:
-    """A GPT with layout-independent initial weights (needs parallel_state initialised)."""
+    """A GPT with layout-independent initial weights (needs parallel_state initialised). Built
+    inside deepspeed.zero.Init, its parameters are ZeRO-3 partitions and each is drawn as such."""
     model = GPT(c, dtype)
     init_weights(model, seed)
     return model
 
 
-_COLUMN = ("attn.q.weight", "attn.k.weight", "attn.v.weight", "attn.q.bias", "attn.k.bias", "attn.v.bias",
-           "mlp.fc1.weight", "mlp.fc1.bias", "mlp.gate.weight", "mlp.up.weight", "tok_emb.weight", "lm_head.weight")
-_ROW = ("attn.o.weight", "mlp.fc2.weight", "mlp.down.weight")
-
-
 def partition_dim(name: str) -> int | None:
-    """The TP split dim of logical tensor `name` (None: replicated), without building a model.
-
-    Agrees with the `partition_dim` attributes the model's layers carry (tested)."""
-    if name.endswith(_COLUMN):
-        return 0
-    if name.endswith(_ROW):
-        return 1
-    return None
+    """The TP split dim of logical tensor `name` (None: replicated), without building a model
+    (megagrow.params' table, pinned to the attributes megatron's layers set)."""
+    return params.partition_dim(name)

@@ -68,14 +68,15 @@ def ds_config(stage: Stage) -> dict:
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """Decay matrices and embeddings; never biases or norm gains."""
+    """Decay matrices and embeddings; never biases or norm gains (a ZeRO-3 partitioned
+    parameter is judged by its shape before partitioning, ds_shape)."""
     decay, no_decay = [], []
     for _, p in model.named_parameters():
-        (decay if p.dim() >= 2 else no_decay).append(p)
+        (decay if len(getattr(p, "ds_shape", p.shape)) >= 2 else no_decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def build_engine(model: torch.nn.Module, stage: Stage):
+def build_engine(model: torch.nn.Module, stage: Stage, cfg: dict | None = None):
     import logging
 
     import deepspeed
@@ -86,7 +87,7 @@ def build_engine(model: torch.nn.Module, stage: Stage):
 
     deepspeed_muon()  # before initialize imports it: no torch.compile (megagrow/nocompile.py)
 
-    cfg = ds_config(stage)
+    cfg = ds_config(stage) if cfg is None else cfg
     engine, optimizer, _, _ = deepspeed.initialize(
         model=model, model_parameters=param_groups(model, stage.optim.weight_decay), config=cfg, mpu=MPU()
     )
@@ -96,16 +97,54 @@ def build_engine(model: torch.nn.Module, stage: Stage):
 DTYPE = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
+def _zero3_init(cfg: dict):
+    """deepspeed.zero.Init for building a model partitioned as the engine of `cfg` keeps it.
+
+    It partitions over the world unless given the data-parallel group (as the engine gives
+    it). Three of its defaults are not wanted here: its `dtype` argument is ignored on an
+    accelerator without fp16 (the CPU one: everything would become bf16), so the dtype comes
+    from the config's bf16 flag, as the engine's does; its dtype override would also turn
+    float tensors made during construction (the float64 RoPE tables) into the training dtype,
+    so only the device override is kept (the model gives its parameters their dtype itself);
+    and its memory-efficient linear replaces torch.nn.functional.linear process-wide, for
+    good, so it is switched off."""
+    import copy
+
+    import deepspeed
+    from deepspeed.runtime.zero.partition_parameters import DeepSpeedTensorOverride
+
+    cfg = copy.deepcopy(cfg)
+    cfg["zero_optimization"]["memory_efficient_linear"] = False
+    mpu = MPU()
+    return deepspeed.zero.Init(config_dict_or_path=cfg, mpu=mpu, data_parallel_group=mpu.get_data_parallel_group(),
+                               tensor_overrides=[DeepSpeedTensorOverride.device])
+
+
 def build_stage(plan: Plan, k: int, init: bool = True):
     """Model and DeepSpeed engine for stage k of `plan` (process groups already initialised).
-    init=False skips drawing initial weights (the caller overwrites every one of them)."""
-    from megagrow.model.gpt import GPT, build_model
+    init=False skips drawing initial weights (the caller overwrites every one of them).
+
+    At ZeRO-3 the model is built inside deepspeed.zero.Init: each layer's parameters are
+    partitioned over the data-parallel group as soon as the layer is made (a rank holds at
+    most one layer's TP shard whole, for a moment), and each rank draws only its own
+    partition. At ZeRO-1/2 every rank keeps its whole TP shard of the weights anyway; it
+    draws just that."""
+    import contextlib
+
+    from megagrow.model.gpt import GPT, init_weights
 
     stage = plan.stages[k]
     dtype = DTYPE[stage.layout.dtype]
-    model = build_model(stage.model, plan.seed, dtype) if init else GPT(stage.model, dtype)
+    cfg = ds_config(stage)
+    making = contextlib.nullcontext()
+    if stage.layout.zero_stage == 3:
+        making = _zero3_init(cfg)
+    with making:
+        model = GPT(stage.model, dtype)
     model.activation_checkpointing = stage.activation_checkpointing
-    return build_engine(model, stage)
+    if init:
+        init_weights(model, plan.seed)
+    return build_engine(model, stage, cfg)
 
 
 def set_lr(optimizer, lr: float) -> None:

@@ -121,7 +121,7 @@ def _f(x: Optional[float], nd: int = 4) -> str:
 
 
 def _pct(x: Optional[float]) -> str:
-    return "-" if x is None else f"{100 * x:+.1f}%"
+    return "-" if x is None else ("0.0%" if abs(x) < 5e-4 else f"{100 * x:+.1f}%")
 
 
 def _table(header: list[str], rows: list[list[str]]) -> str:
@@ -423,16 +423,20 @@ def markdown(res: dict, spec: dict, commands: list[str]) -> str:
                             [[x["run"], str(x["seed"]), _e(x["flops"]), _f(x["final_loss"]), _pct(x["saving_own_seed"]),
                               _pct(x["saving_seed1_curve"])] for x in s["staged"]]))
             L.append("")
-        if s["baseline"]:
-            L.append(_table(["baseline budget", "seed 1 final loss", f"seed {spec['seeds'][1]} final loss", "difference"],
-                            [[f"{x['budget']:g}", _f(x["seed1"]), _f(x["seed2"]),
-                              _f(None if x["seed1"] is None else x["seed2"] - x["seed1"])] for x in s["baseline"]]))
-            L.append("")
         vals = [x["final_loss"] for x in s["staged"] if x["final_loss"] is not None]
         if len(vals) >= 2:
             L.append(f"Staged final loss spread over seeds: {max(vals) - min(vals):.4f} (max - min).")
+            L.append("")
     else:
-        L.append("Not measured yet: the headline is chosen once every baseline, staged and slope run is done.")
+        L.append("Headline staged run: not chosen yet (it is chosen once every baseline, staged and slope run is "
+                 "done), so its second-seed run has not run.")
+        L.append("")
+    if s["baseline"]:
+        L.append("Baselines with both seeds:")
+        L.append("")
+        L.append(_table(["baseline budget", "seed 1 final loss", f"seed {spec['seeds'][1]} final loss", "difference"],
+                        [[f"{x['budget']:g}", _f(x["seed1"]), _f(x["seed2"]),
+                          _f(None if x["seed1"] is None else x["seed2"] - x["seed1"])] for x in s["baseline"]]))
     L.append("")
     # ablations
     L.append(f"## Ablations (on `staged-{spec['ablation_base']}`, same FLOPs)")

@@ -64,6 +64,7 @@ import numpy as np
 from scipy import optimize, special
 
 from megagrow.errors import UserError
+from megagrow.params import kaplan_params
 from megagrow.schedule.slope import STOP_SLOPE
 
 PF_DAY_FLOPS = 8.64e19  # 1 PF-day = 1e15 FLOP/s * 86400 s
@@ -74,10 +75,11 @@ MAX_EXACT_STAGES = 8  # 2^(K-1) sub-chains are solved exactly; more stages -> SL
 
 # ----------------------------------------------------------------------------- sizes
 def non_embedding_params(n_layer: int, d_model: int) -> float:
-    """Kaplan's non-embedding parameter count N = 12 * n_layer * d_model^2 (d_ff = 4 d_model)."""
+    """Kaplan's non-embedding parameter count N = 12 * n_layer * d_model^2 (d_ff = 4 d_model;
+    megagrow.params.kaplan_params, pinned to the model's own count there)."""
     if int(n_layer) <= 0 or int(d_model) <= 0:
         raise UserError(f"n_layer and d_model must be positive, got {n_layer}x{d_model}")
-    return 12.0 * int(n_layer) * float(int(d_model)) ** 2
+    return kaplan_params(n_layer, d_model)
 
 
 _LXD = re.compile(r"^\s*(\d+)\s*[xX]\s*(\d+)\s*$")

@@ -55,10 +55,50 @@ def logical_grads(model, tp: int) -> dict:
     return out
 
 
+def logical_params(model, tp: int) -> dict:
+    """Every parameter as its logical tensor: ZeRO-3 partitions gathered over DP, TP shards over TP."""
+    import contextlib
+
+    import deepspeed
+    from megatron.core import parallel_state
+
+    out = {}
+    for name, p in model.named_parameters():
+        whole = deepspeed.zero.GatheredParameters([p]) if hasattr(p, "ds_tensor") else contextlib.nullcontext()
+        with whole:
+            t = p.detach().clone()
+        if getattr(p, "tensor_model_parallel", False) and tp > 1:
+            parts = [torch.empty_like(t) for _ in range(tp)]
+            torch.distributed.all_gather(parts, t, group=parallel_state.get_tensor_model_parallel_group())
+            t = torch.cat(parts, dim=p.partition_dim)
+        out[name] = t
+    return out
+
+
+def _mismatched(a: dict, b: dict) -> list:
+    return sorted(set(a) ^ set(b)) + sorted(n for n in a if n in b and not torch.equal(a[n], b[n]))
+
+
+def _zero3_weights(plan: Plan, tp: int) -> dict:
+    """Initial logical weights of `plan`'s stage 0 built by the trainer's build_stage at ZeRO-3, TP=tp."""
+    from megagrow.parallel.engine import build_stage
+
+    lay = plan.stages[0].layout.replace(tp=tp, dp=WORLD // tp, zero_stage=3, ds_config="ds_configs/cpu.json")
+    plan = plan.replace(stages=(plan.stages[0].replace(layout=lay),))
+    init_distributed(lay)
+    engine, _ = build_stage(plan, 0)
+    w = logical_params(engine.module, tp)
+    engine.destroy()
+    return w
+
+
 def tp_equiv(prefix: str, out: str) -> dict:
-    """Loss and logical grads at TP=1 vs TP=2, same seed, same batch, both flavours."""
+    """Loss and logical grads at TP=1 vs TP=2, same seed, same batch, both flavours; initial
+    weights at TP=1, TP=2 and ZeRO-3 (DP=2, partitioned as built by deepspeed.zero.Init); the
+    split of every TP=2 parameter (megatron's attributes) vs megagrow.params' table."""
     from megagrow.model.gpt import build_model
     from megagrow.data.batches import Batches
+    from megagrow.params import partition_dim
 
     res = {}
     for flavour, tie in (("gpt2", True), ("llama", False), ("llama", True), ("llama_gqa", False), ("llama_mqa", True)):
@@ -68,18 +108,26 @@ def tp_equiv(prefix: str, out: str) -> dict:
         for tp in (1, 2):
             init_distributed(Layout(tp=tp, dp=WORLD // tp))
             model = build_model(st.model, plan.seed)
+            init = logical_params(model, tp)
+            splits = {n: (p.partition_dim if getattr(p, "tensor_model_parallel", False) else None)
+                      for n, p in model.named_parameters()}
             b = Batches.open(plan, st.replace(layout=st.layout.replace(dp=1, micro_batch=4, grad_accum=1)), 0, 1)
             x, y, _ = b.micro(0, 0, torch.device("cpu"))
             loss = model(x, y)
             loss.backward()
-            per_tp[tp] = (loss.item(), logical_grads(model, tp))
-        (l1, g1), (l2, g2) = per_tp[1], per_tp[2]
+            per_tp[tp] = (loss.item(), logical_grads(model, tp), init, splits)
+        (l1, g1, w1, _), (l2, g2, w2, splits2) = per_tp[1], per_tp[2]
+        w3 = _zero3_weights(plan, 1)
         res[f"{flavour}-tie{int(tie)}"] = {
             "loss_tp1": l1,
             "loss_tp2": l2,
             "max_grad_abs_diff": max((g1[n] - g2[n]).abs().max().item() for n in g1),
             "max_grad_abs": max(g.abs().max().item() for g in g1.values()),
             "same_names": sorted(g1) == sorted(g2),
+            "init_tensors": len(w1),
+            "init_tp2_mismatched": _mismatched(w1, w2),
+            "init_zero3_dp2_mismatched": _mismatched(w1, w3),
+            "split_not_as_table": sorted(n for n, d in splits2.items() if d != partition_dim(n)),
         }
     return res
 
@@ -100,6 +148,14 @@ def zero_match(prefix: str, out: str) -> dict:
             torch.distributed.barrier()
             res["runs"][f"{dtype}-z{zero}"] = {"rc": rc, "losses": [r["loss"] for r in read_log(run_dir)] if RANK == 0 else None}
     init_distributed(Layout(tp=1, dp=WORLD))
+    if tp == 2:  # initial weights: ZeRO-3 at TP=2 x DP=2 (deepspeed.zero.Init) == TP=1, bitwise
+        from megagrow.model.gpt import build_model
+
+        plan = tiny_plan(prefix, flavour="llama_gqa", tie=False)
+        w1 = logical_params(build_model(plan.stages[0].model, plan.seed), 1)
+        res["init_zero3_tp2_dp2_mismatched"] = _mismatched(w1, _zero3_weights(plan, 2))
+        res["init_tensors"] = len(w1)
+        init_distributed(Layout(tp=1, dp=WORLD))
     if RANK == 0:
         plan = tiny_plan(prefix, tp=tp, dp=WORLD // tp)
         ref = PlainLoop(plan, 0)

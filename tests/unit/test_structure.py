@@ -15,7 +15,7 @@ from conftest import REPO
 
 # rank of each room (a top-level module or a subpackage of megagrow); imports go to lower or equal ranks
 RANK = {
-    "megagrow": 0, "errors": 0, "fsutil": 0, "paths": 0, "signals": 0, "nocompile": 0, "faults": 0,
+    "megagrow": 0, "errors": 0, "fsutil": 0, "paths": 0, "signals": 0, "nocompile": 0, "faults": 0, "params": 0, "rng": 0,
     "config": 1,
     "model": 2, "data": 2, "schedule": 2,
     "parallel": 3, "metrics": 3, "procs": 3,
