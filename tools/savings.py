@@ -279,7 +279,12 @@ def cmd_list(args, spec) -> int:
 
 
 def commands(args) -> list[str]:
-    data = os.path.relpath(args.data, REPO) if os.path.isabs(args.data) else args.data
+    """The commands that reproduce the report from a fresh checkout (the Makefile's defaults); a
+    corpus outside the checkout is named by its file name only (the report must not carry paths of
+    the machine that made it)."""
+    data = os.path.relpath(os.path.abspath(args.data), REPO)
+    if data.startswith(".."):
+        data = f"data_cache/{os.path.basename(args.data)}"
     return ["make data   # the default corpus (data_cache/stdlib), if not prepared yet",
             "make savings   # = the two commands below",
             f"python tools/savings.py run --data {data} --out runs/savings --jobs 2",
