@@ -146,7 +146,7 @@ def same_state(a: str, b: str) -> list[str]:
 
 def losses(run_dir: str, stage: str) -> list:
     with open(os.path.join(run_dir, stage, "log.jsonl")) as f:
-        return [(r["step"], r["loss"]) for r in map(json.loads, f)]
+        return [(r["step"], r["loss"]) for r in map(json.loads, f) if "loss" in r]  # training records (eval records have none)
 
 
 def resumed_step(log_path: str, stage: str, since: int):
