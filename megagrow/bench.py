@@ -487,7 +487,7 @@ def bench_transition(plan: Plan, k: int, synthetic: bool) -> dict:
     """Transition into stage k (save k-1, grow + reshard, build + load k, first step) vs a
     same-layout save + resume of stage k, each phase timed (slowest rank)."""
     from megagrow.parallel.groups import init_distributed
-    from megagrow.paths import tag_of
+    from megagrow.state import manifest
     from megagrow.state.record import StageRecord
     from megagrow.train.transition import transition as do_transition
 
@@ -518,7 +518,7 @@ def bench_transition(plan: Plan, k: int, synthetic: bool) -> dict:
         return os.path.join(root, p.stages[i].name, "checkpoints")
 
     def save(engine, p: Plan, i: int, step: int):
-        engine.save_checkpoint(stage_dir(p, i), tag=tag_of(step), client_state=StageRecord(p, i, step=step).to_client_state())
+        manifest.save_record(engine, stage_dir(p, i), StageRecord(p, i, step=step))
 
     try:
         # transition path
@@ -537,8 +537,7 @@ def bench_transition(plan: Plan, k: int, synthetic: bool) -> dict:
         lp = MegagrowLoop(src_plan, k, synthetic, _Timer(lambda: None, False))
         lp.step()
         rdir = os.path.join(root, "resume")
-        timed("resume", "save", lambda: lp.engine.save_checkpoint(rdir, tag=tag_of(1),
-                                                                  client_state=StageRecord(src_plan, k, step=1).to_client_state()))
+        timed("resume", "save", lambda: manifest.save_record(lp.engine, rdir, StageRecord(src_plan, k, step=1)))
         lp.close()
         eng = timed("resume", "build_load", lambda: _build_load(src_plan, k, rdir))
         timed("resume", "first_step", lambda: _first_step(eng, src_plan, k, synthetic))

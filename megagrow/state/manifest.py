@@ -417,3 +417,11 @@ def verify_main(args) -> int:
             extra = f"{r['files']} files, {r['bytes'] / 1e6:.1f} MB, step {r['step']}" if r["complete"] else "; ".join(r["problems"][:3])
             print(f"{mark:3s} {r['tag']}{' (latest)' if r['latest'] else ''}: {extra}")
     return 0 if all(r["complete"] for r in reports) else 1
+
+
+def save_record(engine, ckpt_dir: str, rec, keep_last: int = 0) -> dict:
+    """`save` of a stage's state: the tag, client state and manifest entries from its StageRecord."""
+    from megagrow.paths import tag_of
+
+    meta = checkpoint_meta(rec.plan, rec.index, rec.step, rec.sample_index, final_step=rec.final_step, finished=rec.finished)
+    return save(engine, ckpt_dir, tag_of(rec.step), rec.to_client_state(), meta, tp=rec.stage.layout.tp, keep_last=keep_last)

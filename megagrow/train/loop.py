@@ -89,10 +89,7 @@ def train_stage(plan: Plan, k: int, run_dir: str, stop_at: int | None = None, qu
                             f"({_kept_msg(paths.ckpt)})")
         faults.set_step(rec.step)
         faults.point("save.before")
-        manifest.save(engine, paths.ckpt, tag_of(rec.step), rec.to_client_state(),
-                      manifest.checkpoint_meta(plan, k, rec.step, rec.sample_index, final_step=rec.final_step,
-                                               finished=rec.finished),
-                      tp=L.tp, keep_last=rel.keep_last)
+        manifest.save_record(engine, paths.ckpt, rec, keep_last=rel.keep_last)
         faults.point("save.after")
         if rank == 0:
             write_json_atomic(paths.status, {"state": state, "stage": stage.name, "step": rec.step, "steps": stage.steps,
