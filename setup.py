@@ -28,16 +28,12 @@ setup(
     ],
     # NVIDIA apex is an optional GPU extra, detected at run time. Never PyPI's `apex`
     # (an unrelated package that also breaks megatron-core's CPU path).
-<<<<<<< HEAD
-    extras_require={"test": ["pytest>=8", "hypothesis>=6", "tensorboard>=2.14"]},  # TensorBoard events beside log.jsonl
-=======
     # hf: Hugging Face interop (megagrow export-hf, init_from: hf:PATH, tokenizer.json for prepare_data.py);
     # protobuf reads sentencepiece models for the tokenizer.json conversion. The test extra installs it,
-    # so the interop tests run (never skipped) wherever the tests run.
+    # so the interop tests run (never skipped) wherever the tests run; tensorboard: event files beside log.jsonl.
     extras_require={
         "hf": HF,
-        "test": ["pytest>=8", "hypothesis>=6", *HF],
+        "test": ["pytest>=8", "hypothesis>=6", "tensorboard>=2.14", *HF],
     },
->>>>>>> main
     entry_points={"console_scripts": ["megagrow=megagrow.cli:main"]},
 )
