@@ -20,6 +20,15 @@ def write_json_atomic(path: str, obj: dict) -> None:
         raise
 
 
+def read_json(path: str):
+    """The JSON object in `path`, or None if the file is missing, unreadable or not JSON."""
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
 def unlink_quietly(path: str) -> None:
     try:
         os.unlink(path)

@@ -16,9 +16,9 @@ from dataclasses import asdict
 
 from megagrow.config import Plan
 from megagrow.controller.allocation import Allocation, Placement, place
-from megagrow.controller.progress import next_action, read_json, read_manifest, read_progress
+from megagrow.controller.progress import next_action, read_manifest, read_progress
 from megagrow.errors import EXIT_NONFINITE, EXIT_OK, EXIT_PREEMPTED, EXIT_USER_ERROR, UserError
-from megagrow.fsutil import write_json_atomic
+from megagrow.fsutil import read_json, write_json_atomic
 from megagrow.paths import RunPaths
 
 EXIT_FAILED = 1

@@ -10,18 +10,11 @@ from typing import Optional
 
 from megagrow.config import Plan
 from megagrow.errors import UserError
+from megagrow.fsutil import read_json
 from megagrow.paths import RunPaths
 
 STATES = ("pending", "ready", "running", "growing", "preempted", "interrupted", "done", "failed")
 
-
-
-def read_json(path: str) -> Optional[dict]:
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except (OSError, ValueError):
-        return None
 
 
 def latest_tag(ckpt_dir: str) -> Optional[str]:

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from megagrow.results.experiment import ABLATIONS, KINDS, RunSpec, chain, planner_split, runs, steps_for
+from megagrow.fsutil import read_json
 from megagrow.results.savings import Curve, Frontier, Row, compare, oracle_switch, read_curve
 
 
@@ -49,14 +50,6 @@ def run_dir(out: str, name: str) -> str:
     return os.path.join(out, "runs", name)
 
 
-def _read_json(path: str) -> Optional[dict]:
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except (OSError, ValueError):
-        return None
-
-
 def load_state(out: str, spec: RunSpec) -> RunState:
     import yaml
 
@@ -66,7 +59,7 @@ def load_state(out: str, spec: RunSpec) -> RunState:
         with open(p) as f:
             st.plan = yaml.safe_load(f)
         names = [s["name"] for s in st.plan["stages"]]
-        st.stages = [_read_json(os.path.join(run_dir(out, spec.name), n, "status.json")) for n in names]
+        st.stages = [read_json(os.path.join(run_dir(out, spec.name), n, "status.json")) for n in names]
         if st.started:
             st.curve = read_curve(run_dir(out, spec.name), names, spec.name)
     return st
@@ -138,7 +131,7 @@ def _wall(out: str, st: RunState) -> Optional[float]:
     """Wall seconds of the run: from the driver's OUT/timing/<run>.json (start-up, growth and
     evals included), else the span of each stage's log records, summed. The machine is shared:
     indicative only."""
-    t = _read_json(os.path.join(out, "timing", f"{st.name}.json"))
+    t = read_json(os.path.join(out, "timing", f"{st.name}.json"))
     if t and t.get("seconds"):
         return float(t["seconds"])
     if not st.plan:
@@ -193,7 +186,7 @@ def _records(path: str) -> list[dict]:
 def build(out: str, spec: dict, spec_path: str, data: str) -> dict:
     """All numbers of the report, as one dict (the markdown and the --json output)."""
     states = load_all(out, spec, data)
-    choices = _read_json(os.path.join(out, "choices.json")) or {}
+    choices = read_json(os.path.join(out, "choices.json")) or {}
     f1 = frontier(states)
     f2 = frontier(states, ("seed2-baseline",))
     rows = []
