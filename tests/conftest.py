@@ -58,7 +58,9 @@ def torchrun(nproc: int, args: list[str], timeout: int = 600, **kw) -> subproces
 
 
 def run_worker(nproc: int, scenario: str, data: str, out) -> dict:
-    r = torchrun(nproc, [os.path.join(REPO, "tests", "dist", "worker.py"), scenario, data, str(out)])
+    # a scenario groups many cases in one launch (the growth one: 13 operator/layout cases, each
+    # trained, grown, evaluated and resumed), so it gets a generous wall-clock limit
+    r = torchrun(nproc, [os.path.join(REPO, "tests", "dist", "worker.py"), scenario, data, str(out)], timeout=1800)
     assert r.returncode == 0, f"worker {scenario} failed:\n{r.stdout[-3000:]}\n{r.stderr[-6000:]}"
     with open(os.path.join(out, "result.json")) as f:
         return json.load(f)
