@@ -347,11 +347,32 @@ def save(engine, ckpt_dir: str, tag: str, client_state: dict, meta: dict, tp: in
         shutil.rmtree(tag_dir, ignore_errors=True)
     try:
         engine.save_checkpoint(ckpt_dir, tag=tag, client_state=client_state, save_latest=False)
-    except OSError as e:
-        err = UserError(f"could not write checkpoint {tag_dir} ({e.strerror or e}); " + _kept(ckpt_dir, tag))
+    except (OSError, RuntimeError) as e:
+        why = _write_failure(e, ckpt_dir)
+        if why is None:
+            raise
+        err = UserError(f"could not write checkpoint {tag_dir} ({why}); " + _kept(ckpt_dir, tag))
         err.stage_failed = True
         raise err from None
     return seal(ckpt_dir, tag, meta, tp=tp, keep_last=keep_last)
+
+
+def _write_failure(e: BaseException, ckpt_dir: str) -> str | None:
+    """Why a checkpoint write failed, in a few words, or None when `e` is not a write failure (a bug:
+    re-raised as is). torch.save reports a full disk as a RuntimeError from its zip writer ("unexpected
+    pos", "file write failed") rather than as an OSError."""
+    if isinstance(e, OSError):
+        return e.strerror or str(e)
+    text = str(e)
+    if not any(k in text for k in ("unexpected pos", "file write failed", "PytorchStreamWriter", "No space left")):
+        return None
+    try:
+        free = shutil.disk_usage(ckpt_dir).free
+    except OSError:
+        free = None
+    if "No space left" in text or free is not None and free < (1 << 20):
+        return "No space left on device" + (f": {free} bytes free" if free is not None else "")
+    return "write failed: " + text.splitlines()[0][:200]
 
 
 def verify_distributed(ckpt_dir: str, tag: str, tp: int = 1) -> None:

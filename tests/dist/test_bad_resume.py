@@ -1,6 +1,6 @@
 """Bad inputs to `megagrow train` that need a real engine (single process, CPU): a corrupted checkpoint
 file, another plan's or another stage's checkpoint, a world size that is not tp x dp, a diverging LR,
-an empty `latest`. Each bad one is exactly one `error:` line, a non-zero
+a full disk while saving, an empty `latest`. Each bad one is exactly one `error:` line, a non-zero
 exit, no traceback, and no checkpoint file changed; the good ones resume."""
 
 from __future__ import annotations
@@ -89,3 +89,38 @@ def test_bad_resumes_are_one_line_and_change_nothing(data_prefix, tmp_path):
     r = _train(_plan(tmp_path, data_prefix, steps=6), run)
     assert r.returncode == 0 and "resumed stage a at step 4" in r.stdout, r.stdout[-2000:] + r.stderr[-2000:]
     assert (ck / "latest").read_text() == "step_00000006"
+
+
+def _mount_tmpfs(path, size_bytes) -> bool:
+    os.makedirs(path, exist_ok=True)
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size_bytes}", "tmpfs", str(path)], capture_output=True)
+    return r.returncode == 0
+
+
+def test_disk_full_while_saving_keeps_the_previous_checkpoint(data_prefix, tmp_path):
+    """A run directory on a small tmpfs that holds about 1.5 checkpoints: the save that fills it is one
+    `error:` line naming the tag, "No space left on device" and the previous complete checkpoint, which
+    survives intact and is what a rerun would resume from; status.json says "failed"; no temp files."""
+    from megagrow.state import manifest
+
+    probe = tmp_path / "probe"
+    r = _train(_plan(tmp_path, data_prefix, steps=2), probe)
+    assert r.returncode == 0, r.stderr[-2000:]
+    one = sum(os.path.getsize(os.path.join(dp, f)) for dp, _, fs in os.walk(probe / "a") for f in fs)
+    mnt = tmp_path / "small"
+    if not _mount_tmpfs(mnt, int(one * 1.6) // 4096 * 4096):
+        pytest.skip("cannot mount a tmpfs here (needs root); the disk-full path is then untested")
+    try:
+        run = mnt / "run"
+        r = _train(_plan(tmp_path, data_prefix, steps=8, reliability={"keep_last": 0}), run)
+        e = _one_error(r, "No space left on device", code=2)
+        assert "previous complete checkpoint step_00000002 is kept" in e, e
+        ck = str(run / "a" / "checkpoints")
+        assert manifest.choose(ck)[0] == "step_00000002" and manifest.read_latest(ck) == "step_00000002"
+        assert manifest.problems(os.path.join(ck, "step_00000002"), deep=True) == []
+        import json
+
+        assert json.load(open(run / "a" / "status.json"))["state"] == "failed"
+        assert not [f for dp, _, fs in os.walk(run) for f in fs if ".tmp" in f]
+    finally:
+        subprocess.run(["umount", str(mnt)], capture_output=True)
