@@ -43,6 +43,13 @@ def flops_per_token(m: ModelConfig) -> int:
     return 6 * m.num_params(embeddings=False) + 12 * m.n_layers * m.attn_dim * m.seq_len
 
 
+def logit_flops_per_token(m: ModelConfig) -> int:
+    """Training FLOPs per token of the output logit GEMM (d_model x padded vocab, tied or not),
+    which the ledger leaves out: 2 V h forward, 4 V h backward. Large at small sizes (about
+    V / (12 L h) of the ledger's 6N), negligible at billions of parameters."""
+    return 6 * m.d_model * m.padded_vocab
+
+
 def megatron_flops_per_token(m: ModelConfig) -> float:
     """Training FLOPs per token by Megatron-LM's formula (no MoE in megagrow's models)."""
     h, s, L = m.d_model, m.seq_len, m.n_layers

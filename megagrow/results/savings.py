@@ -71,19 +71,33 @@ def _records(path: str) -> list[dict]:
     return out
 
 
-def read_curve(run_dir: str, stage_names: list[str], name: str | None = None) -> Curve:
+def read_curve(run_dir: str, stage_names: list[str], name: str | None = None,
+               extra_per_token: list[float] | None = None) -> Curve:
     """The eval and training points of a run's stages, in stage order. An eval record repeated
     at the same FLOPs (a stage-end eval after a periodic one at the same step; the eval after a
-    growth, equal to the one before it for an exact operator) is kept once, the last one."""
+    growth, equal to the one before it for an exact operator) is kept once, the last one.
+
+    extra_per_token: FLOPs per token outside the ledger, one number per stage (the logit GEMM):
+    each record's FLOPs then also count them for every token trained so far, each stage at its
+    own rate (tokens are cumulative over the run; a stage starts where the previous one ended)."""
     c = Curve(name or os.path.basename(os.path.normpath(run_dir)))
-    for s in stage_names:
+    start_tokens, extra_base = 0.0, 0.0
+
+    def flops_of(r: dict, i: int) -> float:
+        if not extra_per_token:
+            return float(r["flops"])
+        if r.get("tokens") is None:
+            raise UserError(f"{run_dir}/{stage_names[i]}/log.jsonl: record without 'tokens' (needed to add the logit FLOPs)")
+        return float(r["flops"]) + extra_base + (float(r["tokens"]) - start_tokens) * extra_per_token[i]
+
+    for i, s in enumerate(stage_names):
         recs = _records(os.path.join(run_dir, s, "log.jsonl"))
         last_train = None
         for r in recs:
             if EVAL_KEY in r:
                 if r.get("flops") is None:
                     raise UserError(f"{run_dir}/{s}/log.jsonl: eval record without 'flops' (a log from before the FLOP ledger)")
-                fl, lo = float(r["flops"]), float(r[EVAL_KEY])
+                fl, lo = flops_of(r, i), float(r[EVAL_KEY])
                 if c.eval_flops and fl <= c.eval_flops[-1]:
                     if fl == c.eval_flops[-1]:  # same point evaluated twice: keep the later record
                         c.eval_loss[-1], c.eval_stage[-1], c.eval_step[-1], c.eval_at[-1] = lo, s, r.get("step"), r.get("at")
@@ -94,13 +108,17 @@ def read_curve(run_dir: str, stage_names: list[str], name: str | None = None) ->
                 c.eval_step.append(r.get("step"))
                 c.eval_at.append(r.get("at"))
             elif "loss" in r and r.get("flops") is not None:
-                c.train_flops.append(float(r["flops"]))
+                c.train_flops.append(flops_of(r, i))
                 c.train_loss.append(float(r["loss"]))
                 last_train = r
         if last_train is not None:
-            c.flops = float(last_train["flops"])
+            c.flops = flops_of(last_train, i)
             c.tokens = float(last_train.get("tokens", math.nan))
             c.stage_ends.append((s, c.flops))
+        if extra_per_token and recs:
+            end = max([float(r["tokens"]) for r in recs if r.get("tokens") is not None] or [start_tokens])
+            extra_base += (end - start_tokens) * extra_per_token[i]
+            start_tokens = end
     return c
 
 

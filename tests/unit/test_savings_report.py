@@ -80,6 +80,14 @@ def test_read_curve_takes_eval_records_and_the_ledger(tmp_path):
     assert c.flops == 6e9 and c.tokens == 300 and c.final_loss == 4.9
     assert c.stage_ends == [("a", 2e9), ("b", 6e9)] and c.train_loss == [6.0, 5.5, 5.0]
 
+    # the same log with the logit GEMM counted at 1e6 FLOPs/token in stage a and 3e6 in stage b:
+    # a record at t tokens adds 1e6 * t in a, and 1e6 * 200 + 3e6 * (t - 200) in b
+    t = read_curve(str(run), ["a", "b"], extra_per_token=[1e6, 3e6])
+    assert t.eval_flops == [1e9 + 1e8, 2e9 + 2e8, 6e9 + 2e8 + 3e8] and t.eval_loss == c.eval_loss
+    assert t.eval_at[1] == "after_growth"  # the growth's two evals still coincide, so one is kept
+    assert t.flops == 6e9 + 5e8 and t.stage_ends == [("a", 2.2e9), ("b", 6.5e9)]
+    assert t.train_flops == [1e9 + 1e8, 2e9 + 2e8, 6e9 + 5e8]
+
 
 def test_oracle_switch_is_the_argmin_of_total_compute():
     """Big curve: loss 6 - log10(C / 1e9) (1 per decade); the small model reaches the same loss with
