@@ -175,7 +175,46 @@ class DatasetWriter:
             self.abort()
 
 
-class TokenDataset:
+class TokenWindows:
+    """One token stream read as training windows: what TokenDataset and MegatronTokens share.
+    A subclass sets ``_tokens`` (an array of ids), ``_num_tokens`` and ``_dtype``."""
+
+    @property
+    def num_tokens(self) -> int:
+        return self._num_tokens
+
+    @property
+    def dtype(self) -> np.dtype:
+        return self._dtype
+
+    @property
+    def tokens(self) -> np.ndarray:
+        """All token ids (read-only memmap, stored dtype)."""
+        return self._tokens
+
+    def num_windows(self, seq_len: int) -> int:
+        """Windows of ``seq_len+1`` tokens at stride ``seq_len``: ``(num_tokens-1) // seq_len``."""
+        if seq_len < 1:
+            raise ValueError(f"seq_len must be >= 1, got {seq_len}")
+        return max(self._num_tokens - 1, 0) // seq_len
+
+    def windows(self, indices: Sequence[int] | np.ndarray, seq_len: int) -> np.ndarray:
+        """Windows ``[i*seq_len, i*seq_len + seq_len + 1)`` for each i: int64 [len(indices), seq_len+1]."""
+        idx = np.asarray(indices, dtype=np.int64).reshape(-1)
+        n = self.num_windows(seq_len)
+        if idx.size and (idx.min() < 0 or idx.max() >= n):
+            raise IndexError(f"window ids must be in [0, {n}) for seq_len {seq_len}, "
+                             f"got min {idx.min()}, max {idx.max()}")
+        pos = idx[:, None] * seq_len + np.arange(seq_len + 1, dtype=np.int64)[None, :]
+        out = np.asarray(self._tokens[pos], dtype=np.int64)
+        self._check_windows(out, idx)
+        return out
+
+    def _check_windows(self, out: np.ndarray, idx: np.ndarray) -> None:
+        """A subclass whose ids are not checked when the dataset opens checks each read here."""
+
+
+class TokenDataset(TokenWindows):
     """A read-only, memory-mapped view of ``PREFIX.bin/.idx`` (validated on open).
 
     Picklable (reopens the files by name rather than copying the tokens), so it can go to
@@ -239,10 +278,6 @@ class TokenDataset:
 
     # ---- facts -------------------------------------------------------------------------
     @property
-    def num_tokens(self) -> int:
-        return self._num_tokens
-
-    @property
     def num_documents(self) -> int:
         return len(self._offsets) - 1
 
@@ -253,15 +288,6 @@ class TokenDataset:
     @property
     def eos_id(self) -> int:
         return self._eos_id
-
-    @property
-    def dtype(self) -> np.dtype:
-        return self._dtype
-
-    @property
-    def tokens(self) -> np.ndarray:
-        """All token ids (read-only memmap, stored dtype)."""
-        return self._tokens
 
     @property
     def document_offsets(self) -> np.ndarray:
@@ -275,12 +301,6 @@ class TokenDataset:
         return np.asarray(self._tokens[self._offsets[d]:self._offsets[d + 1] - 1], dtype=np.int64)
 
     # ---- training windows ----------------------------------------------------------------
-    def num_windows(self, seq_len: int) -> int:
-        """Windows of ``seq_len+1`` tokens at stride ``seq_len``: ``(num_tokens-1) // seq_len``."""
-        if seq_len < 1:
-            raise ValueError(f"seq_len must be >= 1, got {seq_len}")
-        return max(self._num_tokens - 1, 0) // seq_len
-
     def window(self, i: int, seq_len: int) -> np.ndarray:
         """Tokens ``[i*seq_len, i*seq_len + seq_len + 1)`` as int64 (length seq_len + 1)."""
         n = self.num_windows(seq_len)
@@ -289,15 +309,6 @@ class TokenDataset:
         start = i * seq_len
         return np.asarray(self._tokens[start:start + seq_len + 1], dtype=np.int64)
 
-    def windows(self, indices: Sequence[int] | np.ndarray, seq_len: int) -> np.ndarray:
-        """``np.stack([window(i, seq_len) for i in indices])``: int64 [len(indices), seq_len+1]."""
-        idx = np.asarray(indices, dtype=np.int64).reshape(-1)
-        n = self.num_windows(seq_len)
-        if idx.size and (idx.min() < 0 or idx.max() >= n):
-            raise IndexError(f"window ids must be in [0, {n}) for seq_len {seq_len}, "
-                             f"got min {idx.min()}, max {idx.max()}")
-        pos = idx[:, None] * seq_len + np.arange(seq_len + 1, dtype=np.int64)[None, :]
-        return np.asarray(self._tokens[pos], dtype=np.int64)
 
     def __repr__(self) -> str:
         return (f"TokenDataset({self.prefix!r}, tokens={self._num_tokens}, "

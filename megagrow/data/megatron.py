@@ -20,10 +20,10 @@ from __future__ import annotations
 
 import os
 import struct
-from typing import Sequence
 
 import numpy as np
 
+from megagrow.data.dataset import TokenWindows
 from megagrow.errors import UserError
 
 MAGIC = b"MMIDIDX\x00\x00"
@@ -39,7 +39,7 @@ def is_megatron(prefix: str) -> bool:
         return False
 
 
-class MegatronTokens:
+class MegatronTokens(TokenWindows):
     """A Megatron indexed dataset as one token stream, with TokenDataset's window interface."""
 
     vocab_size = None  # not recorded by the format
@@ -79,36 +79,11 @@ class MegatronTokens:
                             f"outside the model's vocabulary [0, {self.vocab_limit})")
 
     @property
-    def num_tokens(self) -> int:
-        return self._num_tokens
-
-    @property
     def num_documents(self) -> int:
         return len(self.ds.document_indices) - 1
 
-    @property
-    def dtype(self) -> np.dtype:
-        return self._dtype
-
-    @property
-    def tokens(self) -> np.ndarray:
-        return self._tokens
-
-    def num_windows(self, seq_len: int) -> int:
-        if seq_len < 1:
-            raise ValueError(f"seq_len must be >= 1, got {seq_len}")
-        return max(self._num_tokens - 1, 0) // seq_len
-
-    def windows(self, indices: Sequence[int] | np.ndarray, seq_len: int) -> np.ndarray:
-        """Windows ``[i*seq_len, i*seq_len + seq_len + 1)`` as int64 [len(indices), seq_len + 1]."""
-        idx = np.asarray(indices, dtype=np.int64).reshape(-1)
-        n = self.num_windows(seq_len)
-        if idx.size and (idx.min() < 0 or idx.max() >= n):
-            raise IndexError(f"window ids must be in [0, {n}) for seq_len {seq_len}, got min {idx.min()}, max {idx.max()}")
-        pos = idx[:, None] * seq_len + np.arange(seq_len + 1, dtype=np.int64)[None, :]
-        out = np.asarray(self._tokens[pos], dtype=np.int64)
+    def _check_windows(self, out: np.ndarray, idx: np.ndarray) -> None:
         self._check(out, f"windows {idx.tolist()[:4]}")
-        return out
 
     def __repr__(self) -> str:
         return f"MegatronTokens({self.prefix!r}, tokens={self._num_tokens}, documents={self.num_documents})"
