@@ -41,7 +41,7 @@ import torch
 
 from megagrow.config import ModelConfig, Plan, Stage
 from megagrow.errors import UserError
-from megagrow.model.gpt import partition_dim
+from megagrow.params import partition_dim
 from megagrow.state.record import StageRecord
 
 STATE_KEYS = {"w": None, "m": "exp_avg", "v": "exp_avg_sq"}

@@ -19,7 +19,7 @@ import torch
 
 from megagrow.config import Plan
 from megagrow.errors import UserError
-from megagrow.model.gpt import partition_dim
+from megagrow.params import partition_dim
 from megagrow.paths import tag_of
 from megagrow.state.checkpoint import STATE_KEYS, SourceCheckpoint
 

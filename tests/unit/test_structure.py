@@ -78,3 +78,16 @@ def test_controller_does_not_import_torch():
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO,
                        env=dict(os.environ, PYTHONPATH=REPO))
     assert r.returncode == 0 and r.stdout.strip() == "False", r.stdout + r.stderr
+
+
+def test_reading_a_checkpoint_does_not_import_megatron():
+    """Checkpoint reading and the regrow executor need the parameter table, not the model's layers:
+    importing them must not load megatron-core (seconds of start-up on every regrow rank)."""
+    import subprocess
+    import sys
+
+    code = ("import sys, megagrow.state.checkpoint, megagrow.state.executor, megagrow.state.manifest; "
+            "print(any(m.split('.')[0] == 'megatron' for m in sys.modules))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO,
+                       env=dict(os.environ, PYTHONPATH=REPO))
+    assert r.returncode == 0 and r.stdout.strip() == "False", r.stdout + r.stderr
