@@ -47,7 +47,7 @@ demo: $(STAMP) $(DATA).bin
 	@echo "logs:        runs/tiny/*/log.jsonl (+ TensorBoard events: tensorboard --logdir runs/tiny)"
 	@echo "plot:        runs/tiny/loss.png (eval and training loss vs FLOPs)"
 
-# the savings experiment (~20-30 min on 2 quiet CPU cores; resumable: rerun to go on): staged runs vs from-scratch
+# the savings experiment (24 min measured from scratch on 2 quiet CPU cores; resumable: rerun to go on): staged runs vs from-scratch
 # baselines at equal FLOPs, then docs/results/savings.md + .png from the logs.
 # Another prepared corpus (with a validation split): make savings SAVINGS_DATA=data_cache/mydata
 savings: $(STAMP) $(DATA).bin

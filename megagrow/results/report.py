@@ -241,7 +241,11 @@ def _slope_vs_oracle(states: dict, spec: dict) -> list[dict]:
             continue
         first = st.plan["stages"][0]["name"]
         status = st.stages[0] or {}
+        nxt = st.plan["stages"][1].get("grow", "") if len(st.plan["stages"]) > 1 else ""
+        from megagrow.schedule.slope import THRESHOLDS
+
         row = {"run": st.name, "stage": first, "upper_steps": st.plan["stages"][0]["steps"],
+               "threshold": THRESHOLDS.get(nxt.split(":")[0]),
                "ended_at": status.get("step"), "state": status.get("state"), "fired": status.get("stopped_by") == "slope",
                "planned_steps": planned.plan["stages"][0]["steps"] if planned and planned.plan else None,
                "oracle": None, "slope_at_end": None}
@@ -407,9 +411,9 @@ def markdown(res: dict, spec: dict, commands: list[str]) -> str:
     if with_s:
         best = max(with_s, key=lambda r: r["row"]["saving"])
         tot = best["row_total"]["saving"]
-        L.append(f"- Best staged run: `{best['row']['name']}`, saving {_pct(best['row']['saving'])} of the baseline's "
+        L.append(f"- Best staged run: `{best['row']['name']}`, saving {100 * best['row']['saving']:+.2f}% of the baseline's "
                  f"ledger FLOPs for the same final validation loss ({_f(best['row']['final_loss'])}); "
-                 f"{_pct(tot)} with the logit GEMM counted. Goal >= 20%: "
+                 f"{_pct(tot)} with the logit GEMM counted. Goal >= 20% (this seed): "
                  f"{'reached' if best['row']['saving'] >= 0.2 else 'not reached'} on the ledger, "
                  f"{'reached' if tot is not None and tot >= 0.2 else 'not reached'} with the logits counted.")
         for r in sorted(with_s, key=lambda r: -r["row"]["saving"]):
@@ -447,6 +451,12 @@ def markdown(res: dict, spec: dict, commands: list[str]) -> str:
         vals = [x["final_loss"] for x in s["staged"] if x["final_loss"] is not None]
         if len(vals) >= 2:
             L.append(f"Staged final loss spread over seeds: {max(vals) - min(vals):.4f} (max - min).")
+            for key, what in (("saving_own_seed", "on the ledger"), ("saving_total_own_seed", "with the logits counted")):
+                sv = [x.get(key) for x in s["staged"]]
+                if all(v is not None for v in sv):
+                    L.append(f"Saving of the headline run {what}, each seed against its own baselines: mean "
+                             f"{100 * sum(sv) / len(sv):+.1f}%, range {100 * min(sv):+.1f}% .. {100 * max(sv):+.1f}% "
+                             f"over {len(sv)} seeds.")
             L.append("")
     else:
         L.append("Headline staged run: not chosen yet (it is chosen once every baseline, staged and slope run is "
@@ -487,14 +497,19 @@ def markdown(res: dict, spec: dict, commands: list[str]) -> str:
     L.append("")
     sl = res["slope"]
     if sl:
-        L.append(_table(["run", "stage", "slope rule", "slope at stage end", "planned switch", "oracle switch"],
+        L.append(_table(["run", "stage", "slope rule", "threshold", "slope at stage end", "planned switch", "oracle switch"],
                         [[x["run"], x["stage"],
                           (f"fired at step {x['ended_at']}" if x["fired"] else
                            (f"did not fire by step {x['ended_at']} (upper bound {x['upper_steps']})" if x["state"] == "done"
                             else "incomplete")),
-                          _f(x["slope_at_end"]), f"step {x['planned_steps']}" if x["planned_steps"] else "-",
+                          _f(x.get("threshold")), _f(x["slope_at_end"]), f"step {x['planned_steps']}" if x["planned_steps"] else "-",
                           ("-" if not x["oracle"] else f"step {x['oracle']['step']} (loss {x['oracle']['loss']:.4f}"
                            f"{', at the end' if x['oracle']['at_end'] else ''})")] for x in sl]))
+    if sl:
+        L.append("")
+        L.append("The threshold is the paper's (slope d log10 L / d log10 C of the smoothed validation curve, read "
+                 "off the paper's GPT-2 curves); where the slope at the stage end is still below it, the curve was still "
+                 "too steep for the rule, and the stage ran to its upper bound.")
     L.append("")
     L.append("## Notes")
     L.append("")
