@@ -82,9 +82,36 @@ def init_distributed(layout: Layout, timeout_s: float | None = None) -> None:
         deepspeed.init_distributed(dist_backend=backend, verbose=False, timeout=datetime.timedelta(seconds=timeout))
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
+    # megatron-core's destroy only drops its references: the groups (about 17, each with its own
+    # threads on gloo) stay registered with torch.distributed for the life of the process. A process
+    # that lays out its groups again (a transition, a bench sweep, a test running many layouts)
+    # destroys the previous layout's groups first; every engine built on them is gone by then.
+    _destroy_groups(_LAYOUT_GROUPS)
+    before = _registered_groups()
     # megatron-core takes minutes and builds timedelta(minutes=...): a float keeps sub-minute timeouts
     parallel_state.initialize_model_parallel(tensor_model_parallel_size=layout.tp, create_gloo_process_groups=False,
                                              distributed_timeout_minutes=timeout / 60.0)
+    _LAYOUT_GROUPS[:] = [g for g in _registered_groups() if g not in before]
+
+
+_LAYOUT_GROUPS: list = []  # the process groups the last init_distributed created
+
+
+def _registered_groups() -> list:
+    """Every process group torch.distributed holds in this process (empty where its registry is not
+    where this version of torch keeps it: then nothing is destroyed, as before)."""
+    from torch.distributed import distributed_c10d as c10d
+
+    world = getattr(c10d, "_world", None)
+    return list(getattr(world, "pg_map", {}) or {})
+
+
+def _destroy_groups(groups: list) -> None:
+    registered = set(_registered_groups())
+    for g in groups:
+        if g in registered and g is not torch.distributed.group.WORLD:
+            torch.distributed.destroy_process_group(g)
+    groups.clear()
 
 
 class MPU:
