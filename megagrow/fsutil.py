@@ -1,4 +1,4 @@
-"""Small file-system helpers shared by every room: atomic JSON writes, quiet unlinks."""
+"""Small file-system helpers shared by every room: atomic text and JSON writes, quiet unlinks."""
 
 from __future__ import annotations
 
@@ -6,18 +6,41 @@ import json
 import os
 
 
-def write_json_atomic(path: str, obj: dict) -> None:
-    """Write `obj` as JSON to `path` so that readers see the old file or the whole new one."""
+def write_text_atomic(path: str, text: str, durable: bool = False) -> None:
+    """Write `text` to `path` so that readers see the old file or the whole new one, never a torn
+    one; no temp file is left behind, also when the write fails (disk full, interrupted).
+    durable: also fsync the directory, so the rename itself survives a crash (checkpoint pointers)."""
     tmp = f"{path}.tmp{os.getpid()}"
     try:
         with open(tmp, "w") as f:
-            json.dump(obj, f, indent=1, sort_keys=True)
+            f.write(text)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:  # disk full, interrupted: the old file stays, no temp file is left behind
+    except BaseException:
         unlink_quietly(tmp)
         raise
+    if durable:
+        fsync_dir(os.path.dirname(os.path.abspath(path)))
+
+
+def write_json_atomic(path: str, obj: dict) -> None:
+    """Write `obj` as JSON to `path` with write_text_atomic."""
+    write_text_atomic(path, json.dumps(obj, indent=1, sort_keys=True))
+
+
+def fsync_dir(path: str) -> None:
+    """fsync a directory (its entries: a rename into it), quietly where the file system cannot."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def read_json(path: str):

@@ -29,6 +29,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 from megagrow.errors import UserError, cli_entry  # noqa: E402
+from megagrow.fsutil import write_text_atomic  # noqa: E402
 
 DEFAULT_SPEC = os.path.join("recipes", "savings", "experiment.yaml")
 EXIT_PREEMPTED = 75
@@ -71,10 +72,7 @@ def _write_yaml_atomic(path: str, d: dict) -> None:
     import yaml
 
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        yaml.safe_dump(d, f, sort_keys=False)
-    os.replace(tmp, path)
+    write_text_atomic(path, yaml.safe_dump(d, sort_keys=False))
 
 
 def _env() -> dict:
@@ -292,7 +290,8 @@ def commands(args) -> list[str]:
 
 
 def cmd_report(args, spec) -> int:
-    from megagrow.results.report import build, markdown, plot, write_text_atomic
+    from megagrow.results.render import markdown, plot
+    from megagrow.results.report import build
 
     if not os.path.isdir(args.out):
         raise UserError(f"no experiment directory {args.out}: run `tools/savings.py run` first")

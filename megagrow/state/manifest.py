@@ -35,6 +35,7 @@ import zlib
 
 from megagrow import faults
 from megagrow.errors import UserError
+from megagrow.fsutil import fsync_dir, write_text_atomic
 
 MANIFEST = "megagrow_manifest.json"
 LATEST = "latest"  # DeepSpeed's pointer file name; written here, atomically, after the manifest
@@ -93,40 +94,8 @@ def owner_rank(name: str, tp: int, world: int) -> int:
 # atomic small files
 
 
-def _fsync_dir(path: str) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def write_atomic(path: str, text: str) -> None:
-    """`path` holds the old content or the whole new one, never a torn one; no temp file is left
-    behind, also when the write fails (disk full)."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
-        with open(tmp, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-    _fsync_dir(os.path.dirname(os.path.abspath(path)))
-
-
 def write_latest(ckpt_dir: str, tag: str) -> None:
-    write_atomic(os.path.join(ckpt_dir, LATEST), tag)
+    write_text_atomic(os.path.join(ckpt_dir, LATEST), tag, durable=True)
 
 
 def read_latest(ckpt_dir: str) -> str | None:
@@ -274,8 +243,8 @@ def seal(ckpt_dir: str, tag: str, meta: dict, tp: int = 1, keep_last: int = 0) -
             m = {"format": FORMAT, "kind": "megagrow-checkpoint", "tag": tag, **meta, "world_size": world,
                  "checksum": "crc32", "written": round(time.time(), 3), "seal_seconds_rank0": round(t_sum, 4),
                  "files": {n: {"size": s, "crc32": c} for n, (s, c) in sorted(files.items())}}
-            _fsync_dir(tag_dir)
-            write_atomic(os.path.join(tag_dir, MANIFEST), json.dumps(m, indent=1, sort_keys=True))
+            fsync_dir(tag_dir)
+            write_text_atomic(os.path.join(tag_dir, MANIFEST), json.dumps(m, indent=1, sort_keys=True), durable=True)
             faults.point("seal.manifest", meta.get("step"))
             write_latest(ckpt_dir, tag)
             if keep_last:

@@ -9,6 +9,8 @@ from __future__ import annotations
 import json
 import os
 
+from megagrow.fsutil import write_text_atomic
+
 
 def trim_log(path: str, step: int) -> None:
     """Drop log records past `step` (the checkpoint resumed from), and a torn last line."""
@@ -24,10 +26,7 @@ def trim_log(path: str, step: int) -> None:
         except (ValueError, KeyError):  # a torn last line
             pass
     if len(keep) != len(lines):
-        tmp = f"{path}.tmp{os.getpid()}"
-        with open(tmp, "w") as f:
-            f.writelines(keep)
-        os.replace(tmp, path)
+        write_text_atomic(path, "".join(keep))
 
 
 class StageLog:
