@@ -6,7 +6,7 @@ and runs it in fp32 (PlainLoop(plan, k) -> dtype float32), while the engine runs
 cuda. On a GPU machine that compares a bf16 GPU step with an fp32 CPU step.
 
 Here, one process, DP=1, TP=1, the stage's whole global batch as one micro-batch (the same
-`single_process_stage` bench.py uses), the same initial weights (build_model, plan seed),
+`single_process_stage` megagrow.bench uses), the same initial weights (build_model, plan seed),
 the same sample stream (Batches, each loop with its own step counter, so every loop sees the
 same batches in the same order), the same LR schedule, AdamW hyper-parameters, param groups
 and grad clipping. Loops timed:
