@@ -19,6 +19,7 @@ import math
 import sys
 
 from megagrow.errors import UserError, cli_entry
+from megagrow.schedule import law as scaling_law
 from megagrow.schedule import planner, slope
 
 
@@ -83,7 +84,7 @@ def _fmt_n(n: float) -> str:
 
 
 def _fmt_c(flops: float, units: str) -> str:
-    return f"{flops:.4e}" if units == "flops" else f"{flops / planner.PF_DAY_FLOPS:.5g}"
+    return f"{flops:.4e}" if units == "flops" else f"{flops / scaling_law.PF_DAY_FLOPS:.5g}"
 
 
 def _table(rows: list[list[str]]) -> str:
@@ -93,7 +94,7 @@ def _table(rows: list[list[str]]) -> str:
 
 # ----------------------------------------------------------------------------- modes
 def _plan(args, law) -> dict:
-    sizes = [planner.parse_size(s) for s in args.sizes.split(",") if s.strip()]
+    sizes = [scaling_law.parse_size(s) for s in args.sizes.split(",") if s.strip()]
     if not sizes:
         raise UserError("--sizes is empty")
     if args.target_loss is not None and args.budget_steps is not None:
@@ -101,7 +102,7 @@ def _plan(args, law) -> dict:
     if args.target_loss is not None:
         target, how = args.target_loss, "given"
     elif args.budget_steps is not None:
-        target = planner.loss_at_budget(sizes[-1], args.budget_steps, args.batch_tokens, law)
+        target = scaling_law.loss_at_budget(sizes[-1], args.budget_steps, args.batch_tokens, law)
         how = f"final size from scratch after {args.budget_steps:g} steps of {args.batch_tokens:g} tokens"
     else:
         target = planner.paper_target_loss(sizes[-1], law)
@@ -261,7 +262,7 @@ def main(argv=None) -> int:
         out = _slope(args)
         printer = _print_slope
     else:
-        law = planner.get_law(args.law, batch=args.batch)
+        law = scaling_law.get_law(args.law, batch=args.batch)
         if args.paper:
             out, printer = _paper(args, law), _print_paper
         else:

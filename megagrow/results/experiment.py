@@ -119,9 +119,10 @@ def planner_split(spec: dict, kind: str) -> dict:
     """`megagrow plan --sizes ...` for the chain (Kaplan law, default target): each stage's share
     of the tokens, and the command that prints it."""
     from megagrow.schedule import planner
+    from megagrow.schedule.law import non_embedding_params
 
     shapes = [c["shape"] for c in chain(spec, kind)]
-    sizes = [planner.non_embedding_params(s["n_layers"], s["d_model"]) for s in shapes]
+    sizes = [non_embedding_params(s["n_layers"], s["d_model"]) for s in shapes]
     plan = planner.plan_stages(sizes, planner.paper_target_loss(sizes[-1]))
     if len(plan.stages) != len(sizes):
         raise UserError(f"megagrow plan skips a stage of the {kind} chain (the law says grow straight through it)")

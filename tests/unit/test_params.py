@@ -10,7 +10,7 @@ import torch
 
 from megagrow import params
 from megagrow.config import Layout, ModelConfig
-from megagrow.schedule.planner import non_embedding_params
+from megagrow.schedule.law import non_embedding_params
 
 CONFIGS = {
     "gpt2-tied": ModelConfig(n_layers=2, d_model=64, n_heads=4, vocab_size=300, seq_len=16),

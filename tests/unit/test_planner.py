@@ -24,23 +24,24 @@ except ImportError:  # running from a checkout that is not installed
 from scipy import integrate  # noqa: E402
 
 from megagrow.errors import UserError  # noqa: E402
+from megagrow.schedule import law as LAW  # noqa: E402
 from megagrow.schedule import planner as P  # noqa: E402
 from megagrow.schedule import slope as SL  # noqa: E402
 
-BASE = P.non_embedding_params(12, 768)  # GPT-2 base, 84.9M
-LAWS = [P.KaplanLaw(batch="integrated"), P.KaplanLaw(batch="target")]
+BASE = LAW.non_embedding_params(12, 768)  # GPT-2 base, 84.9M
+LAWS = [LAW.KaplanLaw(batch="integrated"), LAW.KaplanLaw(batch="target")]
 LAW_IDS = ["integrated", "target"]
 
 
 # ============================================================================ the law
 def test_non_embedding_params_and_size_parsing():
     assert BASE == 12 * 12 * 768**2
-    assert P.parse_size("12x768") == BASE
-    assert P.parse_size("36X1280") == 12 * 36 * 1280**2
-    assert P.parse_size("85e6") == 85e6
+    assert LAW.parse_size("12x768") == BASE
+    assert LAW.parse_size("36X1280") == 12 * 36 * 1280**2
+    assert LAW.parse_size("85e6") == 85e6
     for bad in ("-5", "0", "abc", "12x", "nan", "inf"):
         with pytest.raises(UserError):
-            P.parse_size(bad)
+            LAW.parse_size(bad)
 
 
 @pytest.mark.parametrize("law", LAWS, ids=LAW_IDS)
@@ -57,7 +58,7 @@ def test_seff_inverts_loss_within_1e9(law):
 
 
 def test_seff_at_or_below_irreducible_loss_is_infinite_and_from_scratch_is_zero():
-    law = P.KaplanLaw()
+    law = LAW.KaplanLaw()
     limit = law.loss_limit(BASE)
     assert law.steps_to_loss(BASE, limit) == math.inf
     assert law.steps_to_loss(BASE, limit * 0.9) == math.inf
@@ -67,7 +68,7 @@ def test_seff_at_or_below_irreducible_loss_is_infinite_and_from_scratch_is_zero(
 
 def test_integrated_tokens_equal_quadrature_of_critical_batch_over_steps():
     """The closed form (two Gauss 2F1 branches) == int_0^S B(L(s)) ds by adaptive quadrature."""
-    law = P.KaplanLaw(batch="integrated")
+    law = LAW.KaplanLaw(batch="integrated")
     for N in (2e7, BASE, 7e8):
         limit = law.loss_limit(N)
         # x = (L - L_inf)/L spans both branches of the closed form (switch at x = 0.3)
@@ -88,30 +89,30 @@ def test_token_derivative_matches_finite_difference(law):
 
 def test_loss_at_budget_at_the_critical_batch_is_the_law():
     """With the batch equal to B(L), Kaplan's batch trade-off reduces to L(N, S)."""
-    law = P.KaplanLaw()
+    law = LAW.KaplanLaw()
     for S in (5e3, 5e4):
         L = law.loss(BASE, S)
-        assert abs(P.loss_at_budget(BASE, S, law.critical_batch(L), law) / L - 1) < 1e-10
+        assert abs(LAW.loss_at_budget(BASE, S, law.critical_batch(L), law) / L - 1) < 1e-10
     # a smaller batch than critical needs more steps: the loss after S steps is higher
-    assert P.loss_at_budget(BASE, 5e4, 1e5, law) > law.loss(BASE, 5e4)
+    assert LAW.loss_at_budget(BASE, 5e4, 1e5, law) > law.loss(BASE, 5e4)
 
 
 # ============================================================================ single models
 def test_compute_optimal_size_constant_batch_matches_closed_form():
     """Constant batch: the optimal N has (N_c/N)^alpha_N = alpha_S/(alpha_N+alpha_S) * L."""
-    law = P.KaplanLaw(batch="target")
+    law = LAW.KaplanLaw(batch="target")
     for L in (2.6, 3.0, 3.5):
-        N = P.compute_optimal_size(L, law)
+        N = LAW.compute_optimal_size(L, law)
         assert abs(law.loss_limit(N) / L - law.alpha_S / (law.alpha_N + law.alpha_S)) < 1e-8
 
 
 def test_compute_optimal_single_model_stops_at_the_frontier_slope_0052():
     """Integrated batch: the compute-optimal fixed size for any target reaches it exactly where
     its curve has flattened to -1/(1/a_N + 1/a_S + 1/a_B) = -0.05199, the paper's -0.052."""
-    law = P.KaplanLaw(batch="integrated")
+    law = LAW.KaplanLaw(batch="integrated")
     frontier = -1.0 / (1 / law.alpha_N + 1 / law.alpha_S + 1 / law.alpha_B)
     for L in (2.7, 3.2, 4.0):
-        N = P.compute_optimal_size(L, law)
+        N = LAW.compute_optimal_size(L, law)
         assert abs(law.curve_slope(N, L) - frontier) < 1e-6
     assert abs(frontier - SL.STOP_SLOPE) < 1e-4
     # and the default paper target (slope -0.052) is within 0.1% of the optimal target
@@ -122,14 +123,14 @@ def test_compute_optimal_single_model_stops_at_the_frontier_slope_0052():
 def test_best_single_model_over_choices_is_the_cheapest_feasible(law):
     L = 3.2
     choices = [1e6, 2e7, BASE, 3e8, 1e9]  # 1e6 and 2e7 cannot reach 3.2
-    best = P.best_single_model(L, choices, law)
+    best = LAW.best_single_model(L, choices, law)
     feasible = [n for n in choices if law.loss_limit(n) < L]
     assert best.N in feasible
-    assert best.compute == min(P.single_model_compute(n, L, law) for n in feasible)
-    cont = P.best_single_model(L, None, law)
+    assert best.compute == min(LAW.single_model_compute(n, L, law) for n in feasible)
+    cont = LAW.best_single_model(L, None, law)
     assert cont.compute <= best.compute * (1 + 1e-12)
     with pytest.raises(UserError):
-        P.best_single_model(2.0, [1e6, 1e7], law)
+        LAW.best_single_model(2.0, [1e6, 1e7], law)
 
 
 # ============================================================================ staged plans
@@ -149,7 +150,7 @@ def test_staged_plan_reaches_target_with_less_compute_than_final_size_from_scrat
     assert abs(losses[-1] / Lt - 1) < 1e-6
     assert losses == pytest.approx([s.end_loss for s in plan.stages], rel=1e-12)
     assert plan.total_compute == pytest.approx(sum(s.compute for s in plan.stages), rel=1e-12)
-    assert plan.total_compute < P.single_model_compute(BASE, Lt, law)
+    assert plan.total_compute < LAW.single_model_compute(BASE, Lt, law)
     assert 0 < plan.saving < 1
     # the stage compute is the difference of from-scratch computes along each model's curve
     s1, s2 = plan.stages
@@ -164,21 +165,21 @@ def test_staged_plan_beats_every_fixed_size_when_final_size_is_compute_optimal(l
     plan ending at N_K costs strictly less than the best fixed size over a grid (and over
     continuous N).  (At lower targets a bigger fixed model can win; see the next test.)"""
     Lt = P.optimal_target_loss(BASE, law)
-    assert P.compute_optimal_size(Lt, law) == pytest.approx(BASE, rel=1e-4)
+    assert LAW.compute_optimal_size(Lt, law) == pytest.approx(BASE, rel=1e-4)
     plan = P.plan_stages([small, BASE], Lt, law)
     grid = list(np.logspace(6, 10, 81)) + [small, BASE, 2 * BASE]
-    assert plan.total_compute < P.best_single_model(Lt, grid, law).compute
-    assert plan.total_compute < P.best_single_model(Lt, None, law).compute
+    assert plan.total_compute < LAW.best_single_model(Lt, grid, law).compute
+    assert plan.total_compute < LAW.best_single_model(Lt, None, law).compute
     assert plan.saving_vs_best_single > 0
 
 
 def test_fixed_bigger_model_beats_staged_plan_when_final_size_is_overtrained():
     """The property above is not universal: at a target far below N_K's compute-optimal loss
     (curve slope -0.02), a larger fixed model is cheaper than any plan ending at N_K."""
-    law = P.KaplanLaw()
+    law = LAW.KaplanLaw()
     Lt = law.loss_at_slope(BASE, -0.02)
     plan = P.plan_stages([BASE / 4, BASE], Lt, law)
-    best = P.best_single_model(Lt, list(np.logspace(6, 10, 81)), law)
+    best = LAW.best_single_model(Lt, list(np.logspace(6, 10, 81)), law)
     assert plan.saving > 0 and best.N > BASE and best.compute < plan.total_compute
 
 
@@ -214,7 +215,7 @@ def test_exact_planner_is_never_worse_than_reference_slsqp(law):
 def test_stage_skipped_when_growing_through_it_is_cheaper():
     """Ordering L_1 >= L_2 >= ... binds: the exact planner drops a stage (zero steps) and still
     matches or beats SLSQP on the full chain."""
-    law = P.KaplanLaw()
+    law = LAW.KaplanLaw()
     sizes = [1.55e6, 3.14e6, 50.4e6, 133.97e6, 207.28e6]
     Lt = law.loss_limit(sizes[-1]) * 1.267
     exact = P.plan_stages(sizes, Lt, law)
@@ -225,13 +226,13 @@ def test_stage_skipped_when_growing_through_it_is_cheaper():
 
 
 def test_single_size_plan_is_the_single_model():
-    law = P.KaplanLaw()
+    law = LAW.KaplanLaw()
     plan = P.plan_stages([BASE], 3.2, law)
     assert len(plan.stages) == 1 and plan.saving == pytest.approx(0.0, abs=1e-12)
 
 
 def test_planner_rejects_bad_chains_and_unreachable_targets():
-    law = P.KaplanLaw()
+    law = LAW.KaplanLaw()
     with pytest.raises(UserError):
         P.plan_stages([-1.0, BASE], 3.2, law)
     with pytest.raises(UserError):
@@ -239,9 +240,9 @@ def test_planner_rejects_bad_chains_and_unreachable_targets():
     with pytest.raises(UserError, match="irreducible"):
         P.plan_stages([BASE / 4, BASE], law.loss_limit(BASE) * 0.99, law)
     with pytest.raises(UserError):
-        P.get_law("chinchilla")
+        LAW.get_law("chinchilla")
     with pytest.raises(UserError):
-        P.KaplanLaw(batch="huge")
+        LAW.KaplanLaw(batch="huge")
 
 
 def test_paper_pairs_and_predictions():
@@ -311,7 +312,7 @@ def test_slope_rule_on_a_law_curve_fires_within_a_window_of_the_true_crossing():
     """On the Kaplan curve of GPT-2 base (slope rising smoothly), evaluated every 100 steps, the
     stop rule fires at index i such that the curve's true slope crossed -0.052 in (i - w, i]
     (a least-squares slope is an average of the true slope over its window)."""
-    law = P.KaplanLaw()
+    law = LAW.KaplanLaw()
     w = 10
     steps = np.arange(100, 60001, 100, dtype=float)
     L = np.array([law.loss(BASE, s) for s in steps])

@@ -163,7 +163,7 @@ def test_kaplan_curve_with_spikes_fires_where_the_clean_curve_does_up_to_the_dro
     spike every 37th point: the spikes are exactly the dropped points, and the crossing moves
     from the clean curve's by at most the number of spikes dropped before it (the window counts
     kept points)."""
-    from megagrow.schedule.planner import KaplanLaw
+    from megagrow.schedule.law import KaplanLaw
 
     law, N = KaplanLaw(), 12 * 12 * 768.0 ** 2
     steps = np.arange(100, 60001, 100, dtype=float)
