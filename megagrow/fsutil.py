@@ -57,3 +57,22 @@ def unlink_quietly(path: str) -> None:
         os.unlink(path)
     except FileNotFoundError:
         pass
+
+
+def try_exclusive_lock(path: str):
+    """An exclusive, non-blocking flock on `path` (created if missing), held while the returned file
+    stays open and released when the process ends, however it ends. Returns (file, "") when held,
+    (None, "held") when another process holds it, and (None, why) where the file system cannot
+    lock (some network file systems mounted without flock): the caller warns and goes on unlocked."""
+    import fcntl
+
+    f = open(path, "a")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.close()
+        return None, "held"
+    except OSError as e:
+        f.close()
+        return None, f"{path}: cannot be locked on this file system ({e.strerror or e})"
+    return f, ""

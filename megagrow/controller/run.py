@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
 
 from megagrow.config import load_plan
 from megagrow.controller.allocation import detect_allocation, place
@@ -11,24 +12,20 @@ from megagrow.controller.launch import Controller
 from megagrow.controller.progress import next_action, read_progress
 from megagrow.controller.validate import validate_plan
 from megagrow.errors import EXIT_OK, UserError
+from megagrow.fsutil import try_exclusive_lock
 from megagrow.paths import RunPaths
 
 
 def lock_run_dir(run_dir: str):
     """One controller per run directory: an exclusive flock on RUN/.controller.lock, released when
-    the process ends (however it ends). File systems without flock: no lock, no error."""
-    import fcntl
-
+    the process ends (however it ends). File systems without flock: a warning, and no lock."""
     os.makedirs(run_dir, exist_ok=True)
     path = RunPaths(run_dir).controller_lock
-    f = open(path, "a")
-    try:
-        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        f.close()
-        raise UserError(f"another `megagrow run` is working on {run_dir} (it holds {path})") from None
-    except OSError:
-        pass
+    f, why = try_exclusive_lock(path)
+    if why == "held":
+        raise UserError(f"another `megagrow run` is working on {run_dir} (it holds {path})")
+    if why:
+        print(f"warning: {why}; nothing stops a second `megagrow run` on this directory", file=sys.stderr, flush=True)
     return f
 
 

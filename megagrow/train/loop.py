@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 import time
 
 import torch
@@ -19,7 +20,7 @@ from megagrow import faults
 from megagrow.config import Plan
 from megagrow.errors import EXIT_NONFINITE, EXIT_OK, EXIT_PREEMPTED, UserError
 from megagrow.state import manifest
-from megagrow.fsutil import write_json_atomic
+from megagrow.fsutil import try_exclusive_lock, write_json_atomic
 from megagrow.paths import RunPaths, tag_of
 from megagrow.state.record import StageRecord
 from megagrow.train.log import StageLog
@@ -295,21 +296,17 @@ def _check_manifest_fits(ckpt_dir: str, tag: str, plan: Plan, k: int) -> None:
 def _stage_lock(stage_root: str):
     """Rank 0 holds an exclusive flock on RUN/<stage>/.stage.lock while the stage runs: a second set of
     ranks on the same stage directory (an orphan, a second launcher) is refused. File systems
-    without flock: no lock."""
-    import fcntl
-
+    without flock: a warning, and no lock."""
     f = None
     err = ""
     if torch.distributed.get_rank() == 0:
         os.makedirs(stage_root, exist_ok=True)
-        f = open(os.path.join(stage_root, ".stage.lock"), "a")
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            f.close()
-            f, err = None, f"another set of ranks is training {stage_root} (it holds {stage_root}/.stage.lock)"
-        except OSError:
-            pass
+        f, why = try_exclusive_lock(os.path.join(stage_root, ".stage.lock"))
+        if why == "held":
+            err = f"another set of ranks is training {stage_root} (it holds {stage_root}/.stage.lock)"
+        elif why:
+            print(f"warning: {why}; nothing stops a second set of ranks from training this stage at the same time",
+                  file=sys.stderr, flush=True)
     box = [err]
     torch.distributed.broadcast_object_list(box, src=0)
     if box[0]:

@@ -124,3 +124,21 @@ def test_disk_full_while_saving_keeps_the_previous_checkpoint(data_prefix, tmp_p
         assert not [f for dp, _, fs in os.walk(run) for f in fs if ".tmp" in f]
     finally:
         subprocess.run(["umount", str(mnt)], capture_output=True)
+
+
+def test_a_stage_held_by_another_set_of_ranks_is_refused(data_prefix, tmp_path):
+    """While another process holds RUN/<stage>/.stage.lock (an orphaned rank 0, a second launcher),
+    `megagrow train` on that stage is one `error:` line naming the lock, exit 2, and writes no
+    checkpoint; once the lock is free the same command trains."""
+    from megagrow.fsutil import try_exclusive_lock
+
+    run = tmp_path / "run"
+    os.makedirs(run / "a")
+    held, why = try_exclusive_lock(str(run / "a" / ".stage.lock"))
+    assert held is not None, why
+    plan = _plan(tmp_path, data_prefix, steps=2)
+    _one_error(_train(plan, run), "another set of ranks is training")
+    assert not (run / "a" / "checkpoints").exists() or not os.listdir(run / "a" / "checkpoints")
+    held.close()
+    r = _train(plan, run)
+    assert r.returncode == 0 and (run / "a" / "checkpoints" / "latest").read_text() == "step_00000002", r.stderr[-2000:]
