@@ -413,12 +413,17 @@ class Reliability(_Config):
     collective_timeout_s: float = 600.0  # a collective waiting longer (a hung or lost rank) ends the stage
     retries: int = 1  # `megagrow run`: a failed stage is launched again this often, from its newest complete checkpoint
     verify_on_resume: bool = True  # check every file's CRC-32 against the manifest before resuming
+    # `megagrow run`: a stage whose rank 0 has shown no progress (a finished step) for this long is hung
+    # (every rank stuck outside a collective, e.g. on a dead file system): its ranks are killed and the
+    # stage is retried like a failed one. 0: off. Start-up, evals and saves count against it: keep it well above them.
+    hang_timeout_s: float = 1800.0
 
     def validate(self, where: str = "reliability") -> None:
         _need(self.keep_last >= 0, where, f"keep_last must be >= 0, got {self.keep_last}")
         _need(self.skip_nonfinite_steps >= 0, where, f"skip_nonfinite_steps must be >= 0, got {self.skip_nonfinite_steps}")
         _need(self.collective_timeout_s > 0, where, f"collective_timeout_s must be positive, got {self.collective_timeout_s}")
         _need(self.retries >= 0, where, f"retries must be >= 0, got {self.retries}")
+        _need(self.hang_timeout_s >= 0, where, f"hang_timeout_s must be >= 0 (0: off), got {self.hang_timeout_s}")
 
 
 @dataclass(frozen=True)

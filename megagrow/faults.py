@@ -1,4 +1,4 @@
-"""Fault injection for the reliability tests: kill this rank with SIGKILL at a named point.
+"""Fault injection for the reliability tests: kill this rank with SIGKILL (or hang it) at a named point.
 
 Inert unless MEGAGROW_FAULT is set (one environment read per process), e.g.
 
@@ -7,7 +7,10 @@ Inert unless MEGAGROW_FAULT is set (one environment read per process), e.g.
 kills rank 1 right after it wrote its 2nd file of the checkpoint save at step 4. Keys:
   point  where (below); rank  the rank that dies (omitted: every rank that reaches it);
   step   only at this step (the save's or the training step); n  for save.file: after the n-th file;
-  once   a marker file path: fire only if it does not exist yet (and create it), so a retry runs clean.
+  once   a marker file path: fire only if it does not exist yet (and create it), so a retry runs clean
+         ("{rank}" in it is replaced by the rank: each rank fires once);
+  action "kill" (default: SIGKILL) or "hang" (sleep for good outside any collective; the rank's
+         signal handlers only set flags, so it lives until SIGKILL).
 Points: "step" (after a training step), "save.before", "save.file", "save.after" (a training
 save), "seal.checksummed" (a rank's own checksums done, before rank 0 gathers them),
 "seal.manifest" (rank 0: manifest written, `latest` not yet moved), "transition.regrown" (the
@@ -21,6 +24,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import time
 
 _spec: dict | None = None
 _loaded = False
@@ -60,9 +64,12 @@ def point(name: str, step: int | None = None, n: int | None = None) -> None:
     once = spec.get("once")  # a marker file: the fault fires in one launch only (a retry then runs clean)
     if once:
         try:
-            os.close(os.open(once, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+            os.close(os.open(once.replace("{rank}", os.environ.get("RANK", "0")), os.O_CREAT | os.O_EXCL | os.O_WRONLY))
         except FileExistsError:
             return
+    if spec.get("action") == "hang":  # stuck for good outside any collective (a dead file system, a deadlock)
+        while True:
+            time.sleep(3600)
     os.kill(os.getpid(), signal.SIGKILL)
 
 

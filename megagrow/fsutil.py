@@ -76,3 +76,32 @@ def try_exclusive_lock(path: str):
         f.close()
         return None, f"{path}: cannot be locked on this file system ({e.strerror or e})"
     return f, ""
+
+
+class Heartbeat:
+    """A file whose modification time says when its writer last made progress: `beat()` touches it,
+    at most once every `every_s` seconds (cheap enough for every training step, also on network
+    file systems). `age(path)` is what a watchdog reads."""
+
+    def __init__(self, path: str | None, every_s: float = 5.0):
+        self.path, self.every_s, self.last = path, every_s, float("-inf")
+
+    def beat(self, force: bool = False) -> None:
+        import time
+
+        now = time.monotonic()
+        if self.path is None or (not force and now - self.last < self.every_s):
+            return
+        self.last = now
+        try:
+            with open(self.path, "a"):
+                os.utime(self.path)
+        except OSError:  # a full or read-only disk: the watchdog then sees no progress, which is true
+            pass
+
+    @staticmethod
+    def mtime(path: str) -> float | None:
+        try:
+            return os.stat(path).st_mtime
+        except OSError:
+            return None

@@ -43,6 +43,11 @@ class StagePaths:
     def status(self) -> str:
         return os.path.join(self.root, "status.json")
 
+    @property
+    def heartbeat(self) -> str:
+        """Touched by rank 0 as the stage makes progress; its age is how long the stage has not."""
+        return os.path.join(self.root, "heartbeat")
+
     def has_checkpoint(self) -> bool:
         return os.path.isfile(os.path.join(self.ckpt, "latest"))
 

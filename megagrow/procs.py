@@ -82,8 +82,12 @@ class RanksResult:
     killed: list | None = None  # ranks killed after the grace period
 
     codes: list | None = None  # every rank's code (shell style)
+    hung_s: float | None = None  # the hang watchdog stopped the ranks: seconds without progress
 
     def describe(self) -> str:
+        if self.hung_s is not None:
+            return (f"hung: no progress for {self.hung_s:.0f} s (no step finished; reliability.hang_timeout_s), "
+                    "every rank stopped")
         if self.failed_rank is None:
             return f"exit {self.rc}"
         if self.codes and len(set(self.codes)) == 1 and not self.killed:
@@ -98,12 +102,21 @@ class RanksResult:
         return s
 
 
-def wait_ranks(procs: list, grace_s: float = 60.0, poll_s: float = 0.05) -> RanksResult:
+def wait_ranks(procs: list, grace_s: float = 60.0, poll_s: float = 0.05, heartbeat: str | None = None,
+               hang_s: float = 0.0, stop_hung=None) -> RanksResult:
     """Wait for all ranks; when one fails, give the rest `grace_s`, then kill them. The rank named
     as the failure is the first to exit with a code of its own (not 0, 75, or EXIT_PEER_LOST, which
     a survivor of a lost peer exits with); else a rank that had to be killed (it hung); else the
-    first that failed."""
+    first that failed.
+
+    Hang watchdog (hang_s > 0): when the file `heartbeat` (rank 0 touches it as steps finish) is
+    older than hang_s, counted from this call where it is older still, no rank is making progress:
+    every process is stopped with `stop_hung(p)` (default: SIGKILL), killed after `grace_s` if it
+    is still there, and the result says so (`hung_s`)."""
+    from megagrow.fsutil import Heartbeat
+
     failed_at, killed, order = None, [], []
+    started, hung = time.time(), None
     while True:
         codes = [p.poll() for p in procs]
         for r, c in enumerate(codes):
@@ -111,6 +124,14 @@ def wait_ranks(procs: list, grace_s: float = 60.0, poll_s: float = 0.05) -> Rank
                 order.append(r)
         if all(c is not None for c in codes):
             break
+        if hang_s > 0 and heartbeat and hung is None and failed_at is None:
+            idle = time.time() - max(started, Heartbeat.mtime(heartbeat) or 0.0)
+            if idle > hang_s:
+                hung = idle
+                for p in procs:
+                    if p.poll() is None:
+                        (stop_hung or (lambda q: q.kill()))(p)
+                failed_at = time.time()
         if failed_at is None and any(c is not None and rc_of(c) not in (EXIT_OK, EXIT_PREEMPTED) for c in codes):
             failed_at = time.time()
         if failed_at is not None and failed_at != float("inf") and time.time() - failed_at > grace_s:
@@ -123,6 +144,8 @@ def wait_ranks(procs: list, grace_s: float = 60.0, poll_s: float = 0.05) -> Rank
     done = time.time()
     codes = [rc_of(p.returncode) for p in procs]
     bad = [r for r in order if codes[r] not in (EXIT_OK, EXIT_PREEMPTED)]
+    if hung is not None and bad:  # (every rank may still have finished cleanly in the same instant)
+        return RanksResult(codes[bad[0]], bad[0], "hung", None, killed or None, codes, hung_s=hung)
     if not bad:
         return RanksResult(EXIT_PREEMPTED if EXIT_PREEMPTED in codes else EXIT_OK, codes=codes)
     own = [r for r in bad if codes[r] != EXIT_PEER_LOST and r not in killed]

@@ -41,6 +41,16 @@ def _rc(code: int) -> int:
     return 128 - code if code < 0 else code  # Popen: -N means killed by signal N
 
 
+def _cancel_srun_step(p: subprocess.Popen) -> None:
+    """srun ends its job step (all tasks, on every node) on two SIGINTs within a second."""
+    for _ in range(2):
+        try:
+            p.send_signal(signal.SIGINT)
+        except OSError:
+            return
+        time.sleep(0.3)
+
+
 def _clean_env(drop_slurm_step: bool = False) -> dict:
     env = dict(os.environ)
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "GROUP_RANK"):
@@ -149,7 +159,7 @@ class Controller:
         self.procs = spawn_ranks(self.train_cmd(k), pl.ntasks, env=_clean_env(drop_slurm_step=True))
         if self.stop:
             self._forward()
-        return self._wait_all()
+        return self._wait_all(k)
 
     def _launch_srun(self, k: int, pl: Placement) -> int:
         env = _clean_env(drop_slurm_step=True)
@@ -164,17 +174,22 @@ class Controller:
         self.procs = [subprocess.Popen(cmd, env=env)]
         if self.stop:
             self._forward()
-        return self._wait_all()
+        return self._wait_all(k, stop_hung=_cancel_srun_step)
 
-    def _wait_all(self) -> int:
+    def _wait_all(self, k: int, stop_hung=None) -> int:
         """Wait for every process; when one fails (not 0, not 75), give the others `grace_s`
         to finish by themselves, then kill them (a rank left alone blocks in a collective until its
-        timeout). Locally the failure is described by rank (`self.last_failure`)."""
+        timeout). A stage whose heartbeat is older than reliability.hang_timeout_s is hung: its
+        processes are stopped (`stop_hung`, default SIGKILL). Locally the failure is described by
+        rank (`self.last_failure`); a hang is described under Slurm too."""
         from megagrow.procs import wait_ranks
 
-        res = wait_ranks(self.procs, grace_s=self.grace_s, poll_s=0.1)
+        hb = RunPaths(self.run_dir).stage(self.plan.stages[k].name).heartbeat
+        res = wait_ranks(self.procs, grace_s=self.grace_s, poll_s=0.1, heartbeat=hb,
+                         hang_s=self.plan.reliability.hang_timeout_s, stop_hung=stop_hung)
         self.procs = []
-        self.last_failure = res.describe() if res.failed_rank is not None and self.alloc.kind == "local" else None
+        local = res.failed_rank is not None and self.alloc.kind == "local"
+        self.last_failure = res.describe() if local or res.hung_s is not None else None
         return res.rc
 
     # ---- dependent job

@@ -20,7 +20,7 @@ from megagrow import faults
 from megagrow.config import Plan
 from megagrow.errors import EXIT_NONFINITE, EXIT_OK, EXIT_PREEMPTED, UserError
 from megagrow.state import manifest
-from megagrow.fsutil import try_exclusive_lock, write_json_atomic
+from megagrow.fsutil import Heartbeat, try_exclusive_lock, write_json_atomic
 from megagrow.paths import RunPaths, tag_of
 from megagrow.state.record import StageRecord
 from megagrow.train.log import StageLog
@@ -44,6 +44,8 @@ def train_stage(plan: Plan, k: int, run_dir: str, stop_at: int | None = None, qu
     init_distributed(stage.layout, rel.collective_timeout_s)
     rank = torch.distributed.get_rank()
     lock = _stage_lock(paths.root)  # noqa: F841 - held (rank 0) until this process ends
+    beat = Heartbeat(paths.heartbeat if rank == 0 else None)  # `megagrow run`'s hang watchdog reads its age
+    beat.beat(force=True)
     dp_rank, dp_size = dp_rank_size()
     batches = Batches.open(plan, stage, dp_rank, dp_size)  # bad data fails before the engine is built
     tag = _resume_tag(paths.ckpt, rank, quiet)  # the newest complete checkpoint, or None
@@ -135,6 +137,7 @@ def train_stage(plan: Plan, k: int, run_dir: str, stop_at: int | None = None, qu
         return EXIT_PREEMPTED
     world = torch.distributed.get_world_size()
     nonfinite = 0
+    beat.beat(force=True)  # built, resumed or grown: start-up is over
     while rec.step < end:
         lr = sched(rec.step)
         set_lr(optimizer, lr)
@@ -155,6 +158,7 @@ def train_stage(plan: Plan, k: int, run_dir: str, stop_at: int | None = None, qu
         loss_sum, stop_votes, grad_bad = red.tolist()
         rec = rec.replace(step=rec.step + 1, loss=loss_sum / (L.grad_accum * world))
         steps_since += 1
+        beat.beat()
         faults.point("step", rec.step)
         if not math.isfinite(loss_sum) or grad_bad > 0:
             nonfinite += 1

@@ -101,3 +101,30 @@ def test_ranks_die_with_the_controller_and_early_sigterm_saves(data_prefix, tmp_
     assert p.returncode == 75, out[-3000:] + err[-3000:]
     m = json.load(open(run2 / "manifest.json"))
     assert m["state"] == "preempted" and m["stages"][0]["state"] == "preempted", m["stages"]
+
+
+def test_a_stage_hung_on_every_rank_is_killed_and_retried(data_prefix, tmp_path):
+    """Every rank stops for good outside any collective after step 3 (a dead file system, a deadlock),
+    so no collective timeout can fire (600 s here). With reliability.hang_timeout_s 8 the controller
+    sees rank 0's heartbeat go stale, kills the ranks within the timeout plus its 5 s touch interval
+    (and a poll), names the hang, retries from step 2 (the newest complete checkpoint), and the plan
+    finishes (exit 0, 6/6)."""
+    d = yaml.safe_load(open(_plan(tmp_path, data_prefix)))
+    d["reliability"].update(collective_timeout_s=600, hang_timeout_s=8)
+    plan = tmp_path / "hang.yaml"
+    plan.write_text(yaml.safe_dump(d))
+    run = tmp_path / "run"
+    fault = json.dumps({"point": "step", "step": 3, "action": "hang", "once": str(tmp_path / "hung{rank}")})
+    t0 = time.time()
+    p = _run(str(plan), run, env={"MEGAGROW_FAULT": fault})
+    out, err = p.communicate(timeout=900)
+    assert p.returncode == 0, out[-3000:] + err[-3000:]
+    assert "hung: no progress for" in out and "retrying from its newest complete checkpoint (step 2" in out, out
+    m = json.load(open(run / "manifest.json"))
+    assert m["state"] == "done" and m["stages"][0]["step"] == 6
+    ev = {e["event"]: e for e in m["events"]}
+    idle = float(ev["retry"]["failure"].split("no progress for ")[1].split(" s")[0])
+    assert 8 <= idle <= 8 + 5 + 2, ev["retry"]
+    hung_at = min(os.path.getmtime(tmp_path / f"hung{r}") for r in (0, 1))
+    print(f"hang detected: idle {idle} s, killed {ev['retry']['time'] - hung_at:.1f} s after the hang, run {time.time() - t0:.1f} s")
+    assert ev["retry"]["time"] - hung_at <= 8 + 5 + 2, (ev["retry"]["time"] - hung_at, time.time() - t0)
