@@ -10,13 +10,21 @@ from dataclasses import asdict
 from megagrow.config import Plan
 from megagrow.controller.progress import read_manifest, read_progress
 from megagrow.errors import EXIT_OK, UserError
-from megagrow.paths import MANIFEST
+from megagrow.paths import MANIFEST, RunPaths
+
 
 def _fmt_tokens(n: int) -> str:
     for unit, div in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("k", 1e3)):
         if n >= div:
             return f"{n / div:.1f}{unit}"
     return str(n)
+
+
+def _mtime(path: str) -> float | None:
+    try:
+        return os.stat(path).st_mtime
+    except OSError:
+        return None
 
 
 def status_dict(run_dir: str) -> dict:
@@ -32,6 +40,8 @@ def status_dict(run_dir: str) -> dict:
         s.pop("partial")
         if m.get("state") == "running" and cur.get("stage_index") == p.index:
             s["state"] = "growing" if cur.get("action") == "grow" and p.checkpoint is None else "running"
+            beat = _mtime(RunPaths(run_dir).stage(p.name).heartbeat)  # rank 0 touches it as steps finish
+            s["progress_age_s"] = None if beat is None else round(max(0.0, time.time() - beat), 1)
         elif m.get("state") == "failed" and cur.get("stage_index") == p.index:
             s["state"] = "failed"
         stages.append(s)
@@ -49,7 +59,9 @@ def status_main(args) -> int:
     a = d.get("allocation") or {}
     where = f"slurm job {a.get('job_id')} (restart {a.get('restart_count')})" if a.get("kind") == "slurm" else "local"
     age = time.time() - (d.get("updated") or time.time())
-    print(f"run {d['run_dir']}  plan {d['plan']}  state {d['state']}  ({where}, manifest updated {age:.0f} s ago)")
+    beat = [s["progress_age_s"] for s in d["stages"] if s.get("progress_age_s") is not None]
+    last = f", last step {beat[0]:.0f} s ago" if beat else ""
+    print(f"run {d['run_dir']}  plan {d['plan']}  state {d['state']}  ({where}, manifest updated {age:.0f} s ago{last})")
     rows = [("STAGE", "STATE", "STEP", "TOKENS", "LOSS", "EVAL", "LAYOUT", "GROW", "CHECKPOINT")]
     for s in d["stages"]:
         L = s["layout"]

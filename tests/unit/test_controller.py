@@ -397,3 +397,29 @@ def test_stage_ended_early_or_saved_at_its_last_step_is_done(tmp_path):
     p = read_progress(plan, run)
     assert [x.state for x in p] == ["done", "done", "pending"]
     assert (next_action(plan, p).kind, next_action(plan, p).stage) == ("grow", 2)
+
+
+def test_status_shows_how_long_the_running_stage_has_made_no_progress(tmp_path, monkeypatch):
+    """While a stage runs, `megagrow status` reads its heartbeat's age (rank 0 touches it as steps
+    finish): a heartbeat 42 s old reads as progress_age_s 42-60; a stage not running has none."""
+    import time
+
+    from megagrow.paths import RunPaths
+
+    plan, run = _plan(tmp_path), str(tmp_path / "run")
+    seen = []
+
+    def launching(self, k, pl):
+        hb = RunPaths(run).stage(plan.stages[k].name).heartbeat
+        os.makedirs(os.path.dirname(hb), exist_ok=True)
+        open(hb, "a").close()
+        t = time.time() - 42
+        os.utime(hb, (t, t))
+        seen.append(status_dict(run)["stages"])
+        return 2  # refuses its input: not retried, the loop ends
+
+    monkeypatch.setattr(Controller, "launch", launching)
+    assert Controller(plan, "p.yaml", run, LOCAL2).run() == 2
+    st = seen[0]
+    assert st[0]["state"] == "running" and 42 <= st[0]["progress_age_s"] < 60, st[0]
+    assert "progress_age_s" not in st[1]
