@@ -1,7 +1,7 @@
 # megagrow: two commands on a fresh machine (Python 3.11, g++, package registries):
 #   make demo   - create .venv if missing, install, prepare the stdlib corpus, train the tiny plan on 2 CPU processes
 #   make test   - create .venv if missing, install, run the test suite
-#   make stress - the 200-case reshard property test and more fault-injection trials
+#   make stress - the reshard property test at 600 cases and 3x the fault-injection trials
 #   make savings - the savings experiment and its report (docs/results/savings.md)
 PYTHON ?= python3
 VENV   := .venv
@@ -58,9 +58,9 @@ savings: $(STAMP) $(DATA).bin
 test: $(STAMP)
 	$(PY) -m pytest -q tests
 
-# longer property and fault-injection runs (about 10 minutes on 2 cores): 200 reshard cases, 3x the kill trials
+# longer property and fault-injection runs (about 15 minutes on 2 cores): 600 reshard cases, 3x the kill trials
 stress: $(STAMP)
-	$(PY) -m pytest -q tests/dist/test_reshard_property.py --cases 200
+	$(PY) -m pytest -q tests/dist/test_reshard_property.py --cases 600
 	MEGAGROW_FAULT_TRIALS_SCALE=3 $(PY) -m pytest -q tests/dist/test_faults.py
 
 clean:

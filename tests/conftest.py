@@ -90,6 +90,6 @@ def spawn_ranks(nproc: int, args: list[str], slurm_env: bool = True) -> list[sub
 def pytest_addoption(parser):
     parser.addoption("--cases", type=int, default=None,
                      help="R1 reshard property test: number of random (model, layout A, layout B, dtype) cases "
-                          "(default 30, or MEGAGROW_R1_CASES; `make stress` runs 200)")
+                          "(default 200, or MEGAGROW_R1_CASES; `make stress` runs 600)")
     parser.addoption("--trials", type=int, default=None,
                      help="fault-injection tests: kill trials per test (default: the test's own, or MEGAGROW_FAULT_TRIALS)")

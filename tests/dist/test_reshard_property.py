@@ -1,7 +1,8 @@
 """R1: the reshard property test. Random (model, layout A, layout B, dtype) cases; each converts a
 checkpoint trained at A into B shard to shard (identity regrow) and compares every fp32 weight and
-both Adam moments bitwise. `pytest --cases N` (or MEGAGROW_R1_CASES) sets the count: 30 in the normal
-suite, 200 in `make stress`."""
+both Adam moments bitwise. `pytest --cases N` (or MEGAGROW_R1_CASES) sets the count: 200 in the normal
+suite (about 3 minutes on 2 CPU cores: many targets per source, few process launches), 600 in
+`make stress`."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ def test_reshard_random_cases_bitwise(data_prefix, tmp_path, request, monkeypatc
     """For each random case: every fp32 master weight, exp_avg and exp_avg_sq of the checkpoint resharded
     to layout B equals layout A's bitwise (torch.equal on the logical tensors); all three states are
     compared for every tensor; the cases cover TP 1<->2, ZeRO 1/2/3 and fp32/bf16 on both sides."""
-    n = request.config.getoption("--cases") or int(os.environ.get("MEGAGROW_R1_CASES", "30"))
+    n = request.config.getoption("--cases") or int(os.environ.get("MEGAGROW_R1_CASES", "200"))
     monkeypatch.setenv("MEGAGROW_R1_CASES", str(n))
     res = run_worker(2, "reshard_property", data_prefix, tmp_path)
     cases = res["cases"]
