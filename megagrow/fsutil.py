@@ -6,14 +6,14 @@ import json
 import os
 
 
-def write_text_atomic(path: str, text: str, durable: bool = False) -> None:
-    """Write `text` to `path` so that readers see the old file or the whole new one, never a torn
-    one; no temp file is left behind, also when the write fails (disk full, interrupted).
+def write_file_atomic(path: str, data: str | bytes, durable: bool = False) -> None:
+    """Write `data` (text or bytes) to `path` so that readers see the old file or the whole new one,
+    never a torn one; no temp file is left behind, also when the write fails (disk full, interrupted).
     durable: also fsync the directory, so the rename itself survives a crash (checkpoint pointers)."""
     tmp = f"{path}.tmp{os.getpid()}"
     try:
-        with open(tmp, "w") as f:
-            f.write(text)
+        with open(tmp, "wb" if isinstance(data, bytes) else "w") as f:
+            f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -25,8 +25,8 @@ def write_text_atomic(path: str, text: str, durable: bool = False) -> None:
 
 
 def write_json_atomic(path: str, obj: dict) -> None:
-    """Write `obj` as JSON to `path` with write_text_atomic."""
-    write_text_atomic(path, json.dumps(obj, indent=1, sort_keys=True))
+    """Write `obj` as JSON to `path` with write_file_atomic."""
+    write_file_atomic(path, json.dumps(obj, indent=1, sort_keys=True))
 
 
 def fsync_dir(path: str) -> None:

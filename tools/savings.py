@@ -29,7 +29,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 from megagrow.errors import UserError, cli_entry  # noqa: E402
-from megagrow.fsutil import write_text_atomic  # noqa: E402
+from megagrow.fsutil import write_file_atomic  # noqa: E402
 
 DEFAULT_SPEC = os.path.join("recipes", "savings", "experiment.yaml")
 EXIT_PREEMPTED = 75
@@ -72,7 +72,7 @@ def _write_yaml_atomic(path: str, d: dict) -> None:
     import yaml
 
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    write_text_atomic(path, yaml.safe_dump(d, sort_keys=False))
+    write_file_atomic(path, yaml.safe_dump(d, sort_keys=False))
 
 
 def _env() -> dict:
@@ -300,7 +300,7 @@ def cmd_report(args, spec) -> int:
     md = markdown(res, spec, commands(args))
     os.makedirs(os.path.dirname(os.path.abspath(args.md)), exist_ok=True)
     plot(res, os.path.abspath(args.out), args.png)
-    write_text_atomic(args.md, md)
+    write_file_atomic(args.md, md)
     if args.json:
         print(json.dumps(res, indent=1, default=str))
     else:

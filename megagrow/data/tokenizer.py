@@ -30,7 +30,7 @@ import sentencepiece as spm
 
 from megagrow.data.corpus import read_documents
 from megagrow.errors import UserError
-from megagrow.fsutil import unlink_quietly
+from megagrow.fsutil import write_file_atomic
 
 UNK_ID, BOS_ID, EOS_ID = 0, 1, 2
 NUM_BYTE_PIECES = 256
@@ -162,16 +162,7 @@ def train_tokenizer(files: Sequence[str], model_prefix: str, vocab_size: int,
     if sentences.error is not None:
         raise sentences.error
 
-    tmp = f"{model_path}.tmp-{os.getpid()}"
-    try:
-        with open(tmp, "wb") as f:
-            f.write(buf.getvalue())
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, model_path)
-    except BaseException:
-        unlink_quietly(tmp)
-        raise
+    write_file_atomic(model_path, buf.getvalue())
     return model_path
 
 

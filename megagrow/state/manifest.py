@@ -35,7 +35,7 @@ import zlib
 
 from megagrow import faults
 from megagrow.errors import UserError
-from megagrow.fsutil import fsync_dir, write_text_atomic
+from megagrow.fsutil import fsync_dir, write_file_atomic
 
 MANIFEST = "megagrow_manifest.json"
 LATEST = "latest"  # DeepSpeed's pointer file name; written here, atomically, after the manifest
@@ -95,7 +95,7 @@ def owner_rank(name: str, tp: int, world: int) -> int:
 
 
 def write_latest(ckpt_dir: str, tag: str) -> None:
-    write_text_atomic(os.path.join(ckpt_dir, LATEST), tag, durable=True)
+    write_file_atomic(os.path.join(ckpt_dir, LATEST), tag, durable=True)
 
 
 def read_latest(ckpt_dir: str) -> str | None:
@@ -244,7 +244,7 @@ def seal(ckpt_dir: str, tag: str, meta: dict, tp: int = 1, keep_last: int = 0) -
                  "checksum": "crc32", "written": round(time.time(), 3), "seal_seconds_rank0": round(t_sum, 4),
                  "files": {n: {"size": s, "crc32": c} for n, (s, c) in sorted(files.items())}}
             fsync_dir(tag_dir)
-            write_text_atomic(os.path.join(tag_dir, MANIFEST), json.dumps(m, indent=1, sort_keys=True), durable=True)
+            write_file_atomic(os.path.join(tag_dir, MANIFEST), json.dumps(m, indent=1, sort_keys=True), durable=True)
             faults.point("seal.manifest", meta.get("step"))
             write_latest(ckpt_dir, tag)
             if keep_last:

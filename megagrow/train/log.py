@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import os
 
-from megagrow.fsutil import write_text_atomic
+from megagrow.fsutil import write_file_atomic
 
 
 def trim_log(path: str, step: int) -> None:
@@ -26,7 +26,7 @@ def trim_log(path: str, step: int) -> None:
         except (ValueError, KeyError):  # a torn last line
             pass
     if len(keep) != len(lines):
-        write_text_atomic(path, "".join(keep))
+        write_file_atomic(path, "".join(keep))
 
 
 class StageLog:

@@ -9,13 +9,13 @@ import os
 
 import pytest
 
-from megagrow.fsutil import try_exclusive_lock, write_json_atomic, write_text_atomic
+from megagrow.fsutil import try_exclusive_lock, write_json_atomic, write_file_atomic
 
 
-def test_write_text_atomic_keeps_the_old_file_when_the_write_fails(tmp_path, monkeypatch):
+def test_write_file_atomic_keeps_the_old_file_when_the_write_fails(tmp_path, monkeypatch):
     """A write that fails half way (ENOSPC from os.replace here) leaves the old content and no temp file."""
     p = tmp_path / "f.txt"
-    write_text_atomic(str(p), "old", durable=True)
+    write_file_atomic(str(p), "old", durable=True)
     assert p.read_text() == "old"
 
     def boom(a, b):
