@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 
 
 def write_file_atomic(path: str, data: str | bytes, durable: bool = False) -> None:
@@ -81,14 +82,12 @@ def try_exclusive_lock(path: str):
 class Heartbeat:
     """A file whose modification time says when its writer last made progress: `beat()` touches it,
     at most once every `every_s` seconds (cheap enough for every training step, also on network
-    file systems). `age(path)` is what a watchdog reads."""
+    file systems). `Heartbeat.mtime(path)` is what a watchdog reads."""
 
     def __init__(self, path: str | None, every_s: float = 5.0):
         self.path, self.every_s, self.last = path, every_s, float("-inf")
 
     def beat(self, force: bool = False) -> None:
-        import time
-
         now = time.monotonic()
         if self.path is None or (not force and now - self.last < self.every_s):
             return

@@ -10,6 +10,7 @@ from dataclasses import asdict
 from megagrow.config import Plan
 from megagrow.controller.progress import read_manifest, read_progress
 from megagrow.errors import EXIT_OK, UserError
+from megagrow.fsutil import Heartbeat
 from megagrow.paths import MANIFEST, RunPaths
 
 
@@ -18,13 +19,6 @@ def _fmt_tokens(n: int) -> str:
         if n >= div:
             return f"{n / div:.1f}{unit}"
     return str(n)
-
-
-def _mtime(path: str) -> float | None:
-    try:
-        return os.stat(path).st_mtime
-    except OSError:
-        return None
 
 
 def status_dict(run_dir: str) -> dict:
@@ -40,7 +34,7 @@ def status_dict(run_dir: str) -> dict:
         s.pop("partial")
         if m.get("state") == "running" and cur.get("stage_index") == p.index:
             s["state"] = "growing" if cur.get("action") == "grow" and p.checkpoint is None else "running"
-            beat = _mtime(RunPaths(run_dir).stage(p.name).heartbeat)  # rank 0 touches it as steps finish
+            beat = Heartbeat.mtime(RunPaths(run_dir).stage(p.name).heartbeat)  # rank 0 touches it as steps finish
             s["progress_age_s"] = None if beat is None else round(max(0.0, time.time() - beat), 1)
         elif m.get("state") == "failed" and cur.get("stage_index") == p.index:
             s["state"] = "failed"

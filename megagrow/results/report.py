@@ -21,6 +21,7 @@ from megagrow.config import ModelConfig
 from megagrow.fsutil import read_json
 from megagrow.metrics.flops import flops_per_token, logit_flops_per_token
 from megagrow.results.savings import Curve, Frontier, compare, oracle_switch, read_curve
+from megagrow.schedule.slope import THRESHOLDS
 
 
 # ----------------------------------------------------------------------------- run state
@@ -225,8 +226,6 @@ def _slope_vs_oracle(states: dict, spec: dict) -> list[dict]:
         first = st.plan["stages"][0]["name"]
         status = st.stages[0] or {}
         nxt = st.plan["stages"][1].get("grow", "") if len(st.plan["stages"]) > 1 else ""
-        from megagrow.schedule.slope import THRESHOLDS
-
         row = {"run": st.name, "stage": first, "upper_steps": st.plan["stages"][0]["steps"],
                "threshold": THRESHOLDS.get(nxt.split(":")[0]),
                "ended_at": status.get("step"), "state": status.get("state"), "fired": status.get("stopped_by") == "slope",
