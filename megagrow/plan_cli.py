@@ -5,6 +5,8 @@ slope rule on a measured validation curve.
     megagrow plan --sizes 6x768,12x768 --budget-steps 50000     target = large model at a budget
     megagrow plan --paper                                       the paper's four pairs
     megagrow plan --slope curve.csv --kind width                where the slope rule grows
+    megagrow plan --calibrate RUN1 RUN2 ... [--sizes ...]       fit the law to from-scratch runs,
+                                                                plan with it, print the thresholds
     ... --json                                                  the same as JSON on stdout
 
 Sizes are non-embedding parameter counts (85e6) or LAYERSxD_MODEL (12x768 = 12*12*768^2).
@@ -22,6 +24,12 @@ from megagrow.errors import UserError, cli_entry
 from megagrow.schedule import law as scaling_law
 from megagrow.schedule import planner, slope
 
+CALIBRATE_HELP = (
+    "fit N_c, alpha_N, S_c, alpha_S to these from-scratch run directories' eval curves and plan with "
+    "the fitted law (with --sizes or --paper; alone: the runs' sizes as the chain); prints the fit and, "
+    "per growth, the switch loss, the small model's step and the calibrated slope threshold"
+)
+
 
 class _Parser(argparse.ArgumentParser):
     """argparse that reports mistakes as a UserError (one line, exit 2) instead of usage+exit."""
@@ -37,7 +45,12 @@ def _build_parser() -> argparse.ArgumentParser:
     mode.add_argument("--sizes", help="growth chain, comma separated, increasing: 85e6,340e6 or 12x384,12x768")
     mode.add_argument("--paper", action="store_true", help="predicted savings for the paper's four GPT-2 pairs")
     mode.add_argument("--slope", metavar="CSV", help="validation curve: columns compute,loss (or step,loss)")
-    p.add_argument("--law", default="kaplan", help="scaling law (kaplan)")
+    p.add_argument("--calibrate", nargs="+", metavar="RUN_DIR", help=CALIBRATE_HELP)
+    p.add_argument("--min-step", type=float,
+                   help="--calibrate: drop eval points before this step (default: per run, the larger of "
+                        "its warmup_steps and 20%% of its last eval step)")
+    p.add_argument("--law", default="kaplan", help="scaling law (kaplan; with --calibrate: the base whose "
+                                                   "B* and alpha_B are kept)")
     p.add_argument("--batch", default="integrated",
                    help="token accounting: integrated (critical batch of the current loss, default) "
                         "or target (constant critical batch of the target loss)")
@@ -93,10 +106,14 @@ def _table(rows: list[list[str]]) -> str:
 
 
 # ----------------------------------------------------------------------------- modes
-def _plan(args, law) -> dict:
+def _sizes(args) -> list[float]:
     sizes = [scaling_law.parse_size(s) for s in args.sizes.split(",") if s.strip()]
     if not sizes:
         raise UserError("--sizes is empty")
+    return sizes
+
+
+def _plan(args, law, sizes: list[float]) -> dict:
     if args.target_loss is not None and args.budget_steps is not None:
         raise UserError("give either --target-loss or --budget-steps, not both")
     if args.target_loss is not None:
@@ -134,6 +151,104 @@ def _print_plan(d: dict, units: str) -> None:
           f"{_fmt_c(best['compute'], units)} {u}; saving vs it {100 * d['saving_vs_best_single']:.2f}%")
 
 
+def curves_from_runs(run_dirs, min_step: float | None = None) -> list[tuple]:
+    """(N, steps, eval losses) of each from-scratch run directory ``megagrow run`` wrote (N a
+    float, steps and losses numpy arrays), for megagrow.schedule.calibrate.fit_law.
+
+    The run's plan comes from RUN/manifest.json, its eval records (periodic and stage end:
+    mid-run points included) from RUN/<stage>/log.jsonl through the savings report's reader
+    (megagrow.results.savings.read_curve); steps are counted over the whole run from the FLOP
+    ledger (cumulative FLOPs / FLOPs per step at the run's one batch).  The checks (from
+    scratch, one batch, eval points present) and the warm-up cut ``min_step`` (None: the larger
+    of the warmup and 20% of the run) are megagrow.schedule.calibrate.curve_of_run's.  Every
+    problem is a one-line UserError naming the run."""
+    import os
+
+    from megagrow.config import Plan
+    from megagrow.controller.progress import read_manifest
+    from megagrow.metrics.flops import Ledger
+    from megagrow.results.savings import read_curve
+    from megagrow.schedule import calibrate
+
+    out = []
+    for run in run_dirs:
+        if not os.path.isdir(run):
+            raise UserError(f"{run}: no such run directory")
+        m = read_manifest(run)
+        if m is None:
+            raise UserError(f"{run}: no manifest.json (not a directory written by `megagrow run`)")
+        plan = Plan.from_dict(m["plan"], f"{run}/manifest.json plan")
+        c = read_curve(run, [st.name for st in plan.stages])
+        per_step = Ledger.of(plan.stages[0]).flops_per_step
+        steps = [round(f / per_step) for f in c.eval_flops]
+        out.append(calibrate.curve_of_run(run, plan, steps, c.eval_loss, min_step))
+    return out
+
+
+def _calibrate(args, base):
+    """The law fitted to the --calibrate runs, and the fit's report (with the runs' paths)."""
+    from megagrow.schedule import calibrate
+
+    curves = curves_from_runs(args.calibrate, min_step=args.min_step)
+    law, info = calibrate.fit_law(curves, base=base)
+    info["runs"] = [{"dir": d, "N": n, "points": len(st), "steps": [float(st[0]), float(st[-1])]}
+                    for d, (n, st, _) in zip(args.calibrate, curves)]
+    info["min_step"] = args.min_step
+    info["base_law"] = base.name
+    return law, info
+
+
+def _switches(args, law, sizes: list[float], target: float, info: dict) -> dict:
+    """The calibrated plan's growth boundaries; "extrapolated": the small model's switch step lies
+    outside the steps the law was fitted on."""
+    from megagrow.schedule import calibrate
+
+    lo, hi = info["steps"]
+    sw = calibrate.calibrated_switches(law, sizes, target, method=args.method)
+    for s in sw:
+        s["extrapolated"] = not lo <= s["small_step"] <= hi
+    return {"switches": sw, "target_slope": calibrate.fixed_batch_slope(law, sizes[-1], target)}
+
+
+def _print_calibration(info: dict) -> None:
+    c, e = info["constants"], info["stderr_rel"]
+    sizes = info["sizes"]
+    print(f"law calibrated on {len(info['runs'])} run(s): {len(sizes)} sizes {_fmt_n(sizes[0])}..{_fmt_n(sizes[-1])}, "
+          f"{info['n_points']} eval points, steps {info['steps'][0]:.4g}..{info['steps'][1]:.4g}; "
+          f"rmse {info['rmse']:.4g} nats ({100 * info['rmse_rel']:.3g}%)")
+
+    def pm(k):
+        return "" if e.get(k) is None else f" (+-{100 * e[k]:.2g}%)"
+
+    print(f"  fitted: N_c {c['N_c']:.4g}{pm('N_c')}, alpha_N {c['alpha_N']:.4g}{pm('alpha_N')}, "
+          f"S_c {c['S_c']:.4g}{pm('S_c')}, alpha_S {c['alpha_S']:.4g}{pm('alpha_S')}  (steps at the runs' batch)")
+    k = info["kept"]
+    print(f"  kept from {info['base_law']}: B* {k['B_star']:.4g}, alpha_B {k['alpha_B']:.4g} "
+          f"(a fixed-batch run does not determine the critical batch)")
+    for w in info["warnings"]:
+        print(f"  warning: {w}")
+
+
+def _print_switches(d: dict) -> None:
+    print("growth boundaries under the calibrated law; threshold = d log10 L / d log10 C of the small model's "
+          "curve at its fixed batch (what the trainer's slope rule measures):")
+    rows = [["from", "to", "switch loss", "small step", "grown start", "c", "threshold",
+             f"law slope ({d['law']['batch']})", "paper"]]
+    for s in d["switches"]:
+        star = "*" if s["extrapolated"] else ""
+        rows.append([_fmt_n(s["from_N"]), _fmt_n(s["to_N"]), f"{s['switch_loss']:.6g}", f"{s['small_step']:.5g}{star}",
+                     f"{s['big_start_step']:.5g}", f"{s['step_divisor']:.4f}", f"{s['threshold']:.4f}",
+                     f"{s['plan_slope']:.4f}", f"{s['paper_threshold']} ({s['paper_kind']})"])
+    if len(rows) > 1:
+        print(_table(rows))
+        if any(s["extrapolated"] for s in d["switches"]):
+            lo, hi = d["calibration"]["steps"]
+            print(f"  * outside the steps the law was fitted on ({lo:.4g}..{hi:.4g}): extrapolated")
+    else:
+        print("  none: the plan trains the final size only")
+    print(f"the final size reaches the target loss at slope {d['target_slope']:.4f} (same definition)")
+
+
 def _paper(args, law) -> dict:
     t = args.paper_target
     if t not in ("stop-slope", "optimal"):
@@ -142,7 +257,10 @@ def _paper(args, law) -> dict:
         except ValueError:
             raise UserError(f"--paper-target must be stop-slope, optimal or a loss, got {t!r}") from None
     rows = planner.paper_predictions(law, t)
-    return {"law": {"name": law.name, "batch": law.batch}, "target": args.paper_target, "pairs": rows}
+    law_d = {"name": law.name, "batch": law.batch}
+    if law.name != "kaplan":
+        law_d.update({k: getattr(law, k) for k in ("N_c", "alpha_N", "S_c", "alpha_S", "B_star", "alpha_B")})
+    return {"law": law_d, "target": args.paper_target, "pairs": rows}
 
 
 def _print_paper(d: dict) -> None:
@@ -253,8 +371,12 @@ def _print_slope(d: dict) -> None:
 @cli_entry
 def main(argv=None) -> int:
     args = _build_parser().parse_args(argv)
-    if not (args.sizes or args.paper or args.slope):
-        raise UserError("nothing to do: give --sizes (with --target-loss), --paper or --slope CSV")
+    if not (args.sizes or args.paper or args.slope or args.calibrate):
+        raise UserError("nothing to do: give --sizes (with --target-loss), --paper, --slope CSV or --calibrate RUN_DIR ...")
+    if args.slope and args.calibrate:
+        raise UserError("--calibrate plans with the fitted law: use it with --sizes or --paper, not --slope")
+    if args.min_step is not None and not args.calibrate:
+        raise UserError("--min-step applies to --calibrate only")
     units = args.units.lower().replace("_", "-")
     if units not in ("pf-days", "flops"):
         raise UserError(f"unknown --units {args.units!r} (pf-days, flops)")
@@ -263,11 +385,22 @@ def main(argv=None) -> int:
         printer = _print_slope
     else:
         law = scaling_law.get_law(args.law, batch=args.batch)
+        info = None
+        if args.calibrate:
+            law, info = _calibrate(args, law)
         if args.paper:
             out, printer = _paper(args, law), _print_paper
         else:
-            out = _plan(args, law)
+            sizes = _sizes(args) if args.sizes else info["sizes"]
+            out = _plan(args, law, sizes)
             printer = lambda d: _print_plan(d, units)  # noqa: E731
+            if info is not None:
+                out.update(_switches(args, law, sizes, out["target_loss"], info))
+                printer = lambda d: (_print_plan(d, units), _print_switches(d))  # noqa: E731
+        if info is not None:
+            out["calibration"] = info
+            inner = printer
+            printer = lambda d: (_print_calibration(d["calibration"]), inner(d))  # noqa: E731
     if args.json:
         json.dump(_finite(out), sys.stdout, indent=2)
         sys.stdout.write("\n")

@@ -24,12 +24,13 @@ import signal
 import subprocess
 import sys
 import time
+from typing import Optional
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 from megagrow.errors import UserError, cli_entry  # noqa: E402
-from megagrow.fsutil import write_file_atomic  # noqa: E402
+from megagrow.fsutil import read_json, write_file_atomic  # noqa: E402
 
 DEFAULT_SPEC = os.path.join("recipes", "savings", "experiment.yaml")
 EXIT_PREEMPTED = 75
@@ -87,42 +88,61 @@ def _env() -> dict:
 # ----------------------------------------------------------------------------- run
 class Driver:
     def __init__(self, args, spec: dict):
-        from megagrow.results.experiment import runs
-
         self.args, self.spec = args, spec
         self.out = os.path.abspath(args.out)
         self.data = os.path.abspath(args.data)
-        self.runs = runs(spec, self.data)
         self.procs: dict = {}  # name -> (Popen, log file, start time)
         self.failed: set = set()
         self.stopping = False
         self.choices_path = os.path.join(self.out, "choices.json")
+        self.ch = read_json(self.choices_path) or {}
+        self.ch.setdefault("failed", [])
+        # a failed sweep run counts as diverged for good; any other failed run is retried by a new driver
+        self.failed |= {n for n in self.ch["failed"] if n.startswith(("sweep-", "small-"))}
+
+    @property
+    def runs(self) -> list:
+        from megagrow.results.experiment import runs
+
+        return runs(self.spec, self.data, self.ch)
 
     def states(self) -> dict:
         from megagrow.results.report import load_all
 
-        return load_all(self.out, self.spec, self.data)
+        return load_all(self.out, self.spec, self.data, self.ch)
 
     def choices(self, states: dict) -> dict:
-        """LR and headline, computed from the logs as soon as they can be (and then kept: a rerun
-        must not change the config of runs already started)."""
+        """The LR of each size (its sweep extended until the best is interior), then the law
+        calibrated on the first seed's from-scratch runs: computed from the logs as soon as they
+        can be, and then kept (a rerun must not change the config of runs already started)."""
         from megagrow.fsutil import write_json_atomic
-        from megagrow.results.report import best_lr, headline
+        from megagrow.results.experiment import bracket, sweep_sizes
+        from megagrow.results.report import calibrate, sweep_losses
 
-        ch = {}
-        if os.path.isfile(self.choices_path):
-            with open(self.choices_path) as f:
-                ch = json.load(f)
-        changed = False
-        if "lr" not in ch:
-            b = best_lr(states)
-            if b:
-                ch["lr"], ch["lr_run"] = b
+        ch, changed = self.ch, False
+        sw = self.spec["lr_sweep"]
+        for key in sweep_sizes(self.spec):
+            if key in ch.setdefault("lr", {}):
+                continue
+            losses = sweep_losses(states, key, set(ch["failed"]) | self.failed)
+            step = bracket(losses, float(sw.get("factor", 2)), int(sw.get("max_runs", 6)))
+            if step["state"] == "extend":
+                ch.setdefault("sweeps", {}).setdefault(key, [])
+                if step["lr"] not in ch["sweeps"][key]:
+                    ch["sweeps"][key].append(step["lr"])
+                    self.say(f"sweep  {key}: best LR at the edge of {sorted(losses)}: adding {step['lr']:g}")
+                    changed = True
+            elif step["state"] == "done":
+                ch["lr"][key] = {"lr": step["lr"], "bracketed": step["bracketed"],
+                                 "losses": {f"{k:g}": v for k, v in sorted(losses.items())}}
+                self.say(f"LR     {key}: {step['lr']:g} ({'interior' if step['bracketed'] else 'NOT bracketed'})")
                 changed = True
-        if "headline" not in ch:
-            h = headline(states)
-            if h:
-                ch["headline"] = h
+        if "calibration" not in ch:
+            cal = calibrate(states, self.spec, ch)
+            if cal is not None:
+                ch["calibration"] = cal
+                self.say("calibrated the law: " + (cal["error"] if "error" in cal else
+                                                   ", ".join(f"{k} {v}" for k, v in cal["thresholds"].items())))
                 changed = True
         if changed:
             os.makedirs(self.out, exist_ok=True)
@@ -134,11 +154,18 @@ class Driver:
             return False
         if not all(states[d].done for d in r.deps):
             return False
-        if r.kind not in ("sweep",) and "lr" not in ch:
-            return False
-        if r.kind == "seed2-staged" and "headline" not in ch:
-            return False
+        for need in r.needs:
+            if need[0] == "lr" and need[1] not in ch.get("lr", {}):
+                return False
+            if need[0] == "calibration" and "thresholds" not in ch.get("calibration", {}):
+                return False
         return True
+
+    def blocked(self, r, ch: dict) -> Optional[str]:
+        """Why `r` can never start in this session, or None."""
+        if ("calibration",) in r.needs and "error" in ch.get("calibration", {}):
+            return "the law could not be calibrated: " + ch["calibration"]["error"]
+        return None
 
     def start(self, r, ch: dict) -> None:
         from megagrow.results.experiment import plan_of
@@ -168,10 +195,7 @@ class Driver:
         from megagrow.fsutil import write_json_atomic
 
         path = os.path.join(self.out, "timing", f"{name}.json")
-        prev = 0.0
-        if os.path.isfile(path):
-            with open(path) as f:
-                prev = float(json.load(f).get("seconds", 0.0))
+        prev = float((read_json(path) or {}).get("seconds", 0.0))
         os.makedirs(os.path.dirname(path), exist_ok=True)
         write_json_atomic(path, {"seconds": prev + seconds})
 
@@ -189,22 +213,28 @@ class Driver:
     def loop(self) -> int:
         from tqdm import tqdm
 
+        from megagrow.fsutil import write_json_atomic
+
         only = set(self.args.only.split(",")) if self.args.only else None
-        names = [r.name for r in self.runs]
-        if only and not only <= set(names):
-            raise UserError(f"--only: unknown run(s) {', '.join(sorted(only - set(names)))} (runs: {', '.join(names)})")
-        todo = [r for r in self.runs if only is None or r.name in only]
         signal.signal(signal.SIGINT, self.on_signal)
         signal.signal(signal.SIGTERM, self.on_signal)
         states = self.states()
-        bar = tqdm(total=len(todo), desc="savings runs", unit="run", file=sys.stderr,
-                   initial=sum(states[r.name].done for r in todo))
-        skipped = [r.name for r in todo if states[r.name].done]
+        self.choices(states)
+        if only and not only <= set(states):
+            raise UserError(f"--only: unknown run(s) {', '.join(sorted(only - set(states)))} (runs: {', '.join(states)})")
+        bar = tqdm(total=len(states), desc="savings runs", unit="run", file=sys.stderr,
+                   initial=sum(s.done for s in states.values()))
+        skipped = [n for n, s in states.items() if s.done and (only is None or n in only)]
         if skipped:
             self.say(f"done already (skipped): {', '.join(skipped)}")
         while True:
             states = self.states()
             ch = self.choices(states)
+            if set(states) != {r.name for r in self.runs}:  # a sweep was extended: its new run has a state too
+                states = self.states()
+            todo = [r for r in self.runs if only is None or r.name in only]
+            bar.total = len(states)
+            bar.refresh()
             for name, (p, log, t0) in list(self.procs.items()):
                 rc = p.poll()
                 if rc is None:
@@ -220,6 +250,9 @@ class Driver:
                     self.say(f"saved  {name} (interrupted; rerun to resume)")
                 else:
                     self.failed.add(name)
+                    if name not in ch["failed"]:
+                        ch["failed"].append(name)
+                        write_json_atomic(self.choices_path, ch)
                     self.say(f"FAILED {name} (exit {rc}; see {os.path.join(self.out, 'logs', name + '.log')})")
             if self.stopping:
                 if not self.procs:
@@ -228,21 +261,19 @@ class Driver:
                 time.sleep(1)
                 continue
             pending = [r for r in todo if not states[r.name].done and r.name not in self.procs and r.name not in self.failed]
+            never = {r.name: self.blocked(r, ch) for r in pending if self.blocked(r, ch)}
             for r in pending:
                 if len(self.procs) >= self.args.jobs:
                     break
-                if self.ready(r, states, ch):
+                if r.name not in never and self.ready(r, states, ch):
                     self.start(r, ch)
             if not self.procs:
                 bar.close()
                 left = [r.name for r in pending]
+                for n, why in never.items():
+                    self.say(f"cannot run {n}: {why}")
                 if left:
-                    why = "a dependency failed or is missing"
-                    sweep = [s for s in states.values() if s.spec.kind == "sweep"]
-                    if "lr" not in ch and sweep and all(s.done for s in sweep):
-                        why = ("the LR sweep runs have no validation loss in their logs (eval records): "
-                               "does the data have a validation split (tools/prepare_data.py --valid-fraction)?")
-                    self.say(f"cannot run ({why}): {', '.join(left)}")
+                    self.say(f"cannot run (a dependency failed or is missing): {', '.join(n for n in left if n not in never)}")
                     return 1
                 self.say("all runs done")
                 return 1 if self.failed else 0
@@ -259,7 +290,12 @@ def cmd_run(args, spec) -> int:
 def cmd_list(args, spec) -> int:
     from megagrow.results.experiment import plan_of, runs
 
-    ctx = {"lr": spec["lr_sweep"]["lrs"][0], "headline": f"staged-{spec['ablation_base']}"}
+    from megagrow.results.experiment import KINDS, sweep_sizes
+    from megagrow.schedule.slope import THRESHOLDS
+
+    lr0 = float(spec["lr_sweep"]["lrs"][1])  # a placeholder: the sweeps decide
+    ctx = {"lr": {k: {"lr": lr0} for k in sweep_sizes(spec)},
+           "calibration": {"thresholds": {k: [THRESHOLDS["width" if k == "width" else "depth"]] * 2 for k in KINDS}}}
     rows = []
     for r in runs(spec, args.data):
         plan = plan_of(r.build(ctx))
@@ -272,21 +308,32 @@ def cmd_list(args, spec) -> int:
         for x in rows:
             st = " -> ".join(f"{s['model']} x{s['steps']}{' (slope)' if s['stop'] == 'slope' else ''}" for s in x["stages"])
             print(f"{x['run']:24s} {x['kind']:15s} {st}")
-        print("(LR and the headline's config are decided from the logs while the experiment runs)")
+        print("(the LR of each size, extra sweep runs and the slope thresholds are decided from the logs while the "
+              "experiment runs)")
     return 0
 
 
 def commands(args) -> list[str]:
-    """The commands that reproduce the report from a fresh checkout (the Makefile's defaults); a
-    corpus outside the checkout is named by its file name only (the report must not carry paths of
-    the machine that made it)."""
-    data = os.path.relpath(os.path.abspath(args.data), REPO)
-    if data.startswith(".."):
-        data = f"data_cache/{os.path.basename(args.data)}"
-    return ["make data   # the default corpus (data_cache/stdlib), if not prepared yet",
-            "make savings   # = the two commands below",
-            f"python tools/savings.py run --data {data} --out runs/savings --jobs 2",
-            "python tools/savings.py report --out runs/savings --md docs/results/savings.md --png docs/results/savings.png"]
+    """The commands that reproduce this report from a fresh checkout: the corpus's own preparation
+    (a Makefile target where there is one), the run and the report with this invocation's paths.
+    A path outside the checkout is named by its file name under data_cache/ (the report must not
+    carry paths of the machine that made it)."""
+    def rel(path: str, default_dir: str) -> str:
+        r = os.path.relpath(os.path.abspath(path), REPO)
+        return os.path.join(default_dir, os.path.basename(path)) if r.startswith("..") else r
+
+    data = rel(args.data, "data_cache")
+    out = rel(args.out, "runs")
+    prep = {"data_cache/stdlib": "make data            # prepares data_cache/stdlib (the Python standard library's sources)",
+            "data_cache/manpages": "make data-manpages   # prepares data_cache/manpages (the English manual pages, rendered)"}
+    first = prep.get(data, f"python tools/prepare_data.py --out {data} --input YOUR_CORPUS --vocab-size 4096   # the corpus named above")
+    lines = ["make install", first]
+    if data == "data_cache/stdlib" and out == "runs/savings" and args.md == os.path.join("docs", "results", "savings.md") \
+            and args.png == os.path.join("docs", "results", "savings.png"):
+        lines.append("make savings         # = the two commands below")
+    lines += [f"python tools/savings.py run --data {data} --out {out} --jobs 2",
+              f"python tools/savings.py report --data {data} --out {out} --md {args.md} --png {args.png}"]
+    return lines
 
 
 def cmd_report(args, spec) -> int:
@@ -295,10 +342,12 @@ def cmd_report(args, spec) -> int:
 
     if not os.path.isdir(args.out):
         raise UserError(f"no experiment directory {args.out}: run `tools/savings.py run` first")
+    _check_data(args.data)
     res = build(os.path.abspath(args.out), spec, args.spec, os.path.abspath(args.data))
     res["out"] = args.out
-    md = markdown(res, spec, commands(args))
-    os.makedirs(os.path.dirname(os.path.abspath(args.md)), exist_ok=True)
+    md = markdown(res, spec, commands(args), args.png)
+    for path in (args.md, args.png):
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     plot(res, os.path.abspath(args.out), args.png)
     write_file_atomic(args.md, md)
     if args.json:

@@ -103,11 +103,24 @@ class Width(Operator):
     `offdiag_moments`: "tiled" (default; the off-diagonal blocks get m/k, v/k^2 like the
     diagonal: their gradient right after growth is exactly g/k too) or "zero" (as the
     reference code).
+
+    `new_units` "init" (grow spec `width:init`) keeps the residual copies [h]*k but makes the
+    k-1 new groups of units (attention heads, MLP neurons) fresh instead of copies: their
+    input rows (q, k, v, fc1 / gate, up) are seeded noise of the model's init std, their
+    biases 0, and their output columns (attn.o, mlp.fc2 / down) 0, so they add nothing at
+    growth (exact) yet get a gradient at once. The old units read the mean of the k copies
+    (input blocks (0, c) = W / k) and every copy reads the old units (output blocks (c, 0) =
+    W), so the backward pass stays symmetric over the copies: each copy's gradient is g / k
+    as in the copy mode. Moments: each old input block's gradient is exactly the small
+    model's g (m, v kept), the output blocks' g / k (m / k, v / k^2); fresh entries 0. No
+    cancelling noise is added: the fresh units, whose input rows differ between copies, make
+    the copies diverge from the first step.
     """
 
     factor: int = 2
     symmetry_breaking: float = 1.0
     offdiag_moments: str = "tiled"
+    new_units: str = "copy"
     name = "width"
 
     @property
@@ -120,6 +133,8 @@ class Width(Operator):
             raise UserError(f"symmetry_breaking must be >= 0, got {self.symmetry_breaking}")
         if self.offdiag_moments not in ("tiled", "zero"):
             raise UserError(f"offdiag_moments must be 'tiled' or 'zero', got {self.offdiag_moments!r}")
+        if self.new_units not in ("copy", "init"):
+            raise UserError(f"width new_units must be 'copy' or 'init', got {self.new_units!r}")
         d_ff = k * old.ffn_dim
         kv = None if old.n_kv_heads is None else k * old.n_kv_heads  # group size kept
         new_default = old.replace(d_model=k * old.d_model, n_heads=k * old.n_heads, n_kv_heads=kv, d_ff=None)
@@ -130,7 +145,7 @@ class Width(Operator):
         k = self.factor
         inv, inv2 = 1.0 / k, 1.0 / (k * k)
         om, ov = (inv, inv2) if self.offdiag_moments == "tiled" else (0.0, 0.0)
-        std = self.symmetry_breaking * old.init_std
+        std = 0.0 if self.new_units == "init" else self.symmetry_breaking * old.init_std  # fresh units break it
         tag = f"width{k}:{new.d_model}"
         out: dict[str, TensorMap] = {}
         shapes = logical_tensors(new)
@@ -153,6 +168,8 @@ class Width(Operator):
                     pieces = [Copy(((c * s[0], (c + 1) * s[0]),), name, full_box(s), inv, 1.0, 1.0) for c in range(k)]
                 else:  # the untied head carries the 1/k instead
                     pieces = [Copy(((c * s[0], (c + 1) * s[0]),), name, full_box(s), 1.0, inv, inv2) for c in range(k)]
+            elif self.new_units == "init" and _is_unit_tensor(name):
+                pieces = self._fresh_units(name, s, new, tag)
             elif len(s) == 1:  # in-block norm gains/biases and linear biases: repeated
                 pieces = [Copy(((c * s[0], (c + 1) * s[0]),), name, full_box(s), 1.0, inv, inv2) for c in range(k)]
             else:  # a block matrix (out, in) -> k x k blocks
@@ -171,6 +188,33 @@ class Width(Operator):
                             pieces.append(Noise(b, f"{name}#{tag}/sym{r}", std, sign, add=True, key_box=b))
             out[name] = TensorMap(name, ns, tuple(pieces))
         return out
+
+    def _fresh_units(self, name: str, s: tuple, new: ModelConfig, tag: str) -> list:
+        """`new_units="init"`: the pieces of a tensor that reads or writes units."""
+        from megagrow.params import init_std
+
+        k = self.factor
+        full = full_box(s)
+        if rule(name).output:  # (d, units) -> (k d, k units): every residual copy reads the old units
+            o, i = s
+            pieces = [Copy(((c * o, (c + 1) * o), (0, i)), name, full, 1.0, 1.0 / k, 1.0 / (k * k)) for c in range(k)]
+            return pieces + [Fill(((0, k * o), (i, k * i)), 0.0)]
+        if len(s) == 1:  # a unit bias: the old units' kept, the fresh ones 0
+            return [Copy(((0, s[0]),), name, full, 1.0, 1.0, 1.0), Fill(((s[0], k * s[0]),), 0.0)]
+        o, i = s  # (units, d) -> (k units, k d): old units read the mean of the copies, fresh units all of them
+        fresh = ((o, k * o), (0, k * i))
+        return ([Copy(((0, o), (c * i, (c + 1) * i)), name, full, 1.0 / k, 1.0, 1.0) for c in range(k)]
+                + [Noise(fresh, f"{name}#{tag}/fresh", init_std(new, name), key_box=fresh)])
+
+
+def _is_unit_tensor(name: str) -> bool:
+    """A block tensor indexed by units (heads' q/k/v rows, MLP neurons) on one side: the unit-
+    reading matrices and their biases, and the output projections (not their biases, which live
+    on the residual stream)."""
+    if not name.startswith("blocks."):
+        return False
+    r = rule(name)
+    return r.split == 0 or (r.output and name.endswith(".weight"))
 
 
 def _layer_of(name: str) -> tuple[int, str] | None:
@@ -426,7 +470,7 @@ def _summary(c: ModelConfig) -> str:
 def operator_between(spec: str, old: ModelConfig, new: ModelConfig, symmetry_breaking: float = 1.0) -> Operator:
     """The operator named by a stage's `grow` field that takes config `old` to `new`.
 
-    spec: "width" | "depth" | "depth:append" | "depth:interleave:init" | "stack" | "ffn" |
+    spec: "width" | "width:init" | "depth" | "depth:append" | "depth:interleave:init" | "stack" | "ffn" |
     "heads" | "identity" (the factor is read off the two configs). Raises UserError when the configs
     are not related that way (e.g. depth growth to a model whose n_layers is no multiple).
     """
@@ -435,7 +479,9 @@ def operator_between(spec: str, old: ModelConfig, new: ModelConfig, symmetry_bre
     if kind == "width":
         if new.d_model % old.d_model:
             raise UserError(f"width growth: new d_model {new.d_model} is not a multiple of {old.d_model}")
-        op: Operator = Width(new.d_model // old.d_model, symmetry_breaking)
+        if len(parts) > 2 or parts[1:] not in ([], ["copy"], ["init"]):
+            raise UserError(f"unknown width growth {spec!r} (width, width:copy or width:init)")
+        op: Operator = Width(new.d_model // old.d_model, symmetry_breaking, new_units=(parts[1:] or ["copy"])[0])
     elif kind == "depth":
         if new.n_layers % old.n_layers:
             raise UserError(f"depth growth: new n_layers {new.n_layers} is not a multiple of {old.n_layers}")
@@ -451,7 +497,7 @@ def operator_between(spec: str, old: ModelConfig, new: ModelConfig, symmetry_bre
     elif kind == "identity":
         op = Identity()
     else:
-        raise UserError(f"unknown growth operator {spec!r} (width, depth[:interleave|append[:copy|init]], stack, ffn, heads, identity)")
+        raise UserError(f"unknown growth operator {spec!r} (width[:copy|init], depth[:interleave|append[:copy|init]], stack, ffn, heads, identity)")
     plan_growth(op, old, new)  # validates that op really takes old to new
     return op
 

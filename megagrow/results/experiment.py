@@ -1,24 +1,28 @@
-"""The savings experiment as data: the spec (recipes/savings/experiment.yaml) -> the list of
-runs, each a plan built when what it depends on has finished.
+"""The savings experiment as data: the spec (recipes/savings/experiment.yaml) and the driver's
+choices so far (OUT/choices.json) -> the list of runs, each a plan built when what it depends on
+has finished.
 
-Runs (names are their run directories under OUT/runs/):
-  sweep-lr<LR>             final size from scratch at the sweep budget, one per peak LR
-  base-<B>                 final size from scratch at budget B x reference tokens, the best LR
-                           (the sweep run of the best LR is the baseline at the sweep budget)
-  staged-<kind>            width / depth / both: stage tokens split as `megagrow plan` says
-  slope-<kind>             the same, each growing stage ended by the slope rule (at most
-                           `slope.upper` x its planned steps); the last stage as planned
-  abl-<base>-<knob>        the ablation base (a staged run) with one knob changed:
-                           optreset (optimizer state reset), lrkeep / lrrestart (LR placement),
-                           nosym (no symmetry-breaking noise)
-  seed2-<best>, seed2-base-<B>   the headline pair again with the second seed: the best staged
-                           run (chosen when the staged, slope and baseline runs are done) and
-                           the baselines at `headline_budgets`
+Runs (names are their run directories under OUT/runs/; seed suffix "" for the first seed,
+"-s2", "-s3" for the others):
+  sweep-lr<LR>             final size from scratch at the sweep budget, one per peak LR (first
+                           seed); the best one is also the first seed's baseline at that budget
+  small-<LxD>-lr<LR>       a first-stage size from scratch for its stage's planned steps (the
+                           first stage of a staged run on its own), one per peak LR
+  base-<B><seed>           final size from scratch at budget B x reference tokens, the final
+                           size's best LR, every seed
+  staged-<kind><seed>      width / depth / both: stage tokens split as `megagrow plan` says; each
+                           stage at the best LR of its own size; every seed
+  slope-<kind>             the same, each growing stage ended by the slope rule with the
+                           threshold of the law calibrated on the first seed's from-scratch runs
+                           (at most `slope.upper` x its planned steps); the last stage as planned
+  abl-<base>-<knob><seed>  the ablation base (a staged run) with one knob changed (ABLATIONS)
 
-Every run uses the same layout, batch, eval set and schedule shape: cosine from the peak LR to
-min_lr_ratio x peak, warmup `warmup_steps`, the schedule of each from-scratch run ending at its
-own budget (fully decayed). Staged runs follow the project defaults for LR placement
-(`paper`) and re-warmup (none); each stage's schedule ends with the stage.
+Both LR sweeps extend themselves: while the best LR is the smallest (largest) tried, the next run
+tries it / factor (x factor), up to `max_runs`; the choice and whether it is bracketed go to
+OUT/choices.json and the report. Every run uses the same layout, batch, eval set and schedule
+shape: cosine from the peak LR to min_lr_ratio x peak, warmup `warmup_steps`, the schedule of
+each from-scratch run ending at its own budget (fully decayed); each stage of a staged run ends
+its own schedule; LR placement `paper`, no re-warmup (the project defaults).
 """
 
 from __future__ import annotations
@@ -34,11 +38,14 @@ from megagrow.config import Plan, Stage
 from megagrow.errors import UserError
 
 KINDS = ("width", "depth", "both")
+FINAL = "final"  # the sweep key of the final size
+# knob -> (what it changes, stage overrides of the grown stages, first-stage step factor)
 ABLATIONS = {
-    "optreset": ("optimizer state reset at growth", {"growth": {"optimizer_state": "reset"}}),
-    "lrkeep": ("LR placement keep", {"optim": {"lr_placement": "keep"}}),
-    "lrrestart": ("LR placement restart", {"optim": {"lr_placement": "restart"}}),
-    "nosym": ("no symmetry breaking", {"growth": {"symmetry_breaking": 0.0}}),
+    "lrrestart": ("LR placement restart (the grown stage starts its schedule again)", {"optim": {"lr_placement": "restart"}}, 1.0),
+    "sym4": ("symmetry-breaking noise 4 x init_std (default 1)", {"growth": {"symmetry_breaking": 4.0}}, 1.0),
+    "early": ("growth at half the planned first-stage steps (the rest to the grown stage)", {}, 0.5),
+    "fresh": ("fresh units (`width:init`): new heads and neurons initialised, output weights 0", {"grow": "width:init"}, 1.0),
+    "freshrestart": ("fresh units and LR placement restart", {"grow": "width:init", "optim": {"lr_placement": "restart"}}, 1.0),
 }
 
 
@@ -53,19 +60,44 @@ def load_spec(path: str) -> dict:
         except yaml.YAMLError as e:
             raise UserError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
     need = ("name", "seeds", "reference_tokens", "model", "final", "smaller", "layout", "optim", "eval",
-            "baseline_budgets", "lr_sweep", "staged_tokens", "slope", "ablation_base", "headline_budgets")
+            "baseline_budgets", "lr_sweep", "staged_tokens", "slope", "ablation_base")
     missing = [k for k in need if k not in (spec or {})]
     if missing:
         raise UserError(f"{path}: missing key(s) {', '.join(missing)}")
+    if len(spec["seeds"]) < 1 or len(set(spec["seeds"])) != len(spec["seeds"]):
+        raise UserError(f"{path}: seeds must be distinct integers, got {spec['seeds']}")
     if len(spec["baseline_budgets"]) < 4:
         raise UserError(f"{path}: baseline_budgets needs at least 4 budgets, got {spec['baseline_budgets']}")
-    if len(spec["lr_sweep"]["lrs"]) < 3:
+    sw = spec["lr_sweep"]
+    if len(sw["lrs"]) < 3:
         raise UserError(f"{path}: lr_sweep.lrs needs at least 3 values")
-    if spec["lr_sweep"]["budget"] not in spec["baseline_budgets"]:
+    if float(sw.get("factor", 2)) <= 1 or int(sw.get("max_runs", 6)) < len(sw["lrs"]):
+        raise UserError(f"{path}: lr_sweep.factor must be > 1 and max_runs >= the number of lrs")
+    if sw["budget"] not in spec["baseline_budgets"]:
         raise UserError(f"{path}: lr_sweep.budget must be one of baseline_budgets")
     if spec["ablation_base"] not in KINDS:
         raise UserError(f"{path}: ablation_base must be one of {', '.join(KINDS)}")
     return spec
+
+
+# ----------------------------------------------------------------------------- LR brackets
+def bracket(losses: dict, factor: float, max_runs: int) -> dict:
+    """The next step of a self-extending LR sweep. `losses`: LR -> final validation loss (None:
+    not finished yet; inf or NaN: diverged). Returns {"state": "wait"} while a run is unfinished,
+    {"state": "extend", "lr": x} while the best LR is the smallest (x = best / factor) or the
+    largest (best x factor) tried and fewer than `max_runs` ran, else {"state": "done", "lr":
+    best, "bracketed": whether the best is interior}."""
+    if not losses or any(v is None for v in losses.values()):
+        return {"state": "wait"}
+    key = lambda lr: losses[lr] if math.isfinite(losses[lr]) else math.inf  # noqa: E731
+    lrs = sorted(losses)
+    best = min(lrs, key=lambda lr: (key(lr), lr))
+    if math.isinf(key(best)):
+        raise UserError(f"every LR of the sweep diverged: {', '.join(f'{x:g}' for x in lrs)}")
+    edge = best in (lrs[0], lrs[-1])
+    if edge and len(lrs) < max_runs:
+        return {"state": "extend", "lr": float(f"{(best / factor if best == lrs[0] else best * factor):.6g}")}
+    return {"state": "done", "lr": best, "bracketed": not edge}
 
 
 # ----------------------------------------------------------------------------- plan pieces
@@ -78,6 +110,10 @@ def steps_for(spec: dict, budget: float) -> int:
     return max(1, int(round(budget * spec["reference_tokens"] / batch_tokens(spec))))
 
 
+def label(shape: dict) -> str:
+    return f"{shape['n_layers']}x{shape['d_model']}"
+
+
 def _model(spec: dict, shape: dict) -> dict:
     return {**spec["model"], **shape}
 
@@ -88,10 +124,14 @@ def _stage_fields() -> set:
     return {f.name for f in dataclasses.fields(Stage)}
 
 
-def _defaults(spec: dict, lr: float) -> dict:
+def _optim(spec: dict, lr: float) -> dict:
     o = dict(spec["optim"])
     ratio = float(o.pop("min_lr_ratio", 0.1))
-    d = {"layout": dict(spec["layout"]), "optim": {**o, "lr": float(lr), "min_lr": float(lr) * ratio},
+    return {**o, "lr": float(lr), "min_lr": float(lr) * ratio}
+
+
+def _defaults(spec: dict, lr: float) -> dict:
+    d = {"layout": dict(spec["layout"]), "optim": _optim(spec, lr),
          "log_every": int(spec.get("log_every", 10)), "save_every": int(spec.get("save_every", 100))}
     fields = _stage_fields()
     for k, v in spec["eval"].items():  # eval_every / eval_tokens, where this version of the trainer has them
@@ -131,34 +171,64 @@ def planner_split(spec: dict, kind: str) -> dict:
             "command": "megagrow plan --sizes " + ",".join(f"{s['n_layers']}x{s['d_model']}" for s in shapes)}
 
 
-STAGE_NAMES = {2: ["small", "final"], 3: ["small", "mid", "final"]}
-
-
-def staged_plan(spec: dict, name: str, kind: str, lr: float, seed: int, data: str,
-                slope: bool = False, over: dict | None = None) -> dict:
+def planned_steps(spec: dict, kind: str) -> list[int]:
     split = planner_split(spec, kind)
     total = steps_for(spec, spec["staged_tokens"])
     steps = [max(1, int(round(f * total))) for f in split["fractions"]]
     steps[-1] = max(1, total - sum(steps[:-1]))
+    return steps
+
+
+def sweep_sizes(spec: dict) -> dict:
+    """label -> (shape, steps) of every size with its own LR sweep: the final size at the sweep
+    budget, and each smaller size of a chain at the planned steps of the first stage it is in."""
+    out = {FINAL: (spec["final"], steps_for(spec, spec["lr_sweep"]["budget"]))}
+    for k in KINDS:
+        steps = planned_steps(spec, k)
+        for i, link in enumerate(chain(spec, k)[:-1]):
+            out.setdefault(label(link["shape"]), (link["shape"], steps[i]))
+    return out
+
+
+STAGE_NAMES = {2: ["small", "final"], 3: ["small", "mid", "final"]}
+
+
+def staged_plan(spec: dict, name: str, kind: str, lrs: dict, seed: int, data: str,
+                thresholds: list | None = None, over: dict | None = None, first_factor: float = 1.0) -> dict:
+    """A staged run: `lrs` maps each size label (and FINAL) to its peak LR; `thresholds`: the
+    slope rule's threshold of each growing stage (a slope-rule run), else None; `over`: stage
+    overrides of every grown stage; `first_factor`: the first stage's share of its planned steps
+    (the steps it gives up go to the last stage)."""
+    steps = planned_steps(spec, kind)
+    if first_factor != 1.0:
+        n0 = max(1, int(round(first_factor * steps[0])))
+        steps[-1] += steps[0] - n0
+        steps[0] = n0
     c = chain(spec, kind)
     names = STAGE_NAMES[len(c)]
     stages = []
     for i, (link, n) in enumerate(zip(c, steps)):
-        st = {"name": names[i], "model": _model(spec, link["shape"]), "steps": n}
+        last = i == len(c) - 1
+        st = {"name": names[i], "model": _model(spec, link["shape"]), "steps": n,
+              "optim": _optim(spec, lrs[FINAL if last else label(link["shape"])])}
         if link.get("grow"):
             st["grow"] = link["grow"]
-        if slope and i < len(c) - 1:
+        if thresholds is not None and not last:
             sl = spec["slope"]
             st["steps"] = int(math.ceil(sl["upper"] * n))
-            st["stop"] = {"rule": "slope", "window": int(sl["window"]), "min_steps": min(int(sl["min_steps"]), st["steps"])}
+            st["stop"] = {"rule": "slope", "threshold": float(thresholds[i]), "window": int(sl["window"]),
+                          "min_steps": min(int(sl["min_steps"]), st["steps"])}
+        if thresholds is not None and "eval_every" in spec["slope"]:
+            st["eval_every"] = int(spec["slope"]["eval_every"])
         if over and i > 0:
             st = _merge(st, over)
         stages.append(st)
-    return {"name": name, "seed": seed, "data": {"prefix": data}, "defaults": _defaults(spec, lr), "stages": stages}
+    return {"name": name, "seed": seed, "data": {"prefix": data}, "defaults": _defaults(spec, lrs[FINAL]), "stages": stages}
 
 
-def baseline_plan(spec: dict, name: str, budget: float, lr: float, seed: int, data: str) -> dict:
-    st = {"name": "final", "model": _model(spec, spec["final"]), "steps": steps_for(spec, budget)}
+def scratch_plan(spec: dict, name: str, shape: dict, steps: int, lr: float, seed: int, data: str) -> dict:
+    """One size from scratch for `steps`, its schedule decaying fully within them."""
+    st = {"name": "final" if shape == spec["final"] else "small", "model": _model(spec, shape), "steps": int(steps)}
     return {"name": name, "seed": seed, "data": {"prefix": data}, "defaults": _defaults(spec, lr), "stages": [st]}
 
 
@@ -166,60 +236,83 @@ def baseline_plan(spec: dict, name: str, budget: float, lr: float, seed: int, da
 @dataclass
 class RunSpec:
     name: str
-    kind: str  # sweep | baseline | staged | slope | ablation | seed2-staged | seed2-baseline
+    kind: str  # sweep | small-sweep | baseline | staged | slope | ablation
     deps: list = field(default_factory=list)
-    build: Optional[Callable] = None  # ctx -> plan dict
-    info: dict = field(default_factory=dict)
+    build: Optional[Callable] = None  # choices -> plan dict
+    info: dict = field(default_factory=dict)  # seed (index and value), budget, lr, size, chain, knob...
+    needs: tuple = ()  # choices this run waits for: ("lr", size label) or ("calibration",)
 
 
-def _fmt_budget(b: float) -> str:
-    return f"{b:g}"
+def seed_suffix(i: int) -> str:
+    return "" if i == 0 else f"-s{i + 1}"
 
 
-def runs(spec: dict, data: str) -> list[RunSpec]:
-    """Every run of the experiment, in priority order (what starts first when there is room)."""
-    s1, s2 = spec["seeds"][0], spec["seeds"][1]
-    sw = spec["lr_sweep"]
-    sweep = [f"sweep-lr{lr:g}" for lr in sw["lrs"]]
-    out = [RunSpec(n, "sweep", [], (lambda ctx, n=n, lr=lr: baseline_plan(spec, n, sw["budget"], lr, s1, data)),
-                   {"budget": sw["budget"], "lr": lr, "seed": s1}) for n, lr in zip(sweep, sw["lrs"])]
-    for b in spec["baseline_budgets"]:
-        if b == sw["budget"]:
-            continue
-        n = f"base-{_fmt_budget(b)}"
-        out.append(RunSpec(n, "baseline", sweep, lambda ctx, n=n, b=b: baseline_plan(spec, n, b, ctx["lr"], s1, data),
-                           {"budget": b, "seed": s1}))
-    for k in KINDS:
-        n = f"staged-{k}"
-        out.append(RunSpec(n, "staged", sweep, lambda ctx, n=n, k=k: staged_plan(spec, n, k, ctx["lr"], s1, data),
-                           {"chain": k, "seed": s1}))
-    for b in spec["headline_budgets"]:
-        n = f"seed2-base-{_fmt_budget(b)}"
-        out.append(RunSpec(n, "seed2-baseline", sweep, lambda ctx, n=n, b=b: baseline_plan(spec, n, b, ctx["lr"], s2, data),
-                           {"budget": b, "seed": s2}))
-    for k in KINDS:
-        n = f"slope-{k}"
-        out.append(RunSpec(n, "slope", sweep, lambda ctx, n=n, k=k: staged_plan(spec, n, k, ctx["lr"], s1, data, slope=True),
-                           {"chain": k, "seed": s1}))
-    heads = [r.name for r in out if r.kind in ("baseline", "staged", "slope")] + sweep
+def sweep_lrs(spec: dict, choices: dict, key: str) -> list[float]:
+    """The LRs of one sweep: the spec's, plus what the driver added to bracket the best."""
+    return sorted({float(x) for x in spec["lr_sweep"]["lrs"]} | {float(x) for x in choices.get("sweeps", {}).get(key, [])})
 
-    def seed2_staged(ctx):
-        best = ctx["headline"]
-        kind, slope = best.split("-", 1)[1], best.startswith("slope-")
-        return staged_plan(spec, "seed2-staged", kind, ctx["lr"], s2, data, slope=slope)
 
-    out.append(RunSpec("seed2-staged", "seed2-staged", heads, seed2_staged, {"seed": s2}))
+def sweep_name(key: str, lr: float) -> str:
+    return f"sweep-lr{lr:g}" if key == FINAL else f"small-{key}-lr{lr:g}"
+
+
+def _lrs(choices: dict) -> dict:
+    return {k: v["lr"] for k, v in choices.get("lr", {}).items()}
+
+
+def runs(spec: dict, data: str, choices: dict | None = None) -> list[RunSpec]:
+    """Every run of the experiment so far, in priority order (what starts first when there is room).
+    The sweeps grow as the driver extends them (`choices`)."""
+    ch = choices or {}
+    seeds = list(spec["seeds"])
+    sizes = sweep_sizes(spec)
+    out: list[RunSpec] = []
+    for key, (shape, steps) in sizes.items():
+        for lr in sweep_lrs(spec, ch, key):
+            n = sweep_name(key, lr)
+            out.append(RunSpec(n, "sweep" if key == FINAL else "small-sweep", [],
+                               lambda c, n=n, shape=shape, steps=steps, lr=lr: scratch_plan(spec, n, shape, steps, lr, seeds[0], data),
+                               {"size": key, "lr": lr, "seed": seeds[0], "seed_index": 0, "steps": steps,
+                                "budget": spec["lr_sweep"]["budget"] if key == FINAL else None}))
+
+    def chain_needs(kind):
+        return tuple(("lr", label(link["shape"])) for link in chain(spec, kind)[:-1]) + (("lr", FINAL),)
+
+    staged, baselines = [], []
+    for i, s in enumerate(seeds):
+        for b in spec["baseline_budgets"]:
+            if i == 0 and b == spec["lr_sweep"]["budget"]:
+                continue  # the sweep's best run
+            n = f"base-{b:g}{seed_suffix(i)}"
+            baselines.append(RunSpec(n, "baseline", [], lambda c, n=n, b=b, s=s: scratch_plan(
+                spec, n, spec["final"], steps_for(spec, b), c["lr"][FINAL]["lr"], s, data),
+                {"budget": b, "seed": s, "seed_index": i}, (("lr", FINAL),)))
+        for k in KINDS:
+            n = f"staged-{k}{seed_suffix(i)}"
+            staged.append(RunSpec(n, "staged", [], lambda c, n=n, k=k, s=s: staged_plan(spec, n, k, _lrs(c), s, data),
+                                  {"chain": k, "seed": s, "seed_index": i}, chain_needs(k)))
+    slope = [RunSpec(f"slope-{k}", "slope", [], lambda c, k=k: staged_plan(
+        spec, f"slope-{k}", k, _lrs(c), seeds[0], data, thresholds=c["calibration"]["thresholds"][k]),
+        {"chain": k, "seed": seeds[0], "seed_index": 0}, chain_needs(k) + (("calibration",),)) for k in KINDS]
     base = spec["ablation_base"]
-    for key, (what, over) in ABLATIONS.items():
-        n = f"abl-{base}-{key}"
-        out.append(RunSpec(n, "ablation", sweep,
-                           lambda ctx, n=n, over=over: staged_plan(spec, n, base, ctx["lr"], s1, data, over=over),
-                           {"chain": base, "knob": key, "what": what, "of": f"staged-{base}", "seed": s1}))
-    # priority: the sweep, then the baseline nearest the staged runs' budget and the ablation base's
-    # staged run (the first comparison that can be read off), then the rest in the order above
-    near = min((r for r in out if r.kind == "baseline"), key=lambda r: abs(r.info["budget"] - spec["staged_tokens"]))
-    first = [r for r in out if r.kind == "sweep"] + [near] + [r for r in out if r.name == f"staged-{base}"]
-    return first + [r for r in out if r not in first]
+    abl = []
+    for i, s in enumerate(seeds[:int(spec.get("ablation_seeds", 1))]):
+        for key, (what, over, ff) in ABLATIONS.items():
+            n = f"abl-{base}-{key}{seed_suffix(i)}"
+            abl.append(RunSpec(n, "ablation", [], lambda c, n=n, over=over, ff=ff, s=s: staged_plan(
+                spec, n, base, _lrs(c), s, data, over=over, first_factor=ff),
+                {"chain": base, "knob": key, "what": what, "of": f"staged-{base}{seed_suffix(i)}", "seed": s,
+                 "seed_index": i}, chain_needs(base)))
+    # priority: sweeps; the first seed's reference baseline and staged runs (the first readings);
+    # its other baselines and ablations; the other seeds; the slope runs (once calibrated); the
+    # other seeds' ablations
+    first = [r for r in baselines if r.info["seed_index"] == 0 and r.info["budget"] == spec["staged_tokens"]]
+    first += [r for r in staged if r.info["seed_index"] == 0]
+    first += [r for r in baselines if r.info["seed_index"] == 0 and r not in first]
+    first += [r for r in abl if r.info["seed_index"] == 0]
+    rest = [r for r in baselines + staged if r not in first]
+    rest.sort(key=lambda r: r.info["seed_index"])
+    return out + first + rest + slope + [r for r in abl if r not in first]
 
 
 def plan_of(d: dict) -> Plan:

@@ -20,8 +20,7 @@ from megagrow.results.experiment import ABLATIONS, KINDS, RunSpec, planner_split
 from megagrow.config import ModelConfig
 from megagrow.fsutil import read_json
 from megagrow.metrics.flops import flops_per_token, logit_flops_per_token
-from megagrow.results.savings import Curve, Frontier, compare, oracle_switch, read_curve
-from megagrow.schedule.slope import THRESHOLDS
+from megagrow.results.savings import Curve, Frontier, compare, mean_ci, oracle_switch, read_curve
 
 
 # ----------------------------------------------------------------------------- run state
@@ -72,44 +71,54 @@ def load_state(out: str, spec: RunSpec) -> RunState:
     return st
 
 
-def load_all(out: str, spec: dict, data: str) -> dict:
-    return {r.name: load_state(out, r) for r in runs(spec, data)}
+def load_all(out: str, spec: dict, data: str, choices: dict | None = None) -> dict:
+    """Every run's state; `choices` (default: OUT/choices.json) says which sweep runs exist."""
+    if choices is None:
+        choices = read_json(os.path.join(out, "choices.json")) or {}
+    return {r.name: load_state(out, r) for r in runs(spec, data, choices)}
 
 
-# ----------------------------------------------------------------------------- choices from logs
-def best_lr(states: dict) -> Optional[tuple[float, str]]:
-    """(LR, run) of the sweep run with the lowest final validation loss, once every sweep run is done."""
-    sweep = [s for s in states.values() if s.spec.kind == "sweep"]
-    if not sweep or not all(s.done and s.curve and s.curve.final_loss is not None for s in sweep):
-        return None
-    best = min(sweep, key=lambda s: s.curve.final_loss)
-    return float(best.spec.info["lr"]), best.name
+def sweep_losses(states: dict, key: str, failed: set) -> dict:
+    """LR -> final validation loss of the sweep of size `key` (None: not finished; inf: failed,
+    which a sweep run does when its LR makes it diverge)."""
+    out = {}
+    for s in states.values():
+        if s.spec.kind in ("sweep", "small-sweep") and s.spec.info["size"] == key:
+            lr = float(s.spec.info["lr"])
+            if s.name in failed:
+                out[lr] = math.inf
+            elif s.done and s.curve and s.curve.final_loss is not None:
+                out[lr] = float(s.curve.final_loss)
+            else:
+                out[lr] = None
+    return out
 
 
-def frontier(states: dict, seed_kinds=("sweep", "baseline"), total: bool = False) -> Frontier:
-    """The baseline curve of these kinds of run; `total`: on FLOPs with the logit GEMM added."""
-    pts = [((s.curve_total if total else s.curve).flops, s.curve.final_loss) for s in states.values()
-           if s.spec.kind in seed_kinds and s.done and s.curve and s.curve.final_loss is not None]
+# ----------------------------------------------------------------------------- baseline curves
+def scratch_runs(states: dict, seed_index: int) -> list:
+    """The from-scratch runs of the final size with this seed (the first seed's LR sweep
+    included: every LR it tried is a from-scratch run someone could have made)."""
+    return [s for s in states.values() if s.spec.info.get("seed_index") == seed_index
+            and (s.spec.kind == "baseline" or s.spec.kind == "sweep")]
+
+
+def frontier(states: dict, seed_index: int, strongest: bool = True, total: bool = False) -> Frontier:
+    """A seed's baseline curve: `strongest` over every eval point of its from-scratch runs (mid-run
+    included, any run that has started), else over the final points of its finished runs (the
+    decayed-only reading); `total`: on FLOPs with the logit GEMM added."""
+    pts = []
+    for s in scratch_runs(states, seed_index):
+        c = s.curve_total if total else s.curve
+        if c is None or not c.eval_loss:
+            continue
+        if strongest:
+            pts += list(zip(c.eval_flops, c.eval_loss))
+        elif s.done:
+            pts.append((c.eval_flops[-1], c.eval_loss[-1]))
     return Frontier.of(pts)
 
 
-def headline(states: dict) -> Optional[str]:
-    """The best staged run (staged-* or slope-*): highest saving vs the baseline curve; where no
-    saving can be read off, the lowest loss difference at equal FLOPs. None until every staged,
-    slope and baseline run is done."""
-    need = [s for s in states.values() if s.spec.kind in ("sweep", "baseline", "staged", "slope")]
-    if not all(s.done for s in need):
-        return None
-    f = frontier(states)
-    rows = [(s.name, compare(s.name, s.spec.kind, s.curve.flops, s.curve.final_loss, f))
-            for s in need if s.spec.kind in ("staged", "slope")]
-    with_saving = [(r.saving, n) for n, r in rows if r.saving is not None]
-    if with_saving:
-        return max(with_saving)[1]
-    with_delta = [(r.delta_loss, n) for n, r in rows if r.delta_loss is not None]
-    if with_delta:
-        return min(with_delta)[1]
-    return min(rows, key=lambda nr: nr[1].final_loss)[0]
+READINGS = {"strongest": (True, False), "decayed": (False, False), "strongest_logits": (True, True)}
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -173,102 +182,173 @@ def _records(path: str) -> list[dict]:
 
 
 # ----------------------------------------------------------------------------- the report
+def corpus_info(data: str) -> dict:
+    """What the report says about its corpus: the prefix, documents and tokens of each split, and
+    a content hash (SHA-256 of the train and validation token files, first 16 hex digits)."""
+    import hashlib
+
+    from megagrow.data.dataset import TokenDataset, has_valid_split, valid_prefix
+
+    out = {"prefix": data, "name": os.path.basename(os.path.normpath(data))}
+    try:
+        tr = TokenDataset(data)
+        out.update(documents=int(tr.num_documents), train_tokens=int(tr.num_tokens))
+        if has_valid_split(data):
+            va = TokenDataset(valid_prefix(data))
+            out.update(valid_documents=int(va.num_documents), valid_tokens=int(va.num_tokens))
+        h = hashlib.sha256()
+        for path in (data + ".bin", valid_prefix(data) + ".bin"):
+            if os.path.isfile(path):
+                with open(path, "rb") as f:
+                    for chunk in iter(lambda: f.read(1 << 22), b""):
+                        h.update(chunk)
+        out["sha256"] = h.hexdigest()[:16]
+    except (OSError, ValueError) as e:
+        out["error"] = str(e)
+    return out
+
+
+def _row(st: RunState, fronts: dict) -> dict:
+    """A run against its own seed's curves, one reading each."""
+    i = st.spec.info.get("seed_index", 0)
+    out = {}
+    for key, (strong, total) in READINGS.items():
+        c = st.curve_total if total else st.curve
+        done = st.done and c is not None
+        out[key] = compare(st.name, st.spec.kind, c.flops if done else None, c.final_loss if done else None,
+                           fronts[(i, key)]).to_dict()
+    return out
+
+
+def group_of(name: str) -> str:
+    """A run's name without its seed suffix (staged-width-s2 -> staged-width)."""
+    head, _, tail = name.rpartition("-s")
+    return head if head and tail.isdigit() else name
+
+
 def build(out: str, spec: dict, spec_path: str, data: str) -> dict:
     """All numbers of the report, as one dict (the markdown and the --json output)."""
-    states = load_all(out, spec, data)
     choices = read_json(os.path.join(out, "choices.json")) or {}
-    f1 = frontier(states)
-    f2 = frontier(states, ("seed2-baseline",))
-    f1t, f2t = frontier(states, total=True), frontier(states, ("seed2-baseline",), total=True)
+    states = load_all(out, spec, data, choices)
+    n_seeds = len(spec["seeds"])
+    fronts = {(i, key): frontier(states, i, strong, total) for i in range(n_seeds)
+              for key, (strong, total) in READINGS.items()}
     rows = []
     for st in states.values():
-        c, ct = st.curve, st.curve_total
-        seed2 = st.spec.kind.startswith("seed2")
-        r = compare(st.name, st.spec.kind, c.flops if c else None, c.final_loss if c else None, f2 if seed2 else f1)
-        rt = compare(st.name, st.spec.kind, ct.flops if ct else None, ct.final_loss if ct else None, f2t if seed2 else f1t)
+        c = st.curve
         stages = []
         if st.plan:
             for s, status in zip(st.plan["stages"], st.stages):
                 stages.append({"name": s["name"], "shape": shape_label(s["model"]), "steps": s["steps"],
+                               "lr": (s.get("optim") or st.plan["defaults"]["optim"])["lr"],
                                "ran": (status or {}).get("step"), "state": (status or {}).get("state", "pending"),
                                "stopped_by": (status or {}).get("stopped_by")})
-        rows.append({"row": r.to_dict(), "row_total": rt.to_dict(), "kind": st.spec.kind, "done": st.done, "started": st.started,
-                     "stages": stages, "seed": st.plan["seed"] if st.plan else st.spec.info.get("seed"),
-                     "lr": st.plan["defaults"]["optim"]["lr"] if st.plan else None,
+        rows.append({"name": st.name, "group": group_of(st.name), "kind": st.spec.kind, "info": st.spec.info,
+                     "readings": _row(st, fronts), "done": st.done, "started": st.started, "stages": stages,
+                     "seed": st.spec.info.get("seed"), "seed_index": st.spec.info.get("seed_index"),
+                     "flops": c.flops if c else None, "final_loss": c.final_loss if c and st.done else None,
                      "wall_s": _wall(out, st), "tokens": c.tokens if c else None,
                      "transitions": transitions(st) if st.done else []})
-    result = {"spec": spec_path, "out": out, "data": data, "choices": choices, "rows": rows,
-              "frontier": [list(p) for p in f1.points], "frontier_seed2": [list(p) for p in f2.points],
-              "frontier_total": [list(p) for p in f1t.points],
-              "complete": [r["row"]["name"] for r in rows if r["done"]],
-              "incomplete": [r["row"]["name"] for r in rows if not r["done"]],
+    result = {"spec": spec_path, "out": out, "data": data, "corpus": corpus_info(data), "choices": choices,
+              "rows": rows, "complete": [r["name"] for r in rows if r["done"]],
+              "incomplete": [r["name"] for r in rows if not r["done"]],
+              "frontiers": {f"{i}/{key}": [list(p) for p in f.points] for (i, key), f in fronts.items()},
               "splits": {k: planner_split(spec, k) for k in KINDS}}
     rd = os.path.join(out, "runs")
     result["not_in_spec"] = sorted(d for d in (os.listdir(rd) if os.path.isdir(rd) else []) if d not in states)
-    result["slope"] = _slope_vs_oracle(states, spec)
-    result["seeds"] = _seeds(states, choices, f1, f2, f1t, f2t)
+    result["groups"] = _groups(rows, spec)
+    result["baseline_seeds"] = _baseline_seeds(rows, spec, choices)
+    result["slope"] = _slope_vs_oracle(states, spec, choices, result["groups"])
     result["logit_share"] = _logit_share(states)
-    result["ablations"] = _ablations(states, spec)
+    result["ablations"] = _ablations(rows, spec)
     return result
 
 
-def _slope_vs_oracle(states: dict, spec: dict) -> list[dict]:
-    """Where the slope rule grew each slope-* run vs the planned switch and the oracle switch
-    (the best point in hindsight on the small model's measured curve, with the largest baseline
-    run's curve as the big model's; target: that baseline's final loss)."""
-    big = max((s for s in states.values() if s.spec.kind in ("baseline", "sweep") and s.done and s.curve),
-              key=lambda s: (s.curve.flops or 0, -(s.curve.final_loss or 0)), default=None)
-    out = []
-    for k in KINDS:
-        st, planned = states.get(f"slope-{k}"), states.get(f"staged-{k}")
-        if not st or not st.plan:
+def _groups(rows: list, spec: dict) -> dict:
+    """Per staged / slope / ablation run group: each seed's saving (every reading, against its
+    own seed's curves), their mean and 95% interval over seeds, and the final-loss spread."""
+    out = {}
+    for r in rows:
+        if r["kind"] not in ("staged", "slope", "ablation"):
             continue
-        first = st.plan["stages"][0]["name"]
-        status = st.stages[0] or {}
-        nxt = st.plan["stages"][1].get("grow", "") if len(st.plan["stages"]) > 1 else ""
-        row = {"run": st.name, "stage": first, "upper_steps": st.plan["stages"][0]["steps"],
-               "threshold": THRESHOLDS.get(nxt.split(":")[0]),
-               "ended_at": status.get("step"), "state": status.get("state"), "fired": status.get("stopped_by") == "slope",
-               "planned_steps": planned.plan["stages"][0]["steps"] if planned and planned.plan else None,
-               "oracle": None, "slope_at_end": None}
-        c = st.curve
-        if c:
-            idx = [i for i, s in enumerate(c.eval_stage) if s == first]
-            fl, lo = [c.eval_flops[i] for i in idx], [c.eval_loss[i] for i in idx]
-            steps = [c.eval_step[i] for i in idx]
-            if len(fl) >= 2:
-                from megagrow.schedule.slope import smoothed_slopes
-
-                sl = smoothed_slopes(fl, lo, window=min(int(spec["slope"]["window"]), len(fl)))
-                row["slope_at_end"] = None if math.isnan(sl[-1]) else float(sl[-1])
-            if big and len(fl) >= 2 and k != "both":
-                o = oracle_switch(fl, lo, big.curve.eval_flops, big.curve.eval_loss, big.curve.final_loss)
-                if o:
-                    row["oracle"] = {"step": steps[o["index"]], "flops": o["flops"], "loss": o["loss"],
-                                     "at_end": o["at_end"], "big": big.name}
-        out.append(row)
+        g = out.setdefault(r["group"], {"kind": r["kind"], "runs": [], "seeds": []})
+        g["runs"].append(r["name"])
+        if r["done"]:
+            g["seeds"].append({"run": r["name"], "seed": r["seed"], "final_loss": r["final_loss"], "flops": r["flops"],
+                               **{k: r["readings"][k]["saving"] for k in READINGS},
+                               "delta_loss": r["readings"]["strongest"]["delta_loss"]})
+    for g in out.values():
+        for k in list(READINGS) + ["delta_loss"]:
+            g[k] = mean_ci([x[k] for x in g["seeds"]])
+        losses = [x["final_loss"] for x in g["seeds"]]
+        g["loss"] = mean_ci(losses)
+        g["not_reached"] = [x["run"] for x in g["seeds"] if x["strongest"] is None]
     return out
 
 
-def _seeds(states: dict, choices: dict, f1: Frontier, f2: Frontier, f1t: Frontier, f2t: Frontier) -> dict:
-    best = choices.get("headline")
-    out = {"headline": best, "staged": [], "baseline": []}
-    if best and best in states:
-        for name, fr_own, frt_own in ((best, f1, f1t), ("seed2-staged", f2, f2t)):
-            st = states.get(name)
-            if st and st.done and st.curve:
-                c, ct = st.curve, st.curve_total
-                out["staged"].append({"run": name, "seed": st.plan["seed"], "flops": c.flops, "final_loss": c.final_loss,
-                                      "saving_own_seed": compare(name, "", c.flops, c.final_loss, fr_own).saving,
-                                      "saving_seed1_curve": compare(name, "", c.flops, c.final_loss, f1).saving,
-                                      "saving_total_own_seed": compare(name, "", ct.flops, ct.final_loss, frt_own).saving})
-    for st in states.values():
-        if st.spec.kind == "seed2-baseline" and st.done and st.curve:
-            b = st.spec.info["budget"]
-            twin = next((s for s in states.values() if s.spec.kind in ("baseline", "sweep") and s.done and s.curve
-                         and s.spec.info.get("budget") == b and (s.spec.kind == "baseline" or s.name == choices.get("lr_run"))), None)
-            out["baseline"].append({"budget": b, "seed2": st.curve.final_loss,
-                                    "seed1": twin.curve.final_loss if twin else None, "seed1_run": twin.name if twin else None})
+def _baseline_seeds(rows: list, spec: dict, choices: dict) -> list:
+    """Per budget: each seed's final loss of the from-scratch run and their spread."""
+    chosen = (choices.get("lr", {}).get("final") or {}).get("lr")
+    out = []
+    for b in spec["baseline_budgets"]:
+        per = {}
+        for r in rows:
+            if r["done"] and r["info"].get("budget") == b and r["kind"] in ("baseline", "sweep"):
+                if r["kind"] == "sweep" and r["info"]["lr"] != chosen:
+                    continue
+                per[r["seed_index"]] = r["final_loss"]
+        vals = [per[i] for i in sorted(per)]
+        out.append({"budget": b, "losses": {str(i): v for i, v in sorted(per.items())},
+                    "spread": (max(vals) - min(vals)) if len(vals) >= 2 else None, **{"ci": mean_ci(vals)}})
+    return out
+
+
+def _slope_vs_oracle(states: dict, spec: dict, choices: dict, groups: dict) -> list[dict]:
+    """Per slope-* run: where the calibrated rule switched, the planned switch (the staged-* run
+    of the first seed) and the oracle switch (the best point in hindsight on the slope run's
+    small-model curve, the first seed's longest baseline as the big model's curve), with the
+    saving of each (the oracle's as its analysis predicts it)."""
+    big = max((s for s in scratch_runs(states, 0) if s.spec.kind == "baseline" and s.done and s.curve),
+              key=lambda s: s.curve.flops or 0, default=None)
+    cal = choices.get("calibration") or {}
+    out = []
+    for k in KINDS:
+        st, planned = states.get(f"slope-{k}"), states.get(f"staged-{k}")
+        if not st:
+            continue
+        thr = (cal.get("thresholds") or {}).get(k)
+        sw = (cal.get("switches") or {}).get(k) or []
+        row = {"run": st.name, "chain": k, "threshold": thr[0] if thr else None,
+               "law_switch_step": sw[0].get("step") if sw else None,
+               "planned_steps": planned.plan["stages"][0]["steps"] if planned and planned.plan else None,
+               "upper_steps": st.plan["stages"][0]["steps"] if st.plan else None,
+               "ended_at": None, "state": None, "fired": False, "oracle": None, "slope_at_end": None,
+               "saving_rule": (groups.get(st.name) or {}).get("strongest", {}).get("mean"),
+               "saving_planned": (groups.get(f"staged-{k}") or {}).get("strongest", {}).get("mean"),
+               "saving_planned_seed1": next((x["strongest"] for x in (groups.get(f"staged-{k}") or {}).get("seeds", [])
+                                             if x["run"] == f"staged-{k}"), None)}
+        if st.plan:
+            first = st.plan["stages"][0]["name"]
+            status = st.stages[0] or {}
+            row.update(ended_at=status.get("step"), state=status.get("state"), fired=status.get("stopped_by") == "slope")
+            c = st.curve
+            if c:
+                idx = [i for i, s in enumerate(c.eval_stage) if s == first]
+                fl, lo = [c.eval_flops[i] for i in idx], [c.eval_loss[i] for i in idx]
+                steps = [c.eval_step[i] for i in idx]
+                if len(fl) >= 2:
+                    from megagrow.schedule.slope import smoothed_slopes
+
+                    sl = smoothed_slopes(fl, lo, window=min(int(spec["slope"]["window"]), len(fl)))
+                    row["slope_at_end"] = None if math.isnan(sl[-1]) else float(sl[-1])
+                if big and len(fl) >= 2:
+                    o = oracle_switch(fl, lo, big.curve.eval_flops, big.curve.eval_loss, big.curve.final_loss)
+                    if o:
+                        end = big.curve.flops
+                        row["oracle"] = {"step": steps[o["index"]], "flops": o["flops"], "loss": o["loss"],
+                                         "at_end": o["at_end"], "big": big.name,
+                                         "saving": 1.0 - o["total"] / end if end else None}
+        out.append(row)
     return out
 
 
@@ -283,16 +363,73 @@ def _logit_share(states: dict) -> dict:
     return out
 
 
-def _ablations(states: dict, spec: dict) -> list[dict]:
-    base = states.get(f"staged-{spec['ablation_base']}")
+def _ablations(rows: list, spec: dict) -> list[dict]:
+    """Per ablation knob: its runs' final loss minus the base staged run's of the same seed
+    (paired by seed), mean and 95% interval, and its saving on the strongest curve."""
+    by = {r["name"]: r for r in rows}
     out = []
-    for key, (what, _) in ABLATIONS.items():
-        st = states.get(f"abl-{spec['ablation_base']}-{key}")
-        if not st:
-            continue
-        row = {"run": st.name, "knob": key, "what": what, "done": st.done,
-               "final_loss": st.curve.final_loss if st.done and st.curve else None,
-               "base_loss": base.curve.final_loss if base and base.done and base.curve else None}
-        row["delta"] = None if row["final_loss"] is None or row["base_loss"] is None else row["final_loss"] - row["base_loss"]
-        out.append(row)
+    base = spec["ablation_base"]
+    for key, (what, _, _) in ABLATIONS.items():
+        diffs, names = [], []
+        for r in rows:
+            if r["kind"] == "ablation" and r["info"].get("knob") == key:
+                names.append(r["name"])
+                b = by.get(r["info"]["of"])
+                if r["done"] and b and b["done"]:
+                    diffs.append(r["final_loss"] - b["final_loss"])
+        out.append({"knob": key, "what": what, "group": f"abl-{base}-{key}", "runs": names,
+                    "delta_vs_base": mean_ci(diffs), "diffs": diffs})
     return out
+
+
+# ----------------------------------------------------------------------------- the calibrated law
+def calibrate(states: dict, spec: dict, choices: dict) -> Optional[dict]:
+    """The law fitted to the first seed's from-scratch runs of every size (each at its chosen
+    LR, mid-run eval points included), and per chain the switch loss, the small model's step
+    there and the slope rule's threshold it implies, for the target = the first seed's
+    reference-budget baseline's final loss. None until those runs are done; {"error": ...} when
+    the fit is impossible (the slope-rule runs then cannot run)."""
+    from megagrow.errors import UserError
+    from megagrow.results.experiment import FINAL, chain, label, sweep_sizes
+    from megagrow.schedule.law import non_embedding_params
+
+    import numpy as np
+
+    from megagrow.schedule.calibrate import MIN_STEP_FRACTION, calibrated_switches, fit_law
+
+    lrs = choices.get("lr", {})
+    sizes = sweep_sizes(spec)
+    if not all(k in lrs for k in sizes):
+        return None
+    curves, used = [], []
+    for key, (shape, _) in sizes.items():
+        runs_ = [s for s in states.values() if s.spec.info.get("seed_index") == 0 and (
+            (s.spec.kind in ("sweep", "small-sweep") and s.spec.info["size"] == key and float(s.spec.info["lr"]) == lrs[key]["lr"])
+            or (key == FINAL and s.spec.kind == "baseline"))]
+        if not runs_ or not all(s.done and s.curve for s in runs_):
+            return None
+        N = non_embedding_params(shape["n_layers"], shape["d_model"])
+        warm = int(spec["optim"].get("warmup_steps", 0))
+        for s in runs_:
+            steps, losses = np.array(s.curve.eval_step, dtype=float), np.array(s.curve.eval_loss, dtype=float)
+            keep = steps >= max(warm, MIN_STEP_FRACTION * steps.max())  # past warm-up, as `megagrow plan --calibrate`
+            curves.append((N, steps[keep], losses[keep]))
+            used.append(s.name)
+    ref = next((s for s in states.values() if s.spec.kind == "baseline" and s.spec.info.get("seed_index") == 0
+                and s.spec.info["budget"] == spec["staged_tokens"]), None)
+    if ref is None or not (ref.done and ref.curve):
+        return None
+    target = float(ref.curve.final_loss)
+    try:
+        law, info = fit_law(curves)
+        out = {"fit": info, "runs": used, "target": target, "thresholds": {}, "switches": {}}
+        for k in ("width", "depth", "both"):
+            shapes = [c["shape"] for c in chain(spec, k)]
+            sw = calibrated_switches(law, [non_embedding_params(s["n_layers"], s["d_model"]) for s in shapes], target)
+            out["switches"][k] = [{"threshold": x["threshold"], "step": x["small_step"], "switch_loss": x["switch_loss"],
+                                   "paper_threshold": x.get("paper_threshold")} for x in sw]
+            out["thresholds"][k] = [float(x["threshold"]) for x in sw]
+            out["sizes_" + k] = [label(s) for s in shapes]
+        return json.loads(json.dumps(out, default=float))
+    except UserError as e:
+        return {"error": str(e), "runs": used, "target": target}

@@ -10,10 +10,12 @@ Definitions (what the report's columns mean):
 
 * a run's FLOPs: the ledger's cumulative FLOPs at its last training record; its final loss:
   the validation loss of its last eval record (the last stage's end);
-* the baseline curve: for each budget, the final validation loss of a from-scratch run of the
-  final size whose LR schedule decays fully within that budget; the curve is their lower
-  envelope (best loss reachable with at most C FLOPs), piecewise linear in (log10 C, loss).
-  The intermediate points of a baseline run are NOT on it: their LR has not decayed;
+* the strongest baseline curve (the headline reading): the lower envelope of EVERY validation
+  point of every from-scratch run of the final size (mid-run and final, every budget and LR of
+  the same seed): the best loss any from-scratch run reached with at most C FLOPs, piecewise
+  linear in (log10 C, loss) between the kept points;
+* the decayed-only curve (the second reading): the same envelope over the final points only,
+  each from a run whose LR schedule decays fully within its budget;
 * FLOPs to reach loss L: the baseline curve inverted, by interpolation only: None ("not
   reached") when L is below the best baseline loss or above the cheapest one's;
 * saving: 1 - C_run / C_baseline(L_run) (positive: the run reached its loss with fewer FLOPs);
@@ -209,6 +211,24 @@ def compare(name: str, kind: str, flops: Optional[float], final_loss: Optional[f
     need = frontier.flops_to(final_loss)
     at = frontier.loss_at(flops)
     return Row(name, kind, flops, final_loss, need, saving(flops, need), at, None if at is None else final_loss - at)
+
+
+def mean_ci(values, level: float = 0.95) -> dict:
+    """Mean and a `level` confidence interval of the mean (Student t, n - 1 degrees of freedom)
+    over independent values, e.g. one saving per seed, each read against its own seed's
+    baselines (paired by seed). n = 1: the value, no interval. None values are left out."""
+    from scipy import stats
+
+    xs = [float(v) for v in values if v is not None]
+    n = len(xs)
+    if n == 0:
+        return {"n": 0, "mean": None, "lo": None, "hi": None, "sd": None}
+    mean = sum(xs) / n
+    if n == 1:
+        return {"n": 1, "mean": mean, "lo": None, "hi": None, "sd": None}
+    sd = math.sqrt(sum((x - mean) ** 2 for x in xs) / (n - 1))
+    half = float(stats.t.ppf(0.5 + level / 2, n - 1)) * sd / math.sqrt(n)
+    return {"n": n, "mean": mean, "lo": mean - half, "hi": mean + half, "sd": sd}
 
 
 # ----------------------------------------------------------------------------- where to switch

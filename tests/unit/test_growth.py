@@ -112,6 +112,8 @@ OPS = {
     "width3": Width(3),
     "width2_nobreak": Width(2, symmetry_breaking=0.0),
     "width2_zero_offdiag": Width(2, offdiag_moments="zero"),
+    "width2_fresh": Width(2, new_units="init"),
+    "width3_fresh": Width(3, new_units="init"),
     "depth_interleave": Depth(2, "interleave"),
     "depth_append": Depth(2, "append"),
     "depth_x3_init": Depth(3, "interleave", "init"),
@@ -185,6 +187,44 @@ def test_width_gradients_match_the_moment_rule(env, flavour, tie, k):
     q = g_new["blocks.0.attn.q.weight"]
     torch.testing.assert_close(q[:D, D:2 * D], g_old["blocks.0.attn.q.weight"] / k, rtol=2e-4, atol=2e-6 * scale)
     print(f"\n[grad] {flavour} tied={tie} width x{k}: max |g_new - rule(g_old)| / max|g| = {worst:.1e}")
+
+
+@pytest.mark.parametrize("k", [2, 3])
+@pytest.mark.parametrize("flavour,tie", [("gpt2", True), ("llama_gqa", False)])
+def test_width_fresh_units_gradients(env, flavour, tie, k):
+    """Width growth with fresh units (`width:init`): the grown model's gradient equals the old gradient pushed
+    through the map with the exp_avg factors everywhere except the fresh units' output columns (declared
+    moments 0); those have a non-zero gradient at once (the fresh units learn from the first step), and the
+    fresh units' input rows have exactly zero gradient (their output weights are 0)."""
+    st = env.trained(flavour, tie)
+    x, y = env.batch(EVAL_AT + 5)
+    g_old = _grads(model_of(st)[0], x, y)
+    op = Width(k, new_units="init")
+    g_new = _grads(model_of(grow(st, op, seed=4))[0], x, y)
+    pred = apply_map(plan_growth(op, st.config).tensors, g_old, "m", 0)
+    scale = max(t.abs().max().item() for t in g_old.values())
+    for n in g_new:
+        if n.endswith(("attn.o.weight", "mlp.fc2.weight", "mlp.down.weight")):
+            units = g_old[n].shape[1]
+            torch.testing.assert_close(g_new[n][:, :units], pred[n][:, :units], rtol=2e-4, atol=2e-6 * scale)
+            fresh = g_new[n][:, units:]
+            assert fresh.abs().max().item() > 1e-3 * scale, n  # learns at once
+        else:
+            torch.testing.assert_close(g_new[n], pred[n], rtol=2e-4, atol=2e-6 * scale, msg=lambda m: f"{n}: {m}")
+    q_old = g_old["blocks.0.attn.q.weight"]
+    q = g_new["blocks.0.attn.q.weight"]
+    assert q[q_old.shape[0]:].abs().max().item() == 0.0
+    for c in range(k):  # each copy's input block of the old units: exactly the old gradient
+        torch.testing.assert_close(q[:q_old.shape[0], c * D:(c + 1) * D], q_old, rtol=2e-4, atol=2e-6 * scale)
+
+
+def test_width_fresh_units_spec():
+    """`width:init` names the fresh-units width operator; anything else after `width:` is a user error."""
+    c = ModelConfig(vocab_size=64, seq_len=16, n_layers=2, d_model=32, n_heads=4)
+    assert operator_between("width:init", c, c.replace(d_model=64, n_heads=8)) == Width(2, new_units="init")
+    assert operator_between("width:copy", c, c.replace(d_model=64, n_heads=8)) == Width(2)
+    with pytest.raises(UserError, match="width:init"):
+        operator_between("width:fresh", c, c.replace(d_model=64, n_heads=8))
 
 
 @pytest.mark.parametrize("op", [Depth(2, "interleave"), Depth(2, "append"), FFN(d_ff=200)], ids=["interleave", "append", "ffn"])
@@ -372,7 +412,7 @@ def test_user_errors_for_violated_preconditions(env):
     assert operator_between("width", c, c.replace(d_model=96, n_heads=12)) == Width(3)
 
 
-@pytest.mark.parametrize("opname", ["width3", "depth_x3_init", "ffn", "width2"])
+@pytest.mark.parametrize("opname", ["width3", "depth_x3_init", "ffn", "width2", "width3_fresh"])
 def test_sharded_application_gives_the_same_bytes(env, opname):
     """Applying a map fragment by fragment (uneven row x column fragments, as TP/ZeRO shards would) produces
     bitwise the full application, noise included; each fragment reads only the source boxes it needs."""

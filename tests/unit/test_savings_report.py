@@ -107,107 +107,178 @@ def test_oracle_switch_is_the_argmin_of_total_compute():
     assert oracle_switch(small_c, small_l, big_c, big_l, 2.0) is None  # the target is off the big curve
 
 
+# ============================================================================ intervals, LR brackets
+def test_mean_ci_is_the_student_t_interval():
+    """Three savings 0.1, 0.2, 0.3: mean 0.2, sd 0.1, half-width t(0.975, 2) x 0.1 / sqrt(3) = 0.248414..."""
+    from megagrow.results.savings import mean_ci
+
+    c = mean_ci([0.1, 0.2, 0.3])
+    half = 4.3026527297494 * 0.1 / math.sqrt(3)
+    assert c["n"] == 3 and c["mean"] == pytest.approx(0.2, abs=1e-15) and c["sd"] == pytest.approx(0.1, abs=1e-15)
+    assert c["lo"] == pytest.approx(0.2 - half, abs=1e-10) and c["hi"] == pytest.approx(0.2 + half, abs=1e-10)
+    two = mean_ci([0.0, 1.0])  # t(0.975, 1) = 12.7062...
+    assert two["hi"] - two["mean"] == pytest.approx(12.706204736174698 * math.sqrt(0.5) / math.sqrt(2), rel=1e-9)
+    assert mean_ci([0.3, None])["lo"] is None and mean_ci([0.3])["mean"] == 0.3 and mean_ci([])["mean"] is None
+
+
+def test_lr_bracket_extends_an_edge_optimum():
+    """The best LR at the largest tried adds LR x factor; at the smallest, LR / factor; interior is done;
+    a diverged run (inf) counts as worst; the run cap ends the sweep unbracketed; unfinished waits."""
+    from megagrow.errors import UserError
+    from megagrow.results.experiment import bracket
+
+    assert bracket({0.001: 5.4, 0.002: 5.3, 0.004: 5.2}, 2, 6) == {"state": "extend", "lr": 0.008}
+    assert bracket({0.001: 5.1, 0.002: 5.3, 0.004: 5.2}, 2, 6) == {"state": "extend", "lr": 0.0005}
+    assert bracket({0.001: 5.4, 0.002: 5.3, 0.004: 5.5}, 2, 6) == {"state": "done", "lr": 0.002, "bracketed": True}
+    assert bracket({0.001: 5.4, 0.002: 5.3, 0.004: 5.2, 0.008: math.inf}, 2, 6) == {"state": "done", "lr": 0.004,
+                                                                                    "bracketed": True}
+    assert bracket({0.001: 5.4, 0.002: 5.3, 0.004: 5.2}, 2, 3) == {"state": "done", "lr": 0.004, "bracketed": False}
+    assert bracket({0.001: 5.4, 0.002: None, 0.004: 5.2}, 2, 6) == {"state": "wait"}
+    with pytest.raises(UserError, match="diverged"):
+        bracket({0.001: math.inf, 0.002: math.inf, 0.004: math.inf}, 2, 6)
+
+
+def test_sweeps_grow_from_the_choices():
+    """The run list carries the LRs the driver added: a sweep extended to 0.008 has a fourth run."""
+    from megagrow.results.experiment import load_spec, runs
+
+    spec = load_spec(SPEC)
+    names = [r.name for r in runs(spec, "d", {"sweeps": {"final": [0.008], "6x96": [0.0005]}})]
+    assert "sweep-lr0.008" in names and "small-6x96-lr0.0005" in names
+    assert names.count("sweep-lr0.002") == 1
+
+
 # ============================================================================ the whole report
-def _fake_experiment(tmp_path):
-    """An experiment directory as tools/savings.py leaves it, with synthetic logs: every run
-    done, final losses and FLOPs chosen so the report's numbers are known exactly."""
+SPEC = os.path.join(os.path.dirname(__file__), "..", "..", "recipes", "savings", "experiment.yaml")
+DECAYED = {0.35: (1e12, 5.0), 0.6: (2e12, 4.6), 1.0: (4e12, 4.3), 1.4: (8e12, 4.1)}
+
+
+def _fake_experiment(tmp_path, data):
+    """An experiment directory as tools/savings.py leaves it, with synthetic logs (two seeds),
+    every run done, FLOPs and losses chosen so the report's numbers are known exactly. Each
+    run's eval points: half-way (loss + 0.5) and at the end; the first seed's longest baseline
+    instead passes 4.5 at 2e12 and 4.25 at 4e12, below the shorter decayed runs' final losses."""
     import yaml
 
     from megagrow.results.experiment import load_spec, runs
 
-    spec = load_spec(os.path.join(os.path.dirname(__file__), "..", "..", "recipes", "savings", "experiment.yaml"))
-    spec.update(baseline_budgets=[0.35, 0.6, 1.0, 1.6], headline_budgets=[0.6, 1.0])  # the runs named below
-    spec["lr_sweep"] = {"budget": 1.0, "lrs": [0.0025, 0.005, 0.01]}
-    spec["ablation_base"] = "width"
-    with open(tmp_path / "spec.yaml", "w") as f:
+    spec = load_spec(SPEC)
+    spec["seeds"] = [1234, 4321]
+    spec_path = tmp_path / "spec.yaml"
+    with open(spec_path, "w") as f:
         yaml.safe_dump(spec, f)
     out = tmp_path / "exp"
-    finals = {  # run -> (FLOPs, final val loss)
-        "sweep-lr0.0025": (4e12, 4.35), "sweep-lr0.005": (4e12, 4.3), "sweep-lr0.01": (4e12, 4.4),
-        "base-0.35": (1e12, 5.0), "base-0.6": (2e12, 4.6), "base-1.6": (8e12, 4.1),
-        "staged-width": (2e12, 4.45), "staged-depth": (3e12, 4.2), "staged-both": (2e12, 3.9),
-        "slope-width": (2.5e12, 4.5), "slope-depth": (2e12, 4.7), "slope-both": (2e12, 4.6),
-        "abl-width-optreset": (2e12, 4.5), "abl-width-lrkeep": (2e12, 4.46), "abl-width-lrrestart": (2e12, 4.40),
-        "abl-width-nosym": (2e12, 4.6), "seed2-staged": (3e12, 4.4),
-        "seed2-base-0.6": (2e12, 4.62), "seed2-base-1": (4e12, 4.28),
-    }
-    for r in runs(spec, "data_cache/stdlib"):
-        plan = r.build({"lr": 0.005, "headline": "staged-depth"})
+    choices = {"lr": {k: {"lr": 0.002, "bracketed": True, "losses": {"0.001": 4.7, "0.002": 4.6, "0.004": 4.8}}
+                      for k in ("final", "6x96", "3x192", "3x96")},
+               "calibration": {"thresholds": {"width": [-0.1], "depth": [-0.1], "both": [-0.1, -0.1]}, "target": 4.3,
+                               "runs": [], "fit": {"constants": {"N_c": 1e9, "alpha_N": 0.1, "S_c": 100.0, "alpha_S": 0.5}},
+                               "switches": {}}, "failed": []}
+    os.makedirs(out)
+    with open(out / "choices.json", "w") as f:
+        json.dump(choices, f)
+    plans = {}
+    for r in runs(spec, data, choices):
+        plan = r.build(choices)
+        plans[r.name] = (r, plan)
         os.makedirs(out / "plans", exist_ok=True)
         with open(out / "plans" / f"{r.name}.yaml", "w") as f:
             yaml.safe_dump(plan, f)
-        flops, loss = finals[r.name]
+        if r.kind in ("sweep", "small-sweep"):
+            flops, loss = 2e12, {0.001: 4.7, 0.002: 4.6, 0.004: 4.8}[r.info["lr"]] + (0 if r.kind == "sweep" else 0.5)
+        elif r.kind == "baseline":
+            flops, loss = DECAYED[r.info["budget"]]
+        else:
+            flops, loss = 2e12, 4.45
         names = [s["name"] for s in plan["stages"]]
+        evals = {i: [((i + 0.5) / len(names) * flops, loss + 0.5 * (len(names) - i)),
+                     ((i + 1) / len(names) * flops, loss + 0.5 * (len(names) - 1 - i))] for i in range(len(names))}
+        if r.name == "base-1.4":
+            evals = {0: [(2e12, 4.5), (4e12, 4.25), (8e12, 4.1)]}
         for i, n in enumerate(names):
             d = out / "runs" / r.name / n
             os.makedirs(d)
-            f0, f1 = flops * i / len(names), flops * (i + 1) / len(names)
-            l1 = loss + 0.5 * (len(names) - 1 - i)
-            recs = [{"stage": n, "step": 10, "loss": l1 + 1.1, "tokens": 1, "flops": (f0 + f1) / 2, "time": 100.0 * i},
-                    {"stage": n, "step": 10, "eval_loss": l1 + 1.0, "tokens": 1, "flops": (f0 + f1) / 2, "at": "periodic", "time": 0},
-                    {"stage": n, "step": 20, "loss": l1 + 0.1, "tokens": 2, "flops": f1, "time": 100.0 * i + 50},
-                    {"stage": n, "step": 20, "eval_loss": l1, "tokens": 2, "flops": f1, "at": "stage_end", "time": 0}]
+            recs = []
+            for j, (c, l) in enumerate(evals[i]):
+                recs.append({"stage": n, "step": 10 * (j + 1), "loss": l + 0.1, "tokens": j + 1, "flops": c, "time": 100.0 * i + j})
+                recs.append({"stage": n, "step": 10 * (j + 1), "eval_loss": l, "tokens": j + 1, "flops": c,
+                             "at": "stage_end" if j == len(evals[i]) - 1 else "periodic", "time": 0})
             with open(d / "log.jsonl", "w") as f:
                 f.writelines(json.dumps(x) + "\n" for x in recs)
             with open(d / "status.json", "w") as f:
-                json.dump({"state": "done", "step": 20}, f)
-    with open(out / "choices.json", "w") as f:
-        json.dump({"lr": 0.005, "lr_run": "sweep-lr0.005", "headline": "staged-depth"}, f)
-    return spec, out
+                json.dump({"state": "done", "step": 10 * len(evals[i])}, f)
+    return spec_path, out, len(plans)
 
 
-def test_report_from_synthetic_logs(tmp_path):
-    """The LR and headline choices from the logs, and the generated markdown: saving of
-    staged-width 1 - 2/2^1.5 = +29.3%, staged-depth (3e12 FLOPs, 4.2: baseline needs 4e12 x 2^0.5)
-    +47.0%, staged-both below the best baseline: "not reached"; the plot file is written."""
+def _report(tmp_path, out, spec_path, data, *extra):
     import subprocess
     import sys
 
-    from megagrow.results.report import best_lr, headline, load_all
-
-    spec, out = _fake_experiment(tmp_path)
-    states = load_all(str(out), spec, "data_cache/stdlib")
-    assert best_lr(states) == (0.005, "sweep-lr0.005")
-    assert headline(states) == "staged-depth"
     root = os.path.join(os.path.dirname(__file__), "..", "..")
-    md, png = tmp_path / "savings.md", tmp_path / "savings.png"
-    r = subprocess.run([sys.executable, os.path.join(root, "tools", "savings.py"), "report", "--out", str(out),
-                        "--md", str(md), "--png", str(png), "--json", "--spec", str(tmp_path / "spec.yaml")], capture_output=True, text=True,
+    md, png = tmp_path / "report" / "s.md", tmp_path / "plots" / "s.png"
+    r = subprocess.run([sys.executable, os.path.join(root, "tools", "savings.py"), "report", "--out", str(out), "--data", data,
+                        "--md", str(md), "--png", str(png), "--spec", str(spec_path), *extra], capture_output=True, text=True,
                        env=dict(os.environ, PYTHONPATH=os.path.abspath(root)), timeout=300)
+    return r, md, png
+
+
+def test_report_reads_the_strongest_curve_and_intervals(tmp_path, data_prefix):
+    """The strongest curve is the envelope of every from-scratch eval point: base-1.4's mid-run 4.5 at 2e12
+    beats the decayed 0.6 run's 4.6. staged-width (2e12 FLOPs, 4.45) then needs 2e12 x 2^0.2 on it (saving
+    1 - 2^-0.2 = 12.9%) but 2e12 x 2^0.5 on the decayed-only curve (29.3%). The second seed has no such mid-run
+    point: 29.3% on both. The headline is the mean over the two seeds with its t interval (t(0.975, 1))."""
+    from megagrow.results.savings import mean_ci
+
+    spec_path, out, n = _fake_experiment(tmp_path, data_prefix)
+    r, md, png = _report(tmp_path, out, spec_path, data_prefix, "--json")
     assert r.returncode == 0, r.stderr[-3000:]
     res = json.loads(r.stdout)
-    rows = {x["row"]["name"]: x["row"] for x in res["rows"]}
-    assert rows["staged-width"]["saving"] == pytest.approx(1 - 1 / math.sqrt(2), abs=1e-12)
-    assert rows["staged-depth"]["saving"] == pytest.approx(1 - 3 / (4 * math.sqrt(2)), abs=1e-12)
-    assert rows["staged-both"]["saving"] is None and rows["staged-both"]["delta_loss"] == pytest.approx(-0.7, abs=1e-12)
-    # second seed: read against the second seed's baselines (2e12, 4.62) and (4e12, 4.28)
-    need = 2e12 * 2 ** ((4.62 - 4.4) / (4.62 - 4.28))
-    assert rows["seed2-staged"]["saving"] == pytest.approx(1 - 3e12 / need, abs=1e-12)
+    assert [2e12, 4.5] in res["frontiers"]["0/strongest"] and [4e12, 4.25] in res["frontiers"]["0/strongest"]
+    assert [2e12, 4.6] in res["frontiers"]["0/decayed"] and [2e12, 4.5] not in res["frontiers"]["0/decayed"]
+    rows = {x["name"]: x for x in res["rows"]}
+    sw = rows["staged-width"]["readings"]
+    assert sw["strongest"]["saving"] == pytest.approx(1 - 2 ** -0.2, abs=1e-12)
+    assert sw["decayed"]["saving"] == pytest.approx(1 - 2 ** -0.5, abs=1e-12)
+    assert rows["staged-width-s2"]["readings"]["strongest"]["saving"] == pytest.approx(1 - 2 ** -0.5, abs=1e-12)
+    g = res["groups"]["staged-width"]
+    want = mean_ci([1 - 2 ** -0.2, 1 - 2 ** -0.5])
+    assert g["strongest"]["mean"] == pytest.approx(want["mean"], abs=1e-12) and g["strongest"]["n"] == 2
+    assert g["strongest"]["lo"] == pytest.approx(want["lo"], abs=1e-12)
     text = md.read_text()
-    assert "All 19 runs complete." in text
-    assert "| staged-width | staged |" in text and "+29.3%" in text and "+47.0%" in text and "not reached" in text
-    assert "best 0.005, used for every run" in text and "`staged-depth`" in text
-    ab = {a["knob"]: a for a in res["ablations"]}
-    assert ab["lrrestart"]["delta"] == pytest.approx(4.40 - 4.45, abs=1e-12)
+    assert f"All {n} runs complete." in text and "+12.9%" in text and "+29.3%" in text
+    assert "| final | 0.001 -> 4.7000, 0.002 -> 4.6000, 0.004 -> 4.8000 | 0.002 | yes |" in text
     assert png.stat().st_size > 10_000
 
 
-def test_report_says_which_runs_are_incomplete(tmp_path):
+def test_report_names_its_corpus_and_plot(tmp_path, data_prefix):
+    """The report names the corpus it was run on (name, documents, tokens, content hash), gives the
+    commands that reproduce this very report (its --data, --md and --png) and the plot path it wrote."""
+    from megagrow.data.dataset import TokenDataset
+
+    spec_path, out, n = _fake_experiment(tmp_path, data_prefix)
+    r, md, png = _report(tmp_path, out, spec_path, data_prefix)
+    assert r.returncode == 0, r.stderr[-3000:]
+    text = md.read_text()
+    name = os.path.basename(data_prefix)
+    ds = TokenDataset(data_prefix)
+    assert f"Savings on `{name}`" in text and f"Corpus: `{name}` ({ds.num_documents:,} training documents, " \
+                                              f"{ds.num_tokens:,} training tokens" in text and "sha256:" in text
+    assert f"--data data_cache/{name} " in text and f"--md {md} --png {png}" in text
+    assert f"- Plot: `{png}`" in text and "docs/results/savings.png" not in text and "make data " not in text
+
+
+def test_report_says_which_runs_are_incomplete(tmp_path, data_prefix):
     import subprocess
     import sys
 
-    spec, out = _fake_experiment(tmp_path)
+    spec_path, out, n = _fake_experiment(tmp_path, data_prefix)
     for stage in ("small", "final"):
-        with open(out / "runs" / "abl-width-nosym" / stage / "status.json", "w") as f:
+        with open(out / "runs" / "abl-width-sym4" / stage / "status.json", "w") as f:
             json.dump({"state": "running" if stage == "final" else "done", "step": 5}, f)
-    root = os.path.join(os.path.dirname(__file__), "..", "..")
-    md = tmp_path / "s.md"
-    r = subprocess.run([sys.executable, os.path.join(root, "tools", "savings.py"), "report", "--out", str(out),
-                        "--md", str(md), "--png", str(tmp_path / "s.png"), "--spec", str(tmp_path / "spec.yaml")], capture_output=True, text=True,
-                       env=dict(os.environ, PYTHONPATH=os.path.abspath(root)), timeout=300)
+    r, md, _ = _report(tmp_path, out, spec_path, data_prefix)
     assert r.returncode == 0, r.stderr[-3000:]
     text = md.read_text()
-    assert "Runs complete: 18 of 19" in text and "abl-width-nosym" in text.split("Not complete")[1].splitlines()[0]
+    assert f"Runs complete: {n - 1} of {n}" in text and "abl-width-sym4" in text.split("Not complete")[1].splitlines()[0]
+    root = os.path.join(os.path.dirname(__file__), "..", "..")
     r = subprocess.run([sys.executable, os.path.join(root, "tools", "savings.py"), "report", "--out", str(tmp_path / "none")],
                        capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=os.path.abspath(root)), timeout=300)
     assert r.returncode == 2 and r.stderr.count("error:") == 1 and "Traceback" not in r.stderr
