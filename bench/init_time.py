@@ -113,6 +113,7 @@ def single(a) -> dict:
 
 
 def zero3(a) -> dict:
+    from megagrow import collectives
     from megagrow.config import Layout, OptimConfig, Plan, Stage
     from megagrow.model.gpt import GPT, init_weights
     from megagrow.parallel.engine import _zero3_init, ds_config
@@ -144,7 +145,7 @@ def zero3(a) -> dict:
            "zero3_entries_held": held, "zero3_build_s": t1 - t0, "zero3_draw_s": t2 - t1,
            "zero3_peak_rss_gib": peak_z3, "rss_before_gib": base,
            "plain_build_s": t4 - t3, "plain_draw_s": t5 - t4, "plain_peak_rss_gib": rss()}
-    torch.distributed.barrier()
+    collectives.barrier()
     return out
 
 

@@ -432,6 +432,7 @@ def import_checkpoint(plan, k: int, out_dir: str, progress: bool = False) -> dic
     Process groups must be initialised for stage k's layout."""
     import torch
 
+    from megagrow import collectives
     from megagrow.growth.ops import Identity, plan_growth
     from megagrow.parallel.engine import build_stage
     from megagrow.paths import tag_of
@@ -450,6 +451,6 @@ def import_checkpoint(plan, k: int, out_dir: str, progress: bool = False) -> dic
     cs["init_from"] = {"hf": os.path.abspath(path), "config": hf.config}
     engine.global_steps = 0
     engine.save_checkpoint(out_dir, tag=tag_of(0), client_state=cs)
-    torch.distributed.barrier()
+    collectives.barrier()
     del engine, optimizer
     return {"init_from": os.path.abspath(path), "tag": tag_of(0), **info}

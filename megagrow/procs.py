@@ -171,7 +171,9 @@ def exit_rank(rc: int):
 
     dist = sys.modules.get("torch.distributed")
     if dist is not None and dist.is_available() and dist.is_initialized():
-        dist.barrier()
+        from megagrow import collectives
+
+        collectives.barrier()
     atexit._run_exitfuncs()
     logging.shutdown()
     sys.stdout.flush()

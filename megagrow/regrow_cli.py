@@ -107,16 +107,18 @@ def main(argv=None) -> int:
     from megagrow.state.executor import check_source
 
     src = SourceCheckpoint.open(args.src, args.tag)  # reads the metadata (one file); validates it
-    if os.environ.get("RANK", "0") == "0" and not os.environ.get("MEGAGROW_REGROW_WORKER"):
-        _verify_source(src)
     same = check_source(plan, k, src)
     from megagrow.growth.ops import operator_between
 
     operator_between("identity" if same else (args.grow or stage.grow or "identity"), src.model, stage.model)
     direct = not any(k in os.environ for k in ("RANK", "SLURM_PROCID"))
     if direct:  # one process checks every source file before any rank starts; ranks open only their own
+        _verify_source(src)
         src.check_files()
         src.close()
+    # under torchrun or srun each rank checks the checksums of exactly the files it opens (regrow(verify=True));
+    # the ranks the direct start spawns skip it: the launcher checked every file above
+    verify = not direct and not os.environ.get("MEGAGROW_REGROW_WORKER")
 
     if direct and stage.layout.world_size > 1:
         # started directly: everything above was checked once, here; now the ranks
@@ -138,6 +140,7 @@ def main(argv=None) -> int:
 
     import torch
 
+    from megagrow import collectives
     from megagrow.parallel.groups import init_distributed
     from megagrow.state.executor import regrow
     from megagrow.state.manifest import checkpoint_meta, seal
@@ -147,9 +150,9 @@ def main(argv=None) -> int:
     tmp = f"{out}.regrow-tmp"
     if rank == 0 and os.path.exists(tmp):
         shutil.rmtree(tmp)
-    torch.distributed.barrier()
+    collectives.barrier()
     try:
-        info = regrow(plan, k, src, tmp, args.grow, progress=(rank == 0 and not args.json))
+        info = regrow(plan, k, src, tmp, args.grow, progress=(rank == 0 and not args.json), verify=verify)
         seal(tmp, info["tag"], checkpoint_meta(plan, k, info["step"], info["sample_offset"] + info["step"] * stage.layout.global_batch,
                                                source=f"{src.dir}/{src.tag}"), tp=stage.layout.tp)
         faults.point("regrow.sealed", info["step"])
@@ -160,10 +163,10 @@ def main(argv=None) -> int:
     import resource
 
     peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024.0  # Linux: KiB
-    mine = torch.tensor([float(info["bytes_read"]), float(info["bytes_written_state"]), peak_rss, float(info["files_opened"])],
+    mine = torch.tensor([float(info["bytes_read"]), float(info["bytes_written_state"]), peak_rss, float(info["files_opened"]),
+                         float(info["files_verified"]), float(-1 if info["files_unverified"] is None else info["files_unverified"])],
                         dtype=torch.float64)
-    allr = [torch.zeros(4, dtype=torch.float64) for _ in range(torch.distributed.get_world_size())]
-    torch.distributed.all_gather(allr, mine)
+    allr = collectives.all_gather(mine)  # on the CPU: collectives runs it on the device under NCCL
     if rank == 0:
         if os.path.isdir(out):
             os.rmdir(out)
@@ -177,6 +180,10 @@ def main(argv=None) -> int:
             "state_bytes_per_rank": [int(t[1]) for t in allr],
             "peak_rss_bytes_per_rank": [int(t[2]) for t in allr],
             "files_opened_per_rank": [int(t[3]) for t in allr],  # source files: its metadata file + the optimizer files it read
+            # checksums checked by each rank before reading (torchrun/srun: the files it opens, rank 0 also the
+            # metadata file; started directly, the launcher checked every file and this is 0); opened unchecked (-1: not asked)
+            "files_verified_per_rank": [int(t[4]) for t in allr],
+            "files_unverified_per_rank": [int(t[5]) for t in allr],
             "bytes_written": written, "seconds": time.perf_counter() - t0,
             "phase_seconds_rank0": {k: round(v, 3) for k, v in info["phase_seconds"].items()},
         }

@@ -48,6 +48,8 @@ class StopFlag:
     def agreed(self, device) -> bool:
         import torch
 
+        from megagrow import collectives
+
         t = torch.tensor([1.0 if self.raised else 0.0], device=device)
-        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+        collectives.all_reduce(t, op="max")
         return bool(t.item() > 0)

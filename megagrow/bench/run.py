@@ -41,6 +41,7 @@ import time
 
 import torch
 
+from megagrow import collectives
 from megagrow.bench.loops import MegagrowLoop, PhaseTimer, PlainDDPLoop, stage_batches
 from megagrow.config import Plan, load_plan
 from megagrow.errors import UserError, cli_entry
@@ -93,7 +94,7 @@ def _pct(xs: list[float], q: float) -> float:
 def _slowest_rank(times: list[float], device) -> list[float]:
     """Each step's time as the slowest rank saw it."""
     t = torch.tensor(times, dtype=torch.float64, device=device)
-    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+    collectives.all_reduce(t, op="max")
     return t.tolist()
 
 
@@ -102,7 +103,7 @@ def _phases(timer: PhaseTimer, steps: int, device) -> dict | None:
         return None
     names = sorted(timer.phases)
     t = torch.tensor([timer.phases[n] for n in names], dtype=torch.float64, device=device)
-    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+    collectives.all_reduce(t, op="max")
     return {n: v / steps for n, v in zip(names, t.tolist())}
 
 
@@ -159,7 +160,7 @@ def bench_row(plan: Plan, k: int, steps: int, warmup: int, block: int, synthetic
             n = min(block, steps - done)
             for lp in loops:
                 for _ in range(n):
-                    torch.distributed.barrier()
+                    collectives.barrier()
                     sync()
                     t0, c0 = time.perf_counter(), time.process_time()
                     loss = lp.step()
@@ -278,17 +279,17 @@ def bench_transition(plan: Plan, k: int, synthetic: bool) -> dict:
     rank = torch.distributed.get_rank()
     root = tempfile.mkdtemp(prefix="megagrow-bench-") if rank == 0 else None
     obj = [root]
-    torch.distributed.broadcast_object_list(obj, src=0)
+    collectives.broadcast_object_list(obj, src=0)
     root = obj[0]
     # the source stage ends at its first step: transition() checks it is finished
     src_plan = plan.replace(stages=tuple(s.replace(steps=1) if i == k - 1 else s for i, s in enumerate(plan.stages)))
     phases: dict[str, dict] = {"transition": {}, "resume": {}}
 
     def timed(kind: str, name: str, fn):
-        torch.distributed.barrier()
+        collectives.barrier()
         t0 = time.perf_counter()
         out = fn()
-        torch.distributed.barrier()
+        collectives.barrier()
         phases[kind][name] = time.perf_counter() - t0
         return out
 
@@ -321,7 +322,7 @@ def bench_transition(plan: Plan, k: int, synthetic: bool) -> dict:
         timed("resume", "first_step", lambda: _first_step(eng, src_plan, k, synthetic))
         eng.destroy()
     finally:
-        torch.distributed.barrier()
+        collectives.barrier()
         if rank == 0:
             shutil.rmtree(root, ignore_errors=True)
     t_tr, t_rs = sum(phases["transition"].values()), sum(phases["resume"].values())

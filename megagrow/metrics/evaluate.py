@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import torch
 
+from megagrow import collectives
 from megagrow.data.evalset import EvalSet
 
 
@@ -31,6 +32,6 @@ def evaluate(engine, evalset: EvalSet, dp_rank: int, dp_size: int, dp_group, bat
     finally:
         module.train(was_training)
     if dp_size > 1:
-        torch.distributed.all_reduce(sums, group=dp_group)
+        collectives.all_reduce(sums, group=dp_group)
     total, count = sums.tolist()
     return total / count

@@ -31,7 +31,7 @@ import torch.utils.checkpoint
 from megatron.core import parallel_state, tensor_parallel
 from megatron.core.model_parallel_config import ModelParallelConfig
 
-from megagrow import params, rng
+from megagrow import collectives, params, rng
 from megagrow.config import ModelConfig
 
 
@@ -103,15 +103,14 @@ class _GatherKV(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x):
         group = parallel_state.get_tensor_model_parallel_group()
-        parts = [torch.empty_like(x) for _ in range(torch.distributed.get_world_size(group))]
-        torch.distributed.all_gather(parts, x.contiguous(), group=group)
+        parts = collectives.all_gather(x.contiguous(), group=group)
         ctx.rank, ctx.size = torch.distributed.get_rank(group), x.shape[-1]
         return torch.cat(parts, dim=-1)
 
     @staticmethod
     def backward(ctx, g):
         g = g.contiguous()
-        torch.distributed.all_reduce(g, group=parallel_state.get_tensor_model_parallel_group())
+        collectives.all_reduce(g, group=parallel_state.get_tensor_model_parallel_group())
         return g[..., ctx.rank * ctx.size:(ctx.rank + 1) * ctx.size].contiguous()
 
 

@@ -14,6 +14,7 @@ import warnings
 
 import torch
 
+from megagrow import collectives
 from megagrow.config import Layout
 from megagrow.errors import UserError
 
@@ -80,6 +81,7 @@ def init_distributed(layout: Layout, timeout_s: float | None = None) -> None:
             # init_distributed; training never uses it, so skip the build on CPU.
             sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None
         deepspeed.init_distributed(dist_backend=backend, verbose=False, timeout=datetime.timedelta(seconds=timeout))
+    collectives.setup(timeout)  # NCCL: the gloo side group for metadata (once per process)
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
     # megatron-core's destroy only drops its references: the groups (about 17, each with its own

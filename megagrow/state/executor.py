@@ -13,10 +13,12 @@ The same code serves `tools/regrow.py` and the trainer's stage transition.
 from __future__ import annotations
 
 import math
+import os
 import time
 
 import torch
 
+from megagrow import collectives
 from megagrow.config import Plan
 from megagrow.errors import UserError
 from megagrow.params import partition_dim
@@ -179,10 +181,14 @@ def _short(m) -> str:
 
 
 def regrow(plan: Plan, k: int, src: SourceCheckpoint, out_dir: str, spec: str | None = None, progress: bool = False,
-           keep_engine: bool = False) -> dict:
+           keep_engine: bool = False, verify: bool = False) -> dict:
     """Build stage k's engine at its layout from checkpoint `src` (of stage k-1 with growth
     `spec`, or of stage k itself: pure resharding), and save it in `out_dir` with DeepSpeed.
     Process groups must be initialised for stage k's layout.
+
+    verify: first, each rank checks the checksums of exactly the source files it will open
+    (`verify_reads`); info["files_verified"] counts them, info["files_unverified"] the optimizer
+    files this rank then opened without having checked them (0 unless the prediction is wrong).
 
     keep_engine: the engine is returned ready to train (info["engine"] = (engine, optimizer),
     info["record"] the stage record saved), its module weights equal to the fp32 master as a
@@ -197,6 +203,7 @@ def regrow(plan: Plan, k: int, src: SourceCheckpoint, out_dir: str, spec: str | 
                           symmetry_breaking=stage.growth.symmetry_breaking)
     gp = plan_growth(op, old_model, stage.model)
     reset = not same_stage and stage.growth.optimizer_state == "reset"  # stage.growth: the plan's ablation knobs
+    verified = verify_reads(plan, k, src, spec) if verify else None
     t = [time.perf_counter()]
     engine, optimizer = build_stage(plan, k, init=False)  # every weight is written below
     init_optimizer_state(engine, optimizer)
@@ -210,7 +217,7 @@ def regrow(plan: Plan, k: int, src: SourceCheckpoint, out_dir: str, spec: str | 
         rec = src_rec.grown(plan, k, *lr_placement(op, src_rec.lr_offset + src_rec.step, stage))
     engine.global_steps = rec.step
     engine.save_checkpoint(out_dir, tag=tag_of(rec.step), client_state=rec.to_client_state())
-    torch.distributed.barrier()
+    collectives.barrier()
     t.append(time.perf_counter())
     if keep_engine:
         sync_module_weights(engine)
@@ -220,6 +227,8 @@ def regrow(plan: Plan, k: int, src: SourceCheckpoint, out_dir: str, spec: str | 
         del engine, optimizer
     info.update(op=op.describe() if hasattr(op, "describe") else str(op), step=rec.step, sample_offset=rec.sample_offset,
                 bytes_read=src.bytes_read, files_opened=len(src.opened), tag=tag_of(rec.step),
+                files_verified=len(verified or []),
+                files_unverified=None if verified is None else len({os.path.basename(p) for p in src.opened[1:]} - set(verified)),
                 phase_seconds={"engine": t[1] - t[0], "fill": t[2] - t[1], "save": t[3] - t[2]})
     return info
 
@@ -240,16 +249,8 @@ def lr_placement(op, pos: int, stage) -> tuple[int, int]:
     return pos, o.rewarmup_steps
 
 
-def read_plan(plan: Plan, k: int, src: SourceCheckpoint, spec: str | None = None) -> dict:
-    """What `regrow(plan, k, src, ...)` costs each rank of stage k's layout, from metadata alone:
-    the same box arithmetic as `fill_engine` with no tensors and no processes. `src` may be a
-    real checkpoint (its own shard map) or `SourceCheckpoint.planned(...)` (a layout that was
-    never written: any scale). Per target rank (rank order: TP fastest, as megatron numbers them):
-    the source files it opens (its metadata file + the optimizer files its boxes touch), the
-    bytes it reads (fp32 elements of the source boxes, per state read) and the optimizer-state
-    bytes it fills (fp32 weight + 2 moments of its own fragments); assumes DeepSpeed partitions
-    stage k as `ShardMap` does (every opened source file is checked against that rule)."""
-    from megagrow.growth.maps import Copy, box_size
+def _read_setup(plan: Plan, k: int, src: SourceCheckpoint, spec: str | None):
+    """(operator, growth tensors, states read, target layout's planned map) of a regrow into stage k."""
     from megagrow.growth.ops import operator_between, plan_growth
 
     stage = plan.stages[k]
@@ -259,20 +260,81 @@ def read_plan(plan: Plan, k: int, src: SourceCheckpoint, spec: str | None = None
     tensors = plan_growth(op, src.model, stage.model).tensors
     states = ("w",) if (not same and stage.growth.optimizer_state == "reset") else ("w", "m", "v")
     L = stage.layout
-    target = SourceCheckpoint.planned(stage.model, L.tp, L.dp, L.zero_stage)
+    return op, tensors, states, SourceCheckpoint.planned(stage.model, L.tp, L.dp, L.zero_stage)
+
+
+def _rank_reads(tensors: dict, states: tuple, target: SourceCheckpoint, src: SourceCheckpoint, frags: list, tp: int,
+                tp_rank: int) -> tuple[set, int, int]:
+    """(source optimizer files opened, bytes read, state bytes filled) of the target rank holding
+    `frags` at TP rank `tp_rank`: fill_engine's box arithmetic on metadata alone."""
+    from megagrow.growth.maps import Copy, box_size
+
+    files, nbytes, state = set(), 0, 0
+    for name, start, numel in frags:
+        box, _ = fragment_box(name, target.local_shapes[name], start, numel, tp, tp_rank)
+        for p in tensors[name].restrict(box):  # as apply_pieces: a copy with factor 0 reads nothing
+            n = sum(isinstance(p, Copy) and p.factor(st) != 0.0 for st in states)
+            if n:
+                files |= src.files_for(p.src, p.src_box)
+                nbytes += box_size(p.src_box) * 4 * n
+        state += numel * 4 * 3
+    return files, nbytes, state
+
+
+def rank_source_files(plan: Plan, k: int, src: SourceCheckpoint, rank: int, spec: str | None = None) -> list[str]:
+    """The source optimizer files (paths) that global rank `rank` of stage k's layout opens in a
+    regrow from `src` (TP ranks consecutive, as megatron numbers them): read_plan's arithmetic
+    for that one rank."""
+    _, tensors, states, target = _read_setup(plan, k, src, spec)
+    tp = plan.stages[k].layout.tp
+    d, t = divmod(rank, tp)
+    frags = [f for f in target.map.rank_fragments(d) if f[2] > 0]
+    files, _, _ = _rank_reads(tensors, states, target, src, frags, tp, t)
+    return sorted(src.path("optim", ft, fd) for ft, fd in files)
+
+
+def verify_reads(plan: Plan, k: int, src: SourceCheckpoint, spec: str | None = None) -> list[str]:
+    """Before a regrow into stage k reads `src` (collective over the target layout's ranks): each
+    rank checks the CRC-32 of exactly the source optimizer files it will open against the source's
+    manifest; rank 0 also checks the metadata file every rank opens (the growth reads only its
+    few metadata entries, so one rank checking it is enough). Sizes are checked for every file on
+    every rank (a stat each). A mismatch is one UserError on every rank. A source without a
+    manifest (unsealed: an old checkpoint, or one from elsewhere) is read as it is (SourceCheckpoint
+    checks its structure). Returns the names this rank checked the checksums of."""
+    from megagrow.state.manifest import MANIFEST, problems
+
+    rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+    tag_dir = os.path.join(src.dir, src.tag)
+    names, bad = [], []
+    if os.path.exists(os.path.join(tag_dir, MANIFEST)):
+        names = [os.path.basename(p) for p in rank_source_files(plan, k, src, rank, spec)]
+        if rank == 0 and src.opened:
+            names.insert(0, os.path.basename(src.opened[0]))
+        bad = problems(tag_dir, deep=True, names=names)
+    if torch.distributed.is_initialized():
+        bad = sorted({p for part in collectives.all_gather_object(bad) for p in part})
+    if bad:
+        raise UserError(f"source checkpoint {tag_dir} failed verification: {bad[0]}"
+                        + (f" (+{len(bad) - 1} more)" if len(bad) > 1 else ""), all_ranks=True)
+    return names
+
+
+def read_plan(plan: Plan, k: int, src: SourceCheckpoint, spec: str | None = None) -> dict:
+    """What `regrow(plan, k, src, ...)` costs each rank of stage k's layout, from metadata alone:
+    the same box arithmetic as `fill_engine` with no tensors and no processes. `src` may be a
+    real checkpoint (its own shard map) or `SourceCheckpoint.planned(...)` (a layout that was
+    never written: any scale). Per target rank (rank order: TP fastest, as megatron numbers them):
+    the source files it opens (its metadata file + the optimizer files its boxes touch), the
+    bytes it reads (fp32 elements of the source boxes, per state read) and the optimizer-state
+    bytes it fills (fp32 weight + 2 moments of its own fragments); assumes DeepSpeed partitions
+    stage k as `ShardMap` does (every opened source file is checked against that rule)."""
+    op, tensors, states, target = _read_setup(plan, k, src, spec)
+    L = plan.stages[k].layout
     opened, read, filled = [], [], []
     for d in range(L.dp):
         frags = [f for f in target.map.rank_fragments(d) if f[2] > 0]
         for t in range(L.tp):
-            files, nbytes, state = set(), 0, 0
-            for name, start, numel in frags:
-                box, _ = fragment_box(name, target.local_shapes[name], start, numel, L.tp, t)
-                for p in tensors[name].restrict(box):  # as apply_pieces: a copy with factor 0 reads nothing
-                    n = sum(isinstance(p, Copy) and p.factor(st) != 0.0 for st in states)
-                    if n:
-                        files |= src.files_for(p.src, p.src_box)
-                        nbytes += box_size(p.src_box) * 4 * n
-                state += numel * 4 * 3
+            files, nbytes, state = _rank_reads(tensors, states, target, src, frags, L.tp, t)
             opened.append((d * L.tp + t, 1 + len(files)))
             read.append((d * L.tp + t, nbytes))
             filled.append((d * L.tp + t, state))

@@ -197,10 +197,21 @@ def manifest_of(ckpt_dir: str, tag: str) -> dict | None:
 # writing (collective: every rank of the job calls these)
 
 
-def _dist():
-    import torch.distributed as dist
+def _coll():
+    """megagrow.collectives once torch.distributed is running (None in a single process without it)."""
+    import torch.distributed
 
-    return dist if dist.is_available() and dist.is_initialized() else None
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return None
+    from megagrow import collectives
+
+    return collectives
+
+
+def _rank_world(coll) -> tuple[int, int]:
+    import torch.distributed
+
+    return (torch.distributed.get_rank(), torch.distributed.get_world_size()) if coll else (0, 1)
 
 
 def checkpoint_meta(plan, k: int, step: int, sample_index: int, **extra) -> dict:
@@ -215,21 +226,17 @@ def seal(ckpt_dir: str, tag: str, meta: dict, tp: int = 1, keep_last: int = 0) -
     and move `latest` to the tag; prune to `keep_last` complete tags (0: keep all). Collective.
     A failure on rank 0 (disk full) raises the same UserError on every rank, leaves no temp
     files and leaves `latest` at the previous complete tag."""
-    dist = _dist()
-    rank, world = (dist.get_rank(), dist.get_world_size()) if dist else (0, 1)
-    if dist:
-        dist.barrier()
+    coll = _coll()
+    rank, world = _rank_world(coll)
+    if coll:
+        coll.barrier()
     tag_dir = os.path.join(ckpt_dir, tag)
     names = tag_files(tag_dir)
     t0 = time.perf_counter()
     mine = {n: checksum(os.path.join(tag_dir, n), sync=True) for n in names if owner_rank(n, tp, world) == rank}
     t_sum = time.perf_counter() - t0
     faults.point("seal.checksummed", meta.get("step"))
-    gathered = [None] * world if rank == 0 else None
-    if dist:
-        dist.gather_object(mine, gathered, dst=0)
-    else:
-        gathered = [mine]
+    gathered = coll.gather_object(mine, dst=0) if coll else [mine]
     err = ""
     m = {}
     if rank == 0:
@@ -251,10 +258,8 @@ def seal(ckpt_dir: str, tag: str, meta: dict, tp: int = 1, keep_last: int = 0) -
                 prune(ckpt_dir, keep_last)
         except OSError as e:
             err = f"could not finish checkpoint {tag_dir} ({e.strerror or e}); " + _kept(ckpt_dir, tag)
-    if dist:
-        box = [err]
-        dist.broadcast_object_list(box, src=0)
-        err = box[0]
+    if coll:
+        err = coll.broadcast_object(err, src=0)
     if err:
         e = UserError(err, all_ranks=True)
         e.stage_failed = True
@@ -299,14 +304,12 @@ def save(engine, ckpt_dir: str, tag: str, client_state: dict, meta: dict, tp: in
     pointed at: a kill during such a save can then never tear the checkpoint it started from.
     A write that fails (disk full) on rank 0 raises a UserError on every rank, with `latest` left at
     the previous complete checkpoint; on another rank it raises there and the others see a lost rank."""
-    dist = _dist()
-    rank = dist.get_rank() if dist else 0
+    coll = _coll()
+    rank, _ = _rank_world(coll)
     tag_dir = os.path.join(ckpt_dir, tag)
     done = os.path.isdir(tag_dir) and not problems(tag_dir, deep=False)
-    if dist:
-        box = [done]
-        dist.broadcast_object_list(box, src=0)
-        done = box[0]
+    if coll:
+        done = coll.broadcast_object(done, src=0)
     if done:
         if rank == 0:
             write_latest(ckpt_dir, tag)
@@ -347,22 +350,20 @@ def _write_failure(e: BaseException, ckpt_dir: str) -> str | None:
 def verify_distributed(ckpt_dir: str, tag: str, tp: int = 1) -> None:
     """Before loading `tag`: each rank checks the checksums of its own share of the files; any
     mismatch is a UserError on every rank naming the file and the next older complete tag."""
-    dist = _dist()
-    rank, world = (dist.get_rank(), dist.get_world_size()) if dist else (0, 1)
+    coll = _coll()
+    rank, world = _rank_world(coll)
     tag_dir = os.path.join(ckpt_dir, tag)
     m = read_manifest(tag_dir) or {"files": {}}
     mine = [n for n in m["files"] if owner_rank(n, tp, world) == rank]
     bad = problems(tag_dir, deep=True, names=mine) if mine or rank == 0 else []
-    if dist:
-        everyone = [None] * world
-        dist.all_gather_object(everyone, bad)
-        bad = sorted({p for part in everyone for p in part})
+    if coll:
+        bad = sorted({p for part in coll.all_gather_object(bad) for p in part})
     if bad:
         older = [t for t in complete_tags(ckpt_dir) if t != tag and _step(ckpt_dir, t) < _step(ckpt_dir, tag)]
         offer = (f"the next older complete checkpoint is {older[0]}: to resume from it, move {tag_dir} aside "
                  f"(`megagrow verify {ckpt_dir}` lists every tag)") if older else "no older complete checkpoint exists"
         raise UserError(f"checkpoint {tag_dir} failed verification: {bad[0]}"
-                        + (f" (+{len(bad) - 1} more)" if len(bad) > 1 else "") + f"; {offer}", all_ranks=dist is not None)
+                        + (f" (+{len(bad) - 1} more)" if len(bad) > 1 else "") + f"; {offer}", all_ranks=coll is not None)
 
 
 def _step(ckpt_dir: str, tag: str) -> int:

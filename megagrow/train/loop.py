@@ -16,7 +16,7 @@ import time
 
 import torch
 
-from megagrow import faults
+from megagrow import collectives, faults
 from megagrow.config import Plan
 from megagrow.errors import EXIT_NONFINITE, EXIT_OK, EXIT_PREEMPTED, UserError
 from megagrow.state import manifest
@@ -154,7 +154,7 @@ def train_stage(plan: Plan, k: int, run_dir: str, stop_at: int | None = None, qu
         # the same value), the stop flag (any rank signalled -> all save together) and whether the
         # gradient norm was finite
         red = torch.stack([total, torch.tensor(1.0 if stop.raised else 0.0, device=device), _grad_norm_bad(engine, device)])
-        torch.distributed.all_reduce(red)
+        collectives.all_reduce(red)
         loss_sum, stop_votes, grad_bad = red.tolist()
         rec = rec.replace(step=rec.step + 1, loss=loss_sum / (L.grad_accum * world))
         steps_since += 1
@@ -201,8 +201,8 @@ def train_stage(plan: Plan, k: int, run_dir: str, stop_at: int | None = None, qu
                     print(f"[megagrow] {stage.name}: slope rule on the eval loss (d log L / d log C {stopper.rule.slope:.4f} > "
                           f"{stopper.threshold}) ends the stage at step {rec.step}", flush=True)
                 evaluate("stage_end", v)  # the same model: its stage-end record, not a second eval
-        if stop_votes > 0:
-            save("preempted")
+        if stop_votes > 0:  # a signal at the stage's last step still leaves it done: say so
+            save("done" if rec.finished else "preempted")
             meter.close()
             if rank == 0 and not quiet:
                 print(f"[megagrow] signal received: saved stage {stage.name} at step {rec.step}, exiting {EXIT_PREEMPTED}", flush=True)
@@ -246,8 +246,8 @@ def fp32_finite(optimizer) -> bool:
     except RuntimeError:  # no ZeRO flat partitions (zero_stage 0): the optimizer's own parameters
         tensors = [p for g in optimizer.param_groups for p in g["params"]]
     ok = all(bool(torch.isfinite(t).all()) for t in tensors)
-    t = torch.tensor([1.0 if ok else 0.0])
-    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MIN)
+    t = torch.tensor([1.0 if ok else 0.0])  # on the CPU: collectives puts it where the backend needs it
+    collectives.all_reduce(t, op="min")
     return bool(t.item() > 0)
 
 
@@ -271,7 +271,7 @@ def _resume_tag(ckpt_dir: str, rank: int, quiet: bool) -> str | None:
             box = [tag, skipped]
             if tag is not None and latest != tag:
                 manifest.write_latest(ckpt_dir, tag)
-    torch.distributed.broadcast_object_list(box, src=0)
+    collectives.broadcast_object_list(box, src=0)
     tag, skipped = box
     if tag is None and skipped and isinstance(skipped[0], str):
         raise UserError(skipped[0][len("error: "):], all_ranks=True)
@@ -312,7 +312,7 @@ def _stage_lock(stage_root: str):
             print(f"warning: {why}; nothing stops a second set of ranks from training this stage at the same time",
                   file=sys.stderr, flush=True)
     box = [err]
-    torch.distributed.broadcast_object_list(box, src=0)
+    collectives.broadcast_object_list(box, src=0)
     if box[0]:
         raise UserError(box[0], all_ranks=True)
     return f

@@ -14,7 +14,7 @@ import time
 
 import torch
 
-from megagrow import faults
+from megagrow import collectives, faults
 from megagrow.config import Plan
 from megagrow.state import manifest
 from megagrow.errors import UserError
@@ -41,8 +41,6 @@ def transition(plan: Plan, k: int, run_dir: str, quiet: bool = False, keep_engin
     if src_tag is None:
         raise UserError(f"stage {stage.name!r} starts from stage {prev.name!r}, which has no complete checkpoint in "
                         f"{prev_paths.ckpt}", all_ranks=True)
-    if plan.reliability.verify_on_resume:
-        manifest.verify_distributed(prev_paths.ckpt, src_tag, tp=prev.layout.tp)
     src = SourceCheckpoint.open(prev_paths.ckpt, src_tag)
     rec = src.record
     if not rec.finished:
@@ -54,8 +52,10 @@ def transition(plan: Plan, k: int, run_dir: str, quiet: bool = False, keep_engin
     tmp = paths.partial
     if rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)
-    torch.distributed.barrier()
-    info = regrow(plan, k, src, tmp, keep_engine=keep_engine)  # ends with a barrier: every rank's files are written
+    collectives.barrier()
+    # each rank checks the checksums of exactly the source files it opens (verify_on_resume); ends with a
+    # barrier: every rank's files are written
+    info = regrow(plan, k, src, tmp, keep_engine=keep_engine, verify=plan.reliability.verify_on_resume)
     src.close()
     faults.point("transition.regrown", 0)
     _seal(tmp, plan, k, info, source=f"{prev_paths.ckpt}/{src.tag}")
@@ -63,7 +63,7 @@ def transition(plan: Plan, k: int, run_dir: str, quiet: bool = False, keep_engin
     if rank == 0:
         shutil.rmtree(paths.ckpt, ignore_errors=True)  # no `latest` there (else no transition): leftovers only
         os.replace(tmp, paths.ckpt)
-    torch.distributed.barrier()
+    collectives.barrier()
     if rank == 0 and not quiet:
         print(f"[megagrow] transition {prev.name} -> {stage.name} ({info['op']}) at {stage.layout.to_dict()} "
               f"in {time.perf_counter() - t0:.1f} s, read {info['bytes_read'] / 1e6:.2f} MB from {info['files_opened']} files "
@@ -84,13 +84,13 @@ def initial(plan: Plan, k: int, run_dir: str, quiet: bool = False) -> dict:
     tmp = paths.partial
     if rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)
-    torch.distributed.barrier()
+    collectives.barrier()
     info = import_checkpoint(plan, k, tmp)  # checks the model first; ends with a barrier
     _seal(tmp, plan, k, {"tag": info["tag"], "step": 0, "sample_offset": 0}, source=info["init_from"])
     if rank == 0:
         shutil.rmtree(paths.ckpt, ignore_errors=True)
         os.replace(tmp, paths.ckpt)
-    torch.distributed.barrier()
+    collectives.barrier()
     if rank == 0 and not quiet:
         print(f"[megagrow] {stage.name}: initialised from {info['init_from']} at {stage.layout.to_dict()} "
               f"in {time.perf_counter() - t0:.1f} s", flush=True)

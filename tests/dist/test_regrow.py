@@ -68,6 +68,21 @@ stages:
 """
 
 
+def _regrow_srun(n: int, *args) -> dict:
+    """tools/regrow.py's ranks started as srun starts them (SLURM_PROCID/SLURM_NTASKS, no RANK); rank 0's --json summary."""
+    from megagrow.parallel.groups import free_port
+
+    port, procs = str(free_port()), []
+    for r in range(n):
+        env = {k: v for k, v in _env().items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+        env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=port, SLURM_PROCID=str(r), SLURM_NTASKS=str(n), SLURM_LOCALID=str(r))
+        procs.append(subprocess.Popen([sys.executable, os.path.join(REPO, "tools", "regrow.py"), *args], env=env, cwd=REPO,
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [o[1][-2000:] for o in outs]
+    return json.loads([ln for ln in outs[0][0].splitlines() if ln.startswith("{")][0])
+
+
 def _regrow(*args):
     return subprocess.run([sys.executable, os.path.join(REPO, "tools", "regrow.py"), *args], capture_output=True,
                           text=True, env=_env(), cwd=REPO, timeout=300)
@@ -93,6 +108,14 @@ def test_regrow_cli_end_to_end_and_bad_input(data_prefix, tmp_path):
     assert os.path.isfile(out / "latest") and not os.path.exists(f"{out}.regrow-tmp")
     from megagrow.state.manifest import choose, problems
     assert choose(str(out))[0] == summary["tag"] and problems(str(out / summary["tag"])) == []  # sealed: manifest, sizes, CRC-32
+    assert summary["files_verified_per_rank"] == [0, 0]  # started directly: the launcher checked every file first
+    # as srun starts it (SLURM_PROCID set, RANK unset): each rank checks the checksums of exactly the source
+    # files it opens, rank 0 also the metadata file every rank opens (before: every rank checked every file)
+    srun_out = tmp_path / "out_srun"
+    srun = _regrow_srun(2, "--src", src, "--plan", str(plan), "--to-stage", "b", "--out", str(srun_out), "--json")
+    assert srun["files_unverified_per_rank"] == [0, 0], srun
+    assert srun["files_verified_per_rank"] == [srun["files_opened_per_rank"][0], srun["files_opened_per_rank"][1] - 1], srun
+    assert srun["files_verified_per_rank"] != [3, 3], srun  # the source has 3 files: not every rank checks them all
     keys = ("files_opened_per_rank", "bytes_read_per_rank", "state_bytes_per_rank")
     for src_args in (["--src", src], []):
         r = _regrow(*src_args, "--plan", str(plan), "--to-stage", "b", "--dry-run", "--json")

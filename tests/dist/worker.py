@@ -545,10 +545,55 @@ def measure(prefix: str, out: str) -> dict:
     return res
 
 
+def nccl_declared(prefix: str, out: str) -> dict:
+    """Save, resume, a width transition (TP 1 -> 2) and tools/regrow.py, on groups declared NCCL
+    (tests/dist/nccl_check.py: a CPU tensor reaching a declared-NCCL group from megagrow raises).
+    Writes result.json itself: the regrow, last, ends its ranks (megagrow.procs.exit_rank); each
+    rank's checked calls go to seen_rank<R>.json at exit."""
+    import atexit
+
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import nccl_check
+
+    nccl_check.install()
+    from megagrow import collectives
+    from megagrow.regrow_cli import main as regrow_main
+    from megagrow.train.loop import train_stage
+
+    def dump_seen():
+        with open(os.path.join(out, f"seen_rank{RANK}.json"), "w") as f:
+            json.dump(dict(nccl_check.SEEN), f)
+
+    atexit.register(dump_seen)
+    base = tiny_plan(prefix, steps=2)
+    s0 = base.stages[0].replace(save_every=1, eval_every=1)
+    s1 = s0.replace(name="s1", grow="width", model=s0.model.replace(d_model=128, n_heads=8),
+                    layout=s0.layout.replace(tp=2, dp=1, zero_stage=1))
+    plan = base.replace(stages=(s0, s1))
+    run = os.path.join(out, "run")
+    rcs = [train_stage(plan, 0, run, stop_at=1, quiet=True),  # save at step 1
+           train_stage(plan, 0, run, quiet=True),  # resume (checksums verified), step 2, save
+           train_stage(plan, 1, run, quiet=True)]  # transition (grow + reshard + seal), 2 steps, save
+    side = collectives.side_group()
+    res = {"rcs": rcs, "side_group_is_gloo": side is not None and "gloo" in str(torch.distributed.get_backend(side)),
+           "steps": {n: [r["step"] for r in map(json.loads, open(os.path.join(run, n, "log.jsonl"))) if "loss" in r]
+                     for n in ("s0", "s1")}}
+    plan_file = os.path.join(out, "plan.yaml")
+    if RANK == 0:
+        with open(plan_file, "w") as f:
+            json.dump(plan.to_dict(), f)  # JSON is YAML
+        with open(os.path.join(out, "result.json"), "w") as f:
+            json.dump(res, f)
+    collectives.barrier()
+    rc = regrow_main(["--src", os.path.join(run, "s0", "checkpoints"), "--plan", plan_file, "--to-stage", "s1",
+                      "--out", os.path.join(out, "regrown"), "--json"])
+    raise SystemExit(f"regrow returned {rc} instead of ending the rank")
+
+
 if __name__ == "__main__":
     scenario, prefix, out = sys.argv[1:4]
     result = {"tp_equiv": tp_equiv, "zero_match": zero_match, "resume": resume, "reshard": reshard, "grow": grow,
-              "reshard_property": reshard_property, "measure": measure}[scenario](prefix, out)
+              "reshard_property": reshard_property, "measure": measure, "nccl_declared": nccl_declared}[scenario](prefix, out)
     if RANK == 0:
         with open(os.path.join(out, "result.json"), "w") as f:
             json.dump(result, f)

@@ -16,6 +16,7 @@ from conftest import REPO
 # rank of each room (a top-level module or a subpackage of megagrow); imports go to lower or equal ranks
 RANK = {
     "megagrow": 0, "errors": 0, "fsutil": 0, "paths": 0, "signals": 0, "nocompile": 0, "faults": 0, "params": 0, "rng": 0,
+    "collectives": 0,
     "config": 1,
     "model": 2, "data": 2, "schedule": 2,
     "parallel": 3, "metrics": 3, "procs": 3,
@@ -91,3 +92,84 @@ def test_reading_a_checkpoint_does_not_import_megatron():
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO,
                        env=dict(os.environ, PYTHONPATH=REPO))
     assert r.returncode == 0 and r.stdout.strip() == "False", r.stdout + r.stderr
+
+
+# torch.distributed's collectives (and deepspeed.comm's, which wrap them): only megagrow/collectives.py calls them
+COLLECTIVES = {
+    "all_reduce", "all_gather", "all_gather_into_tensor", "all_gather_object", "all_to_all", "all_to_all_single",
+    "broadcast", "broadcast_object_list", "barrier", "monitored_barrier", "reduce", "reduce_scatter",
+    "reduce_scatter_tensor", "gather", "gather_object", "scatter", "scatter_object_list", "send", "recv", "isend",
+    "irecv", "batch_isend_irecv", "send_object_list", "recv_object_list", "_all_gather_base", "_reduce_scatter_base",
+}
+_DIST_MODULES = ("torch.distributed", "deepspeed.comm")
+
+
+def direct_collectives(source: str, name: str = "<src>") -> list[str]:
+    """'line: call' for each torch.distributed (or deepspeed.comm) collective `source` calls itself:
+    through the module path, an alias of it (import ... as, from torch import distributed, a name
+    assigned from an expression that names it, or the usual `dist`), or a collective imported by name."""
+    tree = ast.parse(source, name)
+    aliases = {"dist", "torch_dist", "c10d"}
+    direct = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            for a in node.names:
+                if a.name.startswith(_DIST_MODULES) and a.asname:
+                    aliases.add(a.asname)
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            for a in node.names:
+                full = f"{node.module}.{a.name}"
+                if full in _DIST_MODULES or full.startswith(tuple(m + "." for m in _DIST_MODULES)) and a.name not in COLLECTIVES:
+                    aliases.add(a.asname or a.name)
+                elif node.module.startswith(_DIST_MODULES) and a.name in COLLECTIVES:
+                    direct.add(a.asname or a.name)
+        elif isinstance(node, ast.Assign) and any(m in ast.unparse(node.value) for m in _DIST_MODULES):
+            aliases.update(t.id for t in node.targets if isinstance(t, ast.Name))
+    bad = []
+    for node in ast.walk(tree):
+        if not isinstance(node, ast.Call):
+            continue
+        f = node.func
+        if isinstance(f, ast.Attribute) and f.attr in COLLECTIVES:
+            base = ast.unparse(f.value)
+            if base in aliases or base.endswith(_DIST_MODULES) or base.split(".")[-1] == "distributed_c10d":
+                bad.append(f"{node.lineno}: {ast.unparse(f)}")
+        elif isinstance(f, ast.Name) and f.id in direct:
+            bad.append(f"{node.lineno}: {f.id}")
+    return bad
+
+
+def test_the_detector_sees_every_spelling():
+    """The check below is only as good as its detector: each way of calling a collective is found."""
+    src = """
+import torch
+import torch.distributed as D
+from torch import distributed
+from torch.distributed import all_gather_object as ago
+import sys
+d2 = sys.modules.get("torch.distributed")
+torch.distributed.all_reduce(t)
+D.barrier()
+distributed.broadcast_object_list(b, src=0)
+ago(out, x)
+d2.barrier()
+dist.gather_object(x, out)
+torch.gather(x, 0, i)          # a tensor op, not a collective
+functools.reduce(f, xs)        # neither
+"""
+    assert [b.split(":")[0] for b in direct_collectives(src)] == ["8", "9", "10", "11", "12", "13"], direct_collectives(src)
+
+
+def test_only_the_collectives_module_calls_collectives():
+    """Every collective goes through megagrow/collectives.py, which puts tensors where the backend
+    needs them (NCCL: the device) and metadata on a gloo side group. A direct call elsewhere in
+    megagrow/, tools/ or bench/ (a CPU tensor all-reduced on NCCL fails on the first GPU run) fails here."""
+    allowed = os.path.join(REPO, "megagrow", "collectives.py")
+    bad = []
+    for top in ("megagrow", "tools", "bench"):
+        for root, _, files in os.walk(os.path.join(REPO, top)):
+            for f in files:
+                path = os.path.join(root, f)
+                if f.endswith(".py") and path != allowed:
+                    bad += [f"{os.path.relpath(path, REPO)}:{b}" for b in direct_collectives(open(path).read(), path)]
+    assert bad == [], "call megagrow.collectives instead: " + ", ".join(bad)
