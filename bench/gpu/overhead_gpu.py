@@ -1,9 +1,9 @@
-"""GPU-correct overhead check: megagrow's DeepSpeed engine step vs plain PyTorch loops.
+"""megagrow's DeepSpeed engine step vs several plain PyTorch loops on one GPU.
 
-Why not `megagrow bench overhead`: its PlainLoop builds the model with megagrow's CPU
-initialisation and never moves it to the GPU, feeds it batches made on torch.device("cpu"),
-and runs it in fp32 (PlainLoop(plan, k) -> dtype float32), while the engine runs bf16 on
-cuda. On a GPU machine that compares a bf16 GPU step with an fp32 CPU step.
+`megagrow bench` (bench/gpu/check.sh runs it) times the engine against one plain loop, fp32
+weights with bf16 autocast on the device. This script keeps the wider comparison the
+ZeRO-stage study in bench/gpu/README.md was measured with (zero_variants.sh runs it): foreach and
+fused AdamW, and pure bf16 weights without a master copy.
 
 Here, one process, DP=1, TP=1, the stage's whole global batch as one micro-batch (the same
 `single_process_stage` megagrow.bench uses), the same initial weights (build_model, plan seed),
