@@ -39,13 +39,25 @@ from megagrow.errors import UserError
 
 KINDS = ("width", "depth", "both")
 FINAL = "final"  # the sweep key of the final size
-# knob -> (what it changes, stage overrides of the grown stages, first-stage step factor)
+# knob -> what it changes, stage overrides of the grown stages, the first stage's share of its
+# planned steps, the chain it changes (None: the spec's ablation_base), and whether every stage
+# runs at the final size's LR instead of its own size's
+@dataclass(frozen=True)
+class Knob:
+    what: str
+    over: dict = field(default_factory=dict)
+    first_factor: float = 1.0
+    chain: Optional[str] = None
+    final_lr: bool = False
+
+
 ABLATIONS = {
-    "lrrestart": ("LR placement restart (the grown stage starts its schedule again)", {"optim": {"lr_placement": "restart"}}, 1.0),
-    "sym4": ("symmetry-breaking noise 4 x init_std (default 1)", {"growth": {"symmetry_breaking": 4.0}}, 1.0),
-    "early": ("growth at half the planned first-stage steps (the rest to the grown stage)", {}, 0.5),
-    "fresh": ("fresh units (`width:init`): new heads and neurons initialised, output weights 0", {"grow": "width:init"}, 1.0),
-    "freshrestart": ("fresh units and LR placement restart", {"grow": "width:init", "optim": {"lr_placement": "restart"}}, 1.0),
+    "lrrestart": Knob("LR placement restart (the grown stage starts its schedule again)", {"optim": {"lr_placement": "restart"}}),
+    "sym4": Knob("symmetry-breaking noise 4 x init_std (default 1)", {"growth": {"symmetry_breaking": 4.0}}),
+    "early": Knob("growth at half the planned first-stage steps (the rest to the grown stage)", first_factor=0.5),
+    "fresh": Knob("fresh units (`width:init`): new heads and neurons initialised, output weights 0", {"grow": "width:init"}),
+    "freshrestart": Knob("fresh units and LR placement restart", {"grow": "width:init", "optim": {"lr_placement": "restart"}}),
+    "lrfinal": Knob("every stage at the final size's LR (the small 3x96 stage untuned)", chain="both", final_lr=True),
 }
 
 
@@ -294,14 +306,15 @@ def runs(spec: dict, data: str, choices: dict | None = None) -> list[RunSpec]:
     slope = [RunSpec(f"slope-{k}", "slope", [], lambda c, k=k: staged_plan(
         spec, f"slope-{k}", k, _lrs(c), seeds[0], data, thresholds=c["calibration"]["thresholds"][k]),
         {"chain": k, "seed": seeds[0], "seed_index": 0}, chain_needs(k) + (("calibration",),)) for k in KINDS]
-    base = spec["ablation_base"]
     abl = []
     for i, s in enumerate(seeds[:int(spec.get("ablation_seeds", 1))]):
-        for key, (what, over, ff) in ABLATIONS.items():
+        for key, kb in ABLATIONS.items():
+            base = kb.chain or spec["ablation_base"]
             n = f"abl-{base}-{key}{seed_suffix(i)}"
-            abl.append(RunSpec(n, "ablation", [], lambda c, n=n, over=over, ff=ff, s=s: staged_plan(
-                spec, n, base, _lrs(c), s, data, over=over, first_factor=ff),
-                {"chain": base, "knob": key, "what": what, "of": f"staged-{base}{seed_suffix(i)}", "seed": s,
+            abl.append(RunSpec(n, "ablation", [], lambda c, n=n, kb=kb, s=s, base=base: staged_plan(
+                spec, n, base, {k: _lrs(c)[FINAL] for k in _lrs(c)} if kb.final_lr else _lrs(c), s, data,
+                over=kb.over or None, first_factor=kb.first_factor),
+                {"chain": base, "knob": key, "what": kb.what, "of": f"staged-{base}{seed_suffix(i)}", "seed": s,
                  "seed_index": i}, chain_needs(base)))
     # priority: sweeps; the first seed's reference baseline and staged runs (the first readings);
     # its other baselines and ablations; the other seeds; the slope runs (once calibrated); the

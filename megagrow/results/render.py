@@ -182,15 +182,22 @@ def markdown(res: dict, spec: dict, commands: list[str], png: str) -> str:
                  "from seed noise at this scale: read the intervals, not the means.")
         L.append("")
     # ---- width
-    L.append(f"## Width growth: ablations (on `staged-{spec['ablation_base']}`, paired by seed)")
+    L.append("## Ablations (paired by seed: each run against the staged run of its own seed)")
     L.append("")
     body = []
+    bases = []
     for a in res["ablations"]:
-        g = res["groups"].get(a["group"]) or {}
-        body.append([f"`{a['group']}`", a["what"], ", ".join(f"{d:+.4f}" for d in a["diffs"]) or "-",
-                     _ci(a["delta_vs_base"], pct=False), _ci(g.get("strongest"))])
-    base = res["groups"].get(f"staged-{spec['ablation_base']}") or {}
-    body.insert(0, [f"`staged-{spec['ablation_base']}`", "the defaults", "-", "-", _ci(base.get("strongest"))])
+        if a["base"] not in bases:
+            bases.append(a["base"])
+    for b in bases:
+        g0 = res["groups"].get(b) or {}
+        body.append([f"`{b}`", "the defaults", "-", "-", _ci(g0.get("strongest"))])
+        for a in res["ablations"]:
+            if a["base"] != b:
+                continue
+            g = res["groups"].get(a["group"]) or {}
+            body.append([f"`{a['group']}`", a["what"], ", ".join(f"{d:+.4f}" for d in a["diffs"]) or "-",
+                         _ci(a["delta_vs_base"], pct=False), _ci(g.get("strongest"))])
     L.append(_table(["run", "change", "final loss minus the base run's, per seed", "mean [95% interval]",
                      "saving, strongest"], body))
     L.append("")

@@ -368,8 +368,8 @@ def _ablations(rows: list, spec: dict) -> list[dict]:
     (paired by seed), mean and 95% interval, and its saving on the strongest curve."""
     by = {r["name"]: r for r in rows}
     out = []
-    base = spec["ablation_base"]
-    for key, (what, _, _) in ABLATIONS.items():
+    for key, kb in ABLATIONS.items():
+        what, base = kb.what, kb.chain or spec["ablation_base"]
         diffs, names = [], []
         for r in rows:
             if r["kind"] == "ablation" and r["info"].get("knob") == key:
@@ -377,7 +377,7 @@ def _ablations(rows: list, spec: dict) -> list[dict]:
                 b = by.get(r["info"]["of"])
                 if r["done"] and b and b["done"]:
                     diffs.append(r["final_loss"] - b["final_loss"])
-        out.append({"knob": key, "what": what, "group": f"abl-{base}-{key}", "runs": names,
+        out.append({"knob": key, "what": what, "base": f"staged-{base}", "group": f"abl-{base}-{key}", "runs": names,
                     "delta_vs_base": mean_ci(diffs), "diffs": diffs})
     return out
 
