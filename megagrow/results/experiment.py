@@ -57,6 +57,9 @@ ABLATIONS = {
     "early": Knob("growth at half the planned first-stage steps (the rest to the grown stage)", first_factor=0.5),
     "fresh": Knob("fresh units (`width:init`): new heads and neurons initialised, output weights 0", {"grow": "width:init"}),
     "freshrestart": Knob("fresh units and LR placement restart", {"grow": "width:init", "optim": {"lr_placement": "restart"}}),
+    "lrhalf": Knob("the grown stage at half the final size's LR (its copies act as the small model at k x its LR)",
+                   {"optim": {"lr_scale": 0.5}}),
+    "freshlrhalf": Knob("fresh units and the grown stage at half the LR", {"grow": "width:init", "optim": {"lr_scale": 0.5}}),
     "lrfinal": Knob("every stage at the final size's LR (the small 3x96 stage untuned)", chain="both", final_lr=True),
 }
 
@@ -234,6 +237,9 @@ def staged_plan(spec: dict, name: str, kind: str, lrs: dict, seed: int, data: st
             st["eval_every"] = int(spec["slope"]["eval_every"])
         if over and i > 0:
             st = _merge(st, over)
+            scale = st["optim"].pop("lr_scale", None)
+            if scale is not None:
+                st["optim"] = _optim(spec, float(scale) * st["optim"]["lr"])
         stages.append(st)
     return {"name": name, "seed": seed, "data": {"prefix": data}, "defaults": _defaults(spec, lrs[FINAL]), "stages": stages}
 
