@@ -211,7 +211,8 @@ STAGE_NAMES = {2: ["small", "final"], 3: ["small", "mid", "final"]}
 def staged_plan(spec: dict, name: str, kind: str, lrs: dict, seed: int, data: str,
                 thresholds: list | None = None, over: dict | None = None, first_factor: float = 1.0) -> dict:
     """A staged run: `lrs` maps each size label (and FINAL) to its peak LR; `thresholds`: the
-    slope rule's threshold of each growing stage (a slope-rule run), else None; `over`: stage
+    slope rule's threshold of each growing stage (a slope-rule run; None for a stage: its planned
+    steps, no rule), else None; `over`: stage
     overrides of every grown stage; `first_factor`: the first stage's share of its planned steps
     (the steps it gives up go to the last stage)."""
     steps = planned_steps(spec, kind)
@@ -228,7 +229,7 @@ def staged_plan(spec: dict, name: str, kind: str, lrs: dict, seed: int, data: st
               "optim": _optim(spec, lrs[FINAL if last else label(link["shape"])])}
         if link.get("grow"):
             st["grow"] = link["grow"]
-        if thresholds is not None and not last:
+        if thresholds is not None and not last and thresholds[i] is not None:
             sl = spec["slope"]
             st["steps"] = int(math.ceil(sl["upper"] * n))
             st["stop"] = {"rule": "slope", "threshold": float(thresholds[i]), "window": int(sl["window"]),

@@ -319,7 +319,7 @@ def _slope_vs_oracle(states: dict, spec: dict, choices: dict, groups: dict) -> l
         thr = (cal.get("thresholds") or {}).get(k)
         sw = (cal.get("switches") or {}).get(k) or []
         row = {"run": st.name, "chain": k, "threshold": thr[0] if thr else None,
-               "law_switch_step": sw[0].get("step") if sw else None,
+               "law_switch_step": sw[0].get("step") if sw and sw[0] else None,
                "planned_steps": planned.plan["stages"][0]["steps"] if planned and planned.plan else None,
                "upper_steps": st.plan["stages"][0]["steps"] if st.plan else None,
                "ended_at": None, "state": None, "fired": False, "oracle": None, "slope_at_end": None,
@@ -426,9 +426,14 @@ def calibrate(states: dict, spec: dict, choices: dict) -> Optional[dict]:
         for k in ("width", "depth", "both"):
             shapes = [c["shape"] for c in chain(spec, k)]
             sw = calibrated_switches(law, [non_embedding_params(s["n_layers"], s["d_model"]) for s in shapes], target)
-            out["switches"][k] = [{"threshold": x["threshold"], "step": x["small_step"], "switch_loss": x["switch_loss"],
-                                   "paper_threshold": x.get("paper_threshold")} for x in sw]
-            out["thresholds"][k] = [float(x["threshold"]) for x in sw]
+            # one entry per growing stage of the chain; None where the fitted law's planner grows
+            # straight through that size (the stage then runs its planned steps, no slope rule)
+            by_n = {float(x["from_N"]): x for x in sw}
+            per_stage = [by_n.get(non_embedding_params(s["n_layers"], s["d_model"])) for s in shapes[:-1]]
+            out["switches"][k] = [None if x is None else {
+                "threshold": x["threshold"], "step": x["small_step"], "switch_loss": x["switch_loss"],
+                "paper_threshold": x.get("paper_threshold")} for x in per_stage]
+            out["thresholds"][k] = [None if x is None else float(x["threshold"]) for x in per_stage]
             out["sizes_" + k] = [label(s) for s in shapes]
         return json.loads(json.dumps(out, default=float))
     except UserError as e:
