@@ -19,6 +19,13 @@ FLAVOURS = ("gpt2", "llama")
 DTYPES = ("fp32", "bf16")
 LR_SCHEDULES = ("cosine", "linear", "constant")
 VOCAB_MULTIPLE = 128  # vocab padded to a multiple of this, independent of TP (layout-free)
+RECOMPUTE = ("none", "attention", "mlp", "full")  # Stage.activation_checkpointing: what backward recomputes
+
+
+def recompute_mode(v: Any) -> Any:
+    """Stage.activation_checkpointing's canonical value: true/false (plans written when it was a
+    boolean) are full/none; anything else is returned as given (validate() checks it)."""
+    return {True: "full", False: "none"}.get(v, v) if isinstance(v, bool) else v
 
 
 def _from_dict(cls, d: Any, where: str):
@@ -379,11 +386,19 @@ class Stage(_Config):
     # end and around growth), over `eval_tokens` held-out tokens (0: no eval at all)
     eval_every: int = 0
     eval_tokens: int = 65536
-    # recompute each block's activations in the backward pass (less memory, ~1/3 more compute); needs dropout 0
-    activation_checkpointing: bool = False
+    # what each block recomputes in the backward pass instead of keeping its activations: "none", "attention"
+    # (the norm + attention sublayer), "mlp" (the norm + MLP sublayer) or "full" (the whole block: least memory,
+    # ~1/3 more compute; needs dropout 0). true / false (plans from when this was a boolean) read as full / none.
+    activation_checkpointing: Any = "none"
     # first stage only: start from a transformers model directory on disk ("hf:PATH"): its weights,
     # fresh optimizer state, at this stage's layout (megagrow.hf; needs the `hf` extra)
     init_from: Optional[str] = None
+    # a hint, for advice only: the memory of one device in GB (e.g. 80). With it, a stage at tp > 1 whose
+    # training state fits half of one device gets a warning (plan_warnings); without it that check is skipped
+    device_memory_gb: Optional[float] = None
+
+    def __post_init__(self):
+        object.__setattr__(self, "activation_checkpointing", recompute_mode(self.activation_checkpointing))
 
     def validate(self, where: str = "stage") -> None:
         _need(isinstance(self.name, str) and self.name.replace("_", "").replace("-", "").isalnum(), where, f"name must be alphanumeric (with - or _), got {self.name!r}")
@@ -393,25 +408,33 @@ class Stage(_Config):
         for k in ("eval_every", "eval_tokens"):
             v = getattr(self, k)
             _need(_is_int(v) and v >= 0, where, f"{k} must be an integer >= 0, got {v!r}")
-        _need(isinstance(self.activation_checkpointing, bool), where, "activation_checkpointing must be true or false")
-        _need(not self.activation_checkpointing or self.model.dropout == 0.0, where,
-              "activation_checkpointing needs model.dropout 0 (a recomputed block would draw other dropout masks)")
+        _need(isinstance(self.activation_checkpointing, str) and self.activation_checkpointing in RECOMPUTE, where,
+              f"activation_checkpointing must be one of {', '.join(RECOMPUTE)} (or true / false), got {self.activation_checkpointing!r}")
+        _need(self.activation_checkpointing != "full" or self.model.dropout == 0.0, where,
+              "activation_checkpointing full needs model.dropout 0 (a recomputed block would draw other dropout masks; "
+              "attention and mlp keep the dropout outside what they recompute)")
         self.layout.check_model(self.model, f"{where}.layout")
         _need(self.stop.min_steps <= self.steps, f"{where}.stop", f"min_steps {self.stop.min_steps} > steps {self.steps}")
         _need(self.init_from is None or (self.init_from.startswith("hf:") and len(self.init_from) > 3), where,
               f"init_from must be hf:PATH (a transformers model directory), got {self.init_from!r}")
+        _need(self.device_memory_gb is None or self.device_memory_gb > 0, where,
+              f"device_memory_gb must be a positive number of GB or null, got {self.device_memory_gb!r}")
 
 
 @dataclass(frozen=True)
 class Reliability(_Config):
     """How a run guards its progress against faults (docs/reliability.md)."""
 
-    keep_last: int = 0  # complete checkpoints kept per stage (0: all); the newest complete one is never deleted
+    # complete checkpoints kept per stage (0: all); the newest complete one is never deleted. 2: the newest
+    # and one to fall back on when it turns out damaged (at 70B ZeRO-1 a save is ~1 TB: keeping all fills a file system)
+    keep_last: int = 2
     # steps whose loss or gradient norm is not finite that a stage tolerates when the update was skipped
     # (the weights stayed finite); 0: the first one stops the stage. Weights are never saved non-finite.
     skip_nonfinite_steps: int = 0
     collective_timeout_s: float = 600.0  # a collective waiting longer (a hung or lost rank) ends the stage
-    retries: int = 1  # `megagrow run`: a failed stage is launched again this often, from its newest complete checkpoint
+    # `megagrow run`: a failed stage is launched again this often, from its newest complete checkpoint
+    # (under Slurm on the allocation's other hosts first, where it has others); then the run fails
+    retries: int = 2
     verify_on_resume: bool = True  # check every file's CRC-32 against the manifest before resuming
     # `megagrow run`: a stage whose rank 0 has shown no progress (a finished step) for this long is hung
     # (every rank stuck outside a collective, e.g. on a dead file system): its ranks are killed and the
@@ -480,6 +503,30 @@ class Plan(_Config):
         return self.stages[k]
 
 
+# training-state bytes per parameter: fp32 weights (master) + fp32 Adam moments + fp32 gradients (bf16
+# accumulates them in fp32 too), + the bf16 weights the model computes with in bf16
+STATE_BYTES = {"fp32": 4 + 8 + 4, "bf16": 4 + 8 + 4 + 2}
+
+
+def stage_warnings(stage: Stage) -> list[str]:
+    """One-line advice on a stage's layout; nothing here is an error (load_plan prints them)."""
+    L, out = stage.layout, []
+    if L.zero_stage == 2 and L.dp == 1:
+        out.append("zero_stage 2 at dp 1 partitions nothing and pays per-gradient hooks (2.3x ZeRO-1's step time "
+                   "measured on an H100, bench/gpu/README.md): use zero_stage 1")
+    if L.tp > 1 and stage.device_memory_gb:
+        gb = stage.model.num_params() * STATE_BYTES[L.dtype] / 1e9
+        if gb <= 0.5 * stage.device_memory_gb:
+            out.append(f"tp {L.tp}: the model's training state ({gb:.1f} GB: {STATE_BYTES[L.dtype]} bytes/parameter, "
+                       f"{L.dtype}) fits in half of one {stage.device_memory_gb:g} GB device; tp 1 (more dp, or ZeRO) "
+                       "avoids tensor parallelism's all-reduces in every layer")
+    return out
+
+
+def plan_warnings(plan: Plan) -> list[str]:
+    return [f"stage {s.name}: {w}" for s in plan.stages for w in stage_warnings(s)]
+
+
 def _merge(base: dict, over: Any) -> Any:
     """Deep-merge plan `defaults` under a stage's own keys."""
     if not isinstance(over, dict) or not isinstance(base, dict):
@@ -512,4 +559,10 @@ def load_plan(path: str) -> Plan:
             d = yaml.safe_load(f)
     except yaml.YAMLError as e:
         raise UserError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
-    return Plan.from_dict(d, os.path.basename(path))
+    plan = Plan.from_dict(d, os.path.basename(path))
+    if os.environ.get("RANK", "0") == "0":  # once per launch, not once per rank
+        import sys
+
+        for w in plan_warnings(plan):
+            print(f"warning: {os.path.basename(path)}: {w}", file=sys.stderr, flush=True)
+    return plan

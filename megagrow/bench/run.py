@@ -366,7 +366,7 @@ def format_table(res: dict) -> str:
     head = ["tp", "dp", "zero", "mb", "ga", "dtype", "step ms (p10-p90)", "tok/s", "tok/s/dev", "TFLOP/s/dev",
             "megatron", "MFU", "peak GB", "plain ms", "ratio", "cpu-time ratio"]
     extra = [(k, lbl) for k, lbl in (("ds_config", "ds_config"), ("activation_checkpointing", "ckpt"))
-             if any(r.get(k) for r in rows)]  # only when some row sets them
+             if any(r.get(k) not in (None, False, "none") for r in rows)]  # only when some row sets them
     head = head[:6] + [lbl for _, lbl in extra] + head[6:]
     table = [head]
 
@@ -375,7 +375,7 @@ def format_table(res: dict) -> str:
 
     for r in rows:
         base = [str(r["tp"]), str(r["dp"]), str(r["zero_stage"]), str(r["micro_batch"]), str(r["grad_accum"]), r["dtype"]]
-        base += [os.path.basename(str(r.get(k))) if k == "ds_config" else ("on" if r.get(k) else "off") for k, _ in extra]
+        base += [os.path.basename(str(r.get(k))) if k == "ds_config" else str({True: "full", False: "none", None: "none"}.get(r.get(k), r.get(k))) for k, _ in extra]
         if r["oom"]:
             table.append(base + ["OOM"] + [""] * (len(head) - len(base) - 1))
             continue

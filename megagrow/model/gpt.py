@@ -32,7 +32,8 @@ from megatron.core import parallel_state, tensor_parallel
 from megatron.core.model_parallel_config import ModelParallelConfig
 
 from megagrow import collectives, params, rng
-from megagrow.config import ModelConfig
+from megagrow.config import RECOMPUTE, ModelConfig, recompute_mode
+from megagrow.model import loss
 
 
 def _megatron_config(dtype: torch.dtype) -> ModelParallelConfig:
@@ -188,11 +189,27 @@ class Block(nn.Module):
         self.ln2 = norm(c, dtype)
         self.mlp = MLP(c, mp)
         self.p = c.dropout
+        self.recompute = "none"  # what backward recomputes: none | attention | mlp | full (GPT.activation_checkpointing)
 
     def forward(self, x, rope, gen):
-        x = x + dropout(self.attn(self.ln1(x), rope), self.p, gen, self.training)
-        x = x + dropout(self.mlp(self.ln2(x)), self.p, gen, self.training)
+        if self.recomputes("full"):  # keep only the block's input
+            return torch.utils.checkpoint.checkpoint(self.layers, x, rope, gen, use_reentrant=False)
+        return self.layers(x, rope, gen)
+
+    def layers(self, x, rope, gen):
+        x = x + dropout(self.sublayer("attention", lambda h: self.attn(self.ln1(h), rope), x), self.p, gen, self.training)
+        x = x + dropout(self.sublayer("mlp", lambda h: self.mlp(self.ln2(h)), x), self.p, gen, self.training)
         return x
+
+    def sublayer(self, part: str, f, x):
+        """f(x); with this part recomputed, only x is kept and f's activations are made again in backward
+        (the dropout after it stays outside, so its masks are drawn once)."""
+        if self.recomputes(part):
+            return torch.utils.checkpoint.checkpoint(f, x, use_reentrant=False)
+        return f(x)
+
+    def recomputes(self, part: str) -> bool:
+        return self.recompute == part and self.training and torch.is_grad_enabled()
 
 
 class GPT(nn.Module):
@@ -212,7 +229,20 @@ class GPT(nn.Module):
         if not c.tie_embeddings:
             self.lm_head = column(mp, c.d_model, c.padded_vocab, False)
         self.dropout_gen: torch.Generator | None = None
-        self.activation_checkpointing = False  # set from the stage config (Stage.activation_checkpointing)
+        self.activation_checkpointing = "none"  # set from the stage config (Stage.activation_checkpointing)
+
+    @property
+    def activation_checkpointing(self) -> str:
+        """What each block recomputes in backward: none, attention, mlp or full (true/false: full/none)."""
+        return self.blocks[0].recompute if len(self.blocks) else "none"
+
+    @activation_checkpointing.setter
+    def activation_checkpointing(self, mode) -> None:
+        mode = recompute_mode(mode)
+        if mode not in RECOMPUTE:
+            raise ValueError(f"activation_checkpointing must be one of {', '.join(RECOMPUTE)}, got {mode!r}")
+        for block in self.blocks:
+            block.recompute = mode
 
     def set_dropout_seed(self, seed: int) -> None:
         """Seed this micro-batch's dropout masks (the trainer derives it from the data position)."""
@@ -220,8 +250,8 @@ class GPT(nn.Module):
             dev = self.ln_f.weight.device
             self.dropout_gen = torch.Generator(device=dev).manual_seed(int(seed) % (2**63))
 
-    def logits(self, idx: torch.Tensor) -> torch.Tensor:
-        """Vocab-parallel logits (B, T, padded_vocab / tp) of token ids (B, T)."""
+    def hidden(self, idx: torch.Tensor) -> torch.Tensor:
+        """Final (normed) hidden states (B, T, d_model) of token ids (B, T)."""
         c = self.config
         x = self.tok_emb(idx)
         rope = None
@@ -231,21 +261,30 @@ class GPT(nn.Module):
             rope = (self.rope_cos, self.rope_sin)
         x = dropout(x, c.dropout, self.dropout_gen, self.training)
         for block in self.blocks:
-            if self.activation_checkpointing and self.training and torch.is_grad_enabled():
-                # keep only each block's input; recompute its activations in the backward pass
-                x = torch.utils.checkpoint.checkpoint(block, x, rope, self.dropout_gen, use_reentrant=False)
-            else:
-                x = block(x, rope, self.dropout_gen)
-        x = self.ln_f(x)
-        if c.tie_embeddings:
+            x = block(x, rope, self.dropout_gen)
+        return self.ln_f(x)
+
+    def head_weight(self) -> torch.Tensor:
+        """The LM head (this rank's vocabulary shard): the token embedding when tied."""
+        return self.tok_emb.weight if self.config.tie_embeddings else self.lm_head.weight
+
+    def logits(self, idx: torch.Tensor) -> torch.Tensor:
+        """Vocab-parallel logits (B, T, padded_vocab / tp) of token ids (B, T); the padded columns
+        are not masked here (the loss masks them)."""
+        x = self.hidden(idx)
+        if self.config.tie_embeddings:
             x = tensor_parallel.copy_to_tensor_model_parallel_region(x)
             return F.linear(x, self.tok_emb.weight)
         return self.lm_head(x)[0]
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """Mean next-token cross entropy over all (B, T) positions."""
+        """Mean next-token cross entropy over all (B, T) positions; the padded vocabulary rows
+        never take probability, and no fp32 logits of the whole batch are kept (megagrow/model/loss.py)."""
+        c = self.config
+        if parallel_state.get_tensor_model_parallel_world_size() == 1:
+            return loss.linear_cross_entropy(self.hidden(idx), self.head_weight(), targets, c.vocab_size)
         logits = self.logits(idx)
-        return tensor_parallel.vocab_parallel_cross_entropy(logits.float(), targets).mean()
+        return loss.vocab_parallel_loss(logits, targets, c.vocab_size, d_model=c.d_model)
 
 
 # ---------------------------------------------------------------------------------------

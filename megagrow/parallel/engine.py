@@ -28,7 +28,31 @@ def resolve_ds_config(path: str) -> str:
     raise UserError(f"DeepSpeed config not found: {path}")
 
 
-def ds_config(stage: Stage) -> dict:
+def _nccl() -> bool:
+    from deepspeed.accelerator import get_accelerator
+
+    return get_accelerator().communication_backend_name() == "nccl"
+
+
+def overlap_defaults(stage: Stage) -> dict:
+    """zero_optimization keys that overlap the gradient reduction with the backward pass at DP > 1,
+    where DeepSpeed's ZeRO-1/2 optimizer runs (docs/measure.md, "Gradient reduction overlap").
+
+    Buckets: Megatron-LM's DDP size, max(4e7, 1e6 x dp) elements, at most this rank's TP shard of
+    the model (then one bucket: nothing to overlap is lost, nothing is over-allocated). bf16 at
+    ZeRO-1 gets none: with gradients accumulated in fp32 (below), DeepSpeed 0.19 runs its
+    BF16_Optimizer there, which reduces after the backward and has no overlap."""
+    L = stage.layout
+    if L.dp == 1 or L.zero_stage not in (1, 2) or (L.zero_stage == 1 and L.dtype == "bf16"):
+        return {}
+    bucket = int(min(max(4e7, 1e6 * L.dp), max(1, stage.model.num_params() // L.tp)))
+    return {"overlap_comm": True, "contiguous_gradients": True, "reduce_bucket_size": bucket, "allgather_bucket_size": bucket}
+
+
+def ds_config(stage: Stage, overlap: bool | None = None) -> dict:
+    """The DeepSpeed config of `stage`. overlap: the gradient-reduction overlap defaults
+    (overlap_defaults; keys the stage's JSON sets win); None: on NCCL only (on gloo overlap_comm
+    makes steps many times slower, ds_configs/README.md)."""
     L, o = stage.layout, stage.optim
     owned = {
         "train_micro_batch_size_per_gpu": L.micro_batch,
@@ -59,6 +83,9 @@ def ds_config(stage: Stage) -> dict:
     cfg.update({k: v for k, v in owned.items() if k != "bf16"})
     cfg["bf16"] = {**cfg.get("bf16", {}), "enabled": L.dtype == "bf16"}
     cfg.setdefault("zero_optimization", {})["stage"] = L.zero_stage
+    if overlap or (overlap is None and L.dp > 1 and _nccl()):
+        for k, v in overlap_defaults(stage).items():
+            cfg["zero_optimization"].setdefault(k, v)
     if L.dtype == "bf16":
         # keep gradient accumulation and DP reduction in fp32 (matches the fp32 master)
         cfg.setdefault("data_types", {}).setdefault("grad_accum_dtype", "fp32")

@@ -443,6 +443,58 @@ def _records(run_dir: str, stage: str) -> list[dict]:
         return [json.loads(line) for line in f]
 
 
+def loss_tp(prefix: str, out: str) -> dict:
+    """The loss at TP=2 (2 ranks) vs TP=1 on the same logical weights and tokens: gpt2 with its real
+    logits made strongly negative (head rows zero past the vocabulary, as after an import: vocab 300,
+    and vocab 50, where rank 1's shard is all padding), llama untied, llama at vocab 256 (no padding).
+    Reference: cross entropy over the gathered real-vocabulary logits."""
+    import torch.nn.functional as F
+    from megatron.core import parallel_state
+
+    from megagrow.model.gpt import build_model, tp_slice
+    from megagrow.model.loss import reference_loss
+
+    res = {}
+    for flavour, tie, vocab in (("gpt2", True, 300), ("gpt2", True, 50), ("llama", False, 300), ("llama", True, 256)):
+        c = ModelConfig(flavour=flavour, n_layers=2, d_model=64, n_heads=4, vocab_size=vocab, seq_len=16, tie_embeddings=tie)
+        g = torch.Generator().manual_seed(0)
+        x, y = torch.randint(0, vocab, (3, 16), generator=g), torch.randint(0, vocab, (3, 16), generator=g)
+        init_distributed(Layout(tp=1, dp=WORLD))
+        m1 = build_model(c, 7)
+        with torch.no_grad():
+            if flavour == "gpt2":  # ln_f outputs ~10 u; real head rows get -3 u: real logits ~ -30, padded rows 0
+                u = F.normalize(torch.randn(c.d_model, generator=g), dim=0)
+                m1.ln_f.weight.mul_(0.01)
+                m1.ln_f.bias.copy_(10 * u)
+                m1.head_weight()[vocab:] = 0
+                m1.head_weight()[:vocab] += -3 * u
+        loss1 = m1(x, y)
+        loss1.backward()
+        full = {n: p.detach().clone() for n, p in m1.named_parameters()}
+        g1 = {n: p.grad for n, p in m1.named_parameters()}
+        init_distributed(Layout(tp=2, dp=WORLD // 2))
+        m2 = build_model(c, 7)
+        with torch.no_grad():
+            for n, p in m2.named_parameters():
+                p.copy_(tp_slice(full[n], p, 2, parallel_state.get_tensor_model_parallel_rank()))
+            lg = m2.logits(x)
+            parts = [torch.empty_like(lg) for _ in range(2)]
+            torch.distributed.all_gather(parts, lg.contiguous(), group=parallel_state.get_tensor_model_parallel_group())
+            lg = torch.cat(parts, -1)
+            ref, unmasked = reference_loss(lg, y, vocab).item(), F.cross_entropy(lg.flatten(0, 1), y.flatten()).item()
+            eval2 = m2(x, y).item()
+        loss2 = m2(x, y)
+        loss2.backward()
+        g2 = logical_grads(m2, 2)
+        res[f"{flavour}-v{vocab}"] = {
+            "loss_tp1": loss1.item(), "loss_tp2": loss2.item(), "loss_tp2_eval": eval2, "reference": ref, "unmasked": unmasked,
+            "real_logit_max": lg[..., :vocab].max().item(),
+            "max_grad_abs_diff": max((g1[n] - g2[n]).abs().max().item() for n in g1),
+            "max_grad_abs": max(g.abs().max().item() for g in g1.values()),
+            "padded_row_grad_max": g2["tok_emb.weight" if tie else "lm_head.weight"][vocab:].abs().max().item() if c.padded_vocab > vocab else 0.0}
+    return res
+
+
 def measure(prefix: str, out: str) -> dict:
     """Eval loss and the FLOP ledger, for real: (1) the eval loss of the same initial weights at
     TP1xDP2 (ZeRO-2, mb 2), TP2xDP1 (ZeRO-1, mb 3), TP1xDP2 (ZeRO-3, mb 5) vs a plain single-process
@@ -593,7 +645,8 @@ def nccl_declared(prefix: str, out: str) -> dict:
 if __name__ == "__main__":
     scenario, prefix, out = sys.argv[1:4]
     result = {"tp_equiv": tp_equiv, "zero_match": zero_match, "resume": resume, "reshard": reshard, "grow": grow,
-              "reshard_property": reshard_property, "measure": measure, "nccl_declared": nccl_declared}[scenario](prefix, out)
+              "reshard_property": reshard_property, "measure": measure, "nccl_declared": nccl_declared,
+              "loss_tp": loss_tp}[scenario](prefix, out)
     if RANK == 0:
         with open(os.path.join(out, "result.json"), "w") as f:
             json.dump(result, f)
