@@ -328,11 +328,12 @@ def commands(args) -> list[str]:
             "data_cache/manpages": "make data-manpages   # prepares data_cache/manpages (the English manual pages, rendered)"}
     first = prep.get(data, f"python tools/prepare_data.py --out {data} --input YOUR_CORPUS --vocab-size 4096   # the corpus named above")
     lines = ["make install", first]
-    if data == "data_cache/stdlib" and out == "runs/savings" and args.md == os.path.join("docs", "results", "savings.md") \
+    spec = "" if os.path.abspath(args.spec) == os.path.join(REPO, DEFAULT_SPEC) else f" --spec {rel(args.spec, 'recipes')}"
+    if not spec and data == "data_cache/stdlib" and out == "runs/savings" and args.md == os.path.join("docs", "results", "savings.md") \
             and args.png == os.path.join("docs", "results", "savings.png"):
         lines.append("make savings         # = the two commands below")
-    lines += [f"python tools/savings.py run --data {data} --out {out} --jobs 2",
-              f"python tools/savings.py report --data {data} --out {out} --md {args.md} --png {args.png}"]
+    lines += [f"python tools/savings.py run{spec} --data {data} --out {out} --jobs 2",
+              f"python tools/savings.py report{spec} --data {data} --out {out} --md {args.md} --png {args.png}"]
     return lines
 
 

@@ -60,11 +60,15 @@ ABLATIONS = {
     "lrhalf": Knob("the grown stage at half the final size's LR (its copies act as the small model at k x its LR)",
                    {"optim": {"lr_scale": 0.5}}),
     "freshlrhalf": Knob("fresh units and the grown stage at half the LR", {"grow": "width:init", "optim": {"lr_scale": 0.5}}),
+    "lr2restart": Knob("the grown stage at twice the final size's LR, its schedule restarted",
+                       {"optim": {"lr_scale": 2.0, "lr_placement": "restart"}}),
     "lrfinal": Knob("every stage at the final size's LR (the small 3x96 stage untuned)", chain="both", final_lr=True),
 }
 
 
 def load_spec(path: str) -> dict:
+    """The spec at `path`; a spec with `extends: OTHER.yaml` (relative to its own directory) is
+    that spec with this one's keys replacing its keys."""
     import yaml
 
     if not os.path.isfile(path):
@@ -74,6 +78,12 @@ def load_spec(path: str) -> dict:
             spec = yaml.safe_load(f)
         except yaml.YAMLError as e:
             raise UserError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    if isinstance(spec, dict) and "extends" in spec:
+        base = load_spec(os.path.join(os.path.dirname(path), str(spec.pop("extends"))))
+        spec = {**base, **spec}
+    unknown = set((spec or {}).get("ablations") or {}) - set(ABLATIONS)
+    if unknown:
+        raise UserError(f"{path}: unknown ablation knob(s) {', '.join(sorted(unknown))} (known: {', '.join(ABLATIONS)})")
     need = ("name", "seeds", "reference_tokens", "model", "final", "smaller", "layout", "optim", "eval",
             "baseline_budgets", "lr_sweep", "staged_tokens", "slope", "ablation_base")
     missing = [k for k in need if k not in (spec or {})]
@@ -314,8 +324,13 @@ def runs(spec: dict, data: str, choices: dict | None = None) -> list[RunSpec]:
         spec, f"slope-{k}", k, _lrs(c), seeds[0], data, thresholds=c["calibration"]["thresholds"][k]),
         {"chain": k, "seed": seeds[0], "seed_index": 0}, chain_needs(k) + (("calibration",),)) for k in KINDS]
     abl = []
-    for i, s in enumerate(seeds[:int(spec.get("ablation_seeds", 1))]):
+    n_abl = {k: int(spec.get("ablation_seeds", 1)) for k in ABLATIONS}
+    if spec.get("ablations") is not None:  # knob -> how many seeds it runs with (knobs not named: none)
+        n_abl = {k: int(spec["ablations"].get(k, 0)) for k in ABLATIONS}
+    for i, s in enumerate(seeds):
         for key, kb in ABLATIONS.items():
+            if i >= n_abl[key]:
+                continue
             base = kb.chain or spec["ablation_base"]
             n = f"abl-{base}-{key}{seed_suffix(i)}"
             abl.append(RunSpec(n, "ablation", [], lambda c, n=n, kb=kb, s=s, base=base: staged_plan(
