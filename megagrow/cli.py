@@ -47,7 +47,8 @@ def _train(args) -> int:
     except Exception as e:  # noqa: BLE001 - a collective that failed: one line, not a gloo/NCCL traceback
         if not _peer_lost(e):
             raise
-        rank = os.environ.get("RANK", "?")
+        rank = _launcher_rank()
+        rank = "?" if rank is None else rank
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         print(f"error: stage {plan.stages[k].name}: rank {rank} lost contact with another rank ({first[:200]}); another "
               f"rank died or hung (the launcher names it); run again to resume from the newest complete checkpoint",
@@ -69,9 +70,27 @@ def _peer_lost(e: BaseException) -> bool:
         "Broken pipe", "Socket Timeout", "Connection refused"))
 
 
+def _launcher_rank() -> int | None:
+    """This process's global rank as its launcher gave it (torchrun: RANK, srun: SLURM_PROCID), or
+    None when neither says: a rank that failed before torch.distributed started knows no more."""
+    for k in ("RANK", "SLURM_PROCID"):
+        v = os.environ.get(k, "").strip()
+        if v.isdigit():
+            return int(v)
+    return None
+
+
 def _mark_failed(run_dir: str, stage: str, msg: str) -> None:
-    """Rank 0: status.json says "failed" (not "running") after a stage stopped on an error; best effort."""
-    if os.environ.get("RANK", "0") != "0":
+    """The global rank 0 only: status.json says "failed" (not "running") after a stage stopped on an
+    error; best effort. Rank 0 is the launcher's (RANK, or SLURM_PROCID under srun), so a start-up that
+    fails before the process group exists has one writer, not one per rank; a process that no
+    launcher numbered (`megagrow train` run by hand, one process) is rank 0."""
+    rank = _launcher_rank()
+    if rank is None:
+        import torch.distributed as dist  # loaded by now: the stage started
+
+        rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+    if rank != 0:
         return
     from megagrow.fsutil import write_json_atomic
     from megagrow.paths import RunPaths
@@ -145,7 +164,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--max-nodes", type=int, help="Slurm: most nodes a dependent job may ask for (default: the partition's)")
     r.add_argument("--grace", type=float, default=60.0, help="seconds the other ranks get after one rank fails (default 60)")
     r.add_argument("--retries", type=int, help="launch a failed stage again this often, from its newest complete "
-                   "checkpoint, before the run is declared failed (default: the plan's reliability.retries, 1)")
+                   "checkpoint (under Slurm on other hosts of the allocation where it has them), before the run is "
+                   "declared failed (default: the plan's reliability.retries, 2)")
     r.add_argument("--dry-run", action="store_true", help="validate, print each stage's placement and the next action, launch nothing")
     r.set_defaults(fn=_run)
     st = sub.add_parser("status", help="progress of a run directory (table, or --json)")

@@ -112,11 +112,17 @@ def wait_ranks(procs: list, grace_s: float = 60.0, poll_s: float = 0.05, heartbe
     Hang watchdog (hang_s > 0): when the file `heartbeat` (rank 0 touches it as steps finish) is
     older than hang_s, counted from this call where it is older still, no rank is making progress:
     every process is stopped with `stop_hung(p)` (default: SIGKILL), killed after `grace_s` if it
-    is still there, and the result says so (`hung_s`)."""
-    from megagrow.fsutil import Heartbeat
+    is still there, and the result says so (`hung_s`). Ages are differences of modification times
+    on the heartbeat's own file system (`FsClock`), never this host's clock against rank 0's host's
+    (they may differ by more than a step on a cluster); checked at most every few seconds."""
+    from megagrow.fsutil import FsClock, Heartbeat
 
     failed_at, killed, order = None, [], []
-    started, hung = time.time(), None
+    hung = None
+    clock = FsClock(heartbeat + ".watchdog") if hang_s > 0 and heartbeat else None
+    started = clock.now() if clock else time.time()
+    every = max(poll_s, min(5.0, hang_s / 4)) if clock else 0.0
+    checked = time.monotonic()
     while True:
         codes = [p.poll() for p in procs]
         for r, c in enumerate(codes):
@@ -124,8 +130,9 @@ def wait_ranks(procs: list, grace_s: float = 60.0, poll_s: float = 0.05, heartbe
                 order.append(r)
         if all(c is not None for c in codes):
             break
-        if hang_s > 0 and heartbeat and hung is None and failed_at is None:
-            idle = time.time() - max(started, Heartbeat.mtime(heartbeat) or 0.0)
+        if clock and hung is None and failed_at is None and time.monotonic() - checked >= every:
+            checked = time.monotonic()
+            idle = clock.now() - max(started, Heartbeat.mtime(heartbeat) or 0.0)
             if idle > hang_s:
                 hung = idle
                 for p in procs:

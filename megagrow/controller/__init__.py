@@ -10,14 +10,17 @@ What it does, in a loop:
      chain (each stage's `grow` operator really takes the previous model to this one), the
      dataset, every layout against the allocation (see `place`); a mistake is one `error:` line
      and exit 2;
-  2. read the progress in RUN (each stage's status.json and checkpoint `latest`);
-  3. decide what to run next (`next_action`): train stage k (resuming from its `latest`), or
+  2. derive each stage's progress from its sealed checkpoints (status.json only says how its last
+     launch ended); a disagreement between them is a named state (`torn`) and one line;
+  3. decide what to run next (`next_action`): train stage k (resuming from its newest complete checkpoint), or
      grow stage k-1's final checkpoint into stage k (the trainer runs that transition itself at
      start-up, shard to shard, into a temporary directory renamed at the end), then train it;
   4. launch that stage with its layout: locally one process per rank (RANK/WORLD_SIZE, so each
      rank's exit code is visible), under Slurm `srun --nodes --ntasks` on the first hosts of the
-     allocation, MASTER_ADDR the first of them, MASTER_PORT derived from the job id;
-  5. write RUN/manifest.json (the plan and every stage's state, written last and atomically).
+     allocation (a retry on its other hosts first), MASTER_ADDR the first of them, MASTER_PORT a
+     port free there (or a hash of job id, launch counter and uid when that host is not this one);
+  5. write RUN/manifest.json (the plan, the current action, the launch counter, the events;
+     written last and atomically; no stage's state: that is derived).
 
 A stage that needs more nodes than the allocation has is not squeezed: the controller submits
 the same batch script again as a dependent job (`sbatch --dependency=afterok:JOB --nodes=N`)
@@ -38,12 +41,12 @@ run (`megagrow run`), status (`megagrow status`).
 """
 
 from megagrow.controller.allocation import Allocation, Placement, detect_allocation, place
-from megagrow.controller.launch import EXIT_FAILED, Controller, master_port
+from megagrow.controller.launch import EXIT_FAILED, Controller, launch_port, master_port
 from megagrow.controller.progress import STATES, Action, StageProgress, next_action, read_manifest, read_progress
 from megagrow.controller.run import lock_run_dir, run_main
 from megagrow.controller.status import status_dict, status_main
 from megagrow.controller.validate import check_run_dir, validate_plan
 
 __all__ = ["Action", "Allocation", "Controller", "EXIT_FAILED", "Placement", "STATES", "StageProgress", "check_run_dir",
-           "detect_allocation", "lock_run_dir", "master_port", "next_action", "place", "read_manifest", "read_progress",
+           "detect_allocation", "launch_port", "lock_run_dir", "master_port", "next_action", "place", "read_manifest", "read_progress",
            "run_main", "status_dict", "status_main", "validate_plan"]

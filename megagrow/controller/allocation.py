@@ -49,7 +49,7 @@ class Placement:
         return bool(self.hosts)
 
 
-def place(stage: Stage, alloc: Allocation, where: str = "") -> Placement:
+def place(stage: Stage, alloc: Allocation, where: str = "", avoid: tuple = ()) -> Placement:
     """Where stage `stage` runs in `alloc`, or a UserError if it never can.
 
     Rule: W = tp x dp ranks. Locally W must be <= the local process limit. Under Slurm, with G
@@ -57,6 +57,9 @@ def place(stage: Stage, alloc: Allocation, where: str = "") -> Placement:
     tensor-parallel groups that stay inside a node (G % tp == 0); it needs ceil(W / G) nodes,
     which must not exceed max_nodes (when known). If it needs more nodes than the allocation
     has, `fits` is False: the controller submits a dependent job with that many nodes.
+
+    avoid: hosts to use last (those of a launch that just failed): a retry runs on the
+    allocation's other hosts where it has enough of them, else on as few avoided ones as it can.
     """
     L = stage.layout
     W = L.world_size
@@ -79,7 +82,8 @@ def place(stage: Stage, alloc: Allocation, where: str = "") -> Placement:
     if alloc.max_nodes is not None and nodes > alloc.max_nodes:
         raise UserError(f"{where}: layout tp {L.tp} x dp {L.dp} = {W} ranks needs {nodes} nodes of {G} ranks, "
                         f"more than the {alloc.max_nodes} the cluster has")
-    hosts = tuple(alloc.hosts[:nodes]) if nodes <= alloc.nodes else ()
+    order = [h for h in alloc.hosts if h not in avoid] + [h for h in alloc.hosts if h in avoid]
+    hosts = tuple(order[:nodes]) if nodes <= alloc.nodes else ()
     return Placement(nodes, W, per, hosts)
 
 

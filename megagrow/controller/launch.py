@@ -12,7 +12,6 @@ import socket
 import subprocess
 import sys
 import time
-from dataclasses import asdict
 
 from megagrow.config import Plan
 from megagrow.controller.allocation import Allocation, Placement, place
@@ -24,17 +23,36 @@ from megagrow.paths import RunPaths
 EXIT_FAILED = 1
 
 
-def master_port(job_id: str | None, launch: int) -> int:
-    """Under Slurm: 20000 + 10 x (job id mod 4000) + (launch number mod 10): the same for every
-    rank of a launch, different for jobs that may share a node, and for consecutive launches."""
-    return 20000 + 10 * (int(job_id) % 4000) + launch % 10
+PORT_LO, PORT_SPAN = 20000, 12000  # derived ports: 20000-31999, below Linux's ephemeral range (32768-60999)
 
+
+def master_port(job_id: str | None, launch: int, uid: int | None = None) -> int:
+    """A launch's MASTER_PORT when it cannot be picked free on the first host: a hash of the job id,
+    the run's launch counter (kept in RUN/manifest.json, so it goes on counting over requeues) and
+    the user id, in 20000-31999. Jobs of other users or other job ids sharing a node, and consecutive
+    launches of one run, land on unrelated ports (job id mod 4000 alone collided: jobs 17 and 4017)."""
+    import zlib
+
+    uid = os.getuid() if uid is None else uid
+    return PORT_LO + zlib.crc32(f"{job_id}:{launch}:{uid}".encode()) % PORT_SPAN
 
 
 def _free_port() -> int:
+    """A port free on all of this host's interfaces now (the OS picks it)."""
     with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
+        s.bind(("", 0))
         return s.getsockname()[1]
+
+
+def _is_this_host(host: str) -> bool:
+    names = {socket.gethostname(), socket.gethostname().split(".")[0], os.environ.get("SLURMD_NODENAME", "")}
+    return host in names or host.split(".")[0] in names
+
+
+def launch_port(job_id: str | None, launch: int, first_host: str) -> int:
+    """MASTER_PORT of a launch whose rank 0 runs on `first_host`: a port free there when that host is
+    this one (the batch script runs on the allocation's first node), else `master_port`."""
+    return _free_port() if _is_this_host(first_host) else master_port(job_id, launch)
 
 
 def _rc(code: int) -> int:
@@ -70,24 +88,22 @@ class Controller:
         self.out = out or sys.stdout
         self.stop: int | None = None
         self.procs: list[subprocess.Popen] = []
-        self.launches = 0
+        self.manifest = read_manifest(run_dir) or {}
+        launches = self.manifest.get("launches", 0)
+        self.launches = launches if isinstance(launches, int) and launches >= 0 else 0  # counted over requeues
         self.retries = retries  # None: the plan's reliability.retries
         self.last_failure: str | None = None
-        self.manifest = read_manifest(run_dir) or {}
+        self.noted: set = set()  # the notes already printed
+        self.avoid: tuple = ()  # the hosts of the launch that failed last: a retry runs elsewhere where it can
 
     # ---- output and manifest
     def say(self, msg: str) -> None:
         print(f"[megagrow run] {msg}", file=self.out, flush=True)
 
     def write_manifest(self, state: str, current: dict | None = None, event: dict | None = None) -> dict:
-        progress = read_progress(self.plan, self.run_dir)
-        stages = [asdict(p) for p in progress]
-        for s in stages:
-            s.pop("partial", None)
-            if current and s["index"] == current.get("stage_index") and state == "running":
-                s["state"] = "growing" if current.get("action") == "grow" and s["checkpoint"] is None else "running"
-            if current and s["index"] == current.get("stage_index") and state == "failed":
-                s["state"] = "failed"
+        """RUN/manifest.json: what cannot be derived from the stages' sealed checkpoints (the run's state
+        as the controller left it, the current action, the allocation, the launch counter, the events).
+        Each stage's state, step and checkpoint are not stored: `megagrow status` derives them."""
         events = list(self.manifest.get("events", []))
         if event:
             events.append({"time": round(time.time(), 3), **event, **self._job()})
@@ -98,7 +114,7 @@ class Controller:
             "run_dir": os.path.abspath(self.run_dir),
             "state": state,
             "current": current,
-            "stages": stages,
+            "launches": self.launches,  # survives a requeue: MASTER_PORT differs from every earlier launch
             "allocation": {"kind": self.alloc.kind, "hosts": list(self.alloc.hosts), "tasks_per_node": self.alloc.tasks_per_node,
                            "job_id": self.alloc.job_id, "restart_count": self.alloc.restart_count},
             "events": events[-200:],
@@ -145,7 +161,6 @@ class Controller:
 
     def launch(self, k: int, pl: Placement) -> int:
         """Run stage k's ranks to their end; returns 0, 75 or a failure code."""
-        self.launches += 1
         if self.alloc.kind == "slurm":
             return self._launch_srun(k, pl)
         return self._launch_local(k, pl)
@@ -163,7 +178,7 @@ class Controller:
 
     def _launch_srun(self, k: int, pl: Placement) -> int:
         env = _clean_env(drop_slurm_step=True)
-        env.update(MASTER_ADDR=pl.hosts[0], MASTER_PORT=str(master_port(self.alloc.job_id, self.launches)))
+        env.update(MASTER_ADDR=pl.hosts[0], MASTER_PORT=str(launch_port(self.alloc.job_id, self.launches, pl.hosts[0])))
         cmd = ["srun", f"--nodes={pl.nodes}", f"--ntasks={pl.ntasks}", f"--ntasks-per-node={pl.tasks_per_node}",
                f"--nodelist={','.join(pl.hosts)}", "--distribution=block", f"--wait={int(self.grace_s)}",
                "--kill-on-bad-exit=0", f"--job-name={self.plan.stages[k].name}"]
@@ -228,6 +243,10 @@ class Controller:
         retries_left = plan.reliability.retries if self.retries is None else self.retries
         while True:
             progress = read_progress(plan, self.run_dir)
+            for p in progress:  # each disagreement between a stage's records: one line, once
+                if p.note and (p.name, p.note) not in self.noted:
+                    self.noted.add((p.name, p.note))
+                    self.say(f"stage {p.name} is {p.state}: {p.note}")
             act = next_action(plan, progress)
             if act.kind == "done":
                 self.write_manifest("done", None, {"event": "done"} if self.manifest.get("state") != "done" else None)
@@ -245,7 +264,7 @@ class Controller:
                 self.say(f"stage {stage.name} made no progress in its last launch; giving up")
                 return EXIT_FAILED
             last = (k, act.resume_step, act.kind)
-            pl = place(stage, self.alloc)
+            pl = place(stage, self.alloc, avoid=self.avoid)
             if not pl.fits:
                 job = self.submit_dependent(k, pl)
                 self.write_manifest("handed_off", {"stage_index": k, "stage": stage.name, "action": act.kind, "next_job": job},
@@ -254,8 +273,9 @@ class Controller:
                          f"submitted job {job} (--dependency=afterok:{self.alloc.job_id} --nodes={pl.nodes}); exit 0")
                 return EXIT_OK
             for path in act.discard:
-                self.say(f"discarding a half-written transition output: {path}")
+                self.say(f"discarding {'the incomplete checkpoints' if act.note else 'a half-written transition output'}: {path}")
                 shutil.rmtree(path, ignore_errors=True)
+            self.launches += 1  # persisted with the manifest below
             current = {"stage_index": k, "stage": stage.name, "action": act.kind, "layout": stage.layout.to_dict(),
                        "hosts": list(pl.hosts), "ntasks": pl.ntasks, "started": round(time.time(), 3)}
             self.write_manifest("running", current, {"event": "launch", "stage": stage.name, "action": act.kind,
@@ -269,6 +289,7 @@ class Controller:
             ev = {"event": "exit", "stage": stage.name, "rc": rc, "step": now.step}
             if self.last_failure:
                 ev["failure"] = self.last_failure
+            self.avoid = tuple(pl.hosts) if rc not in (EXIT_OK, EXIT_PREEMPTED) and self.alloc.kind == "slurm" else ()
             if rc == EXIT_OK:
                 self.write_manifest("running", None, ev)
                 continue
@@ -281,8 +302,10 @@ class Controller:
                 retries_left -= 1
                 last = None  # a retry may resume from the same checkpoint
                 self.write_manifest("running", None, {**ev, "event": "retry"})
+                others = [h for h in self.alloc.hosts if h not in self.avoid] if self.avoid else []
                 self.say(f"stage {stage.name} failed ({why}); retrying from its newest complete checkpoint "
-                         f"(step {now.step}; {retries_left} retr{'y' if retries_left == 1 else 'ies'} left after this one)")
+                         f"(step {now.step}; {retries_left} retr{'y' if retries_left == 1 else 'ies'} left after this one)"
+                         + (f", on other hosts first ({','.join(others)})" if others else ""))
                 continue
             self.write_manifest("failed", {"stage_index": k, "stage": stage.name, "action": act.kind}, ev)
             if rc == EXIT_USER_ERROR:

@@ -52,6 +52,9 @@ def run_main(args) -> int:
             where = ",".join(pl.hosts) if pl.fits else f"needs {pl.nodes} nodes: dependent job"
             print(f"{s.name:12s} {p.state:11s} {p.step}/{p.steps:<7d} tp {s.layout.tp} x dp {s.layout.dp} zero "
                   f"{s.layout.zero_stage} {s.layout.dtype}: {pl.ntasks} ranks, {pl.nodes} node(s) [{where}]")
+        for p in progress:
+            if p.note:
+                print(f"note: {p.name}: {p.state}: {p.note}")
         print(f"next: {act.describe(plan)}")
         return EXIT_OK
     lock = lock_run_dir(run_dir)  # noqa: F841 - held until this process exits

@@ -1,4 +1,6 @@
-"""`megagrow status RUN`: a table (or --json) of every stage's state, from the run directory."""
+"""`megagrow status RUN`: a table (or --json) of every stage's state, derived from its sealed
+checkpoints (controller.progress); RUN/manifest.json adds what runs now. Every disagreement
+between the records is a named state and one `note:` line."""
 
 from __future__ import annotations
 
@@ -40,9 +42,16 @@ def status_dict(run_dir: str) -> dict:
             s["state"] = "failed"
         stages.append(s)
     total = sum(s["tokens"] for s in stages)
-    return {"run_dir": os.path.abspath(run_dir), "plan": plan.name, "plan_file": m.get("plan_file"), "state": m.get("state"),
+    notes = [f"{s['name']}: {s['state']}: {s['note']}" for s in stages if s.get("note")]
+    state = m.get("state")
+    if state == "done" and any(s["state"] != "done" for s in stages):  # the manifest's word against the checkpoints
+        state = "torn" if any(s["state"] == "torn" for s in stages) else "incomplete"
+        notes.insert(0, f"run: {state}: RUN/{MANIFEST} says done, but "
+                     + ", ".join(f"{s['name']} is {s['state']}" for s in stages if s["state"] != "done")
+                     + " (the checkpoints decide: `megagrow run` goes on from them)")
+    return {"run_dir": os.path.abspath(run_dir), "plan": plan.name, "plan_file": m.get("plan_file"), "state": state,
             "current": cur or None, "allocation": m.get("allocation"), "updated": m.get("updated"), "tokens": total,
-            "stages": stages, "events": m.get("events", [])[-5:]}
+            "stages": stages, "notes": notes, "events": m.get("events", [])[-5:]}
 
 
 def status_main(args) -> int:
@@ -67,4 +76,6 @@ def status_main(args) -> int:
     for r in rows:
         print("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
     print(f"tokens {_fmt_tokens(d['tokens'])}")
+    for n in d["notes"]:
+        print(f"note: {n}")
     return EXIT_OK

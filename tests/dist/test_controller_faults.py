@@ -15,6 +15,7 @@ import time
 import yaml
 
 from conftest import REPO, _env
+from megagrow.controller import status_dict
 
 PLAN = {"name": "cf", "seed": 4, "defaults": {"optim": {"warmup_steps": 1}, "log_every": 1, "save_every": 2},
         "reliability": {"collective_timeout_s": 30, "retries": 1},
@@ -62,7 +63,7 @@ def test_killed_rank_is_retried_and_the_run_finishes(data_prefix, tmp_path):
     assert p.returncode == 0, out[-3000:] + err[-3000:]
     assert "rank 1 failed first (killed by SIGKILL)" in out and "retrying from its newest complete checkpoint (step 2" in out, out
     m = json.load(open(run / "manifest.json"))
-    assert m["state"] == "done" and m["stages"][0]["step"] == 6
+    assert m["state"] == "done" and status_dict(str(run))["stages"][0]["step"] == 6
     retry = [e for e in m["events"] if e["event"] == "retry"]
     assert len(retry) == 1 and retry[0]["rc"] == 137 and "rank 1" in retry[0]["failure"]
     assert [ln for ln in err.splitlines() if ln.startswith("error:")] and "Traceback" not in err, err[-3000:]
@@ -100,7 +101,8 @@ def test_ranks_die_with_the_controller_and_early_sigterm_saves(data_prefix, tmp_
     out, err = p.communicate(timeout=600)
     assert p.returncode == 75, out[-3000:] + err[-3000:]
     m = json.load(open(run2 / "manifest.json"))
-    assert m["state"] == "preempted" and m["stages"][0]["state"] == "preempted", m["stages"]
+    st = status_dict(str(run2))["stages"]
+    assert m["state"] == "preempted" and st[0]["state"] == "preempted", st
 
 
 def test_a_stage_hung_on_every_rank_is_killed_and_retried(data_prefix, tmp_path):
@@ -121,7 +123,7 @@ def test_a_stage_hung_on_every_rank_is_killed_and_retried(data_prefix, tmp_path)
     assert p.returncode == 0, out[-3000:] + err[-3000:]
     assert "hung: no progress for" in out and "retrying from its newest complete checkpoint (step 2" in out, out
     m = json.load(open(run / "manifest.json"))
-    assert m["state"] == "done" and m["stages"][0]["step"] == 6
+    assert m["state"] == "done" and status_dict(str(run))["stages"][0]["step"] == 6
     ev = {e["event"]: e for e in m["events"]}
     idle = float(ev["retry"]["failure"].split("no progress for ")[1].split(" s")[0])
     assert 8 <= idle <= 8 + 5 + 2, ev["retry"]

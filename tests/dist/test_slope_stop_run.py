@@ -14,6 +14,7 @@ import yaml
 
 from conftest import REPO, _env
 from megagrow.config import load_plan
+from megagrow.controller import status_dict
 from megagrow.schedule.stop import StageStop
 
 
@@ -48,7 +49,7 @@ def test_slope_rule_ends_a_stage_early_and_the_plan_goes_on(tmp_path, data_prefi
     assert wide["sample_index"] == end * 8 + 12 * 8  # the data stream went on from where `small` stopped
     with open(os.path.join(run, "manifest.json")) as f:
         m = json.load(f)
-    assert m["state"] == "done" and [s["state"] for s in m["stages"]] == ["done", "done"]
+    assert m["state"] == "done" and [s["state"] for s in status_dict(run)["stages"]] == ["done", "done"]
 
     # the stage record survives save -> reshard -> resume: every field equal (final_step included,
     # so the resharded stage does not train on to `steps`), only the layout changes

@@ -266,12 +266,13 @@ def test_loop_runs_every_stage_then_resumes_after_preemption(tmp_path, monkeypat
     monkeypatch.setattr(Controller, "launch", lambda self, k, pl: fake(self, k, pl))
     assert Controller(plan, "p.yaml", run, LOCAL2).run() == 75
     m = read_manifest(run)
-    assert m["state"] == "preempted" and [s["state"] for s in m["stages"]] == ["done", "preempted", "pending"]
+    assert m["state"] == "preempted" and [s["state"] for s in status_dict(run)["stages"]] == ["done", "preempted", "pending"]
+    assert "stages" not in m  # derived from the checkpoints, not stored
     assert [(e["event"], e.get("rc")) for e in m["events"]] == [("launch", None), ("exit", 0), ("launch", None), ("exit", 75)]
     assert Controller(plan, "p.yaml", run, LOCAL2).run() == 0  # the "requeued" controller
     assert [x[0] for x in fake.launched] == ["a", "b", "b", "c"]
     m = read_manifest(run)
-    assert m["state"] == "done" and [s["state"] for s in m["stages"]] == ["done"] * 3
+    assert m["state"] == "done" and m["launches"] == 4
     assert [e["from_step"] for e in m["events"] if e["event"] == "launch"] == [0, 0, 3, 0]
     d = status_dict(run)
     assert [s["state"] for s in d["stages"]] == ["done"] * 3 and d["tokens"] == (10 * 4 + 8 * 2 + 6 * 4) * 16
@@ -312,10 +313,10 @@ def test_loop_discards_half_written_transition_and_stops_on_failure(tmp_path, mo
 
     monkeypatch.setattr(Controller, "launch", failing)
     assert Controller(plan, "p.yaml", run, LOCAL2).run() == 1
-    assert calls == [1, 1]  # reliability.retries (default 1): launched again once before the run is declared failed
+    assert calls == [1, 1, 1]  # reliability.retries (default 2): launched again twice before the run is declared failed
     m = read_manifest(run)
-    assert m["state"] == "failed" and m["stages"][1]["state"] == "failed"
-    assert [e["event"] for e in m["events"]].count("retry") == 1
+    assert m["state"] == "failed"
+    assert [e["event"] for e in m["events"]].count("retry") == 2
     assert status_dict(run)["stages"][1]["state"] == "failed"
 
 
@@ -423,3 +424,162 @@ def test_status_shows_how_long_the_running_stage_has_made_no_progress(tmp_path, 
     st = seen[0]
     assert st[0]["state"] == "running" and 42 <= st[0]["progress_age_s"] < 60, st[0]
     assert "progress_age_s" not in st[1]
+
+
+# --------------------------------------------------------------------------------------
+# one stage-state record: the sealed checkpoints decide, disagreements are named
+
+
+OPTIM = "zero_pp_rank_0_mp_rank_00_optim_states.pt"
+
+
+def _sealed(run, stage: str, step: int, finished: bool) -> str:
+    """A sealed tag with a module file and an optimizer file, as a training save leaves it."""
+    from megagrow.state.manifest import seal
+
+    ck = os.path.join(run, stage, "checkpoints")
+    tag = f"step_{step:08d}"
+    os.makedirs(os.path.join(ck, tag), exist_ok=True)
+    for name, size in (("mp_rank_00_model_states.pt", 64), (OPTIM, 4096)):
+        with open(os.path.join(ck, tag, name), "wb") as f:
+            f.write(os.urandom(size))
+    seal(ck, tag, {"plan": "p", "stage": stage, "step": step, "finished": finished})
+    with open(os.path.join(run, stage, "status.json"), "w") as f:
+        json.dump({"state": "done" if finished else "running", "step": step, "loss": 4.5, "tag": tag}, f)
+    return os.path.join(ck, tag)
+
+
+def test_truncated_final_optimizer_file_makes_the_stage_torn_and_run_resumes_from_the_older_checkpoint(tmp_path, monkeypatch):
+    """Property: a finished stage whose final optimizer file is truncated after its seal (status.json
+    and RUN/manifest.json still say done) is "torn", not done: `megagrow status` shows it at the older
+    complete checkpoint's step with one note naming the file and where it goes on from, and `megagrow
+    run` says so and resumes it from that checkpoint (step 4), not from step 0."""
+    import io
+
+    plan, run = _plan(tmp_path), str(tmp_path / "run")
+    _sealed(run, "a", 4, False)
+    final = _sealed(run, "a", 10, True)
+    ctl = Controller(plan, "p.yaml", run, LOCAL2)
+    ctl.write_manifest("done")
+    with open(os.path.join(final, OPTIM), "r+b") as f:
+        f.truncate(100)
+    d = status_dict(run)
+    a = d["stages"][0]
+    assert (a["state"], a["step"], a["checkpoint"]) == ("torn", 4, os.path.join("a", "checkpoints", "step_00000004"))
+    assert d["state"] == "torn" and len([n for n in d["notes"] if n.startswith("a: torn: ")]) == 1
+    assert f"{OPTIM}: size 100 != 4096 recorded" in a["note"] and "step_00000004 (step 4/10)" in a["note"]
+    r = _cli("status", run)
+    assert r.returncode == 0 and r.stderr == "", r.stderr
+    lines = r.stdout.splitlines()
+    assert lines[0].split()[4:6] == ["state", "torn"] and lines[2].split()[:3] == ["a", "torn", "4/10"]
+    assert sum(line.startswith("note: a: torn: status.json says done at step 10") for line in lines) == 1
+    act = next_action(plan, read_progress(plan, run))
+    assert (act.kind, act.stage, act.resume_step) == ("train", 0, 4)
+
+    out, launched = io.StringIO(), []
+
+    def launch(self, k, pl):
+        launched.append((plan.stages[k].name, read_progress(plan, run)[k].step))
+        return 2  # stop after the first launch
+    monkeypatch.setattr(Controller, "launch", launch)
+    Controller(plan, "p.yaml", run, LOCAL2, out=out).run()
+    said = out.getvalue()
+    assert launched == [("a", 4)]
+    assert said.count("stage a is torn: status.json says done at step 10") == 1 and "resume a at step 4/10" in said
+
+
+def test_torn_stage_without_an_older_checkpoint_says_it_starts_again(tmp_path):
+    """Property: when the torn final checkpoint was the only one (keep_last 1), the stage is torn at
+    step 0 and the note says it trains again from step 0; a later stage that already grew from it is
+    not held up by it (the torn stage keeps its note)."""
+    plan, run = _plan(tmp_path), str(tmp_path / "run")
+    final = _sealed(run, "a", 10, True)
+    with open(os.path.join(final, OPTIM), "r+b") as f:
+        f.truncate(10)
+    p = read_progress(plan, run)
+    assert p[0].state == "torn" and p[0].step == 0 and p[0].note.endswith("trains it again from step 0")
+    assert (next_action(plan, p).kind, next_action(plan, p).stage) == ("train", 0)
+    _ckpt(run, "b", 0, None)  # b was grown from a before the damage
+    p = read_progress(plan, run)
+    assert p[0].state == "torn" and (next_action(plan, p).kind, next_action(plan, p).stage) == ("train", 1)
+
+
+# --------------------------------------------------------------------------------------
+# cluster details: hosts of a retry, MASTER_PORT, the watchdog's clock, who marks a failure
+
+
+def test_a_retry_runs_on_other_hosts_where_the_allocation_has_them(tmp_path, monkeypatch):
+    """Property: under Slurm, a failed launch's retry is placed on the allocation's other hosts when it
+    has enough of them (4 nodes, a 2-node stage: n1,n2 then n3,n4), and on the same hosts only when it
+    has no others (a 4-node stage)."""
+    plan, run = _plan(tmp_path), str(tmp_path / "run")
+    plan = dataclasses.replace(plan, stages=(dataclasses.replace(plan.stages[0], layout=plan.stages[0].layout.replace(dp=4)),))
+    alloc = Allocation("slurm", ("n1", "n2", "n3", "n4"), 2, max_nodes=4, job_id="7")
+    hosts = []
+    monkeypatch.setattr(Controller, "launch", lambda self, k, pl: hosts.append(pl.hosts) or 1)
+    assert Controller(plan, "p.yaml", run, alloc, retries=1).run() == 1
+    assert hosts == [("n1", "n2"), ("n3", "n4")]
+    assert place(plan.stages[0], alloc, avoid=("n1", "n2", "n3")).hosts == ("n4", "n1")
+    whole = Allocation("slurm", ("n1", "n2"), 2, max_nodes=2, job_id="7")
+    assert place(plan.stages[0], whole, avoid=("n1", "n2")).hosts == ("n1", "n2")
+
+
+def test_master_port_differs_across_jobs_users_and_requeued_launches(tmp_path, monkeypatch):
+    """Property: derived MASTER_PORTs do not repeat for jobs whose ids agree mod 4000, for two users of
+    one node, or for consecutive launches of a run, and stay below the ephemeral range; the launch
+    counter they use is kept in RUN/manifest.json, so a requeued controller goes on counting."""
+    from megagrow.controller import master_port
+
+    assert master_port("17", 1, 1000) != master_port("4017", 1, 1000)
+    assert master_port("17", 1, 1000) != master_port("17", 1, 1001)
+    assert len({master_port("17", n, 1000) for n in range(1, 50)}) > 45
+    assert all(20000 <= master_port(str(j), n, 1000) < 32000 for j in range(50) for n in range(5))
+    plan, run = _plan(tmp_path), str(tmp_path / "run")
+    fake = FakeStages(plan, run, preempt_at={"b": 3})
+    seen = []
+    monkeypatch.setattr(Controller, "launch", lambda self, k, pl: seen.append(self.launches) or fake(self, k, pl))
+    assert Controller(plan, "p.yaml", run, LOCAL2).run() == 75
+    assert Controller(plan, "p.yaml", run, LOCAL2).run() == 0  # the requeued job
+    assert seen == [1, 2, 3, 4] and read_manifest(run)["launches"] == 4
+
+
+def test_hang_watchdog_reads_file_system_time_not_the_controller_clock(tmp_path, monkeypatch):
+    """Property: a stage whose rank keeps its heartbeat fresh is not declared hung when the controller's
+    clock runs 100 s ahead of rank 0's (ages are file system mtimes against file system mtimes); one
+    whose heartbeat stops is still declared hung."""
+    import time as _time
+
+    from megagrow import procs
+
+    hb = str(tmp_path / "heartbeat")
+    beat = [sys.executable, "-c", f"import os,time\nfor _ in range(24):\n    open({hb!r},'a').close(); os.utime({hb!r}); time.sleep(0.25)"]
+    real = _time.time
+    monkeypatch.setattr(procs.time, "time", lambda: real() + 100.0)
+    open(hb, "a").close()  # fresh when the wait starts (the child's interpreter may take a while to start)
+    os.utime(hb)
+    res = procs.wait_ranks([subprocess.Popen(beat)], grace_s=2, poll_s=0.05, heartbeat=hb, hang_s=4.0)
+    assert res.rc == 0 and res.hung_s is None, res
+    stuck = [sys.executable, "-c", "import time; time.sleep(60)"]
+    res = procs.wait_ranks([subprocess.Popen(stuck)], grace_s=2, poll_s=0.05, heartbeat=hb, hang_s=4.0)
+    assert res.hung_s is not None and res.hung_s < 10, res
+
+
+@pytest.mark.parametrize("env,writes", [({"SLURM_PROCID": "1"}, False), ({"SLURM_PROCID": "0"}, True),
+                                        ({"RANK": "3"}, False), ({"RANK": "0", "SLURM_PROCID": "0"}, True)])
+def test_only_the_launchers_rank_0_marks_a_stage_failed(tmp_path, monkeypatch, env, writes):
+    """Property: when a stage fails before torch.distributed starts, only global rank 0 as its launcher
+    numbers it (RANK under torchrun, SLURM_PROCID under srun) rewrites status.json; under srun no
+    other rank does (RANK is unset there)."""
+    from megagrow.cli import _mark_failed
+
+    for k in ("RANK", "SLURM_PROCID"):
+        monkeypatch.delenv(k, raising=False)
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    run = str(tmp_path / "run")
+    os.makedirs(os.path.join(run, "a"))
+    path = os.path.join(run, "a", "status.json")
+    with open(path, "w") as f:
+        json.dump({"state": "running", "step": 2}, f)
+    _mark_failed(run, "a", "boom")
+    assert (json.load(open(path))["state"] == "failed") is writes
