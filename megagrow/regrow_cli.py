@@ -77,9 +77,12 @@ def _dry_run(args, plan, k: int) -> int:
         print(json.dumps(res))
     else:
         o, b, s = res["files_opened_per_rank"], res["bytes_read_per_rank"], res["state_bytes_per_rank"]
+        v = res["verify_bytes_per_rank"]
         print(f"regrow (dry run): -> {res['stage']} ({res['op']}) at {res['layout']}, from {res['source_layout']} "
               f"({res['source_files']} optimizer files)\n  per rank: files opened max {max(o)} mean {sum(o) / len(o):.1f}; "
-              f"read max {max(b) / 1e9:.3f} GB; state filled max {max(s) / 1e9:.3f} GB")
+              f"read max {max(b) / 1e9:.3f} GB mean {sum(b) / len(b) / 1e9:.3f} GB; state filled max {max(s) / 1e9:.3f} GB"
+              f"\n  verification (CRC-32 of the files a rank opens): max {max(v) / 1e9:.3f} GB (rank {v.index(max(v))}), "
+              f"mean {sum(v) / len(v) / 1e9:.3f} GB, {sum(v) / 1e9:.1f} GB in all")
     return 0
 
 

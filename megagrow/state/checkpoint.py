@@ -31,6 +31,7 @@ clear error rather than misread. `opened` lists the files opened, in order.
 
 from __future__ import annotations
 
+import bisect
 import functools
 import glob
 import math
@@ -96,6 +97,8 @@ class ShardMap:
     zero_stage: int
     frags: dict  # name -> [_Frag] in DP rank order
     partition_numel: list  # per group: ZeRO-1/2 elements of one rank's flat partition; ZeRO-3 the rank's flat group
+    _starts: dict = field(default_factory=dict, repr=False, compare=False)  # name -> [param_offset of each fragment] (bisect)
+    _by_rank: dict | None = field(default=None, repr=False, compare=False)  # dp_rank -> [(name, start, numel)], built once
 
     @classmethod
     def of(cls, groups: list, dp: int, zero_stage: int) -> "ShardMap":
@@ -131,12 +134,32 @@ class ShardMap:
         return {n: s for g in self.groups for n, s in g.items()}
 
     def overlapping(self, name: str, start: int, stop: int) -> list:
-        """Fragments of `name` holding some of its flat elements [start, stop)."""
-        return [f for f in self.frags[name] if f.param_offset < stop and start < f.param_offset + f.numel]
+        """Fragments of `name` holding some of its flat elements [start, stop). A param's fragments
+        lie in increasing param_offset order: a binary search, not a scan over every DP rank."""
+        lst = self.frags[name]
+        starts = self._starts.get(name)
+        if starts is None:
+            starts = self._starts[name] = [f.param_offset for f in lst]
+        i = max(0, bisect.bisect_right(starts, start) - 1)
+        out = []
+        for f in lst[i:]:
+            if f.param_offset >= stop:
+                break
+            if start < f.param_offset + f.numel:
+                out.append(f)
+        return out
 
     def rank_fragments(self, dp_rank: int) -> list:
-        """(name, start, numel) of every fragment DP rank `dp_rank` holds (its own share)."""
-        return [(n, f.param_offset, f.numel) for n, lst in self.frags.items() for f in lst if f.dp_rank == dp_rank]
+        """(name, start, numel) of every fragment DP rank `dp_rank` holds (its own share). The index
+        by rank is built once (linear in the fragments), so asking for every rank stays linear in
+        ranks (ZeRO-3: dp fragments per param) instead of dp x fragments."""
+        if self._by_rank is None:
+            by: dict = {}
+            for n, lst in self.frags.items():
+                for f in lst:
+                    by.setdefault(f.dp_rank, []).append((n, f.param_offset, f.numel))
+            self._by_rank = by
+        return list(self._by_rank.get(dp_rank, ()))
 
     def check_file(self, sd: dict, dp_rank: int, path: str) -> None:
         """An opened optimizer file must hold exactly the fragments the map puts there."""
@@ -235,6 +258,39 @@ class SourceCheckpoint:
         for t in range(self.tp):
             for d in range(self.dp):
                 self._optim(t, d)
+
+    def file_bytes(self, kind: str, tp_rank: int, dp_rank: int) -> int:
+        """The size of a source file ("optim" or "model"): from the tag's manifest or the file itself
+        when the checkpoint exists; for a planned one, what DeepSpeed writes: an optimizer file is 12 B
+        (fp32 weight, exp_avg, exp_avg_sq) per element of the rank's flat partitions, a ZeRO-1/2 module
+        file 2 B (bf16/fp16) or 4 B per TP-local element, a ZeRO-3 module file metadata only (0 here)."""
+        path = self.path(kind, tp_rank, dp_rank)
+        if self.dir != "(planned)":
+            from megagrow.state.manifest import MANIFEST
+
+            m = getattr(self, "_manifest", None)
+            if m is None:
+                try:
+                    import json
+
+                    with open(os.path.join(self.dir, self.tag, MANIFEST)) as f:
+                        m = json.load(f).get("files", {})
+                except (OSError, ValueError, AttributeError):
+                    m = {}
+                self._manifest = m
+            got = m.get(os.path.basename(path), {}).get("size") if isinstance(m, dict) else None
+            if isinstance(got, int):
+                return got
+            try:
+                return os.path.getsize(path)
+            except OSError:
+                return 0
+        if kind == "optim":
+            return 12 * sum(self.map.partition_numel)
+        if self.zero_stage == 3:
+            return 0
+        dtype = (self.client.get("stage") or {}).get("layout", {}).get("dtype", "bf16")
+        return (2 if dtype in ("bf16", "fp16") else 4) * sum(math.prod(s) for s in self.local_shapes.values())
 
     def path(self, kind: str, tp_rank: int, dp_rank: int) -> str:
         base = os.path.join(self.dir, self.tag)

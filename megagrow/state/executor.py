@@ -186,9 +186,10 @@ def regrow(plan: Plan, k: int, src: SourceCheckpoint, out_dir: str, spec: str | 
     `spec`, or of stage k itself: pure resharding), and save it in `out_dir` with DeepSpeed.
     Process groups must be initialised for stage k's layout.
 
-    verify: first, each rank checks the checksums of exactly the source files it will open
-    (`verify_reads`); info["files_verified"] counts them, info["files_unverified"] the optimizer
-    files this rank then opened without having checked them (0 unless the prediction is wrong).
+    verify: first, the checksums of the source files the ranks will open are checked, each file once
+    by a rank that opens it (`verify_reads`); info["files_verified"] counts the files this rank
+    checked, info["files_unverified"] the files this rank then opened that no rank had checked (0
+    unless the prediction is wrong).
 
     keep_engine: the engine is returned ready to train (info["engine"] = (engine, optimizer),
     info["record"] the stage record saved), its module weights equal to the fp32 master as a
@@ -203,7 +204,7 @@ def regrow(plan: Plan, k: int, src: SourceCheckpoint, out_dir: str, spec: str | 
                           symmetry_breaking=stage.growth.symmetry_breaking)
     gp = plan_growth(op, old_model, stage.model)
     reset = not same_stage and stage.growth.optimizer_state == "reset"  # stage.growth: the plan's ablation knobs
-    verified = verify_reads(plan, k, src, spec) if verify else None
+    checked, verified = verify_reads(plan, k, src, spec) if verify else (None, None)
     t = [time.perf_counter()]
     engine, optimizer = build_stage(plan, k, init=False)  # every weight is written below
     init_optimizer_state(engine, optimizer)
@@ -227,7 +228,7 @@ def regrow(plan: Plan, k: int, src: SourceCheckpoint, out_dir: str, spec: str | 
         del engine, optimizer
     info.update(op=op.describe() if hasattr(op, "describe") else str(op), step=rec.step, sample_offset=rec.sample_offset,
                 bytes_read=src.bytes_read, files_opened=len(src.opened), tag=tag_of(rec.step),
-                files_verified=len(verified or []),
+                files_verified=len(checked or []),
                 files_unverified=None if verified is None else len({os.path.basename(p) for p in src.opened[1:]} - set(verified)),
                 phase_seconds={"engine": t[1] - t[0], "fill": t[2] - t[1], "save": t[3] - t[2]})
     return info
@@ -293,30 +294,59 @@ def rank_source_files(plan: Plan, k: int, src: SourceCheckpoint, rank: int, spec
     return sorted(src.path("optim", ft, fd) for ft, fd in files)
 
 
-def verify_reads(plan: Plan, k: int, src: SourceCheckpoint, spec: str | None = None) -> list[str]:
-    """Before a regrow into stage k reads `src` (collective over the target layout's ranks): each
-    rank checks the CRC-32 of exactly the source optimizer files it will open against the source's
-    manifest; rank 0 also checks the metadata file every rank opens (the growth reads only its
-    few metadata entries, so one rank checking it is enough). Sizes are checked for every file on
-    every rank (a stat each). A mismatch is one UserError on every rank. A source without a
-    manifest (unsealed: an old checkpoint, or one from elsewhere) is read as it is (SourceCheckpoint
-    checks its structure). Returns the names this rank checked the checksums of."""
-    from megagrow.state.manifest import MANIFEST, problems
+def assign_verifiers(opened: list, sizes: dict) -> dict:
+    """Which rank checks each source file: `opened[r]` is the collection of file names rank r opens,
+    `sizes` their bytes. Every file opened by some rank is checked once, by one of the ranks that
+    open it (never a rank that would not touch it otherwise), the biggest files first, each to the
+    opener with the fewest bytes to check so far (ties: the lowest rank). The same on every rank for
+    the same input. Returns {name: rank}."""
+    openers: dict = {}
+    for r, names in enumerate(opened):
+        for n in names:
+            openers.setdefault(n, []).append(r)
+    load = [0] * len(opened)
+    out = {}
+    for n in sorted(openers, key=lambda x: (-sizes.get(x, 0), x)):
+        r = min(openers[n], key=lambda q: (load[q], q))
+        out[n] = r
+        load[r] += sizes.get(n, 0)
+    return out
+
+
+def verify_reads(plan: Plan, k: int, src: SourceCheckpoint, spec: str | None = None) -> tuple[list[str], list[str]]:
+    """Before a regrow into stage k reads `src` (collective over the target layout's ranks): the CRC-32
+    of every source optimizer file some rank will open is checked against the source's manifest once,
+    by one of the ranks that open it (`assign_verifiers`: the ranks exchange the names of the files
+    they open, a few names each); rank 0 also checks the metadata file every rank opens (the growth
+    reads only its few metadata entries, so one rank checking it is enough). A rank stats only the
+    files it checks (rank 0 sized every file of the tag when it chose it): metadata operations per
+    rank stay O(its files), not O(the source's files). A mismatch is one UserError on every rank. A
+    source without a manifest (unsealed: an old checkpoint, or one from elsewhere) is read as it is
+    (SourceCheckpoint checks its structure). Returns (the names this rank checked, the names of the
+    files it opens that some rank checked)."""
+    from megagrow.state.manifest import MANIFEST, problems, read_manifest
 
     rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
     tag_dir = os.path.join(src.dir, src.tag)
-    names, bad = [], []
+    mine, covered, bad = [], [], []
     if os.path.exists(os.path.join(tag_dir, MANIFEST)):
-        names = [os.path.basename(p) for p in rank_source_files(plan, k, src, rank, spec)]
+        opens = [os.path.basename(p) for p in rank_source_files(plan, k, src, rank, spec)]
+        every = collectives.all_gather_object(opens) if torch.distributed.is_initialized() else [opens]
+        files = (read_manifest(tag_dir) or {}).get("files", {})
+        owner = assign_verifiers(every, {n: f.get("size", 0) for n, f in files.items()})
+        mine = [n for n in opens if owner.get(n) == rank]
+        covered = list(opens)
         if rank == 0 and src.opened:
-            names.insert(0, os.path.basename(src.opened[0]))
-        bad = problems(tag_dir, deep=True, names=names)
+            meta = os.path.basename(src.opened[0])
+            mine.insert(0, meta)
+            covered.insert(0, meta)
+        bad = problems(tag_dir, deep=True, names=mine, only=True)
     if torch.distributed.is_initialized():
         bad = sorted({p for part in collectives.all_gather_object(bad) for p in part})
     if bad:
         raise UserError(f"source checkpoint {tag_dir} failed verification: {bad[0]}"
                         + (f" (+{len(bad) - 1} more)" if len(bad) > 1 else ""), all_ranks=True)
-    return names
+    return mine, covered
 
 
 def read_plan(plan: Plan, k: int, src: SourceCheckpoint, spec: str | None = None) -> dict:
@@ -327,19 +357,37 @@ def read_plan(plan: Plan, k: int, src: SourceCheckpoint, spec: str | None = None
     the source files it opens (its metadata file + the optimizer files its boxes touch), the
     bytes it reads (fp32 elements of the source boxes, per state read) and the optimizer-state
     bytes it fills (fp32 weight + 2 moments of its own fragments); assumes DeepSpeed partitions
-    stage k as `ShardMap` does (every opened source file is checked against that rule)."""
+    stage k as `ShardMap` does (every opened source file is checked against that rule).
+    Verification (`verify_reads`, reliability.verify_on_resume): `verify_bytes_per_rank` the bytes
+    whose CRC-32 each rank computes (whole optimizer files, each once, by a rank that opens it; on
+    rank 0 also the metadata file), `verify_files_per_rank` how many files that is (each also one
+    stat: the only metadata operations a rank's check makes). Sizes from the source's manifest, or for a planned source what
+    DeepSpeed writes (`SourceCheckpoint.file_bytes`). Linear in ranks at every ZeRO stage."""
     op, tensors, states, target = _read_setup(plan, k, src, spec)
     L = plan.stages[k].layout
-    opened, read, filled = [], [], []
+    opened, read, filled, opens = [], [], [], []
+    optim = {}
     for d in range(L.dp):
         frags = [f for f in target.map.rank_fragments(d) if f[2] > 0]
         for t in range(L.tp):
             files, nbytes, state = _rank_reads(tensors, states, target, src, frags, L.tp, t)
-            opened.append((d * L.tp + t, 1 + len(files)))
-            read.append((d * L.tp + t, nbytes))
-            filled.append((d * L.tp + t, state))
-    order = lambda xs: [v for _, v in sorted(xs)]  # noqa: E731
+            for key in files - optim.keys():
+                optim[key] = src.file_bytes("optim", *key)
+            opened.append(1 + len(files))
+            read.append(nbytes)
+            filled.append(state)
+            opens.append(files)
+    name = {key: os.path.basename(src.path("optim", *key)) for key in optim}
+    size = {name[key]: b for key, b in optim.items()}
+    owner = assign_verifiers([[name[key] for key in files] for files in opens], size)  # as verify_reads does
+    vbytes, vfiles = [0] * len(opens), [0] * len(opens)
+    for n, r in owner.items():
+        vbytes[r] += size[n]
+        vfiles[r] += 1
+    vbytes[0] += src.file_bytes("model", 0, 0)  # the metadata file every rank opens: rank 0 checks it
+    vfiles[0] += 1
     return {"op": op.describe() if hasattr(op, "describe") else str(op), "layout": L.to_dict(),
             "source_layout": {"tp": src.tp, "dp": src.dp, "zero_stage": src.zero_stage},
-            "source_files": src.tp * src.dp, "files_opened_per_rank": order(opened),
-            "bytes_read_per_rank": order(read), "state_bytes_per_rank": order(filled)}
+            "source_files": src.tp * src.dp, "files_opened_per_rank": opened,
+            "bytes_read_per_rank": read, "state_bytes_per_rank": filled,
+            "verify_bytes_per_rank": vbytes, "verify_files_per_rank": vfiles}

@@ -122,9 +122,10 @@ def read_manifest(tag_dir: str) -> dict | None:
     return m
 
 
-def problems(tag_dir: str, deep: bool = True, names: list[str] | None = None) -> list[str]:
+def problems(tag_dir: str, deep: bool = True, names: list[str] | None = None, only: bool = False) -> list[str]:
     """What is wrong with a tag: [] when it is complete. Sizes always; checksums when `deep`
-    (only of `names` if given: a rank checks its own share)."""
+    (only of `names` if given: a rank checks its own share). only: look at `names` alone, sizes
+    too (one stat each, no directory listing): a rank's share once rank 0 has sized the whole tag."""
     m = read_manifest(tag_dir)
     if m is None:
         why = "manifest unreadable" if os.path.exists(os.path.join(tag_dir, MANIFEST)) else "no manifest (save not finished)"
@@ -133,6 +134,24 @@ def problems(tag_dir: str, deep: bool = True, names: list[str] | None = None) ->
         return [f"manifest names tag {m.get('tag')!r}"]
     out = []
     files = m["files"]
+    if only:
+        for name in sorted(set(names or ())):
+            want = files.get(name)
+            path = os.path.join(tag_dir, name)
+            try:
+                size = os.stat(path).st_size
+            except OSError:
+                out.append(f"{name}: missing" if want else f"{name}: not in the manifest")
+                continue
+            if want is None:
+                out.append(f"{name}: not in the manifest")
+            elif size != want.get("size"):
+                out.append(f"{name}: size {size} != {want.get('size')} recorded")
+            elif deep:
+                got = checksum(path)[1]
+                if got != want.get("crc32"):
+                    out.append(f"{name}: checksum {got} != {want.get('crc32')} recorded (corrupted)")
+        return out
     present = set(tag_files(tag_dir))
     for name in sorted(set(files) - present):
         out.append(f"{name}: missing")
@@ -183,6 +202,18 @@ def choose(ckpt_dir: str) -> tuple[str | None, list[tuple[str, str]]]:
             return t, skipped
         skipped.append((t, p[0] if len(p) == 1 else f"{p[0]} (+{len(p) - 1} more)"))
     return None, skipped
+
+
+def choose_once(ckpt_dir: str) -> tuple[str | None, list[tuple[str, str]]]:
+    """`choose` made by global rank 0 alone and broadcast (collective when torch.distributed runs):
+    its listing, manifest reads and stats happen once per job, not once per rank (at 1,024 ranks
+    and a few hundred files per tag, millions of metadata operations against one directory)."""
+    coll = _coll()
+    if coll is None:
+        return choose(ckpt_dir)
+    rank, _ = _rank_world(coll)
+    res = choose(ckpt_dir) if rank == 0 else None
+    return coll.broadcast_object(res, src=0)
 
 
 def has_complete(ckpt_dir: str) -> bool:
@@ -355,7 +386,8 @@ def verify_distributed(ckpt_dir: str, tag: str, tp: int = 1) -> None:
     tag_dir = os.path.join(ckpt_dir, tag)
     m = read_manifest(tag_dir) or {"files": {}}
     mine = [n for n in m["files"] if owner_rank(n, tp, world) == rank]
-    bad = problems(tag_dir, deep=True, names=mine) if mine or rank == 0 else []
+    # rank 0 chose the tag (sizes of every file: `choose`); each rank now stats and checksums its own share
+    bad = problems(tag_dir, deep=True, names=mine, only=True) if mine else []
     if coll:
         bad = sorted({p for part in coll.all_gather_object(bad) for p in part})
     if bad:

@@ -37,7 +37,7 @@ def transition(plan: Plan, k: int, run_dir: str, quiet: bool = False, keep_engin
     prev, stage = plan.stages[k - 1], plan.stages[k]
     run = RunPaths(run_dir)
     prev_paths, paths = run.stage(prev.name), run.stage(stage.name)
-    src_tag, _ = manifest.choose(prev_paths.ckpt)
+    src_tag, _ = manifest.choose_once(prev_paths.ckpt)  # rank 0 chooses, every rank gets its choice
     if src_tag is None:
         raise UserError(f"stage {stage.name!r} starts from stage {prev.name!r}, which has no complete checkpoint in "
                         f"{prev_paths.ckpt}", all_ranks=True)

@@ -163,3 +163,24 @@ def test_verify_cli(tmp_path):
     assert r.returncode == 1 and not d["ok"] and "mp_rank_00_model_states.pt: checksum" in d["tags"][0]["problems"][0]
     r = run(str(tmp_path / "nope"))
     assert r.returncode == 2 and r.stderr.strip().startswith("error:") and r.stderr.count("\n") == 1
+
+
+def test_a_rank_checks_only_its_own_files(tmp_path, monkeypatch):
+    """problems(only=True): a rank's share is stat'ed and checksummed, nothing else (no directory
+    listing, no stat of another rank's file), and a damaged file in the share is still found;
+    choose_once without torch.distributed is choose."""
+    ckpt = tmp_path / "ck"
+    tag = _tag(ckpt, 2)
+    d = str(ckpt / tag)
+    other = "zero_pp_rank_1_mp_rank_00_optim_states.pt"
+    with open(os.path.join(d, other), "r+b") as f:
+        f.truncate(10)
+    seen = []
+    real = os.stat
+    monkeypatch.setattr(os, "stat", lambda p, *a, **k: seen.append(os.path.basename(p)) or real(p, *a, **k))
+    monkeypatch.setattr(os, "listdir", lambda p: pytest.fail("listed the tag"))
+    mine = ["zero_pp_rank_0_mp_rank_00_optim_states.pt"]
+    assert mf.problems(d, deep=True, names=mine, only=True) == [] and other not in seen
+    assert mf.problems(d, deep=True, names=[other], only=True) == [f"{other}: size 10 != 5000 recorded"]
+    monkeypatch.undo()
+    assert mf.choose_once(str(ckpt)) == mf.choose(str(ckpt))

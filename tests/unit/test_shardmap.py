@@ -70,3 +70,36 @@ def test_512_rank_checkpoint_each_rank_opens_only_its_files():
         assert max(len(f) for f in _files_per_rank(src, model, tp, dp, 2)) <= 8, (tp, dp)
     z3 = _files_per_rank(src, model, 8, 64, 3)
     assert all({ft for ft, _ in f} <= {0, r // 64} and len(f) <= 2 * 64 for r, f in enumerate(z3))
+
+
+@pytest.mark.parametrize("zero", [1, 2, 3])
+def test_indexed_lookups_equal_the_scans(zero):
+    """`overlapping` (a binary search) and `rank_fragments` (an index built once) return exactly what a
+    scan over every fragment returns, for every range and rank: the plan is linear in ranks, not DP^2."""
+    groups = [{"a": (7, 5), "b": (3, 11), "c": (1, 1)}, {"x": (13,), "y": (2,)}]
+    for dp in (1, 2, 3, 8):
+        m = ShardMap.of(groups, dp, zero)
+        for name, lst in m.frags.items():
+            n = sum(f.numel for f in lst)
+            for a in range(n + 1):
+                for b in range(a, n + 2):
+                    scan = [f for f in lst if f.param_offset < b and a < f.param_offset + f.numel]
+                    assert m.overlapping(name, a, b) == scan
+        for d in range(dp + 1):
+            assert m.rank_fragments(d) == [(nm, f.param_offset, f.numel) for nm, lst in m.frags.items()
+                                           for f in lst if f.dp_rank == d]
+
+
+def test_each_opened_file_is_verified_once_by_a_rank_that_opens_it():
+    """assign_verifiers: every file some rank opens is checked by exactly one of its openers, the
+    biggest files spread first (no rank checks a file it does not open); the same input gives the
+    same assignment."""
+    from megagrow.state.executor import assign_verifiers
+
+    opened = [{"f0", "f1"}, {"f1", "f2"}, {"f2"}, set(), {"f0", "f3"}]
+    sizes = {"f0": 5, "f1": 5, "f2": 9, "f3": 1}
+    owner = assign_verifiers(opened, sizes)
+    assert set(owner) == {"f0", "f1", "f2", "f3"}
+    assert all(n in opened[r] for n, r in owner.items())
+    assert owner == assign_verifiers([sorted(s) for s in opened], sizes)
+    assert owner["f2"] == 1 and owner["f0"] == 0 and owner["f1"] == 0 and owner["f3"] == 4
