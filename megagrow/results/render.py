@@ -41,6 +41,12 @@ def _ci(c: dict, pct: bool = True) -> str:
     return f"{f(c['mean'])} [{f(c['lo'])}, {f(c['hi'])}] (n={c['n']})"
 
 
+def _speed(c: dict) -> str:
+    if not c or c.get("mean") is None:
+        return "-"
+    return f"{100 * c['mean']:.0f}%" + (f" [{100 * c['lo']:.0f}, {100 * c['hi']:.0f}]" if c.get("lo") is not None else "")
+
+
 def _stages(r: dict) -> str:
     st = " -> ".join(f"{s['shape']} ({s['ran'] if s['ran'] is not None else 0}/{s['steps']}"
                      f"{', slope' if s['stopped_by'] == 'slope' else ''}, lr {s['lr']:g})" for s in r["stages"]) or "-"
@@ -101,10 +107,16 @@ def markdown(res: dict, spec: dict, commands: list[str], png: str) -> str:
         if x["kind"] != "staged":
             continue
         body.append([f"`{g}`", str(x["strongest"]["n"]), _ci(x["strongest"]), _ci(x["decayed"]), _ci(x["strongest_logits"]),
-                     _ci(x["delta_loss"], pct=False), _ci(x["loss"], pct=False).replace("+", ""),
+                     _ci(x["delta_loss"], pct=False), _ci(x["loss"], pct=False).replace("+", ""), _speed(x.get("speed")),
                      ", ".join(x["not_reached"]) or "-"])
     L.append(_table(["staged run", "seeds", "saving, strongest", "saving, decayed only", "saving, strongest, logits counted",
-                     "loss minus strongest curve at equal FLOPs", "final val loss", "below every baseline point (not read)"], body))
+                     "loss minus strongest curve at equal FLOPs", "final val loss", "learning speed after the last growth",
+                     "below every baseline point (not read)"], body))
+    L.append("")
+    L.append("Learning speed after the last growth: the steps the seed's longest from-scratch run took from the loss at "
+             "growth to the run's final loss, divided by the steps the grown stage took (100%: as fast as from scratch at "
+             "the same loss; the grown stage decays its LR within the stage, the scratch run does not, so this reads the "
+             "speed, it is not an exact ratio).")
     L.append("")
     # ---- setup
     final = spec["final"]
@@ -191,15 +203,15 @@ def markdown(res: dict, spec: dict, commands: list[str], png: str) -> str:
             bases.append(a["base"])
     for b in bases:
         g0 = res["groups"].get(b) or {}
-        body.append([f"`{b}`", "the defaults", "-", "-", _ci(g0.get("strongest"))])
+        body.append([f"`{b}`", "the defaults", "-", "-", _ci(g0.get("strongest")), _speed(g0.get("speed"))])
         for a in res["ablations"]:
             if a["base"] != b:
                 continue
             g = res["groups"].get(a["group"]) or {}
             body.append([f"`{a['group']}`", a["what"], ", ".join(f"{d:+.4f}" for d in a["diffs"]) or "-",
-                         _ci(a["delta_vs_base"], pct=False), _ci(g.get("strongest"))])
+                         _ci(a["delta_vs_base"], pct=False), _ci(g.get("strongest")), _speed(g.get("speed"))])
     L.append(_table(["run", "change", "final loss minus the base run's, per seed", "mean [95% interval]",
-                     "saving, strongest"], body))
+                     "saving, strongest", "learning speed after the last growth"], body))
     L.append("")
     # ---- slope rule
     L.append("## When to grow: the calibrated slope rule, the plan and the oracle")

@@ -175,6 +175,37 @@ def transitions(st: RunState) -> list[dict]:
     return out
 
 
+def speed_after_growth(st: RunState, scratch: Optional[RunState]) -> Optional[float]:
+    """How fast the model learns after the run's last growth, against a from-scratch run of the
+    final size at the same loss: (steps the scratch run took from the loss at growth to the run's
+    final loss) / (steps the grown stage took). 1.0: as fast as from scratch; read on the running
+    minimum of the scratch run's eval curve (the seed's longest baseline), by interpolation only
+    (None where the run's losses lie outside it). The schedules differ (the grown stage decays its
+    LR within the stage), so this is a reading of the learning speed, not an exact ratio."""
+    if not (st.done and st.curve and st.plan and len(st.plan["stages"]) > 1 and scratch and scratch.curve):
+        return None
+    last = st.plan["stages"][-1]["name"]
+    pts = [(step, loss) for step, loss, stg in zip(st.curve.eval_step, st.curve.eval_loss, st.curve.eval_stage)
+           if stg == last and step is not None]
+    trs = transitions(st)
+    if not pts or not trs or trs[-1]["before"] is None:
+        return None
+    l_g, l_end, n = trs[-1]["before"], pts[-1][1], pts[-1][0]
+    env_l, env_s = [], []
+    for step, loss in zip(scratch.curve.eval_step, scratch.curve.eval_loss):
+        if step is not None and (not env_l or loss < env_l[-1]):
+            env_l.append(loss)
+            env_s.append(float(step))
+
+    def steps_to(loss):
+        from megagrow.results.savings import _interp
+
+        return _interp(loss, env_l[::-1], env_s[::-1])
+
+    a, b = steps_to(l_g), steps_to(l_end)
+    return None if a is None or b is None or not n else (b - a) / float(n)
+
+
 def _records(path: str) -> list[dict]:
     from megagrow.results.savings import _records as rec
 
@@ -233,6 +264,10 @@ def build(out: str, spec: dict, spec_path: str, data: str) -> dict:
     n_seeds = len(spec["seeds"])
     fronts = {(i, key): frontier(states, i, strong, total) for i in range(n_seeds)
               for key, (strong, total) in READINGS.items()}
+    longest = {}  # seed index -> its longest finished from-scratch run of the final size
+    for i in range(n_seeds):
+        done = [s for s in scratch_runs(states, i) if s.done and s.curve and s.curve.flops]
+        longest[i] = max(done, key=lambda s: s.curve.flops, default=None)
     rows = []
     for st in states.values():
         c = st.curve
@@ -248,7 +283,8 @@ def build(out: str, spec: dict, spec_path: str, data: str) -> dict:
                      "seed": st.spec.info.get("seed"), "seed_index": st.spec.info.get("seed_index"),
                      "flops": c.flops if c else None, "final_loss": c.final_loss if c and st.done else None,
                      "wall_s": _wall(out, st), "tokens": c.tokens if c else None,
-                     "transitions": transitions(st) if st.done else []})
+                     "transitions": transitions(st) if st.done else [],
+                     "speed": speed_after_growth(st, longest.get(st.spec.info.get("seed_index", 0)))})
     result = {"spec": spec_path, "out": out, "data": data, "corpus": corpus_info(data), "choices": choices,
               "rows": rows, "complete": [r["name"] for r in rows if r["done"]],
               "incomplete": [r["name"] for r in rows if not r["done"]],
@@ -275,10 +311,10 @@ def _groups(rows: list, spec: dict) -> dict:
         g["runs"].append(r["name"])
         if r["done"]:
             g["seeds"].append({"run": r["name"], "seed": r["seed"], "final_loss": r["final_loss"], "flops": r["flops"],
-                               **{k: r["readings"][k]["saving"] for k in READINGS},
+                               **{k: r["readings"][k]["saving"] for k in READINGS}, "speed": r["speed"],
                                "delta_loss": r["readings"]["strongest"]["delta_loss"]})
     for g in out.values():
-        for k in list(READINGS) + ["delta_loss"]:
+        for k in list(READINGS) + ["delta_loss", "speed"]:
             g[k] = mean_ci([x[k] for x in g["seeds"]])
         losses = [x["final_loss"] for x in g["seeds"]]
         g["loss"] = mean_ci(losses)
