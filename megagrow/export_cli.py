@@ -4,7 +4,9 @@
 
 CKPT is a stage's checkpoint directory (RUN/<stage>/checkpoints, holding `latest`), the stage
 directory above it, or one tag directory inside it; any layout (TP, DP, ZeRO 1-3, fp32 or
-bf16 training). Only the fp32 master weights are read, tensor by tensor, through megagrow's
+bf16 training). The tag read is --tag, else the newest complete (sealed) one, whatever `latest`
+names; its files' checksums are checked first, and an incomplete or corrupted tag is refused with
+one line naming the file and the next older complete tag, before anything is written. Only the fp32 master weights are read, tensor by tensor, through megagrow's
 shard-map reader (no optimizer state, no DeepSpeed engine, one process). OUT receives
 config.json (GPT2Config / LlamaConfig), model.safetensors, megagrow.json (the source) and the
 tokenizer (tokenizer.json + tokenizer_config.json, and tokenizer.model for a sentencepiece
@@ -32,7 +34,7 @@ def _parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("ckpt", help="checkpoint directory (with 'latest'), its stage directory, or a tag directory")
     p.add_argument("out", help="output directory for the transformers model (must not exist or be empty)")
-    p.add_argument("--tag", help="checkpoint tag (default: the one 'latest' names)")
+    p.add_argument("--tag", help="checkpoint tag (default: the newest complete one)")
     p.add_argument("--tokenizer", help="sentencepiece .model or tokenizer.json (default: the plan dataset's PREFIX.model)")
     p.add_argument("--no-tokenizer", action="store_true", help="write no tokenizer")
     p.add_argument("--dtype", choices=DTYPES, default="fp32", help="dtype of the saved weights (default fp32)")
@@ -41,17 +43,27 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def resolve_checkpoint(path: str, tag: str | None) -> tuple[str, str | None]:
-    """(checkpoint directory, tag) from a checkpoint dir, a stage dir or a tag dir."""
+def resolve_checkpoint(path: str, tag: str | None, verify: bool = True) -> tuple[str, str]:
+    """(checkpoint directory, tag) from a checkpoint dir, a stage dir or a tag dir. The tag is the one
+    asked for, else the newest complete one (manifest.current, which says which newer ones it skips);
+    verify: its files' checksums are checked too, before anything is read or written."""
+    from megagrow.paths import StagePaths
+    from megagrow.state.manifest import LATEST, current, tags
+
     if not os.path.isdir(path):
         raise UserError(f"checkpoint not found: {path}")
-    if os.path.isfile(os.path.join(path, "latest")) or tag:
-        return path, tag
-    if os.path.isfile(os.path.join(path, "checkpoints", "latest")):
-        return os.path.join(path, "checkpoints"), tag
-    if any(f.endswith("_model_states.pt") for f in os.listdir(path)):
-        return os.path.dirname(os.path.abspath(path)), os.path.basename(os.path.abspath(path))
-    raise UserError(f"{path}: no DeepSpeed checkpoint there ('latest', checkpoints/latest or *_model_states.pt)")
+    stage_ckpt = StagePaths(path).ckpt
+    if os.path.isfile(os.path.join(path, LATEST)):
+        d = path
+    elif os.path.isdir(stage_ckpt):
+        d = stage_ckpt
+    elif any(f.endswith("_model_states.pt") for f in os.listdir(path)):
+        d, tag = os.path.dirname(os.path.abspath(path)), os.path.basename(os.path.abspath(path))
+    elif tag or tags(path):
+        d = path
+    else:
+        raise UserError(f"{path}: no DeepSpeed checkpoint there ('latest', checkpoints/latest or *_model_states.pt)")
+    return d, current(d, tag, verify=verify)
 
 
 def default_tokenizer(plan_dict: dict) -> str | None:

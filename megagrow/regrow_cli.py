@@ -31,7 +31,7 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="regrow.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--src", help="source DeepSpeed checkpoint directory (holds 'latest' and tag folders); "
                    "with --dry-run it may be left out: the source is then stage K-1 of the plan at its layout")
-    p.add_argument("--tag", help="source tag (default: the one 'latest' names)")
+    p.add_argument("--tag", help="source tag (default: the newest complete one)")
     p.add_argument("--plan", required=True, help="the stage plan YAML")
     p.add_argument("--to-stage", required=True, help="target stage index or name")
     p.add_argument("--out", help="output checkpoint directory (must not exist or be empty); not with --dry-run")
@@ -41,19 +41,6 @@ def _parser() -> argparse.ArgumentParser:
                    help="start no ranks, read no tensors: print what each target rank would open, read and fill "
                    "(files_opened_per_rank, bytes_read_per_rank, state_bytes_per_rank), from the shard maps alone, at any scale")
     return p
-
-
-def _verify_source(src) -> None:
-    """A sealed source must match its manifest (sizes and CRC-32); an unsealed one (an old
-    checkpoint, or one from elsewhere) is read as it is (SourceCheckpoint checks its structure)."""
-    from megagrow.state.manifest import MANIFEST, problems
-
-    tag_dir = os.path.join(src.dir, src.tag)
-    if os.path.exists(os.path.join(tag_dir, MANIFEST)):
-        bad = problems(tag_dir, deep=True)
-        if bad:
-            raise UserError(f"source checkpoint {tag_dir} failed verification: {bad[0]}"
-                            + (f" (+{len(bad) - 1} more)" if len(bad) > 1 else ""))
 
 
 def _dry_run(args, plan, k: int) -> int:
@@ -108,26 +95,34 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     from megagrow.state.checkpoint import SourceCheckpoint
     from megagrow.state.executor import check_source
+    from megagrow.state.manifest import current
 
-    src = SourceCheckpoint.open(args.src, args.tag)  # reads the metadata (one file); validates it
+    direct = not any(k in os.environ for k in ("RANK", "SLURM_PROCID"))
+    worker = bool(os.environ.get("MEGAGROW_REGROW_WORKER"))
+    if not os.path.isdir(args.src):
+        raise UserError(f"checkpoint directory not found: {args.src}")
+    # the source tag: --tag, else the newest complete one (a torn or corrupted tag is refused, naming the
+    # older complete one); started directly, every source file's checksum is checked here, once. The ranks
+    # the direct start spawns are handed the tag it chose.
+    tag = args.tag if worker else current(args.src, args.tag, verify=direct)
+    src = SourceCheckpoint.open(args.src, tag)  # reads the metadata (one file); validates it
     same = check_source(plan, k, src)
     from megagrow.growth.ops import operator_between
 
     operator_between("identity" if same else (args.grow or stage.grow or "identity"), src.model, stage.model)
-    direct = not any(k in os.environ for k in ("RANK", "SLURM_PROCID"))
     if direct:  # one process checks every source file before any rank starts; ranks open only their own
-        _verify_source(src)
         src.check_files()
         src.close()
     # under torchrun or srun each rank checks the checksums of exactly the files it opens (regrow(verify=True));
     # the ranks the direct start spawns skip it: the launcher checked every file above
-    verify = not direct and not os.environ.get("MEGAGROW_REGROW_WORKER")
+    verify = not direct and not worker
 
     if direct and stage.layout.world_size > 1:
         # started directly: everything above was checked once, here; now the ranks
         from megagrow.procs import spawn_ranks, wait_ranks
 
-        procs = spawn_ranks([sys.executable, "-m", "megagrow.regrow_cli", *(sys.argv[1:] if argv is None else argv)],
+        argv = [*(sys.argv[1:] if argv is None else argv), *(() if args.tag else ("--tag", tag))]
+        procs = spawn_ranks([sys.executable, "-m", "megagrow.regrow_cli", *argv],
                             stage.layout.world_size, env={**os.environ, "MEGAGROW_REGROW_WORKER": "1"})
         try:
             res = wait_ranks(procs, grace_s=60.0)

@@ -43,17 +43,10 @@ import torch
 from megagrow.config import ModelConfig, Plan, Stage
 from megagrow.errors import UserError
 from megagrow.params import partition_dim
+from megagrow.state import manifest
 from megagrow.state.record import StageRecord
 
 STATE_KEYS = {"w": None, "m": "exp_avg", "v": "exp_avg_sq"}
-
-
-def latest_tag(ckpt_dir: str) -> str:
-    path = os.path.join(ckpt_dir, "latest")
-    if not os.path.isfile(path):
-        raise UserError(f"no DeepSpeed checkpoint in {ckpt_dir} (no 'latest' file); pass --tag")
-    with open(path) as f:
-        return f.read().strip()
 
 
 def _load(path: str) -> dict:
@@ -210,7 +203,8 @@ class SourceCheckpoint:
     def open(cls, ckpt_dir: str, tag: str | None = None) -> "SourceCheckpoint":
         if not os.path.isdir(ckpt_dir):
             raise UserError(f"checkpoint directory not found: {ckpt_dir}")
-        tag = tag or latest_tag(ckpt_dir)
+        # no tag asked for: the newest complete checkpoint (manifest.current), not what `latest` says
+        tag = tag or manifest.current(ckpt_dir)
         d = os.path.join(ckpt_dir, tag)
         if not os.path.isdir(d):
             raise UserError(f"checkpoint tag {tag!r} not found in {ckpt_dir}")

@@ -30,11 +30,12 @@ import json
 import os
 import re
 import shutil
+import sys
 import time
 import zlib
 
 from megagrow import faults
-from megagrow.errors import UserError
+from megagrow.errors import UserError, _rank
 from megagrow.fsutil import fsync_dir, write_file_atomic
 
 MANIFEST = "megagrow_manifest.json"
@@ -216,8 +217,53 @@ def choose_once(ckpt_dir: str) -> tuple[str | None, list[tuple[str, str]]]:
     return coll.broadcast_object(res, src=0)
 
 
-def has_complete(ckpt_dir: str) -> bool:
-    return choose(ckpt_dir)[0] is not None
+def sealed_dir(ckpt_dir: str) -> bool:
+    """Whether megagrow sealed checkpoints in `ckpt_dir`: some tag of it holds a manifest file. A
+    directory without any (plain DeepSpeed, or an unsealed regrow output) has only `latest` to go by."""
+    return any(os.path.exists(os.path.join(ckpt_dir, t, MANIFEST)) for t in tags(ckpt_dir))
+
+
+def _older_offer(ckpt_dir: str, tag: str) -> str:
+    order = tags(ckpt_dir)  # newest first, by the manifest's step or the tag name's number
+    older = [t for t in order[order.index(tag) + 1 if tag in order else 0:] if not problems(os.path.join(ckpt_dir, t), deep=False)]
+    return f"the next older complete checkpoint is {older[0]} (--tag {older[0]})" if older else \
+        "no older complete checkpoint exists"
+
+
+def current(ckpt_dir: str, tag: str | None = None, verify: bool = False, say=None) -> str:
+    """The checkpoint a reader of `ckpt_dir` reads (export-hf, regrow, SourceCheckpoint.open): the tag
+    asked for, else the newest complete one (`choose`: newest sealed, sizes as recorded), never a tag
+    merely because `latest` names it. A skipped newer tag is said through `say` (one line each; default:
+    a `note:` line on stderr, rank 0 alone). verify: also check the checksums of the tag's files.
+
+    A UserError when the tag asked for, or every tag, is incomplete or corrupted, naming the file and
+    the next older complete tag. A directory megagrow never sealed (no manifest in any tag) is read
+    where `tag`, else `latest`, points, as it is."""
+    if say is None:
+        def say(line):
+            if _rank() == 0:  # under torchrun or srun every rank decides alike: one note, not one per rank
+                print(f"note: {line}", file=sys.stderr, flush=True)
+    if not sealed_dir(ckpt_dir):
+        tag = tag or read_latest(ckpt_dir)
+        if tag is None:
+            raise UserError(f"no DeepSpeed checkpoint in {ckpt_dir} (no 'latest' file); pass --tag")
+        return tag
+    if tag is None:
+        tag, skipped = choose(ckpt_dir)
+        latest = read_latest(ckpt_dir)
+        if tag is None:
+            why = "; ".join(f"{t}: {w}" for t, w in skipped[:3]) or "no tags"
+            raise UserError(f"{ckpt_dir}: no complete checkpoint ({why}); `megagrow verify {ckpt_dir}` lists them")
+        for t, why in skipped:
+            say(f"skipping incomplete checkpoint {os.path.join(ckpt_dir, t)} ({why})"
+                + (f"; `latest` names it, reading the older complete checkpoint {tag}" if t == latest else ""))
+    tag_dir = os.path.join(ckpt_dir, tag)
+    bad = problems(tag_dir, deep=verify)
+    if bad:
+        raise UserError(f"checkpoint {tag_dir} " + ("failed verification" if os.path.exists(os.path.join(tag_dir, MANIFEST))
+                                                     else "is incomplete") + f": {bad[0]}"
+                        + (f" (+{len(bad) - 1} more)" if len(bad) > 1 else "") + f"; {_older_offer(ckpt_dir, tag)}")
+    return tag
 
 
 def manifest_of(ckpt_dir: str, tag: str) -> dict | None:
