@@ -56,8 +56,10 @@ def _run_stage(tree: str, plan: str, stage: int, run_dir: str, world: int) -> di
     from megagrow.config import load_plan
 
     name = load_plan(plan).stages[stage].name
-    with open(os.path.join(run_dir, name, "log.jsonl")) as f:
-        first = json.loads(f.readline())["time"]
+    from megagrow.fsutil import read_records
+    from megagrow.paths import RunPaths
+
+    first = read_records(RunPaths(run_dir).stage(name).log)[0]["time"]
     with open(os.path.join(run_dir, name, "status.json")) as f:
         saved = json.load(f)["time"]
     return {"first_step_s": first - t0, "shutdown_s": t_end - saved, "wall_s": t_end - t0}

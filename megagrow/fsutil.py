@@ -1,4 +1,5 @@
-"""Small file-system helpers shared by every room: atomic text and JSON writes, quiet unlinks."""
+"""Small file-system helpers shared by every room: atomic text and JSON writes, the JSON-lines log reader,
+quiet unlinks."""
 
 from __future__ import annotations
 
@@ -51,6 +52,28 @@ def read_json(path: str):
             return json.load(f)
     except (OSError, ValueError):
         return None
+
+
+def read_records(path: str) -> list[dict]:
+    """The records of a JSON-lines log (a stage's log.jsonl), in file order. Every reader of log.jsonl
+    reads it here, with one rule: a line without its newline is a record cut short by a kill (the
+    writer ends every record with one) and is left out, as is a line that is not a JSON object; a
+    missing or unreadable file has no records."""
+    out = []
+    try:
+        with open(path, errors="replace") as f:  # a garbled byte spoils its line only
+            for line in f:
+                if not line.endswith("\n"):
+                    continue  # a record cut short by a kill
+                try:
+                    r = json.loads(line)
+                except ValueError:
+                    continue
+                if isinstance(r, dict):
+                    out.append(r)
+    except OSError:
+        return []
+    return out
 
 
 def unlink_quietly(path: str) -> None:

@@ -15,14 +15,13 @@ checkpoints, the stage gets a named state and a one-line `note` (shown by `megag
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass, field
 from typing import Optional
 
 from megagrow.config import Plan
 from megagrow.errors import UserError
-from megagrow.fsutil import read_json
+from megagrow.fsutil import read_json, read_records
 from megagrow.paths import RunPaths
 
 STATES = ("pending", "ready", "running", "growing", "preempted", "interrupted", "torn", "done", "failed")
@@ -57,18 +56,8 @@ class StageProgress:
 
 def last_eval_loss(log_path: str) -> Optional[float]:
     """The eval_loss of the last eval record of a stage's log.jsonl."""
-    last = None
-    try:
-        with open(log_path) as f:
-            for line in f:
-                if '"eval_loss"' in line:
-                    try:
-                        last = json.loads(line)["eval_loss"]
-                    except (ValueError, KeyError):  # a torn last line
-                        pass
-    except OSError:
-        return None
-    return last
+    evals = [r["eval_loss"] for r in read_records(log_path) if "eval_loss" in r]
+    return evals[-1] if evals else None
 
 
 def read_progress(plan: Plan, run_dir: str) -> list[StageProgress]:

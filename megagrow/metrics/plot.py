@@ -18,6 +18,8 @@ import os
 import sys
 
 from megagrow.errors import UserError, cli_entry
+from megagrow.fsutil import read_records
+from megagrow.paths import RunPaths
 
 
 def read_run(run_dir: str) -> list[tuple[str, list[dict]]]:
@@ -26,16 +28,7 @@ def read_run(run_dir: str) -> list[tuple[str, list[dict]]]:
         raise UserError(f"run directory not found: {run_dir}")
     stages = []
     for name in sorted(os.listdir(run_dir)):
-        log = os.path.join(run_dir, name, "log.jsonl")
-        if not os.path.isfile(log):
-            continue
-        recs = []
-        with open(log) as f:
-            for line in f:
-                try:
-                    recs.append(json.loads(line))
-                except ValueError:  # a torn last line of a killed run
-                    pass
+        recs = read_records(RunPaths(run_dir).stage(name).log)
         if recs:
             stages.append((name, recs))
     if not stages:

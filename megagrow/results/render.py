@@ -113,6 +113,20 @@ def markdown(res: dict, spec: dict, commands: list[str], png: str) -> str:
                      "loss minus strongest curve at equal FLOPs", "final val loss", "learning speed after the last growth",
                      "below every baseline point (not read)"], body))
     L.append("")
+    best = {}
+    for g, x in res["groups"].items():
+        chain_ = (x.get("chain") or "")
+        m = (x.get("strongest") or {}).get("mean")
+        if x["kind"] in ("staged", "ablation") and m is not None and (chain_ not in best or m > best[chain_][1]["strongest"]["mean"]):
+            best[chain_] = (g, x)
+    if best:
+        L.append("Best setting of each chain (highest mean saving on the strongest curve among the staged run and its "
+                 "ablations; the number of seeds says how much to trust it):")
+        L.append("")
+        for k, (g, x) in best.items():
+            L.append(f"- {k}: `{g}`: {_ci(x['strongest'])} on the strongest curve, {_ci(x['decayed'])} decayed only, "
+                     f"{_ci(x['strongest_logits'])} with the logits counted; learning speed after growth {_speed(x.get('speed'))}.")
+        L.append("")
     L.append("Learning speed after the last growth: the steps the seed's longest from-scratch run took from the loss at "
              "growth to the run's final loss, divided by the steps the grown stage took (100%: as fast as from scratch at "
              "the same loss; the grown stage decays its LR within the stage, the scratch run does not, so this reads the "

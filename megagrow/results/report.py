@@ -137,17 +137,8 @@ def _wall(out: str, st: RunState) -> Optional[float]:
         return None
     total = 0.0
     for s in st.plan["stages"]:
-        times = []
-        p = os.path.join(run_dir(out, st.name), s["name"], "log.jsonl")
-        if os.path.isfile(p):
-            with open(p) as f:
-                for line in f:
-                    try:
-                        t = json.loads(line).get("time")
-                    except ValueError:
-                        continue
-                    if t is not None:
-                        times.append(float(t))
+        times = [float(r["time"]) for r in _records(os.path.join(run_dir(out, st.name), s["name"], "log.jsonl"))
+                 if r.get("time") is not None]
         if times:
             total += max(times) - min(times)
     return total or None
@@ -307,7 +298,7 @@ def _groups(rows: list, spec: dict) -> dict:
     for r in rows:
         if r["kind"] not in ("staged", "slope", "ablation"):
             continue
-        g = out.setdefault(r["group"], {"kind": r["kind"], "runs": [], "seeds": []})
+        g = out.setdefault(r["group"], {"kind": r["kind"], "chain": r["info"].get("chain"), "runs": [], "seeds": []})
         g["runs"].append(r["name"])
         if r["done"]:
             g["seeds"].append({"run": r["name"], "seed": r["seed"], "final_loss": r["final_loss"], "flops": r["flops"],

@@ -25,7 +25,6 @@ Definitions (what the report's columns mean):
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from dataclasses import dataclass, field
@@ -59,18 +58,9 @@ class Curve:
 
 
 def _records(path: str) -> list[dict]:
-    out = []
-    if not os.path.isfile(path):
-        return out
-    with open(path) as f:
-        for line in f:
-            if not line.endswith("\n"):
-                continue  # a record cut short by a kill
-            try:
-                out.append(json.loads(line))
-            except ValueError:
-                continue
-    return out
+    from megagrow.fsutil import read_records
+
+    return read_records(path)
 
 
 def read_curve(run_dir: str, stage_names: list[str], name: str | None = None,

@@ -30,10 +30,8 @@ Default thresholds: the paper's value for the next stage's operator (width -0.04
 
 from __future__ import annotations
 
-import json
-import os
-
 from megagrow.config import Plan
+from megagrow.fsutil import read_records
 from megagrow.schedule.slope import SlopeRule, threshold_for
 
 
@@ -121,17 +119,9 @@ class StageStop:
         twice, after a restart from an older checkpoint, counts once: its last record)."""
         points: dict[int, float] = {}
         key = self.source
-        if os.path.isfile(log_path):
-            with open(log_path) as f:
-                for line in f:
-                    if not line.endswith("\n"):
-                        continue  # a record cut short by a kill
-                    try:
-                        r = json.loads(line)
-                    except ValueError:
-                        continue
-                    if r.get("stage", self.stage.name) == self.stage.name and key in r and 0 <= r["step"] <= upto \
-                            and (key == "loss" or r.get("at", "periodic") == "periodic"):
-                        points[int(r["step"])] = float(r[key])
+        for r in read_records(log_path):
+            if r.get("stage", self.stage.name) == self.stage.name and key in r and 0 <= r["step"] <= upto \
+                    and (key == "loss" or r.get("at", "periodic") == "periodic"):
+                points[int(r["step"])] = float(r[key])
         for step in sorted(points):
             self._feed(step, points[step])

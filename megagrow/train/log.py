@@ -9,24 +9,18 @@ from __future__ import annotations
 import json
 import os
 
-from megagrow.fsutil import write_file_atomic
+from megagrow.fsutil import read_records, write_file_atomic
 
 
 def trim_log(path: str, step: int) -> None:
     """Drop log records past `step` (the checkpoint resumed from), and a torn last line."""
     if not os.path.isfile(path):
         return
-    with open(path) as f:
-        lines = f.readlines()
-    keep = []
-    for line in lines:
-        try:
-            if json.loads(line)["step"] <= step:
-                keep.append(line)
-        except (ValueError, KeyError):  # a torn last line
-            pass
-    if len(keep) != len(lines):
-        write_file_atomic(path, "".join(keep))
+    with open(path, errors="replace") as f:
+        lines = sum(1 for _ in f)
+    keep = [r for r in read_records(path) if isinstance(r.get("step"), int) and r["step"] <= step]
+    if len(keep) != lines:
+        write_file_atomic(path, "".join(json.dumps(r) + "\n" for r in keep))
 
 
 class StageLog:
