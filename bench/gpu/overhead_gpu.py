@@ -54,11 +54,12 @@ def main(argv=None) -> int:
     from megagrow.bench import single_process_stage
     from megagrow.config import load_plan
     from megagrow.model.gpt import build_model
-    from megagrow.parallel.engine import param_groups, set_lr
+    from megagrow.parallel.engine import param_groups
     from megagrow.parallel.groups import init_distributed
     from megagrow.schedule.lr import LRSchedule
     from megagrow.data.batches import Batches, dropout_seed
     from megagrow.parallel.engine import build_stage as build
+    from megagrow.train.step import train_step
 
     plan = load_plan(args.plan)
     if args.data:
@@ -87,16 +88,11 @@ def main(argv=None) -> int:
     def make_megagrow():
         st = {"i": 0}
 
-        def step():
+        def step():  # the trainer's own step (megagrow/train/step.py), one micro-batch
             i = st["i"]
-            set_lr(ds_opt, sched(i))
-            x, y, g0 = batches.micro(i * B, 0, dev)
-            engine.module.set_dropout_seed(dropout_seed(p1.seed, g0))
-            loss = engine(x, y)
-            engine.backward(loss)
-            engine.step()
+            loss = train_step(engine, ds_opt, batches, p1.seed, 1, i * B, sched(i), dev)
             st["i"] = i + 1
-            return loss.detach()
+            return loss
 
         engine.train()
         return step

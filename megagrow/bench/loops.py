@@ -105,7 +105,7 @@ class PhaseTimer:
 
 
 class MegagrowLoop:
-    """The trainer's step (megagrow/train): LR, grad_accum x (forward, backward, engine.step)."""
+    """The trainer's own step (megagrow/train/step.py train_step) on a stage's engine, phases timed."""
 
     name = "megagrow"
 
@@ -125,25 +125,11 @@ class MegagrowLoop:
         self.engine.train()
 
     def step(self) -> torch.Tensor:
-        from megagrow.parallel.engine import set_lr
-        from megagrow.data.batches import dropout_seed
+        from megagrow.train.step import train_step
 
         L, tm = self.stage.layout, self.timer
-        set_lr(self.optimizer, self.sched(self.i))
-        total = torch.zeros((), device=self.device)
-        first = self.i * L.global_batch
-        for j in range(L.grad_accum):
-            tm.start()
-            x, y, g0 = self.batches.micro(first, j, self.device)
-            self.engine.module.set_dropout_seed(dropout_seed(self.plan.seed, g0))
-            tm.mark("data")
-            loss = self.engine(x, y)
-            tm.mark("forward")
-            self.engine.backward(loss)
-            tm.mark("backward")
-            self.engine.step()
-            tm.mark("step")
-            total += loss.detach().float()
+        total = train_step(self.engine, self.optimizer, self.batches, self.plan.seed, L.grad_accum, self.i * L.global_batch,
+                           self.sched(self.i), self.device, phase=lambda name: tm.start() if name == "micro" else tm.mark(name))
         self.i += 1
         return total / L.grad_accum
 

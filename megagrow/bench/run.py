@@ -340,17 +340,17 @@ def _build_load(plan: Plan, k: int, ckpt: str):
 
 
 def _first_step(engine, plan: Plan, k: int, synthetic: bool):
+    """The trainer's step (train_step) at step 0, on an engine just built or grown."""
     from megagrow.parallel.groups import dp_rank_size
+    from megagrow.schedule.lr import LRSchedule
+    from megagrow.train.step import train_step
 
     stage = plan.stages[k]
     dp_rank, dp_size = dp_rank_size()
     b = stage_batches(plan, stage, dp_rank, dp_size, synthetic)
     engine.train()
-    for j in range(stage.layout.grad_accum):
-        x, y, _ = b.micro(0, j, engine.device)
-        loss = engine(x, y)
-        engine.backward(loss)
-        engine.step()
+    train_step(engine, engine.optimizer, b, plan.seed, stage.layout.grad_accum, 0,
+               LRSchedule.from_optim(stage.optim, stage.steps)(0), engine.device)
     _sync_fn(engine.device)()
 
 

@@ -4,7 +4,8 @@ end or to a signal, save.
 - `megagrow.train.loop.train_stage`: the stage (the step loop, saving, signals)
 - `megagrow.train.transition.transition`: the previous stage's final checkpoint -> this
   stage's first, grown and resharded shard to shard
-- `megagrow.train.log`: the stage's log.jsonl
+- `megagrow.train.step.train_step`: the training step, once (the trainer runs it, `megagrow bench` times it)
+- `megagrow.train.log`: the stage's log.jsonl (read back through megagrow.fsutil.read_records)
 
 Run under torchrun or srun, one process per rank:
 

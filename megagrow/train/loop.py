@@ -24,13 +24,14 @@ from megagrow.fsutil import Heartbeat, try_exclusive_lock, write_json_atomic
 from megagrow.paths import RunPaths, tag_of
 from megagrow.state.record import StageRecord
 from megagrow.train.log import StageLog
+from megagrow.train.step import train_step
 
 
 def train_stage(plan: Plan, k: int, run_dir: str, stop_at: int | None = None, quiet: bool = False) -> int:
     """Train stage k of `plan` to its end (or to step `stop_at`, saving there). Returns an exit code."""
-    from megagrow.data.batches import Batches, dropout_seed
+    from megagrow.data.batches import Batches
     from megagrow.metrics.meter import StageMeter
-    from megagrow.parallel.engine import build_stage, set_lr
+    from megagrow.parallel.engine import build_stage
     from megagrow.parallel.groups import dp_rank_size, init_distributed
     from megagrow.schedule.lr import LRSchedule
     from megagrow.schedule.stop import StageStop
@@ -140,16 +141,7 @@ def train_stage(plan: Plan, k: int, run_dir: str, stop_at: int | None = None, qu
     beat.beat(force=True)  # built, resumed or grown: start-up is over
     while rec.step < end:
         lr = sched(rec.step)
-        set_lr(optimizer, lr)
-        first = rec.sample_index
-        total = torch.zeros((), device=device)
-        for j in range(L.grad_accum):
-            x, y, g0 = batches.micro(first, j, device)
-            engine.module.set_dropout_seed(dropout_seed(plan.seed, g0))
-            loss = engine(x, y)
-            engine.backward(loss)
-            engine.step()
-            total += loss.detach().float()
+        total = train_step(engine, optimizer, batches, plan.seed, L.grad_accum, rec.sample_index, lr, device)
         # one collective and one host sync a step: the loss summed over all ranks (TP ranks hold
         # the same value), the stop flag (any rank signalled -> all save together) and whether the
         # gradient norm was finite
