@@ -3,11 +3,13 @@
 #   make test   - create .venv if missing, install, run the test suite
 #   make stress - the reshard property test at 600 cases and 3x the fault-injection trials
 #   make savings - the savings experiment and its report (docs/results/savings.md)
+#   make data-manpages - a second corpus: the English man pages as text (apt-get installs groff + pages if groff is missing)
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-$(shell cat setup.py | cksum | cut -d' ' -f1)
 DATA   := data_cache/stdlib
+MANPAGES := data_cache/manpages
 NPROC  ?= 2
 
 export DS_ACCELERATOR ?= cpu
@@ -18,7 +20,7 @@ export OMP_NUM_THREADS ?= 1
 SAVINGS_DATA ?= $(DATA)
 SAVINGS_OUT  ?= runs/savings
 
-.PHONY: demo test stress install data clean savings
+.PHONY: demo test stress install data data-manpages clean savings
 
 install: $(STAMP)
 
@@ -35,6 +37,16 @@ $(DATA).bin: $(STAMP)
 	$(PY) tools/prepare_data.py --out $(DATA) --vocab-size 4096
 
 data: $(DATA).bin
+
+# English prose: /usr/share/man rendered by groff, one document per page (translations skipped);
+# then: make savings SAVINGS_DATA=$(MANPAGES). --valid-fraction 0.01: 1% of the pages held out (enough
+# for 32k validation tokens from ~700 pages on; the pages depend on the Debian packages installed)
+$(MANPAGES).bin: $(STAMP)
+	command -v groff >/dev/null || { apt-get update && apt-get install -y man-db manpages manpages-dev groff-base; }
+	$(PY) tools/prepare_data.py --out $(MANPAGES) --input /usr/share/man --input-kind man --vocab-size 4096 \
+	    --valid-fraction 0.01
+
+data-manpages: $(MANPAGES).bin
 
 demo: $(STAMP) $(DATA).bin
 	# data prepared before validation splits existed: prepare it again (the tokenizer is reused)

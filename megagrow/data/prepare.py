@@ -2,11 +2,18 @@
 
     python tools/prepare_data.py --out data/stdlib [--input PATH ...] [--vocab-size 8192]
                                  [--tokenizer EXISTING.model] [--max-files N]
-                                 [--valid-fraction 0.005] [--json]
+                                 [--valid-fraction 0.005] [--input-kind text|man] [--json]
 
 Inputs are files or directories (searched recursively for .py/.txt/.md/.rst/.jsonl; a .jsonl
 line's "text" field is a document, any other file is one document). Without --input the
 default corpus is the Python standard library's .py source (see megagrow.data.corpus).
+
+``--input-kind man``: the inputs are manual pages instead (e.g. ``--input /usr/share/man``): files
+named NAME.N or NAME.N.gz in manN directories, English only (the translations beside the manN
+directories are skipped), links to a page already found and pages that are only a ``.so``
+redirect skipped. groff renders each to plain text, one document per page, into a temporary
+directory beside the output (removed at the end); a page that fails to render is skipped and
+counted. The summary's input_files/input_bytes are then the rendered pages and their bytes.
 
 Tokenizer: --tokenizer if given (a sentencepiece .model, or a Hugging Face tokenizer.json:
 needs the `hf` extra), copied next to the dataset as PREFIX.model / PREFIX.tokenizer.json (the
@@ -27,12 +34,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 import tempfile
 import time
 
-from megagrow.data.corpus import (TEXT_SUFFIXES, default_corpus_files, find_input_files,
-                                  read_documents, stdlib_dir)
+from megagrow.data.corpus import (TEXT_SUFFIXES, ManPageError, default_corpus_files, find_input_files,
+                                  find_man_pages, read_documents, render_man_page, stdlib_dir)
 from megagrow.data.dataset import DatasetWriter, TokenDataset, valid_prefix
 from megagrow.data.tokenizer import MIN_VOCAB_SIZE, MAX_VOCAB_SIZE, Tokenizer, load_tokenizer, train_tokenizer
 from megagrow.errors import UserError, cli_entry
@@ -54,6 +62,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--input", action="extend", nargs="+", default=[], metavar="PATH",
                    help=f"input files or directories (recursively: {', '.join(TEXT_SUFFIXES)}); "
                         "default: the Python standard library's .py files")
+    p.add_argument("--input-kind", choices=("text", "man"), default="text",
+                   help="text: the files as they are (default); man: manual pages (NAME.N[.gz] in manN "
+                        "directories, e.g. /usr/share/man, translations skipped), each rendered to plain "
+                        "text by groff")
     p.add_argument("--vocab-size", type=int, default=None,
                    help=f"vocab size of a newly trained tokenizer (default {DEFAULT_VOCAB_SIZE})")
     p.add_argument("--tokenizer", metavar="PATH", help="use this existing tokenizer: a sentencepiece .model or a "
@@ -158,9 +170,56 @@ def _adopt_tokenizer(path: str, prefix: str) -> str:
     return mine
 
 
+def _render_man_pages(pages: list[str], groff: str, out_dir: str, threads: int,
+                      progress: bool) -> tuple[list[str], dict]:
+    """Render man pages (`threads` at a time) to out_dir/NNNNNN.txt, in the order of `pages`.
+    Returns those files and the counts of the summary."""
+    from concurrent.futures import ThreadPoolExecutor
+    from tqdm import tqdm
+
+    def render(page: str):
+        try:
+            return render_man_page(page, groff)
+        except ManPageError as e:
+            return e
+
+    files: list[str] = []
+    redirects, failed = 0, []
+    pool = ThreadPoolExecutor(threads)
+    try:
+        with tqdm(total=len(pages), unit="page", desc="rendering", file=sys.stderr, disable=not progress,
+                  mininterval=1.0) as bar:
+            for page, text in zip(pages, pool.map(render, pages)):
+                bar.update()
+                if text is None:
+                    redirects += 1
+                elif isinstance(text, ManPageError):
+                    failed.append(f"{page}: {text}")
+                else:
+                    files.append(os.path.join(out_dir, f"{len(files):06d}.txt"))
+                    with open(files[-1], "w", encoding="utf-8", newline="") as f:
+                        f.write(text)
+    finally:
+        pool.shutdown(cancel_futures=True)
+    if failed:
+        print(f"warning: skipped {len(failed)} man page(s) that failed to render, e.g. {failed[0]}",
+              file=sys.stderr)
+    return files, {"man_pages": len(files), "man_redirects_skipped": redirects,
+                   "man_render_failed": len(failed)}
+
+
 @cli_entry
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    scratch: list[str] = []  # directories removed at the end, however it ends: rendered man pages
+    try:
+        return _prepare(args, scratch)
+    finally:
+        for d in scratch:
+            shutil.rmtree(d, ignore_errors=True)
+
+
+def _prepare(args, scratch: list[str]) -> int:
     t_start = time.perf_counter()
     if args.vocab_size is not None and not MIN_VOCAB_SIZE <= args.vocab_size <= MAX_VOCAB_SIZE:
         raise UserError(f"--vocab-size {args.vocab_size} is out of range: it must be between "
@@ -177,7 +236,18 @@ def main(argv: list[str] | None = None) -> int:
     if not 0.0 <= args.valid_fraction < 1.0:
         raise UserError(f"--valid-fraction must be in [0, 1), got {args.valid_fraction}")
 
-    if args.input:
+    looked_for = ", ".join(TEXT_SUFFIXES)
+    groff = None
+    if args.input_kind == "man":
+        if not args.input:
+            raise UserError("--input-kind man needs --input: a man directory such as /usr/share/man")
+        groff = shutil.which("groff")
+        if groff is None:
+            raise UserError("--input-kind man needs groff, which is not on PATH (Debian/Ubuntu: "
+                            "apt-get install groff-base)")
+        files = find_man_pages(args.input, args.max_files)
+        source, looked_for = " ".join(args.input), "NAME.N or NAME.N.gz in manN directories"
+    elif args.input:
         files = find_input_files(args.input, args.max_files)
         source = " ".join(args.input)
     else:
@@ -186,12 +256,20 @@ def main(argv: list[str] | None = None) -> int:
             files = files[:args.max_files]
         source = f"{stdlib_dir()} (.py, default corpus)"
     if not files:
-        raise UserError(f"no input files found in {source} (looked for {', '.join(TEXT_SUFFIXES)})")
+        raise UserError(f"no input files found in {source} (looked for {looked_for})")
+    progress = not args.no_progress
+    man_summary = {}
+    if groff:  # the rendered pages become the input files
+        _prepare_out_dir(args.out)
+        scratch.append(tempfile.mkdtemp(dir=os.path.dirname(os.path.abspath(args.out)),
+                                        prefix=f".{os.path.basename(args.out)}.man-tmp"))
+        files, man_summary = _render_man_pages(files, groff, scratch[-1], args.threads, progress)
+        if not files:
+            raise UserError(f"none of the man pages in {source} rendered to text")
     input_bytes = sum(os.path.getsize(f) for f in files)
     if not any(f.endswith(".jsonl") for f in files):  # one document per file: check the split before any work
         held_out_documents(len(files), args.valid_fraction, args.seed)
     _prepare_out_dir(args.out)
-    progress = not args.no_progress
 
     # ---- tokenizer -------------------------------------------------------------------------
     t0 = time.perf_counter()
@@ -252,6 +330,7 @@ def main(argv: list[str] | None = None) -> int:
         "tokenize_seconds": round(tokenize_seconds, 3),
         "input_files": len(files),
         "input_bytes": input_bytes,
+        **man_summary,
     }
     if args.json:
         print(json.dumps(summary))
@@ -267,6 +346,9 @@ def main(argv: list[str] | None = None) -> int:
                   f"(--valid-fraction {args.valid_fraction}, seed {args.seed})")
         else:
             print("validation none (--valid-fraction 0): runs on this data log no eval loss")
+        if man_summary:
+            print(f"man pages  {man_summary['man_pages']:,} rendered, {man_summary['man_redirects_skipped']:,} "
+                  f".so redirects skipped, {man_summary['man_render_failed']:,} failed to render")
         print(f"total      {seconds:.1f} s")
     return 0
 

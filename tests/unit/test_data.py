@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import gzip
 import json
 import fnmatch
 import os
+import shutil
 import string
 import subprocess
 import sys
@@ -298,3 +300,76 @@ def test_default_corpus_is_sorted_stdlib_py_without_site_packages():
     assert len(files) > 100 and files == sorted(files)
     assert all(f.endswith(".py") and "site-packages" not in f.split(os.sep) for f in files)
     assert os.path.realpath(textwrap.__file__) in {os.path.realpath(f) for f in files}
+
+
+# ---- man pages (prepare_data.py --input-kind man) ------------------------------------------
+
+_MAN_PAGE = r""".\" Copyright line: a comment, not text
+.TH FROBNICATE 1 2024-01-01 "megagrow 1.0" "User Commands"
+.SH NAME
+frobnicate \- turn widgets into gadgets
+.SH SYNOPSIS
+.B frobnicate
+[\fB\-\-fast\fR]
+.I widget
+.SH DESCRIPTION
+.B frobnicate
+converts every
+.I widget
+it is given into a shiny gadget.
+.TP
+.B \-\-fast
+Skip the careful polishing step.
+.SH SEE ALSO
+.BR gadget (5)
+"""
+
+
+def test_prepare_cli_man_pages_render_to_plain_text_one_document_each(tmp_path, tok_path):
+    """--input-kind man: a page becomes one plain-text document (no roff, no overstrikes); a
+    .so redirect page, a translation and a non-page file are no documents; an unreadable page
+    is skipped and counted; no temporaries are left."""
+    if shutil.which("groff") is None:
+        pytest.skip("groff is not installed (Debian/Ubuntu: apt-get install groff-base)")
+    man = tmp_path / "man"
+    (man / "man1").mkdir(parents=True)
+    (man / "de" / "man1").mkdir(parents=True)
+    (man / "man1" / "frobnicate.1").write_text(_MAN_PAGE)
+    with gzip.open(man / "man1" / "frob.1.gz", "wt") as f:  # an alias: only a .so redirect
+        f.write('.\\" alias of frobnicate\n.so man1/frobnicate.1\n')
+    (man / "man1" / "broken.1.gz").write_bytes(b"not gzip data")
+    (man / "man1" / "README").write_text("not a man page\n")
+    (man / "de" / "man1" / "frobnicate.1").write_text(_MAN_PAGE.replace("shiny gadget", "glänzendes Ding"))
+    prefix = str(tmp_path / "out" / "ds")
+
+    r = _run_cli("--out", prefix, "--input", str(man), "--input-kind", "man", "--tokenizer", tok_path,
+                 "--json", "--no-progress", "--valid-fraction", "0")
+    assert r.returncode == 0, r.stderr
+    info = json.loads(r.stdout)
+    counts = [info[k] for k in ("documents", "man_pages", "man_redirects_skipped", "man_render_failed")]
+    assert counts == [1, 1, 1, 1], info
+    assert "broken.1.gz" in r.stderr and "Traceback" not in r.stderr
+    ds = TokenDataset(prefix)
+    text = Tokenizer(prefix + ".model").decode(ds.document(0))
+    for words in ["FROBNICATE(1)", "NAME", "frobnicate - turn widgets into gadgets", "DESCRIPTION",
+                  "frobnicate converts every widget it is given into a shiny gadget.",
+                  "fast", "Skip the careful polishing step.", "SEE ALSO", "gadget(5)"]:
+        assert words in text, (words, text)
+    assert "\b" not in text and "\x1b" not in text and "\\f" not in text and "Copyright" not in text
+    assert not any(line.startswith((".", "'")) for line in text.splitlines()), text
+    assert "glänzendes" not in text and "not a man page" not in text
+    assert sorted(os.listdir(tmp_path / "out")) == ["ds.bin", "ds.idx", "ds.model"]
+
+
+def test_prepare_cli_man_pages_without_groff_is_one_line_error(tmp_path):
+    """--input-kind man with no groff on PATH: exit 2, one line naming groff, nothing written."""
+    (tmp_path / "man" / "man1").mkdir(parents=True)
+    (tmp_path / "man" / "man1" / "x.1").write_text(_MAN_PAGE)
+    r = subprocess.run([sys.executable, os.path.join(REPO, "tools", "prepare_data.py"), "--out",
+                        str(tmp_path / "out" / "ds"), "--input", str(tmp_path / "man"),
+                        "--input-kind", "man"],
+                       capture_output=True, text=True, timeout=120, cwd=REPO,
+                       env={**os.environ, "PATH": str(tmp_path / "no-bin")})
+    assert r.returncode == 2 and "Traceback" not in r.stderr and r.stdout == ""
+    assert len(r.stderr.splitlines()) == 1 and r.stderr.startswith("error:") and "groff" in r.stderr
+    assert sorted(os.listdir(tmp_path)) == ["man"]
