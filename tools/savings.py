@@ -325,7 +325,10 @@ def commands(args) -> list[str]:
     data = rel(args.data, "data_cache")
     out = rel(args.out, "runs")
     prep = {"data_cache/stdlib": "make data            # prepares data_cache/stdlib (the Python standard library's sources)",
-            "data_cache/manpages": "make data-manpages   # prepares data_cache/manpages (the English manual pages, rendered)"}
+            "data_cache/manpages": "python tools/prepare_data.py --out data_cache/manpages --input /usr/share/man --input-kind man "
+                                   "--vocab-size 4096 --valid-fraction 0.01   # every installed English man page: which pages "
+                                   "depends on the Debian packages installed (compare the content hash; `make data-manpages` "
+                                   "prepares the same kind of corpus)"}
     first = prep.get(data, f"python tools/prepare_data.py --out {data} --input YOUR_CORPUS --vocab-size 4096   # the corpus named above")
     lines = ["make install", first]
     spec = "" if os.path.abspath(args.spec) == os.path.join(REPO, DEFAULT_SPEC) else f" --spec {rel(args.spec, 'recipes')}"
