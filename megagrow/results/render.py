@@ -331,8 +331,10 @@ def plot(res: dict, out: str, png: str) -> None:
                 style.update(color=colors.get(chain_kind, "k"), ls="--", lw=1.5)
             elif kind == "ablation":
                 knob = r["info"].get("knob")
-                style.update(lw=1.0, ls="-.", color={"lrrestart": "tab:pink", "sym4": "tab:olive",
-                                                      "early": "tab:purple"}.get(knob, "k"), alpha=1.0 if first_seed else 0.5)
+                style.update(lw=1.0, ls="-.", color={"lrrestart": "tab:pink", "sym4": "tab:olive", "early": "tab:purple",
+                                                      "fresh": "tab:cyan", "freshrestart": "tab:red", "lrhalf": "tab:brown",
+                                                      "freshlrhalf": "tab:gray", "lr2restart": "gold",
+                                                      "lrfinal": "darkgreen"}.get(knob, "k"), alpha=1.0 if first_seed else 0.5)
             else:
                 style.update(color="k", ls=":", lw=1.5)
             label = name + ("" if r["done"] else " (incomplete)")
