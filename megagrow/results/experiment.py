@@ -63,6 +63,8 @@ ABLATIONS = {
     "lr2restart": Knob("the grown stage at twice the final size's LR, its schedule restarted",
                        {"optim": {"lr_scale": 2.0, "lr_placement": "restart"}}),
     "lrfinal": Knob("every stage at the final size's LR (the small 3x96 stage untuned)", chain="both", final_lr=True),
+    "wlrfinal": Knob("both stages at the final size's LR (the small 6x96 stage untuned)", chain="width", final_lr=True),
+    "dlrfinal": Knob("both stages at the final size's LR (the small 3x192 stage untuned)", chain="depth", final_lr=True),
 }
 
 
@@ -339,15 +341,15 @@ def runs(spec: dict, data: str, choices: dict | None = None) -> list[RunSpec]:
                 {"chain": base, "knob": key, "what": kb.what, "of": f"staged-{base}{seed_suffix(i)}", "seed": s,
                  "seed_index": i}, chain_needs(base)))
     # priority: sweeps; the first seed's reference baseline and staged runs (the first readings);
-    # its other baselines and ablations; the other seeds; the slope runs (once calibrated); the
-    # other seeds' ablations
+    # its other baselines; the other seeds (the intervals); the first seed's ablations; the slope
+    # runs (once calibrated); the other seeds' ablations
     first = [r for r in baselines if r.info["seed_index"] == 0 and r.info["budget"] == spec["staged_tokens"]]
     first += [r for r in staged if r.info["seed_index"] == 0]
     first += [r for r in baselines if r.info["seed_index"] == 0 and r not in first]
-    first += [r for r in abl if r.info["seed_index"] == 0]
     rest = [r for r in baselines + staged if r not in first]
     rest.sort(key=lambda r: r.info["seed_index"])
-    return out + first + rest + slope + [r for r in abl if r not in first]
+    abl0 = [r for r in abl if r.info["seed_index"] == 0]
+    return out + first + rest + abl0 + slope + [r for r in abl if r not in abl0]
 
 
 def plan_of(d: dict) -> Plan:
