@@ -60,7 +60,7 @@ def _run_stage(tree: str, plan: str, stage: int, run_dir: str, world: int) -> di
     from megagrow.paths import RunPaths
 
     first = read_records(RunPaths(run_dir).stage(name).log)[0]["time"]
-    with open(os.path.join(run_dir, name, "status.json")) as f:
+    with open(RunPaths(run_dir).stage(name).status) as f:
         saved = json.load(f)["time"]
     return {"first_step_s": first - t0, "shutdown_s": t_end - saved, "wall_s": t_end - t0}
 

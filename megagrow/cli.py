@@ -27,6 +27,7 @@ def _train(args) -> int:
         print(f"[megagrow] rank {os.environ['SLURM_PROCID']}/{os.environ.get('SLURM_NTASKS')} on "
               f"{os.environ.get('SLURMD_NODENAME', os.uname().nodename)}", flush=True)
     from megagrow.config import load_plan
+    from megagrow.paths import default_run_dir
 
     plan = load_plan(args.plan)
     k = plan.stages.index(plan.stage(args.stage))
@@ -34,7 +35,7 @@ def _train(args) -> int:
         import dataclasses
 
         plan = dataclasses.replace(plan, data=plan.data.replace(prefix=args.data))
-    run_dir = args.run_dir or os.path.join("runs", plan.name)
+    run_dir = args.run_dir or default_run_dir(plan.name)
     from megagrow.procs import exit_rank
     from megagrow.train import train_stage
 

@@ -167,6 +167,7 @@ def curves_from_runs(run_dirs, min_step: float | None = None) -> list[tuple]:
     from megagrow.config import Plan
     from megagrow.controller.progress import read_manifest
     from megagrow.metrics.flops import Ledger
+    from megagrow.paths import MANIFEST, RunPaths
     from megagrow.results.savings import read_curve
     from megagrow.schedule import calibrate
 
@@ -176,8 +177,8 @@ def curves_from_runs(run_dirs, min_step: float | None = None) -> list[tuple]:
             raise UserError(f"{run}: no such run directory")
         m = read_manifest(run)
         if m is None:
-            raise UserError(f"{run}: no manifest.json (not a directory written by `megagrow run`)")
-        plan = Plan.from_dict(m["plan"], f"{run}/manifest.json plan")
+            raise UserError(f"{run}: no {MANIFEST} (not a directory written by `megagrow run`)")
+        plan = Plan.from_dict(m["plan"], f"{RunPaths(run).manifest} plan")
         c = read_curve(run, [st.name for st in plan.stages])
         per_step = Ledger.of(plan.stages[0]).flops_per_step
         steps = [round(f / per_step) for f in c.eval_flops]

@@ -45,6 +45,7 @@ from megagrow import collectives
 from megagrow.bench.loops import MegagrowLoop, PhaseTimer, PlainDDPLoop, stage_batches
 from megagrow.config import Plan, load_plan
 from megagrow.errors import UserError, cli_entry
+from megagrow.paths import RunPaths
 
 CONVENTION = "6*N_nonembedding + 12*L*attn_dim*seq_len FLOPs per token (attention without causal halving, no recompute)"
 
@@ -294,7 +295,7 @@ def bench_transition(plan: Plan, k: int, synthetic: bool) -> dict:
         return out
 
     def stage_dir(p: Plan, i: int) -> str:
-        return os.path.join(root, p.stages[i].name, "checkpoints")
+        return RunPaths(root).stage(p.stages[i].name).ckpt
 
     def save(engine, p: Plan, i: int, step: int):
         manifest.save_record(engine, stage_dir(p, i), StageRecord(p, i, step=step))

@@ -104,7 +104,7 @@ def read_progress(plan: Plan, run_dir: str) -> list[StageProgress]:
         L = stage.layout
         out.append(StageProgress(k, stage.name, state, step, stage.steps, step * L.global_batch * stage.model.seq_len,
                                  st.get("loss") if tag and at_status else None, L.to_dict(),
-                                 RunPaths(run_dir).stage_rel(stage.name, "checkpoints", tag) if tag else None, stage.grow, partial,
+                                 RunPaths(run_dir).tag_rel(stage.name, tag) if tag else None, stage.grow, partial,
                                  last_eval_loss(sp.log) if tag else None, torn))
     return out
 

@@ -13,7 +13,7 @@ from megagrow.controller.progress import next_action, read_progress
 from megagrow.controller.validate import validate_plan
 from megagrow.errors import EXIT_OK, UserError
 from megagrow.fsutil import try_exclusive_lock
-from megagrow.paths import RunPaths
+from megagrow.paths import RunPaths, default_run_dir
 
 
 def lock_run_dir(run_dir: str):
@@ -41,7 +41,7 @@ def run_main(args) -> int:
         import dataclasses
 
         plan = dataclasses.replace(plan, data=plan.data.replace(prefix=data))
-    run_dir = args.run_dir or os.path.join("runs", plan.name)
+    run_dir = args.run_dir or default_run_dir(plan.name)
     alloc = detect_allocation(local=args.local, max_procs=args.max_procs, max_nodes=args.max_nodes)
     validate_plan(plan, alloc, run_dir)
     progress = read_progress(plan, run_dir)

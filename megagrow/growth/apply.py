@@ -67,6 +67,22 @@ class GrowthState:
         return LRSchedule.from_optim(o.replace(decay_steps=decay_steps), 0, self.lr_offset, self.rewarmup, self.rewarmup_from)
 
 
+def placed_position(op: Operator, pos: int, how: str) -> Optional[int]:
+    """The LR-schedule position the model grown by `op` enters at, from the source's position `pos`:
+    "keep" keeps it, "restart" starts again at 0, "paper" takes the big model's equivalent step
+    floor(pos / c), c the operator's paper constant S_small / S_big (1.776 width x2, 1.412 depth x2),
+    or None for an operator the paper gives no constant for. The one place of this arithmetic:
+    LRPlacement.resolve (in process) and megagrow.state.executor.lr_placement (transitions) call it."""
+    if how == "keep":
+        return pos
+    if how == "restart":
+        return 0
+    if how != "paper":
+        raise UserError(f"LR placement must be paper, keep or restart, got {how!r}")
+    c = getattr(op, "paper_c", None)
+    return int(math.floor(pos / c)) if c else None
+
+
 @dataclass(frozen=True)
 class LRPlacement:
     """Where the grown model enters the LR schedule.
@@ -94,9 +110,9 @@ class LRPlacement:
         if R == "keep":
             R = state.lr_position
         elif R == "paper":
-            if op.paper_c is None:
+            R = placed_position(op, state.lr_position, "paper")
+            if R is None:
                 raise UserError(f"the paper gives no equivalent-step constant for {op.name} growth {op.describe()}; pass the step")
-            R = int(math.floor(state.lr_position / op.paper_c))  # as megagrow.state.executor.lr_placement
         elif isinstance(R, bool) or not isinstance(R, int) or R < 0:
             raise UserError(f"equivalent_step must be a non-negative int, 'paper' or 'keep', got {R!r}")
         if isinstance(self.rewarmup, bool) or not isinstance(self.rewarmup, int) or self.rewarmup < 0:

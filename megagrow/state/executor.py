@@ -12,7 +12,6 @@ The same code serves `tools/regrow.py` and the trainer's stage transition.
 
 from __future__ import annotations
 
-import math
 import os
 import time
 
@@ -239,15 +238,13 @@ def lr_placement(op, pos: int, stage) -> tuple[int, int]:
     position `pos` (its lr_offset + step), by `stage.optim.lr_placement`:
     "paper" places it at the big model's equivalent step, the source's schedule position / c
     (the operator's paper constant: 1.776 width x2, 1.412 depth x2; operators without one keep
-    the position); "keep" keeps the position; "restart" starts the schedule again at 0."""
+    the position); "keep" keeps the position; "restart" starts the schedule again at 0
+    (megagrow.growth.apply.placed_position)."""
+    from megagrow.growth.apply import placed_position
+
     o = stage.optim
-    if o.lr_placement == "restart":
-        return 0, o.rewarmup_steps
-    c = getattr(op, "paper_c", None)
-    c = c() if callable(c) else c
-    if o.lr_placement == "paper" and c:
-        pos = int(math.floor(pos / c))
-    return pos, o.rewarmup_steps
+    placed = placed_position(op, pos, o.lr_placement)
+    return (pos if placed is None else placed), o.rewarmup_steps
 
 
 def _read_setup(plan: Plan, k: int, src: SourceCheckpoint, spec: str | None):

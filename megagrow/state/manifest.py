@@ -37,9 +37,9 @@ import zlib
 from megagrow import faults
 from megagrow.errors import UserError, _rank
 from megagrow.fsutil import fsync_dir, write_file_atomic
+from megagrow.paths import LATEST  # DeepSpeed's pointer file name; written here, atomically, after the manifest
 
 MANIFEST = "megagrow_manifest.json"
-LATEST = "latest"  # DeepSpeed's pointer file name; written here, atomically, after the manifest
 FORMAT = 1
 _CHUNK = 1 << 22
 _TMP = re.compile(r"\.tmp\d+$")

@@ -21,7 +21,7 @@ from megagrow.config import Plan
 from megagrow.errors import EXIT_NONFINITE, EXIT_OK, EXIT_PREEMPTED, UserError
 from megagrow.state import manifest
 from megagrow.fsutil import Heartbeat, try_exclusive_lock, write_json_atomic
-from megagrow.paths import RunPaths, tag_of
+from megagrow.paths import RunPaths, StagePaths, tag_of
 from megagrow.state.record import StageRecord
 from megagrow.train.log import StageLog
 from megagrow.train.step import train_step
@@ -297,9 +297,10 @@ def _stage_lock(stage_root: str):
     err = ""
     if torch.distributed.get_rank() == 0:
         os.makedirs(stage_root, exist_ok=True)
-        f, why = try_exclusive_lock(os.path.join(stage_root, ".stage.lock"))
+        path = StagePaths(stage_root).lock
+        f, why = try_exclusive_lock(path)
         if why == "held":
-            err = f"another set of ranks is training {stage_root} (it holds {stage_root}/.stage.lock)"
+            err = f"another set of ranks is training {stage_root} (it holds {path})"
         elif why:
             print(f"warning: {why}; nothing stops a second set of ranks from training this stage at the same time",
                   file=sys.stderr, flush=True)
