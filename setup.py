@@ -33,7 +33,7 @@ setup(
     # so the interop tests run (never skipped) wherever the tests run; tensorboard: event files beside log.jsonl.
     extras_require={
         "hf": HF,
-        "test": ["pytest>=8", "hypothesis>=6", "tensorboard>=2.14", *HF],
+        "test": ["pytest>=8", "tensorboard>=2.14", *HF],
     },
     entry_points={"console_scripts": ["megagrow=megagrow.cli:main"]},
 )

@@ -23,8 +23,6 @@ import math
 from dataclasses import dataclass
 from typing import Optional
 
-INITS = ("normal", "normal_scaled", "zeros", "ones")
-
 
 @dataclass(frozen=True)
 class Rule:

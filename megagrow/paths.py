@@ -63,9 +63,6 @@ class StagePaths:
         """flock'ed by rank 0 while a set of ranks trains the stage."""
         return os.path.join(self.root, ".stage.lock")
 
-    def has_checkpoint(self) -> bool:
-        return os.path.isfile(os.path.join(self.ckpt, LATEST))
-
 
 @dataclass(frozen=True)
 class RunPaths:

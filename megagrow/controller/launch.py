@@ -55,10 +55,6 @@ def launch_port(job_id: str | None, launch: int, first_host: str) -> int:
     return _free_port() if _is_this_host(first_host) else master_port(job_id, launch)
 
 
-def _rc(code: int) -> int:
-    return 128 - code if code < 0 else code  # Popen: -N means killed by signal N
-
-
 def _cancel_srun_step(p: subprocess.Popen) -> None:
     """srun ends its job step (all tasks, on every node) on two SIGINTs within a second."""
     for _ in range(2):

@@ -27,16 +27,6 @@ from megagrow.paths import RunPaths
 STATES = ("pending", "ready", "running", "growing", "preempted", "interrupted", "torn", "done", "failed")
 
 
-
-def latest_tag(ckpt_dir: str) -> Optional[str]:
-    try:
-        with open(os.path.join(ckpt_dir, "latest")) as f:
-            tag = f.read().strip()
-    except OSError:
-        return None
-    return tag if tag and os.path.isdir(os.path.join(ckpt_dir, tag)) else None
-
-
 @dataclass
 class StageProgress:
     index: int

@@ -66,9 +66,6 @@ class GlobalSampler:
             self._cache[epoch] = perm
         return perm
 
-    def epoch_of(self, g: int) -> int:
-        return _check_int("g", g, 0) // self.num_windows
-
     def window_of(self, g: int) -> int:
         """Window id of global sample ``g``: ``permutation(g // n)[g % n]``."""
         g = _check_int("g", g, 0)

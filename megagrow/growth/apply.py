@@ -205,7 +205,3 @@ def load_training(state: GrowthState, optim=None, seed: int = 0, lr: float | Non
             opt.state[p] = {"step": torch.tensor(float(state.step)), "exp_avg": state.exp_avg[name].clone(),
                             "exp_avg_sq": state.exp_avg_sq[name].clone()}
     return model, opt
-
-
-def replace_state(state: GrowthState, **kw) -> GrowthState:
-    return dataclasses.replace(state, **kw)
