@@ -16,7 +16,7 @@ import argparse
 import os
 import sys
 
-from megagrow.errors import EXIT_PEER_LOST, UserError, cli_entry
+from megagrow.errors import EXIT_PEER_LOST, MegagrowError, RunFailure, cli_entry
 
 
 def _train(args) -> int:
@@ -41,8 +41,8 @@ def _train(args) -> int:
 
     try:
         rc = train_stage(plan, k, run_dir, stop_at=args.stop_at)
-    except UserError as e:
-        if getattr(e, "stage_failed", False) or getattr(e, "exit_code", None) is not None:  # diverged, disk full
+    except MegagrowError as e:  # one line; the stage is marked failed when it diverged or could not save
+        if isinstance(e, RunFailure):
             _mark_failed(run_dir, plan.stages[k].name, str(e))
         raise
     except Exception as e:  # noqa: BLE001 - a collective that failed: one line, not a gloo/NCCL traceback

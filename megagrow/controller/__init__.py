@@ -41,12 +41,12 @@ run (`megagrow run`), status (`megagrow status`).
 """
 
 from megagrow.controller.allocation import Allocation, Placement, detect_allocation, place
-from megagrow.controller.launch import EXIT_FAILED, Controller, launch_port, master_port
+from megagrow.controller.launch import Controller, launch_port, master_port
 from megagrow.controller.progress import STATES, Action, StageProgress, next_action, read_manifest, read_progress
 from megagrow.controller.run import lock_run_dir, run_main
 from megagrow.controller.status import status_dict, status_main
 from megagrow.controller.validate import check_run_dir, validate_plan
 
-__all__ = ["Action", "Allocation", "Controller", "EXIT_FAILED", "Placement", "STATES", "StageProgress", "check_run_dir",
+__all__ = ["Action", "Allocation", "Controller", "Placement", "STATES", "StageProgress", "check_run_dir",
            "detect_allocation", "launch_port", "lock_run_dir", "master_port", "next_action", "place", "read_manifest", "read_progress",
            "run_main", "status_dict", "status_main", "validate_plan"]

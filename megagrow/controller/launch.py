@@ -16,12 +16,9 @@ import time
 from megagrow.config import Plan
 from megagrow.controller.allocation import Allocation, Placement, place
 from megagrow.controller.progress import next_action, read_manifest, read_progress
-from megagrow.errors import EXIT_NONFINITE, EXIT_OK, EXIT_PREEMPTED, EXIT_USER_ERROR, UserError
+from megagrow.errors import EXIT_FAILED, EXIT_NONFINITE, EXIT_OK, EXIT_PREEMPTED, EXIT_USER_ERROR, UserError
 from megagrow.fsutil import read_json, write_json_atomic
 from megagrow.paths import RunPaths
-
-EXIT_FAILED = 1
-
 
 PORT_LO, PORT_SPAN = 20000, 12000  # derived ports: 20000-31999, below Linux's ephemeral range (32768-60999)
 

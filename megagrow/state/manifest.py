@@ -35,7 +35,7 @@ import time
 import zlib
 
 from megagrow import faults
-from megagrow.errors import UserError, _rank
+from megagrow.errors import SaveFailed, UserError, _rank
 from megagrow.fsutil import fsync_dir, write_file_atomic
 from megagrow.paths import LATEST  # DeepSpeed's pointer file name; written here, atomically, after the manifest
 
@@ -301,7 +301,7 @@ def checkpoint_meta(plan, k: int, step: int, sample_index: int, **extra) -> dict
 def seal(ckpt_dir: str, tag: str, meta: dict, tp: int = 1, keep_last: int = 0) -> dict:
     """Checksum the files of `ckpt_dir/tag` (each rank its own), then on rank 0 write the manifest
     and move `latest` to the tag; prune to `keep_last` complete tags (0: keep all). Collective.
-    A failure on rank 0 (disk full) raises the same UserError on every rank, leaves no temp
+    A failure on rank 0 (disk full) raises the same SaveFailed on every rank, leaves no temp
     files and leaves `latest` at the previous complete tag."""
     coll = _coll()
     rank, world = _rank_world(coll)
@@ -338,9 +338,7 @@ def seal(ckpt_dir: str, tag: str, meta: dict, tp: int = 1, keep_last: int = 0) -
     if coll:
         err = coll.broadcast_object(err, src=0)
     if err:
-        e = UserError(err, all_ranks=True)
-        e.stage_failed = True
-        raise e
+        raise SaveFailed(err, all_ranks=True)
     return m
 
 
@@ -379,7 +377,7 @@ def save(engine, ckpt_dir: str, tag: str, client_state: dict, meta: dict, tp: in
     """DeepSpeed's save of `tag` (without its `latest`), then `seal`. Collective. A tag that is already
     complete is not written again (a save at the step just resumed from: the same state), only
     pointed at: a kill during such a save can then never tear the checkpoint it started from.
-    A write that fails (disk full) on rank 0 raises a UserError on every rank, with `latest` left at
+    A write that fails (disk full) on rank 0 raises SaveFailed on every rank, with `latest` left at
     the previous complete checkpoint; on another rank it raises there and the others see a lost rank."""
     coll = _coll()
     rank, _ = _rank_world(coll)
@@ -400,9 +398,7 @@ def save(engine, ckpt_dir: str, tag: str, client_state: dict, meta: dict, tp: in
         why = _write_failure(e, ckpt_dir)
         if why is None:
             raise
-        err = UserError(f"could not write checkpoint {tag_dir} ({why}); " + _kept(ckpt_dir, tag))
-        err.stage_failed = True
-        raise err from None
+        raise SaveFailed(f"could not write checkpoint {tag_dir} ({why}); " + _kept(ckpt_dir, tag)) from None
     return seal(ckpt_dir, tag, meta, tp=tp, keep_last=keep_last)
 
 

@@ -18,7 +18,7 @@ import torch
 
 from megagrow import collectives, faults
 from megagrow.config import Plan
-from megagrow.errors import EXIT_NONFINITE, EXIT_OK, EXIT_PREEMPTED, UserError
+from megagrow.errors import EXIT_OK, EXIT_PREEMPTED, NonFinite, UserError
 from megagrow.state import manifest
 from megagrow.fsutil import Heartbeat, try_exclusive_lock, write_json_atomic
 from megagrow.paths import RunPaths, StagePaths, tag_of
@@ -217,16 +217,6 @@ def _grad_norm_bad(engine, device) -> torch.Tensor:
         return torch.zeros((), device=device)
     g = torch.as_tensor(g, device=device, dtype=torch.float32)
     return (~torch.isfinite(g)).float().reshape(())
-
-
-class NonFinite(UserError):
-    """The stage diverged (a non-finite loss, gradient norm or weight): one line, exit EXIT_NONFINITE;
-    raised on every rank alike (the values it is decided on are all-reduced)."""
-
-    exit_code = EXIT_NONFINITE
-
-    def __init__(self, message: str):
-        super().__init__(message, all_ranks=True)
 
 
 def fp32_finite(optimizer) -> bool:

@@ -71,9 +71,9 @@ def _child(fn, rank: int, port: int, fault: dict | None, log_path: str) -> None:
         code = e.code if isinstance(e.code, int) else 1
     except BaseException as e:  # noqa: BLE001 - the child's outcome is its exit code
         from megagrow.cli import _peer_lost
-        from megagrow.errors import EXIT_PEER_LOST, UserError
+        from megagrow.errors import EXIT_PEER_LOST, MegagrowError
 
-        code = EXIT_PEER_LOST if _peer_lost(e) else getattr(e, "exit_code", 2) if isinstance(e, UserError) else 1
+        code = EXIT_PEER_LOST if _peer_lost(e) else getattr(e, "exit_code", 2) if isinstance(e, MegagrowError) else 1
         print(f"child rank {rank}: {type(e).__name__}: {str(e)[:300]}", flush=True)
     finally:
         sys.stdout.flush()

@@ -12,7 +12,7 @@ import zlib
 import pytest
 
 from conftest import REPO, _env
-from megagrow.errors import UserError
+from megagrow.errors import SaveFailed, UserError
 from megagrow.state import manifest as mf
 
 
@@ -122,7 +122,7 @@ def test_reseal_after_prepare_is_not_taken_for_the_old_one(tmp_path):
 
 
 def test_seal_on_full_disk_keeps_previous_and_leaves_no_temp(tmp_path, monkeypatch):
-    """An OSError while writing the manifest (ENOSPC) is one UserError naming the tag and the previous
+    """An OSError while writing the manifest (ENOSPC) is one SaveFailed naming the tag and the previous
     complete checkpoint; `latest` keeps pointing at it; no manifest temp file is left."""
     import errno
 
@@ -134,7 +134,7 @@ def test_seal_on_full_disk_keeps_previous_and_leaves_no_temp(tmp_path, monkeypat
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(mf.json, "dumps", full)
-    with pytest.raises(UserError, match=f"No space left on device.*previous complete checkpoint {prev} is kept"):
+    with pytest.raises(SaveFailed, match=f"No space left on device.*previous complete checkpoint {prev} is kept"):
         _tag(ckpt, 4)
     monkeypatch.setattr(mf.json, "dumps", real)
     assert mf.read_latest(str(ckpt)) == prev and mf.choose(str(ckpt))[0] == prev
