@@ -129,6 +129,10 @@ def train_stage(plan: Plan, k: int, run_dir: str, stop_at: int | None = None, qu
         evaluate("after_growth")
         if rank == 0 and not quiet:
             print(growth_report(plan, k, before, rec.eval_loss), flush=True)
+        if not math.isfinite(rec.eval_loss):  # the same value on every rank (all-reduced): all stop alike
+            was = "" if before is None else f", {before:.4f} before it"
+            raise NonFinite(f"stage {stage.name}: eval loss {rec.eval_loss} right after growth {plan.stages[k - 1].name} -> "
+                            f"{stage.name} ({stage.grow or 'identity'}{was}); stopped before training ({_kept_msg(paths.ckpt)})")
     t_last, steps_since, eval_s = time.perf_counter(), 0, meter.eval_seconds
     engine.train()
     if stop.agreed(device):  # a signal that came during start-up

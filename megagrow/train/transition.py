@@ -28,6 +28,21 @@ def _seal(tmp: str, plan: Plan, k: int, info: dict, **extra) -> None:
                                                              **extra), tp=stage.layout.tp)
 
 
+def gather_persistent(engine) -> None:
+    """ZeRO-3 keeps the parameters below `stage3_param_persistence_threshold` (DeepSpeed's default:
+    1e5 elements; ds_configs/cpu.json sets 0) whole on every rank, outside the gather/release of
+    each forward. A grown engine's partitions are filled and then copied into the module
+    (executor.sync_module_weights), but those whole copies were gathered when the engine was saved,
+    from partitions not yet written (the engine is built without initialising its weights): the
+    first forward, the eval at growth, would read garbage (NaN). Release them and gather them again
+    from the partitions now, as a checkpoint load does (DeepSpeed's all_gather skips a parameter it
+    holds whole). Collective over the data-parallel group; nothing to do below ZeRO-3."""
+    persistent = getattr(engine.optimizer, "persistent_parameters", None)
+    if persistent:
+        persistent[0].partition(persistent)
+        persistent[0].all_gather(persistent)
+
+
 def transition(plan: Plan, k: int, run_dir: str, quiet: bool = False, keep_engine: bool = False) -> dict:
     """Grow stage k-1's final checkpoint into stage k's first (saved in stage k's checkpoints).
     keep_engine: also return the grown engine, ready to train (see executor.regrow)."""
@@ -57,6 +72,8 @@ def transition(plan: Plan, k: int, run_dir: str, quiet: bool = False, keep_engin
     # barrier: every rank's files are written
     info = regrow(plan, k, src, tmp, keep_engine=keep_engine, verify=plan.reliability.verify_on_resume)
     src.close()
+    if keep_engine:
+        gather_persistent(info["engine"][0])
     faults.point("transition.regrown", 0)
     _seal(tmp, plan, k, info, source=f"{prev_paths.ckpt}/{src.tag}")
     faults.point("transition.sealed", 0)
