@@ -8,11 +8,13 @@ bf16 training). The tag read is --tag, else the newest complete (sealed) one, wh
 names; its files' checksums are checked first, and an incomplete or corrupted tag is refused with
 one line naming the file and the next older complete tag, before anything is written. Only the fp32 master weights are read, tensor by tensor, through megagrow's
 shard-map reader (no optimizer state, no DeepSpeed engine, one process). OUT receives
-config.json (GPT2Config / LlamaConfig), model.safetensors, megagrow.json (the source) and the
-tokenizer (tokenizer.json + tokenizer_config.json, and tokenizer.model for a sentencepiece
-source), written to OUT.export-tmp and renamed at the end; an existing non-empty OUT is refused.
+config.json (GPT2Config / LlamaConfig, read alike by transformers 4.x and 5.x: docs/interop.md),
+generation_config.json, model.safetensors, megagrow.json (the source) and the tokenizer
+(tokenizer.json + tokenizer_config.json naming PreTrainedTokenizerFast, model_max_length the
+model's position capacity, and tokenizer.model for a sentencepiece source), written to OUT.export-tmp and renamed at the end; an existing non-empty OUT is refused.
 The tokenizer is --tokenizer, else the plan's dataset tokenizer PREFIX.model (or
-PREFIX.tokenizer.json) when it exists.
+PREFIX.tokenizer.json) when it exists (a relative PREFIX: against the plan file's directory
+that `megagrow run` recorded, then the current directory).
 """
 
 from __future__ import annotations
@@ -66,12 +68,42 @@ def resolve_checkpoint(path: str, tag: str | None, verify: bool = True) -> tuple
     return d, current(d, tag, verify=verify)
 
 
-def default_tokenizer(plan_dict: dict) -> str | None:
+def plan_file_dir(ckpt_dir: str) -> str | None:
+    """The directory of the plan file the run was started with, as `megagrow run` records it in
+    RUN/manifest.json (RUN is two levels above a stage's checkpoint directory); None if unknown."""
+    from megagrow.paths import RunPaths
+
+    path = RunPaths(os.path.dirname(os.path.dirname(os.path.abspath(ckpt_dir)))).manifest
+    try:
+        with open(path) as f:
+            plan_file = json.load(f).get("plan_file")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return os.path.dirname(os.path.abspath(plan_file)) if isinstance(plan_file, str) and plan_file else None
+
+
+def default_tokenizer(plan_dict: dict, ckpt_dir: str | None = None) -> str | None:
+    """The plan dataset's tokenizer, PREFIX.model or PREFIX.tokenizer.json. A relative prefix is looked
+    up against the plan file's directory (when the run recorded it), then the current directory: an
+    export run from elsewhere than the training finds it."""
     prefix = (plan_dict.get("data") or {}).get("prefix")
-    for suffix in (".model", ".tokenizer.json"):
-        if prefix and os.path.isfile(prefix + suffix):
-            return prefix + suffix
+    if not prefix:
+        return None
+    bases = [""] if os.path.isabs(prefix) else [b for b in (ckpt_dir and plan_file_dir(ckpt_dir),) if b] + [""]
+    for base in bases:
+        for suffix in (".model", ".tokenizer.json"):
+            cand = os.path.join(base, prefix) + suffix
+            if os.path.isfile(cand):
+                return cand
     return None
+
+
+def position_capacity(m, shapes: dict) -> int:
+    """The positions the exported model takes: GPT-2 the rows of its position table as stored,
+    llama (RoPE, no table) its seq_len."""
+    if m.flavour == "gpt2" and "pos_emb.weight" in shapes:
+        return int(shapes["pos_emb.weight"][0])
+    return m.seq_len
 
 
 def export(ckpt: str, out: str, tag: str | None = None, tokenizer: str | None = None, no_tokenizer: bool = False,
@@ -83,7 +115,7 @@ def export(ckpt: str, out: str, tag: str | None = None, tokenizer: str | None = 
     import torch
     from safetensors.torch import save_file
 
-    from megagrow.hf import hf_config, to_hf, write_tokenizer
+    from megagrow.hf import hf_config, set_dtype, to_hf, write_config, write_tokenizer
     from megagrow.state.checkpoint import SourceCheckpoint
 
     t0 = time.perf_counter()
@@ -95,15 +127,16 @@ def export(ckpt: str, out: str, tag: str | None = None, tokenizer: str | None = 
     m = src.model
     check_exportable(m)
     if not no_tokenizer:
-        tokenizer = tokenizer or default_tokenizer(src.client.get("plan", {}))
+        tokenizer = tokenizer or default_tokenizer(src.client.get("plan", {}), d)
         if tokenizer is None:
             raise UserError("no tokenizer: the plan's dataset has no PREFIX.model here; pass --tokenizer PATH or --no-tokenizer")
     shapes = src.logical_shapes()
+    n_positions = position_capacity(m, shapes)
     tmp = f"{out}.export-tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
     try:
-        tok_info = write_tokenizer(tokenizer, tmp, m.vocab_size) if not no_tokenizer else None
+        tok_info = write_tokenizer(tokenizer, tmp, m.vocab_size, n_positions) if not no_tokenizer else None
         bar = None
         if progress:
             from tqdm import tqdm
@@ -120,9 +153,9 @@ def export(ckpt: str, out: str, tag: str | None = None, tokenizer: str | None = 
         sd = {n: t.to(tdtype).contiguous() for n, t in to_hf(m, read)}
         if bar is not None:
             bar.close()
-        cfg = hf_config(m, tok_info and tok_info["bos_token_id"], tok_info and tok_info["eos_token_id"])
-        cfg.torch_dtype = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}[dtype]
-        cfg.save_pretrained(tmp)
+        cfg = hf_config(m, tok_info and tok_info["bos_token_id"], tok_info and tok_info["eos_token_id"], n_positions)
+        set_dtype(cfg, {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}[dtype])
+        write_config(cfg, m, tmp)  # config.json (read alike by transformers 4.x and 5.x) and generation_config.json
         save_file(sd, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
         with open(os.path.join(tmp, "megagrow.json"), "w") as f:  # where it came from
             json.dump({"checkpoint": os.path.abspath(d), "tag": src.tag, "stage": src.client["stage"],

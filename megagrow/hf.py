@@ -68,15 +68,17 @@ def check_exportable(m: ModelConfig) -> None:
                         f"!= {m.d_model} (after heads growth), which transformers' GPT-2 cannot represent")
 
 
-def hf_config(m: ModelConfig, bos_id: int | None = None, eos_id: int | None = None):
-    """The transformers config object of model `m` (vocabulary without megagrow's padding)."""
+def hf_config(m: ModelConfig, bos_id: int | None = None, eos_id: int | None = None, n_positions: int | None = None):
+    """The transformers config object of model `m` (vocabulary without megagrow's padding).
+    n_positions: the model's position capacity (GPT-2: the rows of its position table), default seq_len."""
     need_hf()
     check_exportable(m)
     ids = {"bos_token_id": bos_id, "eos_token_id": eos_id}  # None without a tokenizer (not GPT-2's 50256)
+    n_positions = n_positions or m.seq_len
     if m.flavour == "gpt2":
         from transformers import GPT2Config
 
-        return GPT2Config(vocab_size=m.vocab_size, n_positions=m.seq_len, n_embd=m.d_model, n_layer=m.n_layers,
+        return GPT2Config(vocab_size=m.vocab_size, n_positions=n_positions, n_embd=m.d_model, n_layer=m.n_layers,
                           n_head=m.n_heads, n_inner=m.ffn_dim, activation_function="gelu_new",
                           resid_pdrop=m.dropout, embd_pdrop=m.dropout, attn_pdrop=0.0,
                           layer_norm_epsilon=m.norm_eps, initializer_range=m.init_std,
@@ -85,10 +87,48 @@ def hf_config(m: ModelConfig, bos_id: int | None = None, eos_id: int | None = No
 
     return LlamaConfig(vocab_size=m.vocab_size, hidden_size=m.d_model, intermediate_size=m.ffn_dim,
                        num_hidden_layers=m.n_layers, num_attention_heads=m.n_heads, num_key_value_heads=m.kv_heads,
-                       head_dim=m.head_dim, max_position_embeddings=m.seq_len, rms_norm_eps=m.norm_eps,
+                       head_dim=m.head_dim, max_position_embeddings=n_positions, rms_norm_eps=m.norm_eps,
                        rope_theta=m.rope_theta, hidden_act="silu", attention_bias=False, mlp_bias=False,
                        initializer_range=m.init_std, tie_word_embeddings=m.tie_embeddings,
                        architectures=[ARCHITECTURES["llama"]], **ids)
+
+
+def set_dtype(cfg, dtype: str) -> None:
+    """Record the weights' dtype ("float32", ...) in a transformers config: `dtype` where the installed
+    transformers has it (there `torch_dtype` is a deprecated alias that says so), else `torch_dtype`."""
+    if isinstance(getattr(type(cfg), "torch_dtype", None), property):
+        cfg.dtype = dtype
+    else:
+        cfg.torch_dtype = dtype
+
+
+def portable_config(cfg, m: ModelConfig) -> dict:
+    """config.json's content for `cfg` (hf_config of `m`) that transformers 4.x and 5.x read alike.
+    transformers 5 writes RoPE settings only inside `rope_parameters` and the dtype as `dtype`;
+    4.x reads the top-level `rope_theta` (without it, silently 10000) and `torch_dtype`. Both
+    spellings are written; each version ignores the one it does not know."""
+    d = cfg.to_diff_dict()  # what save_pretrained writes: the non-default fields
+    if m.flavour == "llama":
+        d["rope_theta"] = float(m.rope_theta)
+        d.setdefault("rope_parameters", {"rope_type": "default", "rope_theta": float(m.rope_theta)})
+    dt = d.get("dtype", d.get("torch_dtype"))
+    if dt is not None:
+        d["dtype"] = d["torch_dtype"] = str(dt).replace("torch.", "")
+    return d
+
+
+def write_config(cfg, m: ModelConfig, out_dir: str) -> dict:
+    """config.json (portable_config) and generation_config.json (the token ids a generate() call
+    needs: bos, eos) of model `m` in `out_dir`. Returns the config written."""
+    from transformers import GenerationConfig
+
+    d = portable_config(cfg, m)
+    with open(os.path.join(out_dir, "config.json"), "w") as f:
+        json.dump(d, f, indent=2, sort_keys=True)
+        f.write("\n")
+    gen = {"bos_token_id": d.get("bos_token_id"), "eos_token_id": d.get("eos_token_id")}
+    GenerationConfig(**{k: v for k, v in gen.items() if v is not None}).save_pretrained(out_dir)
+    return d
 
 
 def _rope_theta(cfg: dict, where: str) -> float:
@@ -233,8 +273,9 @@ def from_hf(m: ModelConfig, get: Callable[[str], torch.Tensor]) -> dict[str, tor
 
 
 def read_hf_dir(path: str) -> tuple[dict, dict, dict]:
-    """(config.json, the ModelConfig fields it fixes, {weight name or None: safetensors file}) of a
-    transformers model directory; json and os only (no torch, no transformers)."""
+    """(config.json, the ModelConfig fields it fixes, {weight name or None: weights file}) of a
+    transformers model directory: safetensors (one file or sharded with an index), else PyTorch
+    pytorch_model.bin (likewise); json and os only (no torch, no transformers)."""
     if not os.path.isdir(path):
         raise UserError(f"transformers model directory not found: {path}")
     cfg_path = os.path.join(path, "config.json")
@@ -246,19 +287,18 @@ def read_hf_dir(path: str) -> tuple[dict, dict, dict]:
         fields = model_fields_from_hf(config, path)
     except (ValueError, KeyError, TypeError) as e:
         raise UserError(f"{cfg_path}: not a readable transformers config ({type(e).__name__}: {e})") from None
-    single, index = os.path.join(path, "model.safetensors"), os.path.join(path, "model.safetensors.index.json")
-    if os.path.isfile(single):
-        files = {None: single}
-    elif os.path.isfile(index):
-        try:
-            with open(index) as f:
-                wm = json.load(f)["weight_map"]
-        except (ValueError, KeyError) as e:
-            raise UserError(f"{index}: not a readable safetensors index ({type(e).__name__}: {e})") from None
-        files = {n: os.path.join(path, fn) for n, fn in wm.items()}
-    else:
-        raise UserError(f"{path}: no model.safetensors (or model.safetensors.index.json); only safetensors weights are read")
-    return config, fields, files
+    for single, index in (("model.safetensors", "model.safetensors.index.json"), ("pytorch_model.bin", "pytorch_model.bin.index.json")):
+        single, index = os.path.join(path, single), os.path.join(path, index)
+        if os.path.isfile(single):
+            return config, fields, {None: single}
+        if os.path.isfile(index):
+            try:
+                with open(index) as f:
+                    wm = json.load(f)["weight_map"]
+            except (ValueError, KeyError) as e:
+                raise UserError(f"{index}: not a readable weights index ({type(e).__name__}: {e})") from None
+            return config, fields, {n: os.path.join(path, fn) for n, fn in wm.items()}
+    raise UserError(f"{path}: no model.safetensors, pytorch_model.bin or index of either (model.safetensors.index.json, pytorch_model.bin.index.json)")
 
 
 def check_init_from(stage) -> None:
@@ -269,9 +309,29 @@ def check_init_from(stage) -> None:
     check_matches(fields, stage.model, path, stage.name)
 
 
+class _TorchFile:
+    """A pytorch_model.bin read like a safetensors file: torch.load with weights_only=True (tensors
+    and plain containers only: no code in the file runs) and mmap=True (tensors are read from the
+    file as used, not all into memory at once)."""
+
+    def __init__(self, fn: str):
+        import torch
+
+        sd = torch.load(fn, map_location="cpu", weights_only=True, mmap=True)
+        if not isinstance(sd, dict):
+            raise ValueError(f"holds a {type(sd).__name__}, not a state dict")
+        self.sd = sd
+
+    def keys(self):
+        return self.sd.keys()
+
+    def get_tensor(self, name: str):
+        return self.sd[name]
+
+
 class HFCheckpoint:
-    """A transformers model directory on disk: config.json + model.safetensors (or a sharded
-    model.safetensors.index.json). Tensors are read one at a time (safetensors memory-maps)."""
+    """A transformers model directory on disk: config.json + model.safetensors or pytorch_model.bin
+    (or sharded, with an index). Tensors are read one at a time (both memory-mapped)."""
 
     def __init__(self, path: str):
         need_hf()
@@ -287,7 +347,7 @@ class HFCheckpoint:
             raise UserError(f"{self.path}: weight {name} is missing" + (f" (file {fn} not found)" if fn else ""))
         if fn not in self._open:
             try:
-                self._open[fn] = safe_open(fn, framework="pt")
+                self._open[fn] = _TorchFile(fn) if fn.endswith(".bin") else safe_open(fn, framework="pt")
             except Exception as e:  # noqa: BLE001 - a truncated or foreign file
                 raise UserError(f"cannot read {fn}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
         f = self._open[fn]
@@ -357,10 +417,15 @@ def load_tokenizer_object(path: str):
     return tok, {k: v for k, v in special.items() if v}
 
 
-def write_tokenizer(path: str, out_dir: str, model_vocab: int) -> dict:
+TOKENIZER_CLASS = "PreTrainedTokenizerFast"  # the tokenizer.json class of transformers 4.x; 5.x maps it to TokenizersBackend
+
+
+def write_tokenizer(path: str, out_dir: str, model_vocab: int, model_max_length: int | None = None) -> dict:
     """Write `path` (sentencepiece .model or tokenizer.json) into `out_dir` as a tokenizer that
-    transformers' AutoTokenizer loads (tokenizer.json + tokenizer_config.json; a .model is also
-    copied as tokenizer.model). Returns {vocab_size, bos_token_id, eos_token_id, source}."""
+    transformers' AutoTokenizer 4.x and 5.x load (tokenizer.json + tokenizer_config.json naming
+    PreTrainedTokenizerFast; a .model is also copied as tokenizer.model). model_max_length: the
+    model's position capacity, so that truncation=True cuts to what the model can take.
+    Returns {vocab_size, bos_token_id, eos_token_id, source}."""
     import shutil
 
     from transformers import PreTrainedTokenizerFast
@@ -369,8 +434,16 @@ def write_tokenizer(path: str, out_dir: str, model_vocab: int) -> dict:
     n = tok.get_vocab_size(with_added_tokens=True)
     if n > model_vocab:
         raise UserError(f"tokenizer {path} has {n} tokens, more than the model's vocab_size {model_vocab}")
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, clean_up_tokenization_spaces=False, **special)
+    extra = {} if model_max_length is None else {"model_max_length": int(model_max_length)}
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, clean_up_tokenization_spaces=False, **special, **extra)
     fast.save_pretrained(out_dir)
+    cfg_path = os.path.join(out_dir, "tokenizer_config.json")
+    with open(cfg_path) as f:
+        tc = json.load(f)
+    tc["tokenizer_class"] = TOKENIZER_CLASS  # 5.x writes its own name, TokenizersBackend, which 4.x cannot load
+    with open(cfg_path, "w") as f:
+        json.dump(tc, f, indent=2, sort_keys=True)
+        f.write("\n")
     if not path.endswith(".json"):
         shutil.copyfile(path, os.path.join(out_dir, "tokenizer.model"))
     return {"source": os.path.abspath(path), "vocab_size": n, "bos_token_id": fast.bos_token_id,
@@ -427,7 +500,7 @@ def parse_init_from(spec: str) -> str:
 def import_checkpoint(plan, k: int, out_dir: str, progress: bool = False) -> dict:
     """Stage k's step-0 checkpoint in `out_dir`, at its layout, from the transformers model its
     `init_from: hf:PATH` names: weights only (Adam moments zero, step 0, data position 0).
-    Every rank reads the tensors it needs from the safetensors files (memory-mapped) and
+    Every rank reads the tensors it needs from the weights files (memory-mapped) and
     fills its own fragments through the shard-to-shard executor; DeepSpeed writes the files.
     Process groups must be initialised for stage k's layout."""
     import torch
