@@ -279,8 +279,9 @@ class OptimConfig(_Config):
     rewarmup_steps: int = 0  # after growth: linear ramp from 0 to the schedule over this many steps
     # after growth, where the grown stage sits on its schedule: "paper" = the source's position / c
     # (c = 1.776 width, 1.412 depth: the big model's equivalent step), "keep" = the source's position,
-    # "restart" = 0 (a fresh schedule, warmup included)
-    lr_placement: str = "paper"
+    # "restart" = 0 (a fresh schedule, warmup included); "auto" = restart after width growth, paper after
+    # any other (width-grown models learn faster with a restarted schedule: docs/growth.md)
+    lr_placement: str = "auto"
     beta1: float = 0.9
     beta2: float = 0.95
     eps: float = 1e-8
@@ -291,7 +292,8 @@ class OptimConfig(_Config):
         _need(self.lr > 0 and self.min_lr >= 0 and self.min_lr <= self.lr, where, "need 0 <= min_lr <= lr and lr > 0")
         _need(_is_int(self.warmup_steps) and self.warmup_steps >= 0, where, "warmup_steps must be >= 0")
         _need(_is_int(self.rewarmup_steps) and self.rewarmup_steps >= 0, where, "rewarmup_steps must be >= 0")
-        _need(self.lr_placement in ("paper", "keep", "restart"), where, f"lr_placement must be paper, keep or restart, got {self.lr_placement!r}")
+        _need(self.lr_placement in ("auto", "paper", "keep", "restart"), where,
+              f"lr_placement must be auto, paper, keep or restart, got {self.lr_placement!r}")
         _need(self.schedule in LR_SCHEDULES, where, f"schedule must be one of {LR_SCHEDULES}, got {self.schedule!r}")
         _need(self.decay_steps is None or (_is_int(self.decay_steps) and self.decay_steps > 0), where, "decay_steps must be positive")
         _need(0 <= self.beta1 < 1 and 0 <= self.beta2 < 1, where, "betas must be in [0, 1)")

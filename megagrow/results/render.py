@@ -156,7 +156,8 @@ def markdown(res: dict, spec: dict, commands: list[str], png: str) -> str:
         L.append(f"- Staged {k}: {shapes}; token split {' / '.join(f'{100 * x:.0f}%' for x in sp['fractions'])} from "
                  f"`{sp['command']}` (Kaplan law; predicted saving {100 * sp['predicted_saving']:.1f}%), total "
                  f"{spec['staged_tokens']:g} x reference tokens; each stage at its own size's best LR; LR placement "
-                 "`paper`, no re-warmup (the defaults).")
+                 "`paper` (pinned in the spec; the project's default `auto` restarts the schedule after width growth, "
+                 "as the ablation `lrrestart` does), no re-warmup.")
     L.append("")
     L.append("### LR sweeps (each size, first seed; extended until the best LR is interior)")
     L.append("")

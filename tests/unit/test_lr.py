@@ -50,3 +50,8 @@ def test_lr_placement_after_growth():
     assert lr_placement(FFN(512), client, st("paper")) == (200, 20)
     assert lr_placement(Width(2), client, st("keep")) == (200, 20)
     assert lr_placement(Width(2), client, st("restart")) == (0, 20)
+    # auto (the default): restart after width growth, paper after any other
+    assert OptimConfig().lr_placement == "auto"
+    assert lr_placement(Width(2), client, st("auto")) == (0, 20)
+    assert lr_placement(Depth(2), client, st("auto")) == (141, 20)
+    assert lr_placement(FFN(512), client, st("auto")) == (200, 20)
