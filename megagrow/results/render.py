@@ -163,8 +163,9 @@ def markdown(res: dict, spec: dict, commands: list[str], png: str) -> str:
     L.append("")
     body = []
     for key, c in ch.get("lr", {}).items():
-        losses = ", ".join(f"{lr} -> {v:.4f}" if v is not None and v != float("inf") else f"{lr} -> diverged"
-                           for lr, v in c.get("losses", {}).items())
+        measured = res.get("sweeps", {}).get(key) or c.get("losses", {})
+        losses = ", ".join(f"{lr} -> {v:.4f}" if v is not None and v != float("inf") else
+                           (f"{lr} -> diverged" if v is not None else f"{lr} -> not finished") for lr, v in measured.items())
         body.append([key, losses, f"{c['lr']:g}", "yes" if c.get("bracketed") else "**no: the best LR is at the edge**"])
     L.append(_table(["size", "peak LR -> final val loss", "chosen", "bracketed"], body) if body else "Not finished.")
     added = {k: v for k, v in ch.get("sweeps", {}).items() if v}
@@ -244,6 +245,17 @@ def markdown(res: dict, spec: dict, commands: list[str], png: str) -> str:
                  f"seed's reference baseline's final loss, {cal['target']:.4f}. The threshold of each growth is the "
                  "slope d log10 L / d log10 C of the small model's curve under the fitted law at the switch loss the "
                  "planner chooses with it.")
+        if fit.get("ill_conditioned") or fit.get("warnings"):
+            L.append("")
+            L.append("**The fit is ill-conditioned** (" + "; ".join(fit.get("warnings") or ["flagged"]) + "): short runs of "
+                     "four small sizes do not pin the law's constants down, so its switch points are extrapolations; "
+                     "read the rule's thresholds as this data's, not as a law.")
+        sws = [x for k in ("width", "depth", "both") for x in ((cal.get("switches") or {}).get(k) or []) if x]
+        if sws and all(abs(x["switch_loss"] - cal["target"]) < 1e-9 for x in sws):
+            L.append("")
+            L.append(f"With the fitted constants the planner's switch loss equals the target ({cal['target']:.4f}) for "
+                     "every chain: the fitted law says the small model is the cheaper way all the way to the target, so "
+                     "its thresholds mark where the small model's curve would flatten at the target.")
     elif "error" in cal:
         L.append(f"The law could not be calibrated: {cal['error']}. The slope-rule runs did not run.")
     else:

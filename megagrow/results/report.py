@@ -283,6 +283,9 @@ def build(out: str, spec: dict, spec_path: str, data: str) -> dict:
               "splits": {k: planner_split(spec, k) for k in KINDS}}
     rd = os.path.join(out, "runs")
     result["not_in_spec"] = sorted(d for d in (os.listdir(rd) if os.path.isdir(rd) else []) if d not in states)
+    failed = set(choices.get("failed", []))
+    result["sweeps"] = {k: {f"{lr:g}": v for lr, v in sorted(sweep_losses(states, k, failed).items())}
+                        for k in choices.get("lr", {})}
     result["groups"] = _groups(rows, spec)
     result["baseline_seeds"] = _baseline_seeds(rows, spec, choices)
     result["slope"] = _slope_vs_oracle(states, spec, choices, result["groups"])
