@@ -65,12 +65,7 @@ def growth_eval(prefix: str, out: str) -> dict:
             torch.distributed.barrier()
             if b == dict(tp=1, dp=2, zero_stage=3) and "error" not in r:  # the same step from a fresh engine
                 again = run + "-loaded"
-                if RANK == 0:
-                    shutil.copytree(os.path.join(run, "s1", "checkpoints", "step_00000000"),
-                                    os.path.join(again, "s1", "checkpoints", "step_00000000"))
-                    with open(os.path.join(again, "s1", "checkpoints", "latest"), "w") as f:
-                        f.write("step_00000000")
-                torch.distributed.barrier()
+                worker.copy_transition(run, again)
                 train_stage(plan, 1, again, quiet=True, stop_at=1)
                 torch.distributed.barrier()
                 if RANK == 0:

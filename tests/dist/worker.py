@@ -397,14 +397,7 @@ def grow(prefix: str, out: str) -> dict:
             torch.distributed.barrier()
             # the same 2 steps the old way: a fresh engine loading the transition's checkpoint
             again = run + "-resumed"
-            if RANK == 0:
-                import shutil
-
-                shutil.copytree(os.path.join(run, "s1", "checkpoints", "step_00000000"),
-                                os.path.join(again, "s1", "checkpoints", "step_00000000"))
-                with open(os.path.join(again, "s1", "checkpoints", "latest"), "w") as f:
-                    f.write("step_00000000")
-            torch.distributed.barrier()
+            copy_transition(run, again)
             train_stage(plan, 1, again, quiet=True, stop_at=2)
             torch.distributed.barrier()
             key = f"{flavour}-{spec}-{m1.d_model}x{m1.n_layers}"
@@ -441,6 +434,18 @@ def grow(prefix: str, out: str) -> dict:
 def _records(run_dir: str, stage: str) -> list[dict]:
     with open(os.path.join(run_dir, stage, "log.jsonl")) as f:
         return [json.loads(line) for line in f]
+
+
+def copy_transition(run: str, again: str, stage: str = "s1", tag: str = "step_00000000") -> None:
+    """Rank 0 copies the checkpoint a transition wrote (`stage`'s `tag`) into a fresh run dir `again`,
+    as its only and latest checkpoint, so a fresh engine there loads it; every rank waits for it."""
+    if RANK == 0:
+        import shutil
+
+        shutil.copytree(os.path.join(run, stage, "checkpoints", tag), os.path.join(again, stage, "checkpoints", tag))
+        with open(os.path.join(again, stage, "checkpoints", "latest"), "w") as f:
+            f.write(tag)
+    torch.distributed.barrier()
 
 
 def loss_tp(prefix: str, out: str) -> dict:
