@@ -128,7 +128,10 @@ class _Config:
         return _from_dict(cls, d, where or cls.__name__)
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        # dataclasses.asdict, except that a field marked omit_if_none is left out while it is None (a field
+        # added later, e.g. ModelConfig.rope_scaling, so the dicts recorded before it existed still compare equal)
+        return {f.name: _plain(getattr(self, f.name)) for f in dataclasses.fields(self)
+                if not (f.metadata.get("omit_if_none") and getattr(self, f.name) is None)}
 
     def replace(self, **kw):
         hints = _field_types(type(self))
@@ -136,6 +139,63 @@ class _Config:
         obj = dataclasses.replace(self, **kw)
         obj.validate(type(self).__name__)
         return obj
+
+
+def _plain(v: Any) -> Any:
+    """A field value in to_dict's form: configs as their to_dict, containers copied (as dataclasses.asdict does)."""
+    import copy
+
+    if isinstance(v, _Config):
+        return v.to_dict()
+    if isinstance(v, (list, tuple)):
+        return type(v)(_plain(x) for x in v)
+    if isinstance(v, dict):
+        return {_plain(k): _plain(x) for k, x in v.items()}
+    return copy.deepcopy(v)
+
+
+ROPE_SCALING_TYPES = ("llama3", "linear")  # what RopeScaling.rope_type may be (None: plain RoPE, no rope_scaling)
+LLAMA3_ROPE_KEYS = ("low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+
+
+@dataclass(frozen=True)
+class RopeScaling(_Config):
+    """ModelConfig.rope_scaling: the RoPE inverse frequencies rescaled as transformers does it.
+
+    llama3: {rope_type: llama3, factor, low_freq_factor, high_freq_factor, original_max_position_embeddings}
+            (Llama 3.1+: wavelengths above original / low_freq_factor divided by factor, below
+            original / high_freq_factor kept, smoothly interpolated between).
+    linear: {rope_type: linear, factor} (every inverse frequency divided by factor).
+    It depends on neither width nor depth: growth copies it to the grown model unchanged."""
+
+    rope_type: Optional[str] = None
+    factor: Optional[float] = None
+    low_freq_factor: Optional[float] = None
+    high_freq_factor: Optional[float] = None
+    original_max_position_embeddings: Optional[int] = None
+
+    @classmethod
+    def from_dict(cls, d: Any, where: str | None = None):
+        return None if d is None else _from_dict(cls, d, where or "rope_scaling")
+
+    def to_dict(self) -> dict:
+        return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
+
+    def validate(self, where: str = "rope_scaling") -> None:
+        what = "no rope_type" if self.rope_type is None else f"rope type {self.rope_type!r} is not supported"
+        _need(self.rope_type in ROPE_SCALING_TYPES, where,
+              f"{what} (supported: {', '.join(ROPE_SCALING_TYPES)}; leave rope_scaling out for plain RoPE)")
+        _need(self.factor is not None and self.factor > 0, where, f"{self.rope_type} needs a positive factor, got {self.factor!r}")
+        if self.rope_type == "linear":
+            extra = [k for k in LLAMA3_ROPE_KEYS if getattr(self, k) is not None]
+            _need(not extra, where, f"linear takes factor only (llama3 settings given: {', '.join(extra)})")
+            return
+        missing = [k for k in LLAMA3_ROPE_KEYS if getattr(self, k) is None]
+        _need(not missing, where, f"llama3 needs factor, {', '.join(LLAMA3_ROPE_KEYS)} (missing: {', '.join(missing)})")
+        _need(0 < self.low_freq_factor < self.high_freq_factor, where,
+              f"llama3 needs 0 < low_freq_factor < high_freq_factor, got {self.low_freq_factor!r} and {self.high_freq_factor!r}")
+        _need(_is_int(self.original_max_position_embeddings) and self.original_max_position_embeddings > 0, where,
+              f"original_max_position_embeddings must be a positive integer, got {self.original_max_position_embeddings!r}")
 
 
 @dataclass(frozen=True)
@@ -162,6 +222,8 @@ class ModelConfig(_Config):
     norm_eps: float = 1e-5
     rope_theta: float = 10000.0
     init_std: float = 0.02
+    # llama: RoPE scaling (RopeScaling: llama3 or linear, as in transformers' rope_scaling); None = plain RoPE
+    rope_scaling: Optional[RopeScaling] = field(default=None, metadata={"omit_if_none": True})
 
     def __post_init__(self):
         # resolve the default head_dim once, so configs compare equal with or without it spelled out
@@ -170,6 +232,8 @@ class ModelConfig(_Config):
             object.__setattr__(self, "head_dim", self.d_model // self.n_heads)
         if self.n_kv_heads is not None and self.n_kv_heads == self.n_heads:
             object.__setattr__(self, "n_kv_heads", None)  # one spelling of multi-head attention
+        if self.rope_scaling is not None and not isinstance(self.rope_scaling, RopeScaling):  # a dict (replace(), a constructor)
+            object.__setattr__(self, "rope_scaling", RopeScaling.from_dict(self.rope_scaling, "model.rope_scaling"))
 
     def validate(self, where: str = "model") -> None:
         _need(self.flavour in FLAVOURS, where, f"flavour must be one of {FLAVOURS}, got {self.flavour!r}")
@@ -183,6 +247,8 @@ class ModelConfig(_Config):
         _need(self.init_std > 0, where, "init_std must be positive")
         if self.flavour == "llama":
             _need(self.head_dim % 2 == 0, where, f"llama (RoPE) needs an even head_dim, got {self.head_dim}")
+        _need(self.rope_scaling is None or self.flavour == "llama", where,
+              "rope_scaling is for the llama flavour only (gpt2 has learned positions)")
         if self.n_kv_heads is not None:
             _need(_is_int(self.n_kv_heads) and self.n_kv_heads > 0, where, f"n_kv_heads must be a positive integer, got {self.n_kv_heads!r}")
             _need(self.flavour == "llama", where, "n_kv_heads (grouped-query attention) is for the llama flavour only")
@@ -491,6 +557,10 @@ class Plan(_Config):
         _need(len(set(names)) == len(names), where, f"stage names must be unique, got {names}")
         later = [s.name for s in self.stages[1:] if s.init_from is not None]
         _need(not later, where, f"only the first stage may have init_from (stage(s) {', '.join(later)} grow from the one before)")
+        for s in self.stages[1:]:  # no growth operator changes the RoPE scaling (it depends on neither width nor depth)
+            _need(s.model.rope_scaling == self.stages[0].model.rope_scaling, where,
+                  f"stage {s.name}: rope_scaling {_plain(s.model.rope_scaling)} differs from stage {self.stages[0].name}'s "
+                  f"{_plain(self.stages[0].model.rope_scaling)} (growth keeps it: give every stage the same, e.g. in defaults)")
 
     def stage(self, key: int | str) -> Stage:
         """A stage by 0-based index or by name."""
@@ -542,6 +612,7 @@ def _merge(base: dict, over: Any) -> Any:
 _SUBCONFIGS = {
     ("Stage", "growth"): GrowthOptions,
     ("Stage", "model"): ModelConfig,
+    ("ModelConfig", "rope_scaling"): RopeScaling,
     ("Stage", "layout"): Layout,
     ("Stage", "optim"): OptimConfig,
     ("Stage", "stop"): StopRule,

@@ -28,7 +28,8 @@ pads the vocabulary to a multiple of 128 rows; export drops the padding, import 
 zero rows (their logits are 0: the logits of the real vocabulary are unchanged).
 Config fields: norm_eps <-> layer_norm_epsilon / rms_norm_eps (transformers' Llama default is
 1e-6, megagrow's 1e-5: the value is always written out and read back, never assumed),
-rope_theta <-> rope_parameters.rope_theta, n_kv_heads <-> num_key_value_heads,
+rope_theta <-> rope_parameters.rope_theta (and top-level rope_theta), rope_scaling (llama3, linear) <->
+rope_parameters (5.x) / rope_scaling (4.x), n_kv_heads <-> num_key_value_heads,
 head_dim <-> head_dim, d_ff <-> n_inner / intermediate_size, tie_embeddings <-> tie_word_embeddings.
 """
 
@@ -38,7 +39,7 @@ import json
 import os
 from typing import TYPE_CHECKING, Callable, Iterator
 
-from megagrow.config import ModelConfig
+from megagrow.config import LLAMA3_ROPE_KEYS, ROPE_SCALING_TYPES, ModelConfig, RopeScaling
 from megagrow.errors import UserError
 
 if TYPE_CHECKING:  # torch is imported where tensors are made: reading configs stays light (the controller checks
@@ -90,7 +91,25 @@ def hf_config(m: ModelConfig, bos_id: int | None = None, eos_id: int | None = No
                        head_dim=m.head_dim, max_position_embeddings=n_positions, rms_norm_eps=m.norm_eps,
                        rope_theta=m.rope_theta, hidden_act="silu", attention_bias=False, mlp_bias=False,
                        initializer_range=m.init_std, tie_word_embeddings=m.tie_embeddings,
-                       architectures=[ARCHITECTURES["llama"]], **ids)
+                       architectures=[ARCHITECTURES["llama"]], **ids, **_rope_kwargs(m))
+
+
+def hf_rope_scaling(m: ModelConfig) -> dict | None:
+    """transformers' rope_scaling dict of model `m` (4.x's spelling: rope_type and its parameters, no
+    rope_theta), None for plain RoPE."""
+    if m.rope_scaling is None:
+        return None
+    d = m.rope_scaling.to_dict()
+    d["factor"] = float(d["factor"])
+    if m.rope_scaling.rope_type == "llama3":
+        d["low_freq_factor"], d["high_freq_factor"] = float(d["low_freq_factor"]), float(d["high_freq_factor"])
+    return d
+
+
+def _rope_kwargs(m: ModelConfig) -> dict:
+    # rope_scaling= is 4.x's keyword; 5.x reads it into rope_parameters (with rope_theta). Plain RoPE: none.
+    rs = hf_rope_scaling(m)
+    return {} if rs is None else {"rope_scaling": rs}
 
 
 def set_dtype(cfg, dtype: str) -> None:
@@ -110,7 +129,12 @@ def portable_config(cfg, m: ModelConfig) -> dict:
     d = cfg.to_diff_dict()  # what save_pretrained writes: the non-default fields
     if m.flavour == "llama":
         d["rope_theta"] = float(m.rope_theta)
-        d.setdefault("rope_parameters", {"rope_type": "default", "rope_theta": float(m.rope_theta)})
+        rs = hf_rope_scaling(m)
+        if rs is None:
+            d.setdefault("rope_parameters", {"rope_type": "default", "rope_theta": float(m.rope_theta)})
+        else:  # RoPE scaling in both spellings: 5.x reads rope_parameters, 4.x rope_scaling
+            d["rope_parameters"] = {**rs, "rope_theta": float(m.rope_theta)}
+            d["rope_scaling"] = rs
     dt = d.get("dtype", d.get("torch_dtype"))
     if dt is not None:
         d["dtype"] = d["torch_dtype"] = str(dt).replace("torch.", "")
@@ -131,12 +155,31 @@ def write_config(cfg, m: ModelConfig, out_dir: str) -> dict:
     return d
 
 
-def _rope_theta(cfg: dict, where: str) -> float:
+ROPE_IMPORTABLE = ("default",) + ROPE_SCALING_TYPES
+
+
+def _rope(cfg: dict, where: str) -> tuple[float, RopeScaling | None]:
+    """(rope_theta, rope_scaling) of a Llama config.json: transformers 5.x's rope_parameters (rope_type,
+    rope_theta and the scaling parameters in one dict), else 4.x's rope_scaling (rope_type, or the older
+    `type`) beside a top-level rope_theta. Types other than default, llama3 and linear: one-line UserError."""
     rp = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
+    supported = f"supported: {', '.join(ROPE_IMPORTABLE)}"
+    if not isinstance(rp, dict) or any(isinstance(v, dict) for v in rp.values()):
+        raise UserError(f"{where}: rope_parameters / rope_scaling {rp!r} is not supported (one RoPE for every layer; {supported})")
     kind = rp.get("rope_type", rp.get("type", "default"))
-    if kind not in (None, "default"):
-        raise UserError(f"{where}: rope type {kind!r} is not supported (plain RoPE only)")
-    return float(rp.get("rope_theta", cfg.get("rope_theta", 10000.0)))
+    theta = float(rp.get("rope_theta", cfg.get("rope_theta", 10000.0)))
+    if kind in (None, "default"):
+        return theta, None
+    if kind not in ROPE_SCALING_TYPES:
+        raise UserError(f"{where}: rope type {kind!r} is not supported ({supported})")
+    partial = rp.get("partial_rotary_factor", cfg.get("partial_rotary_factor"))
+    if partial not in (None, 1, 1.0):
+        raise UserError(f"{where}: partial_rotary_factor {partial!r} is not supported (megagrow rotates the whole head)")
+    keys = ("factor",) + (LLAMA3_ROPE_KEYS if kind == "llama3" else ())
+    d = {"rope_type": kind, **{k: rp.get(k) for k in keys}}
+    if kind == "llama3" and d["original_max_position_embeddings"] is None:  # transformers' fallback
+        d["original_max_position_embeddings"] = cfg.get("max_position_embeddings")
+    return theta, RopeScaling.from_dict(d, f"{where}: rope scaling")
 
 
 def model_fields_from_hf(cfg: dict, where: str) -> dict:
@@ -160,11 +203,12 @@ def model_fields_from_hf(cfg: dict, where: str) -> dict:
             raise UserError(f"{where}: attention_bias / mlp_bias are not supported (megagrow's llama has no biases)")
         d, h = int(cfg["hidden_size"]), int(cfg["num_attention_heads"])
         kv = int(cfg.get("num_key_value_heads") or h)
+        theta, scaling = _rope(cfg, where)
         return dict(flavour="llama", n_layers=int(cfg["num_hidden_layers"]), d_model=d, n_heads=h,
                     head_dim=int(cfg.get("head_dim") or d // h), n_kv_heads=None if kv == h else kv,
                     d_ff=int(cfg["intermediate_size"]), vocab_size=int(cfg["vocab_size"]),
                     tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-                    norm_eps=float(cfg.get("rms_norm_eps", 1e-6)), rope_theta=_rope_theta(cfg, where),
+                    norm_eps=float(cfg.get("rms_norm_eps", 1e-6)), rope_theta=theta, rope_scaling=scaling,
                     _positions=int(cfg.get("max_position_embeddings") or 0))
     raise UserError(f"{where}: architecture {arch or kind!r} is not supported (GPT2LMHeadModel or LlamaForCausalLM)")
 
@@ -177,8 +221,9 @@ def check_matches(hf: dict, m: ModelConfig, where: str, stage: str) -> None:
                 n_kv_heads=m.n_kv_heads, d_ff=m.ffn_dim, vocab_size=m.vocab_size, tie_embeddings=m.tie_embeddings,
                 norm_eps=m.norm_eps)
     if m.flavour == "llama":
-        mine["rope_theta"] = m.rope_theta
-    diff = [f"{k} {hf[k]!r} (stage: {v!r})" for k, v in mine.items() if k in hf and hf[k] != v
+        mine["rope_theta"], mine["rope_scaling"] = m.rope_theta, m.rope_scaling
+    shown = lambda v: v.to_dict() if isinstance(v, RopeScaling) else v  # noqa: E731
+    diff = [f"{k} {shown(hf[k])!r} (stage: {shown(v)!r})" for k, v in mine.items() if k in hf and hf[k] != v
             and not (isinstance(v, float) and abs(hf[k] - v) <= 1e-12 * max(1.0, abs(v)))]
     if diff:
         raise UserError(f"{where} does not match the model of stage {stage!r}: " + ", ".join(diff))

@@ -24,6 +24,8 @@ out bitwise the same under any layout.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -32,7 +34,7 @@ from megatron.core import parallel_state, tensor_parallel
 from megatron.core.model_parallel_config import ModelParallelConfig
 
 from megagrow import collectives, params, rng
-from megagrow.config import RECOMPUTE, ModelConfig, recompute_mode
+from megagrow.config import RECOMPUTE, ModelConfig, RopeScaling, recompute_mode
 from megagrow.model import loss
 
 
@@ -80,8 +82,32 @@ def dropout(x: torch.Tensor, p: float, gen: torch.Generator | None, training: bo
     return x * keep / (1.0 - p)
 
 
-def rope_tables(seq_len: int, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+def rope_inv_freq(head_dim: int, theta: float, scaling: RopeScaling | None = None) -> torch.Tensor:
+    """RoPE's inverse frequencies (hd/2,), float64: theta^(-2i/hd), rescaled by `scaling`
+    (ModelConfig.rope_scaling) as transformers' modeling_rope_utils does for the same rope_type:
+      linear  every frequency divided by factor;
+      llama3  wavelengths 2 pi / f above original / low_freq_factor: f / factor; below
+              original / high_freq_factor: f; between: (1 - s) f / factor + s f with
+              s = (original / wavelength - low_freq_factor) / (high_freq_factor - low_freq_factor)."""
     inv = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
+    if scaling is None:
+        return inv
+    if scaling.rope_type == "linear":
+        return inv / scaling.factor
+    if scaling.rope_type == "llama3":
+        factor, low, high = scaling.factor, scaling.low_freq_factor, scaling.high_freq_factor
+        original = scaling.original_max_position_embeddings
+        wavelen = 2 * math.pi / inv
+        smooth = (original / wavelen - low) / (high - low)
+        out = torch.where(wavelen > original / low, inv / factor, inv)
+        medium = (wavelen >= original / high) & (wavelen <= original / low)
+        return torch.where(medium, (1 - smooth) * inv / factor + smooth * inv, out)
+    raise ValueError(f"rope type {scaling.rope_type!r} is not supported")  # config validation refuses it first
+
+
+def rope_tables(seq_len: int, head_dim: int, theta: float,
+                scaling: RopeScaling | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    inv = rope_inv_freq(head_dim, theta, scaling)
     ang = torch.outer(torch.arange(seq_len, dtype=torch.float64), inv)  # (T, hd/2)
     ang = torch.cat([ang, ang], dim=-1)
     return ang.cos().float(), ang.sin().float()
@@ -221,7 +247,7 @@ class GPT(nn.Module):
         if c.flavour == "gpt2":
             self.pos_emb = nn.Embedding(c.seq_len, c.d_model, dtype=dtype)
         else:
-            cos, sin = rope_tables(c.seq_len, c.head_dim, c.rope_theta)
+            cos, sin = rope_tables(c.seq_len, c.head_dim, c.rope_theta, c.rope_scaling)
             self.register_buffer("rope_cos", cos, persistent=False)
             self.register_buffer("rope_sin", sin, persistent=False)
         self.blocks = nn.ModuleList([Block(c, mp, dtype) for _ in range(c.n_layers)])
