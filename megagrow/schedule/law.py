@@ -305,7 +305,14 @@ def compute_optimal_size(L_target: float, law: KaplanLaw | None = None) -> float
         raise UserError(f"target loss must be a positive finite number, got {L_target!r}")
     n_min = law.N_c / L_target ** (1.0 / law.alpha_N)  # limit(n_min) == L_target
     lo, hi = math.log(n_min) + 1e-9, math.log(n_min) + 60.0
-    f = lambda x: math.log(law.compute_to_loss(math.exp(x), L_target, L_target))  # noqa: E731
+    def f(x: float) -> float:  # log compute; inf where a (calibrated) law's numbers leave float range
+        try:
+            with np.errstate(all="ignore"):
+                c = law.compute_to_loss(math.exp(x), L_target, L_target)
+        except (OverflowError, ZeroDivisionError, ValueError):
+            return math.inf
+        return math.log(c) if c > 0 and math.isfinite(c) else math.inf
+
     xs = np.linspace(lo, hi, 241)
     vals = [f(x) for x in xs]
     i = int(np.argmin(vals))
