@@ -258,6 +258,9 @@ def current(ckpt_dir: str, tag: str | None = None, verify: bool = False, say=Non
             say(f"skipping incomplete checkpoint {os.path.join(ckpt_dir, t)} ({why})"
                 + (f"; `latest` names it, reading the older complete checkpoint {tag}" if t == latest else ""))
     tag_dir = os.path.join(ckpt_dir, tag)
+    if not os.path.isdir(tag_dir):
+        have = complete_tags(ckpt_dir)
+        raise UserError(f"tag {tag!r} not found in {ckpt_dir} (complete checkpoints: {', '.join(have) or 'none'})")
     bad = problems(tag_dir, deep=verify)
     if bad:
         raise UserError(f"checkpoint {tag_dir} " + ("failed verification" if os.path.exists(os.path.join(tag_dir, MANIFEST))

@@ -142,6 +142,7 @@ def test_regrow_cli_end_to_end_and_bad_input(data_prefix, tmp_path):
     shutil.copytree(src, broken)
     f = sorted((broken / "step_00000002").glob("*optim_states.pt"))[0]
     f.write_bytes(f.read_bytes()[:1000])
-    bad(["--src", str(broken), "--to-stage", "b"], "failed verification: zero_pp_rank_0_mp_rank_00_optim_states.pt: size 1000 !=")
+    # the only tag is torn: refused, naming the file and why (no older complete checkpoint to fall back to)
+    bad(["--src", str(broken), "--to-stage", "b"], "no complete checkpoint (step_00000002: zero_pp_rank_0_mp_rank_00_optim_states.pt: size 1000 !=")
     r = _regrow("--src", src, "--plan", str(plan), "--to-stage", "b", "--out", str(out))
     assert r.returncode == 2 and "refusing to overwrite" in r.stderr
