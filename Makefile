@@ -1,6 +1,6 @@
 # megagrow: two commands on a fresh machine (Python 3.11, g++, package registries):
 #   make demo   - create .venv if missing, install, prepare the stdlib corpus, train the tiny plan on 2 CPU processes
-#   make test   - create .venv if missing, install, run the test suite
+#   make test   - create .venv if missing, install, run the test suite (make lint: ruff; make test-unit: a quick subset)
 #   make stress - the reshard property test at 600 cases and 3x the fault-injection trials
 #   make savings - the savings experiment and its report (docs/results/savings.md)
 #   make data-manpages - a second corpus: the English man pages as text (apt-get installs groff + pages if groff is missing)
@@ -20,7 +20,7 @@ export OMP_NUM_THREADS ?= 1
 SAVINGS_DATA ?= $(DATA)
 SAVINGS_OUT  ?= runs/savings
 
-.PHONY: demo test stress install data data-manpages clean savings
+.PHONY: demo test test-unit lint stress install data data-manpages clean savings
 
 install: $(STAMP)
 
@@ -70,6 +70,15 @@ savings: $(STAMP) $(DATA).bin
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests
+
+# the quick subset (no multi-process launches, no Slurm cluster): a few minutes
+test-unit: $(STAMP)
+	$(PY) -m pytest -q -m "not dist and not slurm and not slow" tests
+
+# lint (ruff check) and the formatting check (ruff format --check), as .ci/run runs them
+lint: $(STAMP)
+	$(VENV)/bin/ruff check megagrow tests tools bench
+	$(VENV)/bin/ruff format --check megagrow tests tools bench
 
 # longer property and fault-injection runs (about 15 minutes on 2 cores): 600 reshard cases, 3x the kill trials
 stress: $(STAMP)

@@ -93,3 +93,17 @@ def pytest_addoption(parser):
                           "(default 200, or MEGAGROW_R1_CASES; `make stress` runs 600)")
     parser.addoption("--trials", type=int, default=None,
                      help="fault-injection tests: kill trials per test (default: the test's own, or MEGAGROW_FAULT_TRIALS)")
+
+
+_FOLDER_MARKS = {"dist": "dist", "slurm": "slurm"}
+
+
+def pytest_collection_modifyitems(config, items):
+    """Mark each test by its folder: tests/dist/ -> `dist`, tests/slurm/ -> `slurm`, so that
+    `pytest -m "not slurm"` or `-m "not dist and not slurm"` selects a quicker subset. `make test`
+    selects nothing out: it runs every test."""
+    for item in items:
+        parts = os.path.relpath(str(item.fspath), os.path.join(REPO, "tests")).split(os.sep)
+        mark = _FOLDER_MARKS.get(parts[0]) if len(parts) > 1 else None
+        if mark:
+            item.add_marker(getattr(pytest.mark, mark))

@@ -54,7 +54,7 @@ _SPLIT_STREAM = 0x5EED_0FF  # second word of the split permutation's seed (the f
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="prepare_data.py",
+        prog="megagrow prepare-data",
         description="Train (or reuse) a sentencepiece BPE tokenizer and write a memory-mapped "
                     "token dataset PREFIX.bin/PREFIX.idx.")
     p.add_argument("--out", required=True, metavar="PREFIX",
@@ -219,8 +219,7 @@ def main(argv: list[str] | None = None) -> int:
             shutil.rmtree(d, ignore_errors=True)
 
 
-def _prepare(args, scratch: list[str]) -> int:
-    t_start = time.perf_counter()
+def _check_args(args) -> None:
     if args.vocab_size is not None and not MIN_VOCAB_SIZE <= args.vocab_size <= MAX_VOCAB_SIZE:
         raise UserError(f"--vocab-size {args.vocab_size} is out of range: it must be between "
                         f"{MIN_VOCAB_SIZE} (3 special + 256 byte pieces + characters) and "
@@ -236,6 +235,10 @@ def _prepare(args, scratch: list[str]) -> int:
     if not 0.0 <= args.valid_fraction < 1.0:
         raise UserError(f"--valid-fraction must be in [0, 1), got {args.valid_fraction}")
 
+
+def _input_files(args, scratch: list[str], progress: bool) -> tuple[list[str], dict]:
+    """The files to tokenize (man pages rendered to text first, into a scratch directory) and the
+    man-page counts of the summary."""
     looked_for = ", ".join(TEXT_SUFFIXES)
     groff = None
     if args.input_kind == "man":
@@ -257,7 +260,6 @@ def _prepare(args, scratch: list[str]) -> int:
         source = f"{stdlib_dir()} (.py, default corpus)"
     if not files:
         raise UserError(f"no input files found in {source} (looked for {looked_for})")
-    progress = not args.no_progress
     man_summary = {}
     if groff:  # the rendered pages become the input files
         _prepare_out_dir(args.out)
@@ -266,35 +268,32 @@ def _prepare(args, scratch: list[str]) -> int:
         files, man_summary = _render_man_pages(files, groff, scratch[-1], args.threads, progress)
         if not files:
             raise UserError(f"none of the man pages in {source} rendered to text")
-    input_bytes = sum(os.path.getsize(f) for f in files)
-    if not any(f.endswith(".jsonl") for f in files):  # one document per file: check the split before any work
-        held_out_documents(len(files), args.valid_fraction, args.seed)
-    _prepare_out_dir(args.out)
+    return files, man_summary
 
-    # ---- tokenizer -------------------------------------------------------------------------
-    t0 = time.perf_counter()
+
+def _tokenizer_for(args, files: list[str], progress: bool):
+    """(tokenizer, trained): the one given, the dataset's existing one, or a new one trained on `files`."""
     own_model = args.out + ".model"
-    trained = False
     if args.tokenizer:
-        tok = _load_tokenizer(args.tokenizer, args.vocab_size, "the")
-    elif os.path.exists(own_model):
+        return _load_tokenizer(args.tokenizer, args.vocab_size, "the"), False
+    if os.path.exists(own_model):
         tok = _load_tokenizer(own_model, args.vocab_size, "existing")
         if progress:
             print(f"reusing tokenizer {own_model} (vocab {tok.vocab_size}); delete it to retrain",
                   file=sys.stderr)
-    else:
-        vocab = args.vocab_size or DEFAULT_VOCAB_SIZE
-        if progress:
-            print(f"training tokenizer: vocab {vocab}, {len(files)} file(s) ...", file=sys.stderr,
-                  flush=True)
-        train_tokenizer(files, args.out, vocab, max_sentences=args.max_sentences, seed=args.seed,
-                        num_threads=args.threads)
-        tok = Tokenizer(own_model)
-        trained = True
-    tokenizer_seconds = time.perf_counter() - t0
+        return tok, False
+    vocab = args.vocab_size or DEFAULT_VOCAB_SIZE
+    if progress:
+        print(f"training tokenizer: vocab {vocab}, {len(files)} file(s) ...", file=sys.stderr,
+              flush=True)
+    train_tokenizer(files, args.out, vocab, max_sentences=args.max_sentences, seed=args.seed,
+                    num_threads=args.threads)
+    return Tokenizer(own_model), True
 
-    # ---- tokenize + write ----------------------------------------------------------------------
-    t1 = time.perf_counter()
+
+def _write_dataset(args, files: list[str], tok, input_bytes: int, progress: bool) -> tuple[int, int, int, int]:
+    """Tokenize `files` into PREFIX (and PREFIX.valid with a split). Returns (documents, tokens,
+    validation documents, validation tokens)."""
     split = args.valid_fraction > 0
     # with a split, everything is tokenized into a temporary dataset first (the document count,
     # hence which documents are held out, is known only at the end), then copied in two
@@ -311,10 +310,27 @@ def _prepare(args, scratch: list[str]) -> int:
         if split:
             for ext in (".idx", ".bin"):
                 unlink_quietly(all_prefix + ext)
+    return documents, tokens, valid_docs, valid_tokens
+
+
+def _prepare(args, scratch: list[str]) -> int:
+    t_start = time.perf_counter()
+    _check_args(args)
+    progress = not args.no_progress
+    files, man_summary = _input_files(args, scratch, progress)
+    input_bytes = sum(os.path.getsize(f) for f in files)
+    if not any(f.endswith(".jsonl") for f in files):  # one document per file: check the split before any work
+        held_out_documents(len(files), args.valid_fraction, args.seed)
+    _prepare_out_dir(args.out)
+
+    t0 = time.perf_counter()
+    tok, trained = _tokenizer_for(args, files, progress)
+    tokenizer_seconds = time.perf_counter() - t0
+    t1 = time.perf_counter()
+    documents, tokens, valid_docs, valid_tokens = _write_dataset(args, files, tok, input_bytes, progress)
     tokenize_seconds = time.perf_counter() - t1
     tok_path = _adopt_tokenizer(args.tokenizer, args.out) if args.tokenizer else tok.path
-    seconds = time.perf_counter() - t_start
-
+    split = args.valid_fraction > 0
     summary = {
         "prefix": args.out,
         "tokenizer": tok_path,
@@ -324,7 +340,7 @@ def _prepare(args, scratch: list[str]) -> int:
         "valid_prefix": valid_prefix(args.out) if split else None,
         "valid_documents": valid_docs,
         "valid_tokens": valid_tokens,
-        "seconds": round(seconds, 3),
+        "seconds": round(time.perf_counter() - t_start, 3),
         "tokenizer_trained": trained,
         "tokenizer_seconds": round(tokenizer_seconds, 3),
         "tokenize_seconds": round(tokenize_seconds, 3),
@@ -332,25 +348,28 @@ def _prepare(args, scratch: list[str]) -> int:
         "input_bytes": input_bytes,
         **man_summary,
     }
-    if args.json:
-        print(json.dumps(summary))
-    else:
-        how = f"trained in {tokenizer_seconds:.1f} s" if trained else "reused"
-        print(f"tokenizer  {tok_path}: vocab {tok.vocab_size} ({how})")
-        print(f"dataset    {args.out}.bin/.idx: {documents:,} documents, {tokens:,} tokens "
-              f"from {len(files):,} files, {input_bytes / 1e6:.1f} MB "
-              f"({input_bytes / max(tokens + valid_tokens, 1):.2f} bytes/token), tokenized in "
-              f"{tokenize_seconds:.1f} s")
-        if split:
-            print(f"validation {valid_prefix(args.out)}.bin/.idx: {valid_docs:,} documents, {valid_tokens:,} tokens "
-                  f"(--valid-fraction {args.valid_fraction}, seed {args.seed})")
-        else:
-            print("validation none (--valid-fraction 0): runs on this data log no eval loss")
-        if man_summary:
-            print(f"man pages  {man_summary['man_pages']:,} rendered, {man_summary['man_redirects_skipped']:,} "
-                  f".so redirects skipped, {man_summary['man_render_failed']:,} failed to render")
-        print(f"total      {seconds:.1f} s")
+    print(json.dumps(summary) if args.json else _describe(args, summary))
     return 0
+
+
+def _describe(args, s: dict) -> str:
+    """The human-readable summary of a prepared dataset."""
+    how = f"trained in {s['tokenizer_seconds']:.1f} s" if s["tokenizer_trained"] else "reused"
+    lines = [f"tokenizer  {s['tokenizer']}: vocab {s['vocab_size']} ({how})",
+             f"dataset    {args.out}.bin/.idx: {s['documents']:,} documents, {s['tokens']:,} tokens "
+             f"from {s['input_files']:,} files, {s['input_bytes'] / 1e6:.1f} MB "
+             f"({s['input_bytes'] / max(s['tokens'] + s['valid_tokens'], 1):.2f} bytes/token), tokenized in "
+             f"{s['tokenize_seconds']:.1f} s"]
+    if s["valid_prefix"]:
+        lines.append(f"validation {s['valid_prefix']}.bin/.idx: {s['valid_documents']:,} documents, "
+                     f"{s['valid_tokens']:,} tokens (--valid-fraction {args.valid_fraction}, seed {args.seed})")
+    else:
+        lines.append("validation none (--valid-fraction 0): runs on this data log no eval loss")
+    if "man_pages" in s:
+        lines.append(f"man pages  {s['man_pages']:,} rendered, {s['man_redirects_skipped']:,} "
+                     f".so redirects skipped, {s['man_render_failed']:,} failed to render")
+    lines.append(f"total      {s['seconds']:.1f} s")
+    return "\n".join(lines)
 
 
 def _tokenize(args, files, tok, out_prefix: str, input_bytes: int, progress: bool) -> tuple[int, int, int, int]:

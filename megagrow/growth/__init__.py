@@ -1,8 +1,10 @@
 """Growth operators as declarative maps on logical global tensors (docs/design.md).
 
 - megagrow.growth.maps: boxes and pieces (Copy / Fill / Noise), TensorMap, apply
-- megagrow.growth.ops: the operators (Width, Depth, Stack, FFN, Identity; Heads pending a
-  model change), plan_growth, operator_between, kaplan_peak_lr
+- megagrow.growth.base: the Operator base class, its helpers and Identity (pure resharding)
+- megagrow.growth.width: Width (d_model, d_ff and heads times k)
+- megagrow.growth.ops: the other operators (Depth, Stack, FFN, Heads), the operator registry,
+  plan_growth, operator_between, kaplan_peak_lr
 - megagrow.growth.apply: GrowthState, grow(), LRPlacement, the TP=1 (model, AdamW) bridges
 
 docs/growth.md documents every operator, its moment rules and the decisions taken.

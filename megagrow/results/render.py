@@ -55,12 +55,10 @@ def _stages(r: dict) -> str:
     return st
 
 
-def markdown(res: dict, spec: dict, commands: list[str], png: str) -> str:
-    from megagrow.schedule.law import KaplanLaw, non_embedding_params
-    from megagrow.schedule.slope import THRESHOLDS
+def _intro(res: dict, commands: list[str]) -> list[str]:
+    """Title, provenance, the corpus, the commands that reproduce the report, completeness."""
 
     rows = res["rows"]
-    ch = res["choices"]
     co = res["corpus"]
     L = []
     L.append(f"# Savings on `{co['name']}`: staged training vs the strongest from-scratch curve at equal FLOPs")
@@ -91,7 +89,13 @@ def markdown(res: dict, spec: dict, commands: list[str], png: str) -> str:
         L.append("")
         L.append(f"Run directories the spec no longer lists (left out of everything below): {', '.join(res['not_in_spec'])}.")
     L.append("")
-    # ---- headline
+    return L
+
+
+def _headline(res: dict, spec: dict, png: str) -> list[str]:
+    """The headline table: each staged run's saving by reading, and the best setting of each chain."""
+
+    L = []
     L.append("## Headline")
     L.append("")
     L.append("Saving = 1 - FLOPs / (FLOPs the baseline curve needs to reach the run's final validation loss), each seed "
@@ -132,7 +136,15 @@ def markdown(res: dict, spec: dict, commands: list[str], png: str) -> str:
              "the same loss; the grown stage decays its LR within the stage, the scratch run does not, so this reads the "
              "speed, it is not an exact ratio).")
     L.append("")
-    # ---- setup
+    return L
+
+
+def _setup(res: dict, spec: dict, png: str) -> list[str]:
+    """The setup: model, budgets, validation, token splits and the LR sweeps."""
+    from megagrow.schedule.law import non_embedding_params
+
+    ch = res["choices"]
+    L = []
     final = spec["final"]
     L.append("## Setup")
     L.append("")
@@ -174,7 +186,14 @@ def markdown(res: dict, spec: dict, commands: list[str], png: str) -> str:
         L.append("LRs the sweep added to bracket its best: " + "; ".join(f"{k}: {', '.join(f'{x:g}' for x in v)}"
                                                                        for k, v in added.items()) + ".")
     L.append("")
-    # ---- every run
+    return L
+
+
+def _every_run(res: dict, spec: dict, png: str) -> list[str]:
+    """Every run, one row each."""
+
+    rows = res["rows"]
+    L = []
     L.append("## Every run")
     L.append("")
     hdr = ["run", "kind", "seed", "stages (steps run, peak LR)", "FLOPs", "final val loss", "saving, strongest",
@@ -195,7 +214,13 @@ def markdown(res: dict, spec: dict, commands: list[str], png: str) -> str:
              "first), so no saving is read off without extrapolating. From-scratch runs read against their own "
              "seed's curve show 0% or a negative saving (a point on or above the envelope).")
     L.append("")
-    # ---- seeds
+    return L
+
+
+def _seeds(res: dict, spec: dict, png: str) -> list[str]:
+    """Seed-to-seed noise of the baselines and the staged runs."""
+
+    L = []
     L.append("## Seed-to-seed noise")
     L.append("")
     body = [[f"{b['budget']:g}", ", ".join(f"seed {spec['seeds'][int(i)]}: {v:.4f}" for i, v in b["losses"].items()),
@@ -209,7 +234,13 @@ def markdown(res: dict, spec: dict, commands: list[str], png: str) -> str:
                  f"loss over seeds up to {max(sds or [0]):.4f}. A difference smaller than these is not distinguishable "
                  "from seed noise at this scale: read the intervals, not the means.")
         L.append("")
-    # ---- width
+    return L
+
+
+def _ablations(res: dict, spec: dict, png: str) -> list[str]:
+    """Ablations, paired by seed against their base run."""
+
+    L = []
     L.append("## Ablations (paired by seed: each run against the staged run of its own seed)")
     L.append("")
     body = []
@@ -229,7 +260,16 @@ def markdown(res: dict, spec: dict, commands: list[str], png: str) -> str:
     L.append(_table(["run", "change", "final loss minus the base run's, per seed", "mean [95% interval]",
                      "saving, strongest", "learning speed after the last growth"], body))
     L.append("")
-    # ---- slope rule
+    return L
+
+
+def _slope_rule(res: dict, spec: dict, png: str) -> list[str]:
+    """The calibrated slope rule against the plan and the oracle."""
+    from megagrow.schedule.law import KaplanLaw
+    from megagrow.schedule.slope import THRESHOLDS
+
+    ch = res["choices"]
+    L = []
     L.append("## When to grow: the calibrated slope rule, the plan and the oracle")
     L.append("")
     cal = ch.get("calibration") or {}
@@ -283,7 +323,14 @@ def markdown(res: dict, spec: dict, commands: list[str], png: str) -> str:
                  "end\": the cost still fell at the last measured point, so the oracle lies later. Savings read on the "
                  "strongest curve, first seed.")
     L.append("")
-    # ---- exactness
+    return L
+
+
+def _exact_and_notes(res: dict, spec: dict, png: str) -> list[str]:
+    """Exactness of every growth, and the notes (ledger convention, wall time, plot)."""
+
+    rows = res["rows"]
+    L = []
     staged = [r for r in rows if r["kind"] in ("staged", "slope", "ablation") and r["done"]]
     tr = [(r["name"], t) for r in staged for t in r["transitions"] if t["before"] is not None and t["after"] is not None]
     if tr:
@@ -302,6 +349,14 @@ def markdown(res: dict, spec: dict, commands: list[str], png: str) -> str:
              "shrinks most when the logits are counted; at 1.3B the logits are 8.5% of the 6N term, under 1% at 70B.")
     L.append("- Wall time is indicative only (the machine is shared between two runs at a time).")
     L.append(f"- Plot: `{png}` (validation loss vs FLOPs, every run; the first seed's strongest curve in black).")
+    return L
+
+
+def markdown(res: dict, spec: dict, commands: list[str], png: str) -> str:
+    """docs/results/savings.md from the report's numbers (`report.build`) and its spec."""
+    L = _intro(res, commands)
+    for section in (_headline, _setup, _every_run, _seeds, _ablations, _slope_rule, _exact_and_notes):
+        L += section(res, spec, png)
     return "\n".join(L) + "\n"
 
 

@@ -6,7 +6,7 @@ Kaplan et al.'s constants, measured on WebText2 with their tokenizer, model fami
 schedule.  On other data, another tokenizer or another recipe the constants differ, and with
 them where the planner grows and what slope the practical rule should wait for.  Here:
 
-* ``curve_of_run`` (with megagrow.plan_cli.curves_from_runs, which reads ``megagrow run`` run
+* ``curve_of_run`` (with megagrow.cli.plan.curves_from_runs, which reads ``megagrow run`` run
   directories): the validation curve of a from-scratch run as (N, steps, eval loss),
   N = 12 n_layers d_model^2 (Kaplan's non-embedding count, as ``--sizes 12x768`` reads it);
 * ``fit_law``: N_c, alpha_N, S_c, alpha_S fitted to those curves by nonlinear least squares on
@@ -138,34 +138,8 @@ def _grid_starts(m: _Model, n_best: int = 4) -> list[np.ndarray]:
     return [p for _, p in found[:n_best]]
 
 
-def fit_law(curves, base: KaplanLaw | None = None, min_step: float = 0.0) -> tuple[KaplanLaw, dict]:
-    """Fit N_c, alpha_N, S_c, alpha_S of L(N, S) = (N_c/N)^alpha_N + (2 S_c/S)^alpha_S to
-    from-scratch curves ``[(N, steps, losses), ...]`` (steps: optimizer steps at the runs' fixed
-    batch; points at steps <= 0 or < ``min_step`` are left out).
-
-    Least squares on ln L (scipy.optimize.least_squares, trust region, analytic Jacobian) over
-    centred log parameters, started from the best points of a grid over the two exponents (for
-    which the rest is a linear solve) and from ``base``.  B*, alpha_B and the batch accounting
-    are kept from ``base`` (Kaplan's law by default).
-
-    Returns the calibrated law (``name="calibrated"``) and a dict: "constants" (the four fitted),
-    "kept" (B_star, alpha_B, batch), "stderr_rel" (1-sigma standard error of each fitted constant's
-    log, i.e. relative), "rmse" (nats), "rmse_rel" (of ln L), "n_points", "n_curves", "sizes",
-    "steps" ([min, max]), "min_step", "ill_conditioned" and "warnings" (one line each).
-    UserError for fewer than 2 distinct sizes (N_c and alpha_N cannot be fitted) or too few points.
-    """
-    base = base or KaplanLaw()
-    N, S, L = _check_curves(curves, float(min_step))
-    sizes = sorted(set(float(n) for n in N))
-    if len(sizes) < 2:
-        only = f" (only N={sizes[0]:.4g})" if sizes else ""
-        raise UserError(f"need from-scratch curves of at least 2 model sizes to fit alpha_N and N_c{only}")
-    if N.size < 6:
-        raise UserError(f"need at least 6 curve points past the warm-up cut to fit 4 constants, got {N.size}")
-    m = _Model(N, S, L)
-    lo = [-np.inf, math.log(_ALPHA_N_BOUNDS[0]), -np.inf, math.log(_ALPHA_S_BOUNDS[0])]
-    hi = [np.inf, math.log(_ALPHA_N_BOUNDS[1]), np.inf, math.log(_ALPHA_S_BOUNDS[1])]
-    starts = _grid_starts(m) + [np.clip(m.params_of(base), np.array(lo) + 1e-9, np.array(hi) - 1e-9)]
+def _least_squares(m, starts: list, lo: list, hi: list):
+    """The lowest-cost finite least-squares solution over `starts`; UserError when none converged."""
     best = None
     for x0 in starts:
         try:
@@ -178,14 +152,11 @@ def fit_law(curves, base: KaplanLaw | None = None, min_step: float = 0.0) -> tup
             best = r
     if best is None:
         raise UserError("the law could not be fitted to these curves (no start converged)")
-    p = best.x
-    const = m.constants(p)
-    if not all(math.isfinite(v) and v > 0 for v in const.values()):
-        raise UserError("the fit diverged (N_c or S_c out of range): the curves do not determine the law; "
-                        "add sizes or longer runs")
-    law = dataclasses.replace(base, name="calibrated", **const)
+    return best
 
-    # diagnostics
+
+def _fit_warnings(m, p, const: dict, sizes: list, S) -> tuple[dict, float, bool, list]:
+    """(relative standard errors, Jacobian condition number, ill-conditioned, warnings) of a fit."""
     res = m.residuals(p)
     n = res.size
     J = m.jac(p)
@@ -217,6 +188,48 @@ def fit_law(curves, base: KaplanLaw | None = None, min_step: float = 0.0) -> tup
         warnings.append(f"the sizes span only x{sizes[-1] / sizes[0]:.2f}: N_c and alpha_N are weakly determined")
     if S.max() / S.min() < 4.0:
         warnings.append(f"the steps span only x{S.max() / S.min():.2f}: S_c and alpha_S are weakly determined")
+    return stderr, cond, ill, warnings
+
+
+def fit_law(curves, base: KaplanLaw | None = None, min_step: float = 0.0) -> tuple[KaplanLaw, dict]:
+    """Fit N_c, alpha_N, S_c, alpha_S of L(N, S) = (N_c/N)^alpha_N + (2 S_c/S)^alpha_S to
+    from-scratch curves ``[(N, steps, losses), ...]`` (steps: optimizer steps at the runs' fixed
+    batch; points at steps <= 0 or < ``min_step`` are left out).
+
+    Least squares on ln L (scipy.optimize.least_squares, trust region, analytic Jacobian) over
+    centred log parameters, started from the best points of a grid over the two exponents (for
+    which the rest is a linear solve) and from ``base``.  B*, alpha_B and the batch accounting
+    are kept from ``base`` (Kaplan's law by default).
+
+    Returns the calibrated law (``name="calibrated"``) and a dict: "constants" (the four fitted),
+    "kept" (B_star, alpha_B, batch), "stderr_rel" (1-sigma standard error of each fitted constant's
+    log, i.e. relative), "rmse" (nats), "rmse_rel" (of ln L), "n_points", "n_curves", "sizes",
+    "steps" ([min, max]), "min_step", "ill_conditioned" and "warnings" (one line each).
+    UserError for fewer than 2 distinct sizes (N_c and alpha_N cannot be fitted) or too few points.
+    """
+    base = base or KaplanLaw()
+    N, S, L = _check_curves(curves, float(min_step))
+    sizes = sorted(set(float(n) for n in N))
+    if len(sizes) < 2:
+        only = f" (only N={sizes[0]:.4g})" if sizes else ""
+        raise UserError(f"need from-scratch curves of at least 2 model sizes to fit alpha_N and N_c{only}")
+    if N.size < 6:
+        raise UserError(f"need at least 6 curve points past the warm-up cut to fit 4 constants, got {N.size}")
+    m = _Model(N, S, L)
+    lo = [-np.inf, math.log(_ALPHA_N_BOUNDS[0]), -np.inf, math.log(_ALPHA_S_BOUNDS[0])]
+    hi = [np.inf, math.log(_ALPHA_N_BOUNDS[1]), np.inf, math.log(_ALPHA_S_BOUNDS[1])]
+    starts = _grid_starts(m) + [np.clip(m.params_of(base), np.array(lo) + 1e-9, np.array(hi) - 1e-9)]
+    best = _least_squares(m, starts, lo, hi)
+    p = best.x
+    const = m.constants(p)
+    if not all(math.isfinite(v) and v > 0 for v in const.values()):
+        raise UserError("the fit diverged (N_c or S_c out of range): the curves do not determine the law; "
+                        "add sizes or longer runs")
+    law = dataclasses.replace(base, name="calibrated", **const)
+
+    stderr, cond, ill, warnings = _fit_warnings(m, p, const, sizes, S)
+    res = m.residuals(p)
+    n = res.size
     model_L = np.exp(res) * L
     info = {
         "constants": const,
@@ -239,7 +252,7 @@ def fit_law(curves, base: KaplanLaw | None = None, min_step: float = 0.0) -> tup
 # ----------------------------------------------------------------------------- runs
 def curve_of_run(run: str, plan, steps, losses, min_step: float | None = None) -> tuple[float, np.ndarray, np.ndarray]:
     """(N, steps, eval losses) of one from-scratch run, from its plan (megagrow.config.Plan) and
-    its eval points (steps counted over the whole run).  megagrow.plan_cli.curves_from_runs
+    its eval points (steps counted over the whole run).  megagrow.cli.plan.curves_from_runs
     reads them from a run directory; the checks and the warm-up cut are here.
 
     A run is from scratch when no stage has ``grow`` (one stage, or the same model continued
