@@ -65,7 +65,7 @@ def full_draw(model, seed: int) -> None:
 def rank0_draw(c, tp: int, dp: int, seed: int) -> int:
     """Draw what rank 0 of TP=tp x DP=dp (ZeRO-3) holds; returns the number of entries drawn."""
     from megagrow import params, rng
-    from megagrow.model.gpt import shard_box
+    from megagrow.model.tp import shard_box
 
     n_drawn = 0
     for name, shape in params.logical_tensors(c).items():

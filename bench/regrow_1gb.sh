@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Regrow of a checkpoint (GPT-2 with Adam, DP=2 ZeRO-2) to TP=2 ZeRO-1, timed against `cp -r` of
 # the same checkpoint, with peak RSS and source files opened per rank. CPU, 2 processes.
+# bench/regrow_offline.py measures the same reshard and a depth x2 against cold and warm `cp -r` of
+# the bytes written, with the page cache dropped, per-rank RSS bounds and import time.
 #   bash bench/regrow_1gb.sh [WORKDIR]
 # Environment:
 #   SIZES  checkpoint sizes to run, any of 0.25 (16M params, ~0.25 GB) and 1.3 (81M params, ~1.3 GB);

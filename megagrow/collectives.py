@@ -175,3 +175,37 @@ def gather_object(obj, dst: int = 0, group=None) -> list | None:
     out = [None] * _dist().get_world_size(group) if _dist().get_rank() == dst else None
     _dist().gather_object(obj, out, dst=dst, group=_meta_group(group))
     return out
+
+
+def gather(t: torch.Tensor, dst: int, group=None, out: list | None = None) -> list | None:
+    """Every rank's `t` (same shape and dtype on every rank), in group-rank order, on global rank `dst`
+    (None elsewhere). `out` (on `dst`): the tensors to receive into, e.g. views of one flat buffer."""
+    d = _on_device(t.contiguous(), group)
+    parts = None
+    if _dist().get_rank() == dst:
+        out = out if out is not None else [torch.empty_like(t) for _ in range(_dist().get_world_size(group))]
+        parts = [_on_device(p, group) for p in out]
+    _dist().gather(d, parts, dst=dst, group=group)
+    if parts is None:
+        return None
+    for o, p in zip(out, parts):
+        _back(o, p)
+    return out
+
+
+def all_reduce_async(t: torch.Tensor, group=None):
+    """Start summing `t` over `group` in place and return without waiting (async_op); returns wait(),
+    which waits and leaves the sum in `t` (returned). While torch.compile traces (it traces no async
+    collective) the sum is made at once and wait() only returns `t`."""
+    d = _on_device(t, group)
+    if torch.compiler.is_compiling():
+        _dist().all_reduce(d, op=_op("sum"), group=group)
+        _back(t, d)
+        return lambda: t
+    work = _dist().all_reduce(d, op=_op("sum"), group=group, async_op=True)
+
+    def wait() -> torch.Tensor:
+        work.wait()
+        return _back(t, d)
+
+    return wait

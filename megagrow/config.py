@@ -20,6 +20,7 @@ DTYPES = ("fp32", "bf16")
 LR_SCHEDULES = ("cosine", "linear", "constant")
 VOCAB_MULTIPLE = 128  # vocab padded to a multiple of this, independent of TP (layout-free)
 RECOMPUTE = ("none", "attention", "mlp", "full")  # Stage.activation_checkpointing: what backward recomputes
+COMPILE = ("auto", "on", "off")  # Stage.compile: torch.compile each transformer block (auto: on CUDA, off on CPU)
 
 
 def recompute_mode(v: Any) -> Any:
@@ -154,18 +155,30 @@ def _plain(v: Any) -> Any:
     return copy.deepcopy(v)
 
 
-ROPE_SCALING_TYPES = ("llama3", "linear")  # what RopeScaling.rope_type may be (None: plain RoPE, no rope_scaling)
+ROPE_SCALING_TYPES = ("llama3", "linear", "dynamic", "yarn")  # RopeScaling.rope_type (None: plain RoPE, no rope_scaling)
 LLAMA3_ROPE_KEYS = ("low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+YARN_OPTIONAL_KEYS = ("attention_factor", "beta_fast", "beta_slow", "mscale", "mscale_all_dim", "truncate")
+# the settings each type takes besides rope_type and factor: (required, optional)
+ROPE_TYPE_KEYS = {"linear": ((), ()), "llama3": (LLAMA3_ROPE_KEYS, ()),
+                  "dynamic": (("original_max_position_embeddings",), ()),
+                  "yarn": (("original_max_position_embeddings",), YARN_OPTIONAL_KEYS)}
 
 
 @dataclass(frozen=True)
 class RopeScaling(_Config):
     """ModelConfig.rope_scaling: the RoPE inverse frequencies rescaled as transformers does it.
 
-    llama3: {rope_type: llama3, factor, low_freq_factor, high_freq_factor, original_max_position_embeddings}
-            (Llama 3.1+: wavelengths above original / low_freq_factor divided by factor, below
-            original / high_freq_factor kept, smoothly interpolated between).
-    linear: {rope_type: linear, factor} (every inverse frequency divided by factor).
+    llama3:  {rope_type: llama3, factor, low_freq_factor, high_freq_factor, original_max_position_embeddings}
+             (Llama 3.1+: wavelengths above original / low_freq_factor divided by factor, below
+             original / high_freq_factor kept, smoothly interpolated between).
+    linear:  {rope_type: linear, factor} (every inverse frequency divided by factor).
+    dynamic: {rope_type: dynamic, factor, original_max_position_embeddings} (dynamic NTK: a sequence
+             of T > original positions uses the base theta (factor T / original - factor + 1)^(hd / (hd - 2));
+             shorter ones plain RoPE; original is transformers' max_position_embeddings).
+    yarn:    {rope_type: yarn, factor, original_max_position_embeddings, and optionally attention_factor,
+             beta_fast (32), beta_slow (1), mscale, mscale_all_dim, truncate (true)} (YaRN: frequencies
+             ramped between interpolated and kept, cos/sin multiplied by attention_factor, default
+             0.1 ln(factor) + 1, or the ratio of the mscale terms when both are given).
     It depends on neither width nor depth: growth copies it to the grown model unchanged."""
 
     rope_type: Optional[str] = None
@@ -173,6 +186,12 @@ class RopeScaling(_Config):
     low_freq_factor: Optional[float] = None
     high_freq_factor: Optional[float] = None
     original_max_position_embeddings: Optional[int] = None
+    attention_factor: Optional[float] = None
+    beta_fast: Optional[float] = None
+    beta_slow: Optional[float] = None
+    mscale: Optional[float] = None
+    mscale_all_dim: Optional[float] = None
+    truncate: Optional[bool] = None
 
     @classmethod
     def from_dict(cls, d: Any, where: str | None = None):
@@ -186,16 +205,27 @@ class RopeScaling(_Config):
         _need(self.rope_type in ROPE_SCALING_TYPES, where,
               f"{what} (supported: {', '.join(ROPE_SCALING_TYPES)}; leave rope_scaling out for plain RoPE)")
         _need(self.factor is not None and self.factor > 0, where, f"{self.rope_type} needs a positive factor, got {self.factor!r}")
-        if self.rope_type == "linear":
-            extra = [k for k in LLAMA3_ROPE_KEYS if getattr(self, k) is not None]
-            _need(not extra, where, f"linear takes factor only (llama3 settings given: {', '.join(extra)})")
-            return
-        missing = [k for k in LLAMA3_ROPE_KEYS if getattr(self, k) is None]
-        _need(not missing, where, f"llama3 needs factor, {', '.join(LLAMA3_ROPE_KEYS)} (missing: {', '.join(missing)})")
-        _need(0 < self.low_freq_factor < self.high_freq_factor, where,
-              f"llama3 needs 0 < low_freq_factor < high_freq_factor, got {self.low_freq_factor!r} and {self.high_freq_factor!r}")
-        _need(_is_int(self.original_max_position_embeddings) and self.original_max_position_embeddings > 0, where,
-              f"original_max_position_embeddings must be a positive integer, got {self.original_max_position_embeddings!r}")
+        required, optional = ROPE_TYPE_KEYS[self.rope_type]
+        others = [f.name for f in dataclasses.fields(self) if f.name not in ("rope_type", "factor") + required + optional]
+        extra = [k for k in others if getattr(self, k) is not None]
+        takes = ", ".join(("factor",) + required + optional)
+        _need(not extra, where, f"{self.rope_type} takes {takes} only (given: {', '.join(extra)})")
+        missing = [k for k in required if getattr(self, k) is None]
+        _need(not missing, where, f"{self.rope_type} needs factor, {', '.join(required)} (missing: {', '.join(missing)})")
+        if self.original_max_position_embeddings is not None:
+            _need(_is_int(self.original_max_position_embeddings) and self.original_max_position_embeddings > 0, where,
+                  f"original_max_position_embeddings must be a positive integer, got {self.original_max_position_embeddings!r}")
+        if self.rope_type == "llama3":
+            _need(0 < self.low_freq_factor < self.high_freq_factor, where,
+                  f"llama3 needs 0 < low_freq_factor < high_freq_factor, got {self.low_freq_factor!r} and {self.high_freq_factor!r}")
+        if self.rope_type in ("dynamic", "yarn"):
+            _need(self.factor >= 1, where, f"{self.rope_type} needs factor >= 1 (it extends the context), got {self.factor!r}")
+        if self.rope_type == "yarn":
+            for k in ("attention_factor", "beta_fast", "beta_slow", "mscale", "mscale_all_dim"):
+                v = getattr(self, k)
+                _need(v is None or v > 0, where, f"yarn's {k} must be positive, got {v!r}")
+            fast, slow = self.beta_fast or 32.0, self.beta_slow or 1.0
+            _need(fast >= slow, where, f"yarn needs beta_fast >= beta_slow, got {fast!r} and {slow!r}")
 
 
 @dataclass(frozen=True)
@@ -222,8 +252,12 @@ class ModelConfig(_Config):
     norm_eps: float = 1e-5
     rope_theta: float = 10000.0
     init_std: float = 0.02
-    # llama: RoPE scaling (RopeScaling: llama3 or linear, as in transformers' rope_scaling); None = plain RoPE
+    # llama: RoPE scaling (RopeScaling: llama3, linear, dynamic or yarn, as in transformers' rope_scaling); None = plain RoPE
     rope_scaling: Optional[RopeScaling] = field(default=None, metadata={"omit_if_none": True})
+    # the positions the model takes (None: seq_len): gpt2 the rows of its learned position table (an imported
+    # GPT-2 keeps all n_positions rows while training at a shorter seq_len), llama (RoPE, no table) the
+    # max_position_embeddings its export writes. Never changed by growth.
+    max_positions: Optional[int] = field(default=None, metadata={"omit_if_none": True})
 
     def __post_init__(self):
         # resolve the default head_dim once, so configs compare equal with or without it spelled out
@@ -247,6 +281,8 @@ class ModelConfig(_Config):
         _need(self.init_std > 0, where, "init_std must be positive")
         if self.flavour == "llama":
             _need(self.head_dim % 2 == 0, where, f"llama (RoPE) needs an even head_dim, got {self.head_dim}")
+        _need(self.max_positions is None or (_is_int(self.max_positions) and self.max_positions >= self.seq_len), where,
+              f"max_positions must be an integer >= seq_len {self.seq_len} (or null: seq_len), got {self.max_positions!r}")
         _need(self.rope_scaling is None or self.flavour == "llama", where,
               "rope_scaling is for the llama flavour only (gpt2 has learned positions)")
         if self.n_kv_heads is not None:
@@ -259,6 +295,11 @@ class ModelConfig(_Config):
     def attn_dim(self) -> int:
         """Width of the attention inner space: n_heads x head_dim (= d_model by default)."""
         return self.n_heads * self.head_dim
+
+    @property
+    def n_positions(self) -> int:
+        """The positions the model takes: max_positions, else seq_len (gpt2: its position table's rows)."""
+        return self.seq_len if self.max_positions is None else self.max_positions
 
     @property
     def kv_heads(self) -> int:
@@ -458,8 +499,17 @@ class Stage(_Config):
     # (the norm + attention sublayer), "mlp" (the norm + MLP sublayer) or "full" (the whole block: least memory,
     # ~1/3 more compute; needs dropout 0). true / false (plans from when this was a boolean) read as full / none.
     activation_checkpointing: Any = "none"
-    # first stage only: start from a transformers model directory on disk ("hf:PATH"): its weights,
-    # fresh optimizer state, at this stage's layout (megagrow.hf; needs the `hf` extra)
+    # Q, K, V (and llama's gate, up) projections each as one GEMM over the separate q/k/v parameters, one
+    # input-gradient all-reduce under TP instead of three; the parameters, checkpoints and growth are unchanged
+    fused_qkv: bool = True
+    # torch.compile each transformer block before DeepSpeed takes the model: auto (on when the device is CUDA,
+    # off on CPU), on, off. YAML's on / off (read as true / false) mean on / off. Not at ZeRO-3 (its parameter hooks)
+    compile: Any = "auto"
+    # the loss chunk by chunk over the tokens (no fp32 logits of the whole batch, megagrow/model/loss.py); false:
+    # the whole batch's logits at once (to measure the difference)
+    chunked_loss: bool = True
+    # first stage only: start from a transformers model directory on disk ("hf:PATH") or a Megatron-LM checkpoint
+    # ("megatron:PATH"): its weights, fresh optimizer state, at this stage's layout (megagrow.interop)
     init_from: Optional[str] = None
     # a hint, for advice only: the memory of one device in GB (e.g. 80). With it, a stage at tp > 1 whose
     # training state fits half of one device gets a warning (plan_warnings); without it that check is skipped
@@ -467,6 +517,8 @@ class Stage(_Config):
 
     def __post_init__(self):
         object.__setattr__(self, "activation_checkpointing", recompute_mode(self.activation_checkpointing))
+        if isinstance(self.compile, bool):  # YAML 1.1 reads `compile: on` / `off` as true / false
+            object.__setattr__(self, "compile", "on" if self.compile else "off")
 
     def validate(self, where: str = "stage") -> None:
         _need(isinstance(self.name, str) and self.name.replace("_", "").replace("-", "").isalnum(), where, f"name must be alphanumeric (with - or _), got {self.name!r}")
@@ -481,10 +533,14 @@ class Stage(_Config):
         _need(self.activation_checkpointing != "full" or self.model.dropout == 0.0, where,
               "activation_checkpointing full needs model.dropout 0 (a recomputed block would draw other dropout masks; "
               "attention and mlp keep the dropout outside what they recompute)")
+        _need(self.compile in COMPILE, where, f"compile must be one of {', '.join(COMPILE)}, got {self.compile!r}")
+        _need(not (self.compile == "on" and self.layout.zero_stage == 3), where,
+              "compile on needs zero_stage 1 or 2 (ZeRO-3 gathers parameters in hooks inside each block); use auto or off")
         self.layout.check_model(self.model, f"{where}.layout")
         _need(self.stop.min_steps <= self.steps, f"{where}.stop", f"min_steps {self.stop.min_steps} > steps {self.steps}")
-        _need(self.init_from is None or (self.init_from.startswith("hf:") and len(self.init_from) > 3), where,
-              f"init_from must be hf:PATH (a transformers model directory), got {self.init_from!r}")
+        _need(self.init_from is None or (self.init_from.partition(":")[0] in ("hf", "megatron") and self.init_from.partition(":")[2]),
+              where, f"init_from must be hf:PATH (a transformers model directory) or megatron:PATH (a Megatron-LM "
+              f"checkpoint directory), got {self.init_from!r}")
         _need(self.device_memory_gb is None or self.device_memory_gb > 0, where,
               f"device_memory_gb must be a positive number of GB or null, got {self.device_memory_gb!r}")
 
@@ -621,8 +677,9 @@ _SUBCONFIGS = {
 }
 
 
-def load_plan(path: str) -> Plan:
-    """Read a plan YAML file, with clear errors for a missing or malformed file."""
+def load_plan(path: str, overrides: tuple | list = ()) -> Plan:
+    """Read a plan YAML file, with clear errors for a missing or malformed file; `overrides`
+    ("KEY=VALUE", `--set` on the command line) are applied to it before it is validated."""
     import yaml
 
     if not os.path.isfile(path):
@@ -632,10 +689,128 @@ def load_plan(path: str) -> Plan:
             d = yaml.safe_load(f)
     except yaml.YAMLError as e:
         raise UserError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
-    plan = Plan.from_dict(d, os.path.basename(path))
+    plan = plan_with_overrides(d, overrides, os.path.basename(path)) if overrides else Plan.from_dict(d, os.path.basename(path))
     if os.environ.get("RANK", "0") == "0":  # once per launch, not once per rank
         import sys
 
         for w in plan_warnings(plan):
             print(f"warning: {os.path.basename(path)}: {w}", file=sys.stderr, flush=True)
     return plan
+
+
+# ---- plan overrides: `--set stages.wide.optim.lr=2e-3 --set reliability.keep_last=3` on the command line.
+# KEY is a dotted path into the plan as written in YAML: a top-level section (reliability, data, defaults, name,
+# seed), or stages.S.... where S is a stage's name, its 0-based index, or * (every stage). VALUE is read as YAML
+# (2e-3, true, null, text). The key is checked against the config fields before anything is applied; the value
+# is validated with the whole plan, exactly as if it had been written in the file.
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """"a.b.c=VALUE" -> (["a", "b", "c"], VALUE read as YAML)."""
+    import yaml
+
+    key, eq, raw = text.partition("=")
+    path = key.strip().split(".")
+    if not eq or not all(path):
+        raise UserError(f"--set {text}: expected KEY=VALUE with a dotted KEY (e.g. stages.wide.optim.lr=2e-3)")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as e:
+        raise UserError(f"--set {text}: the value is not valid YAML ({str(e).splitlines()[0]})") from None
+    return path, value
+
+
+def _check_key(cls, path: list[str], shown: str) -> None:
+    """Each part of `path` is a field of the config below it (`cls` first); only sections have parts below."""
+    for i, part in enumerate(path):
+        names = [f.name for f in dataclasses.fields(cls)]
+        if part not in names:
+            top = cls is Plan
+            raise UserError(f"--set {shown}: unknown key {part!r} " + (f"in {'.'.join(path[:i])}" if i else "at the top level")
+                            + f" (allowed: {', '.join(names + ['defaults'] if top else names)})")
+        sub = _SUBCONFIGS.get((cls.__name__, part))
+        if sub is None and i < len(path) - 1:
+            raise UserError(f"--set {shown}: {'.'.join(path[:i + 1])} is a value, not a section")
+        cls = sub
+
+
+def _put(d: dict, path: list[str], value: Any, shown: str) -> None:
+    """d[path[0]][path[1]]... = value, making the mappings the file left out."""
+    for i, part in enumerate(path[:-1]):
+        if d.get(part) is None:
+            d[part] = {}
+        if not isinstance(d[part], dict):
+            raise UserError(f"--set {shown}: {'.'.join(path[:i + 1])} in the plan is not a mapping")
+        d = d[part]
+    d[path[-1]] = value
+
+
+def apply_overrides(d: Any, overrides: tuple | list) -> dict:
+    """A copy of the plan dict `d` (as read from YAML) with each "KEY=VALUE" of `overrides` applied in
+    order; an override naming a key the plan cannot have, or a stage it does not have, is an error."""
+    import copy
+
+    if not isinstance(d, dict):
+        raise UserError("plan: expected a mapping at the top level")
+    d = copy.deepcopy(d)
+    for text in overrides:
+        path, value = parse_override(text)
+        head, rest = path[0], path[1:]
+        if head in ("stages", "defaults"):
+            if head == "stages" and not rest:
+                raise UserError(f"--set {text}: name a stage: stages.NAME.KEY, stages.INDEX.KEY or stages.*.KEY")
+            keys = rest[1:] if head == "stages" else rest
+            if not keys:
+                raise UserError(f"--set {text}: name a key of the stage, e.g. {head}{'.' + rest[0] if rest else ''}.optim.lr")
+            _check_key(Stage, keys, text)
+            if head == "defaults":
+                _put(d, path, value, text)
+                continue
+            stages = d.get("stages")
+            if not isinstance(stages, list):
+                raise UserError(f"--set {text}: the plan has no list of stages")
+            for s in _pick_stages(d, rest[0], text):
+                _put(s, keys, value, text)
+        else:
+            _check_key(Plan, path, text)
+            _put(d, path, value, text)
+    return d
+
+
+def _pick_stages(d: dict, which: str, shown: str) -> list:
+    """The stage dicts `which` names: a stage name, a 0-based index, or * (all)."""
+    stages = d["stages"]
+    for i, s in enumerate(stages):
+        if s is None:  # an empty stage entry (all from defaults)
+            stages[i] = {}
+    if which == "*":
+        return stages
+    defaults = d.get("defaults") if isinstance(d.get("defaults"), dict) else {}
+    names = [str(_merge(defaults, s).get("name", "stage")) if isinstance(s, dict) else "?" for s in stages]
+    if which in names:
+        return [stages[names.index(which)]]
+    if which.isdigit() and int(which) < len(stages):
+        return [stages[int(which)]]
+    raise UserError(f"--set {shown}: the plan has no stage {which!r} (stages: {', '.join(names)}; or an index 0.."
+                    f"{len(stages) - 1}, or *)")
+
+
+def plan_with_overrides(d: Any, overrides: tuple | list, where: str) -> Plan:
+    """Plan.from_dict of `d` with `overrides` applied. A value that fails validation is blamed on the
+    override that fails on its own when the file alone is valid ("--set KEY=VALUE: ..." names it)."""
+    over = apply_overrides(d, overrides)
+    try:
+        return Plan.from_dict(over, where)
+    except UserError as e:
+        err = e
+    try:
+        Plan.from_dict(d, where)
+    except UserError:
+        raise err from None  # the file itself is invalid: its own message
+    for text in overrides:
+        try:
+            Plan.from_dict(apply_overrides(d, [text]), where)
+        except UserError as one:
+            raise UserError(f"--set {text}: {one}") from None
+    raise UserError(f"--set {' --set '.join(overrides)}: {err}") from None
+

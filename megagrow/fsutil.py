@@ -103,21 +103,23 @@ def try_exclusive_lock(path: str):
 
 
 class Heartbeat:
-    """A file whose modification time says when its writer last made progress: `beat()` touches it,
-    at most once every `every_s` seconds (cheap enough for every training step, also on network
-    file systems). `Heartbeat.mtime(path)` is what a watchdog reads."""
+    """A file that changes whenever its writer makes progress: `beat()` rewrites it with a beat counter
+    (which also moves its modification time), at most once every `every_s` seconds (cheap enough for
+    every training step, also on network file systems). A watchdog judges it by whether it changed
+    (`HeartbeatWatch`), on its own clock: the writer's clock, which stamps the mtime, may be off."""
 
     def __init__(self, path: str | None, every_s: float = 5.0):
-        self.path, self.every_s, self.last = path, every_s, float("-inf")
+        self.path, self.every_s, self.last, self.count = path, every_s, float("-inf"), 0
 
     def beat(self, force: bool = False) -> None:
         now = time.monotonic()
         if self.path is None or (not force and now - self.last < self.every_s):
             return
         self.last = now
+        self.count += 1
         try:
-            with open(self.path, "a"):
-                os.utime(self.path)
+            with open(self.path, "w") as f:
+                f.write(f"{os.getpid()} {self.count}\n")
         except OSError:  # a full or read-only disk: the watchdog then sees no progress, which is true
             pass
 
@@ -127,6 +129,65 @@ class Heartbeat:
             return os.stat(path).st_mtime
         except OSError:
             return None
+
+    @staticmethod
+    def signature(path: str) -> list | None:
+        """What changes with every beat: inode, mtime, size and content (None: no such file)."""
+        try:
+            with open(path, "rb") as f:
+                st = os.fstat(f.fileno())
+                head = f.read(64)
+        except OSError:
+            return None
+        return [st.st_ino, st.st_mtime_ns, st.st_size, head.hex()]
+
+
+class HeartbeatWatch:
+    """How long a heartbeat has gone unchanged, measured on the watcher's own clock: the time since it
+    last saw the file change (`age()`), counted from the watch's start while it has not changed yet.
+    No timestamp written on another host is ever subtracted from this host's time, so a writer whose
+    clock is hours ahead or behind neither looks hung nor looks fresh forever.
+
+    `publish(fs_now)` records the observation next to the heartbeat (`PATH.seen`: its signature and
+    since when, on the file system's clock `FsClock`) for `megagrow status`, which reads it with
+    `observed_age`."""
+
+    def __init__(self, path: str, clock=time.monotonic):
+        self.path, self.clock = path, clock
+        self.sig, self.since = Heartbeat.signature(path), clock()
+
+    def age(self) -> float:
+        now, sig = self.clock(), Heartbeat.signature(self.path)
+        if sig != self.sig:
+            self.sig, self.since = sig, now
+        return now - self.since
+
+    def publish(self, fs_now: float) -> None:
+        try:
+            write_json_atomic(self.path + ".seen", {"signature": self.sig, "since": fs_now - (self.clock() - self.since)})
+        except OSError:
+            pass
+
+
+def observed_age(path: str, fs_now: float) -> float | None:
+    """`megagrow status`'s age of heartbeat `path`, in seconds, at file-system time `fs_now` (FsClock):
+    the time since the heartbeat last changed, by the observation recorded in `PATH.seen` (the hang
+    watchdog's, or an earlier status call's). A heartbeat that changed since that observation is fresh (0)
+    and the change is recorded now. With no observation yet, the file's own mtime is believed only when it
+    lies in the past (a writer's clock ahead would make a stale heartbeat look fresh forever); a past
+    stamp off by skew shows once, then the next change resets it. None: no heartbeat file."""
+    sig = Heartbeat.signature(path)
+    if sig is None:
+        return None
+    seen = read_json(path + ".seen")
+    if isinstance(seen, dict) and seen.get("signature") == sig and isinstance(seen.get("since"), (int, float)):
+        return max(0.0, fs_now - seen["since"])
+    since = fs_now if isinstance(seen, dict) else min(fs_now, sig[1] / 1e9)
+    try:
+        write_json_atomic(path + ".seen", {"signature": sig, "since": since})
+    except OSError:
+        pass
+    return fs_now - since
 
 
 class FsClock:

@@ -112,7 +112,7 @@ def logical_tensors(c) -> dict[str, tuple]:
     d = c.d_model
     t: dict[str, tuple] = {"tok_emb.weight": (c.padded_vocab, d)}
     if c.flavour == "gpt2":
-        t["pos_emb.weight"] = (c.seq_len, d)
+        t["pos_emb.weight"] = (getattr(c, "max_positions", None) or c.seq_len, d)  # ModelConfig.n_positions rows
     block = block_tensors(c)
     for i in range(c.n_layers):
         for k, s in block.items():

@@ -109,18 +109,19 @@ def wait_ranks(procs: list, grace_s: float = 60.0, poll_s: float = 0.05, heartbe
     a survivor of a lost peer exits with); else a rank that had to be killed (it hung); else the
     first that failed.
 
-    Hang watchdog (hang_s > 0): when the file `heartbeat` (rank 0 touches it as steps finish) is
-    older than hang_s, counted from this call where it is older still, no rank is making progress:
-    every process is stopped with `stop_hung(p)` (default: SIGKILL), killed after `grace_s` if it
-    is still there, and the result says so (`hung_s`). Ages are differences of modification times
-    on the heartbeat's own file system (`FsClock`), never this host's clock against rank 0's host's
-    (they may differ by more than a step on a cluster); checked at most every few seconds."""
-    from megagrow.fsutil import FsClock, Heartbeat
+    Hang watchdog (hang_s > 0): when the file `heartbeat` (rank 0 rewrites it as steps finish) has not
+    changed for hang_s, counted from this call, no rank is making progress: every process is stopped
+    with `stop_hung(p)` (default: SIGKILL), killed after `grace_s` if it is still there, and the
+    result says so (`hung_s`). The age is this host's monotonic time since the watchdog last saw the
+    file change (`HeartbeatWatch`), never a timestamp stamped by rank 0's host (whose clock may be off
+    by seconds or hours); checked at most every few seconds, each observation published for `megagrow
+    status` on the heartbeat's file-system clock (`FsClock`)."""
+    from megagrow.fsutil import FsClock, HeartbeatWatch
 
     failed_at, killed, order = None, [], []
     hung = None
     clock = FsClock(heartbeat + ".watchdog") if hang_s > 0 and heartbeat else None
-    started = clock.now() if clock else time.time()
+    watch = HeartbeatWatch(heartbeat) if clock else None
     every = max(poll_s, min(5.0, hang_s / 4)) if clock else 0.0
     checked = time.monotonic()
     while True:
@@ -132,7 +133,8 @@ def wait_ranks(procs: list, grace_s: float = 60.0, poll_s: float = 0.05, heartbe
             break
         if clock and hung is None and failed_at is None and time.monotonic() - checked >= every:
             checked = time.monotonic()
-            idle = clock.now() - max(started, Heartbeat.mtime(heartbeat) or 0.0)
+            idle = watch.age()
+            watch.publish(clock.now())
             if idle > hang_s:
                 hung = idle
                 for p in procs:

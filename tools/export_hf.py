@@ -1,11 +1,9 @@
-"""A megagrow stage checkpoint -> a Hugging Face transformers model directory (see --help)."""
-
-import os
+#!/usr/bin/env python
+"""`megagrow export-hf` (megagrow/cli/export.py): a stage checkpoint -> a transformers model directory.
+Kept for scripts; megagrow must be installed (pip install -e .)."""
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from megagrow.export_cli import main  # noqa: E402
+from megagrow.cli.export import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -1,10 +1,9 @@
 #!/usr/bin/env python3
-"""Text -> sentencepiece tokenizer + memory-mapped token dataset (see megagrow/data/prepare.py)."""
-import os
+"""`megagrow prepare-data` (megagrow/data/prepare.py): text -> sentencepiece tokenizer + token dataset.
+Kept for scripts and the Makefile; megagrow must be installed (pip install -e .)."""
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from megagrow.data.prepare import main  # noqa: E402
+from megagrow.data.prepare import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -1,11 +1,9 @@
 #!/usr/bin/env python
-"""Convert a checkpoint of stage k into stage k+1 at any layout (see megagrow/regrow_cli.py)."""
-import os
+"""`megagrow regrow` (megagrow/cli/regrow.py): a checkpoint of stage k -> stage k+1 at any layout.
+Kept for `torchrun ... tools/regrow.py` and scripts; megagrow must be installed (pip install -e .)."""
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from megagrow.regrow_cli import main  # noqa: E402
+from megagrow.cli.regrow import main
 
 if __name__ == "__main__":
     sys.exit(main())

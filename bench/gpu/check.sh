@@ -1,12 +1,13 @@
 #!/bin/bash
-# One-call GPU check of megagrow (see bench/gpu/README.md), about 6 minutes on one H100. From the repository root:
+# One-call GPU check of megagrow (see bench/gpu/README.md), about 9 minutes on one H100. From the repository root:
 #   bash bench/gpu/check.sh                  # on the GPU machine, wheels for deepspeed / megatron-core in .whl/
 #   SKIP_INSTALL=1 bash bench/gpu/check.sh   # packages already installed
 # CPU dry run (the same script path on tiny models, no matmul ceiling):
 #   SMALL=1 SKIP_INSTALL=1 PY=.venv/bin/python OUT=/tmp/gpucheck_out bash bench/gpu/check.sh
 #  1. machine, packages, measured bf16 matmul ceiling
 #  2. `megagrow bench` on a ~1.3B GPT-2 (24 x 2048, seq 2048, vocab 50304), bf16, ZeRO-1, DP=1, synthetic
-#     tokens: MFU over a micro-batch sweep (an OOM row is a row), then micro batch 8 against the plain AMP loop
+#     tokens: MFU over a micro-batch sweep (an OOM row is a row), then micro batch 8 against the plain AMP loop,
+#     then each MFU option on/off (--options: fused QKV, torch.compile, chunked loss, recompute modes)
 #  3. the trainer on the GPU (GPT-2 12 x 768 -> width x2, bf16, ZeRO-1, stdlib corpus): stage 1 saves at
 #     step 20 and stops, resumes to step 40 and saves, stage 2 grows its width (the shard-to-shard executor
 #     on CUDA tensors) and trains; every checkpoint verified against its manifest
@@ -86,6 +87,9 @@ EOF
 B="-m megagrow.cli bench $W/big.yaml --synthetic --warmup 2"
 step "bench sweep" 240 $TR $B --steps $BSTEPS --sweep $SWEEP --no-baseline --out $OUT/bench_sweep.json
 step "bench vs plain" 180 $TR $B --steps $((BSTEPS + 2)) --block 5 --phases --out $OUT/bench_vs_plain.json
+# each MFU option on/off beside the stage as it is (fused QKV, torch.compile, chunked loss, recompute modes; overlap
+# needs DP > 1, so no row on one GPU): one launch, one row per option value
+step "bench options" 480 $TR $B --steps $BSTEPS --options --no-baseline --out $OUT/bench_options.json
 
 el "== 3. the trainer: save, resume, width transition"
 step "data" 180 $PY tools/prepare_data.py --out $W/d/stdlib --vocab-size $VOCAB --max-files $FILES --no-progress --json
@@ -123,16 +127,18 @@ el "== 4. summary"
 $PY - "$OUT" "$RUN" "$STOP" <<'EOF'
 import json, os, sys
 out, run, stop = sys.argv[1], sys.argv[2], int(sys.argv[3])
-for name in ("bench_sweep", "bench_vs_plain"):
+for name in ("bench_sweep", "bench_vs_plain", "bench_options"):
     try:
         r = json.load(open(os.path.join(out, name + ".json")))
     except (OSError, ValueError) as e:
         print(f"{name}: missing ({type(e).__name__})"); continue
     for row in r["rows"]:
+        what = f"micro batch {row['micro_batch']}" + (f" {row['option']}" if row.get("option") else "")
         if row["oom"]:
-            print(f"{name}: micro batch {row['micro_batch']}: OOM"); continue
+            print(f"{name}: {what}: OOM"); continue
         mfu = "-" if row["mfu"] is None else f"{100 * row['mfu']:.1f}%"
-        print(f"{name}: micro batch {row['micro_batch']}: {row['step_time_s'] * 1e3:.0f} ms, {row['tokens_per_s']:.0f} tok/s, "
+        vs = f", x base {row['time_vs_base']:.3f}" if row.get("time_vs_base") is not None else ""
+        print(f"{name}: {what}: {row['step_time_s'] * 1e3:.0f} ms{vs}, {row['tokens_per_s']:.0f} tok/s, "
               f"{row['tflops_per_device']:.3g} TFLOP/s, MFU {mfu} (megatron {100 * (row['mfu_megatron'] or 0):.1f}%), "
               f"peak {row['peak_mem_gb']:.1f} GB, megagrow/plain {row['ratio']}")
 for st in ("small", "wide"):

@@ -1,12 +1,13 @@
 #!/bin/bash
-# The measurement check on one GPU (H100 / H200), about 5 minutes. From the repository root:
+# The measurement check on one GPU (H100 / H200), about 9 minutes. From the repository root:
 #   bash bench/gpu/measure_gpu.sh                 # wheels for deepspeed / megatron-core in .whl/ (as check.sh)
 #   SKIP_INSTALL=1 bash bench/gpu/measure_gpu.sh  # packages already installed
 # Writes $OUT (default bench/gpu/results_measure/): log.txt and the --json of every bench.
 #  1. machine, measured bf16 matmul ceiling
 #  2. megagrow bench on a ~1.3B GPT-2 (24 x 2048, seq 2048, vocab 50304), bf16, ZeRO-1, DP=1, synthetic
 #     tokens, SDPA (flash) attention: micro batch 8 / 16 without, 16 / 32 with activation checkpointing
-#     (an OOM row is a row), then micro batch 8 against the plain AMP loop (fp32 master, fused AdamW)
+#     (an OOM row is a row), then micro batch 8 against the plain AMP loop (fp32 master, fused AdamW), then each
+#     MFU option on/off at micro batch 8 (--options: fused QKV, torch.compile, chunked loss, recompute modes)
 #  3. a two-stage run through the trainer on the GPU (GPT-2 12 x 768 -> width x2, bf16, stdlib corpus):
 #     the executor's CUDA path, eval loss before/after growth, MFU in the log; bench --transition
 # Target: MFU >= 40% at 1.3B (llm-foundry: 41.8% for MPT-1B on H100).
@@ -53,8 +54,9 @@ stages:
 EOF
 B="-m megagrow.cli bench $W/big.yaml --synthetic --steps 8 --warmup 2"
 timeout 150 $TR $B --sweep micro_batch=8,16 --no-baseline --out $OUT/bench_1p3b_nockpt.json
-timeout 120 $TR $B --sweep micro_batch=16,32 --sweep activation_checkpointing=1 --no-baseline --out $OUT/bench_1p3b_ckpt.json
+timeout 120 $TR $B --sweep micro_batch=16,32 --sweep activation_checkpointing=full --no-baseline --out $OUT/bench_1p3b_ckpt.json
 timeout 150 $TR $B --steps 10 --block 5 --phases --out $OUT/bench_1p3b_vs_plain.json
+timeout 480 $TR $B --options --no-baseline --out $OUT/bench_1p3b_options.json  # each MFU option on/off, one launch
 
 el "== 3. two stages through the trainer on the GPU (width x2, bf16)"
 timeout 60 $PY tools/prepare_data.py --out $W/d/stdlib --vocab-size 8192 --max-files 400 --no-progress --json
@@ -91,16 +93,17 @@ el "== summary"
 $PY - "$OUT" <<'EOF'
 import json, os, sys
 out = sys.argv[1]
-for name in ("bench_1p3b_nockpt", "bench_1p3b_ckpt", "bench_1p3b_vs_plain", "bench_transition"):
+for name in ("bench_1p3b_nockpt", "bench_1p3b_ckpt", "bench_1p3b_vs_plain", "bench_1p3b_options", "bench_transition"):
     try:
         r = json.load(open(os.path.join(out, name + ".json")))
     except OSError as e:
         print(name, "missing:", e); continue
     for row in r["rows"]:
+        what = f"mb {row['micro_batch']} ckpt {row['activation_checkpointing']}" + (f" {row['option']}" if row.get("option") else "")
         if row["oom"]:
-            print(f"{name}: mb {row['micro_batch']} ckpt {row['activation_checkpointing']}: OOM"); continue
+            print(f"{name}: {what}: OOM"); continue
         mfu = "-" if row["mfu"] is None else f"{100 * row['mfu']:.1f}%"
-        print(f"{name}: mb {row['micro_batch']} ckpt {row['activation_checkpointing']}: {row['step_time_s'] * 1e3:.0f} ms, "
+        print(f"{name}: {what}: {row['step_time_s'] * 1e3:.0f} ms, x base {row.get('time_vs_base')}, "
               f"{row['tokens_per_s']:.0f} tok/s, {row['tflops_per_device']:.0f} TFLOP/s, MFU {mfu} "
               f"(megatron {100 * (row['mfu_megatron'] or 0):.1f}%), peak {row['peak_mem_gb']:.1f} GB, ratio {row['ratio']}")
     if r.get("transition"):

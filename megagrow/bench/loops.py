@@ -11,6 +11,7 @@ import torch
 
 from megagrow.config import Plan, Stage
 
+
 def single_process_stage(plan: Plan, k: int, **layout_overrides) -> Plan:
     """The plan with stage k run at DP=1, TP=1, the whole global batch as one micro-batch."""
     st = plan.stages[k]
@@ -28,10 +29,10 @@ class PlainLoop:
     """
 
     def __init__(self, plan: Plan, k: int, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
+        from megagrow.data.batches import Batches
         from megagrow.model.gpt import build_model
         from megagrow.parallel.engine import param_groups
         from megagrow.schedule.lr import LRSchedule
-        from megagrow.data.batches import Batches
 
         self.plan = single_process_stage(plan, k)
         self.stage = self.plan.stages[k]
@@ -109,13 +110,13 @@ class MegagrowLoop:
 
     name = "megagrow"
 
-    def __init__(self, plan: Plan, k: int, synthetic: bool, timer: PhaseTimer):
+    def __init__(self, plan: Plan, k: int, synthetic: bool, timer: PhaseTimer, overlap: bool | None = None):
+        from megagrow.parallel.engine import build_stage as build
         from megagrow.parallel.groups import dp_rank_size
         from megagrow.schedule.lr import LRSchedule
-        from megagrow.parallel.engine import build_stage as build
 
         self.plan, self.stage = plan, plan.stages[k]
-        self.engine, self.optimizer = build(plan, k)
+        self.engine, self.optimizer = build(plan, k, overlap=overlap)
         self.device = self.engine.device
         dp_rank, dp_size = dp_rank_size()
         self.batches = stage_batches(plan, self.stage, dp_rank, dp_size, synthetic)
@@ -142,8 +143,8 @@ class MegagrowLoop:
 
 
 class PlainDDPLoop:
-    """Plain PyTorch: the same model and samples, torch DDP over the DP group (dp > 1), AdamW
-    (fused on CUDA), clip_grad_norm_; bf16 stages: fp32 weights + bf16 autocast on CUDA, bf16
+    """Plain PyTorch: the same model (with the stage's execution options) and samples, torch DDP over the
+    DP group (dp > 1), AdamW (fused on CUDA), clip_grad_norm_; bf16 stages: fp32 weights + bf16 autocast on CUDA, bf16
     weights on CPU (megatron's layers have no CPU autocast)."""
 
     name = "plain"
@@ -152,7 +153,7 @@ class PlainDDPLoop:
         from megatron.core import parallel_state as ps
 
         from megagrow.model.gpt import build_model
-        from megagrow.parallel.engine import param_groups
+        from megagrow.parallel.engine import configure_model, param_groups
         from megagrow.parallel.groups import dp_rank_size
         from megagrow.schedule.lr import LRSchedule
 
@@ -164,7 +165,7 @@ class PlainDDPLoop:
         wdtype = torch.bfloat16 if (bf16 and not cuda) else torch.float32
         self.device = torch.device(device)
         model = build_model(self.stage.model, plan.seed, wdtype).to(self.device)
-        model.activation_checkpointing = self.stage.activation_checkpointing
+        configure_model(model, self.stage)  # the stage's recompute, fused GEMMs, chunked loss and compile, as the engine's
         dp_rank, dp_size = dp_rank_size()
         self.ddp = dp_size > 1
         if self.ddp:

@@ -1,7 +1,7 @@
 """`megagrow bench`: throughput, TFLOP/s, MFU and overhead of one stage of a plan.
 
     torchrun --nproc_per_node=W -m megagrow.cli bench PLAN --stage K [--steps 20] [--warmup 3] [--json]
-        [--synthetic] [--sweep micro_batch=1,2,4 --sweep zero_stage=1,2] [--transition] [--peak-tflops X]
+        [--synthetic] [--sweep micro_batch=1,2,4 --sweep zero_stage=1,2 | --options] [--transition] [--peak-tflops X]
 
 Run like `megagrow train` (torchrun or srun, one process per rank; W = tp x dp of the stage, or
 of every --sweep row: a swept `tp` takes dp = W / tp). Each row: build the stage's DeepSpeed
@@ -19,6 +19,11 @@ ratio megagrow / plain is the framework's overhead. (TP > 1 rows have no plain l
 
 A row that runs out of device memory is reported as OOM, and the sweep goes on.
 
+--sweep also varies the MFU options (fused_qkv, compile, chunked_loss, activation_checkpointing: none /
+attention / mlp / full, overlap: DeepSpeed's gradient-reduction overlap at DP > 1). --options runs them
+side by side in one launch: the stage as it is (the base row), then one row per other value of each
+option, the rest as in the base, with each row's median step time over the base row's.
+
 --transition measures the transition into stage K (K >= 1, same world size as stage K-1): save
 of stage K-1, grow + reshard (megagrow's shard-to-shard executor), building stage K's engine
 and loading, the first step; beside a same-layout save + resume (build + load) + first step of
@@ -29,23 +34,14 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import gc
 import json
-import math
 import os
-import shutil
-import statistics
 import sys
-import tempfile
-import time
 
-import torch
-
-from megagrow import collectives
-from megagrow.bench.loops import MegagrowLoop, PhaseTimer, PlainDDPLoop, stage_batches
-from megagrow.config import Plan, load_plan
+from megagrow.bench.rows import bench_row
+from megagrow.bench.transition import bench_transition
+from megagrow.config import COMPILE, RECOMPUTE, Plan, load_plan, recompute_mode
 from megagrow.errors import UserError, cli_entry
-from megagrow.paths import RunPaths
 
 CONVENTION = "6*N_nonembedding + 12*L*attn_dim*seq_len FLOPs per token (attention without causal halving, no recompute)"
 
@@ -58,159 +54,24 @@ def _bool(v: str) -> bool:
     raise ValueError(v)
 
 
+def _recompute(v: str) -> str:
+    """A recompute mode (none / attention / mlp / full; true / false read as full / none)."""
+    if v.lower() in RECOMPUTE:
+        return v.lower()
+    return recompute_mode(_bool(v))
+
+
+def _compile(v: str) -> str:
+    if v.lower() in COMPILE:
+        return v.lower()
+    return "on" if _bool(v) else "off"
+
+
 SWEEP_KEYS = {"micro_batch": int, "grad_accum": int, "zero_stage": int, "tp": int, "dtype": str, "ds_config": str,
-              "activation_checkpointing": _bool}
-STAGE_KEYS = ("activation_checkpointing",)  # swept on the stage, the others on its layout
-
-
-# --------------------------------------------------------------------------------------
-# one row
-
-
-def _sync_fn(device):
-    return (lambda: torch.cuda.synchronize(device)) if torch.device(device).type == "cuda" else (lambda: None)
-
-
-def _is_oom(e: BaseException) -> bool:
-    return isinstance(e, torch.cuda.OutOfMemoryError) or (isinstance(e, RuntimeError) and "out of memory" in str(e).lower())
-
-
-def _free(device) -> None:
-    gc.collect()
-    if torch.device(device).type == "cuda":
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(device)
-
-
-def _pct(xs: list[float], q: float) -> float:
-    s = sorted(xs)
-    if len(s) == 1:
-        return s[0]
-    pos = q * (len(s) - 1)
-    lo = math.floor(pos)
-    hi = min(lo + 1, len(s) - 1)
-    return s[lo] + (s[hi] - s[lo]) * (pos - lo)
-
-
-def _slowest_rank(times: list[float], device) -> list[float]:
-    """Each step's time as the slowest rank saw it."""
-    t = torch.tensor(times, dtype=torch.float64, device=device)
-    collectives.all_reduce(t, op="max")
-    return t.tolist()
-
-
-def _phases(timer: PhaseTimer, steps: int, device) -> dict | None:
-    if not timer.on:
-        return None
-    names = sorted(timer.phases)
-    t = torch.tensor([timer.phases[n] for n in names], dtype=torch.float64, device=device)
-    collectives.all_reduce(t, op="max")
-    return {n: v / steps for n, v in zip(names, t.tolist())}
-
-
-def bench_row(plan: Plan, k: int, steps: int, warmup: int, block: int, synthetic: bool, baseline: bool,
-              peak_override: float | None, phases: bool) -> dict:
-    """Benchmark stage k of `plan` at its layout (process groups re-initialised for it)."""
-    from megagrow.metrics.flops import (device_name, flops_per_token, megatron_flops_per_token, peak_memory_gb,
-                                        peak_tflops)
-    from megagrow.parallel.groups import init_distributed
-
-    stage = plan.stages[k]
-    L, m = stage.layout, stage.model
-    world = L.world_size
-    row = {"stage": stage.name, "activation_checkpointing": stage.activation_checkpointing, "tp": L.tp, "dp": L.dp, "zero_stage": L.zero_stage, "micro_batch": L.micro_batch,
-           "grad_accum": L.grad_accum, "dtype": L.dtype, "ds_config": L.ds_config, "world_size": world,
-           "params": m.num_params(), "params_non_embedding": m.num_params(embeddings=False),
-           "tokens_per_step": L.global_batch * m.seq_len, "flops_per_token": flops_per_token(m),
-           "flops_per_token_megatron": megatron_flops_per_token(m), "oom": False, "error": None}
-    init_distributed(L)
-    mg = plain = None
-    device = None
-    try:
-        mg_timer = PhaseTimer(lambda: None, False)
-        mg = MegagrowLoop(plan, k, synthetic, mg_timer)
-        device = mg.device
-        sync = _sync_fn(device)
-        mg_timer.sync, mg_timer.on = sync, phases
-        row["device"] = device_name(device)
-        peak = peak_tflops(device, L.dtype, peak_override)
-        losses = []
-        for _ in range(warmup):
-            losses.append(mg.step())
-        sync()
-        row["peak_mem_gb"] = peak_memory_gb(device)  # the engine's own peak, before a plain loop exists
-        loops = [mg]
-        if baseline and L.tp == 1:
-            pl_timer = PhaseTimer(sync, phases)
-            plain = PlainDDPLoop(plan, k, synthetic, device, pl_timer)
-            for _ in range(warmup):
-                plain.step()
-            loops.append(plain)
-            row["baseline"] = plain.kind
-        else:
-            row["baseline"] = None if baseline else "off (--no-baseline)"
-            if baseline:
-                row["baseline_note"] = "no plain loop at tp > 1"
-        mg_timer.phases.clear()
-        if plain is not None:
-            plain.timer.phases.clear()
-        times = {lp.name: [] for lp in loops}
-        cpu = {lp.name: [] for lp in loops}  # process CPU time a step (all threads): robust to a busy machine
-        done = 0
-        while done < steps:
-            n = min(block, steps - done)
-            for lp in loops:
-                for _ in range(n):
-                    collectives.barrier()
-                    sync()
-                    t0, c0 = time.perf_counter(), time.process_time()
-                    loss = lp.step()
-                    sync()
-                    times[lp.name].append(time.perf_counter() - t0)
-                    cpu[lp.name].append(time.process_time() - c0)
-                    if lp is mg:
-                        losses.append(loss)
-            done += n
-        t_mg = _slowest_rank(times["megagrow"], device)
-        med = statistics.median(t_mg)
-        tps = row["tokens_per_step"] / med
-        row.update({
-            "steps": steps, "warmup": warmup,
-            "step_time_s": med, "step_time_p10_s": _pct(t_mg, 0.1), "step_time_p90_s": _pct(t_mg, 0.9),
-            "tokens_per_s": tps, "tokens_per_s_per_device": tps / world,
-            "tflops_per_device": tps * row["flops_per_token"] / world / 1e12,
-            "tflops_per_device_megatron": tps * row["flops_per_token_megatron"] / world / 1e12,
-            "peak_tflops": peak,
-        })
-        row["mfu"] = None if not peak else row["tflops_per_device"] / peak
-        row["mfu_megatron"] = None if not peak else row["tflops_per_device_megatron"] / peak
-        ls = torch.stack(losses).tolist() if losses else []
-        row["loss_first"], row["loss_last"] = (ls[0], ls[-1]) if ls else (None, None)
-        row["phases_s"] = _phases(mg_timer, steps, device)
-        row["step_cpu_time_s"] = statistics.median(_slowest_rank(cpu["megagrow"], device))
-        if plain is not None:
-            t_pl = _slowest_rank(times["plain"], device)
-            row["baseline_step_time_s"] = statistics.median(t_pl)
-            row["ratio"] = med / row["baseline_step_time_s"]
-            row["baseline_step_cpu_time_s"] = statistics.median(_slowest_rank(cpu["plain"], device))
-            row["cpu_time_ratio"] = row["step_cpu_time_s"] / row["baseline_step_cpu_time_s"]
-            row["baseline_phases_s"] = _phases(plain.timer, steps, device)
-        else:
-            row["baseline_step_time_s"] = row["ratio"] = row["baseline_phases_s"] = None
-            row["baseline_step_cpu_time_s"] = row["cpu_time_ratio"] = None
-    except Exception as e:  # noqa: BLE001 - an OOM row is a result, not a crash
-        if not _is_oom(e):
-            raise
-        row["oom"] = True
-        row["error"] = f"out of memory: {str(e).splitlines()[0][:200]}"
-    finally:
-        for lp in (plain, mg):
-            if lp is not None:
-                lp.close()
-        mg = plain = None
-        if device is not None:
-            _free(device)
-    return row
+              "activation_checkpointing": _recompute, "fused_qkv": _bool, "compile": _compile, "chunked_loss": _bool,
+              "overlap": _bool}
+STAGE_KEYS = ("activation_checkpointing", "fused_qkv", "compile", "chunked_loss")  # swept on the stage
+ROW_KEYS = ("overlap",)  # given to the row's engine builder; the others are the stage's layout
 
 
 # --------------------------------------------------------------------------------------
@@ -242,7 +103,7 @@ def parse_sweeps(specs: list[str]) -> list[dict]:
 def row_plan(plan: Plan, k: int, over: dict, world: int) -> Plan:
     """Stage k with one sweep row's overrides; tp fixes dp = world / tp."""
     st = plan.stages[k]
-    kw = {key: v for key, v in over.items() if key not in STAGE_KEYS}
+    kw = {key: v for key, v in over.items() if key not in STAGE_KEYS + ROW_KEYS}
     stage_kw = {key: v for key, v in over.items() if key in STAGE_KEYS}
     if "tp" in kw:
         if world % kw["tp"]:
@@ -263,100 +124,55 @@ def row_plan(plan: Plan, k: int, over: dict, world: int) -> Plan:
     return plan.replace(stages=tuple(new if i == k else s for i, s in enumerate(plan.stages)))
 
 
-def bench_transition(plan: Plan, k: int, synthetic: bool) -> dict:
-    """Transition into stage k (save k-1, grow + reshard, build + load k, first step) vs a
-    same-layout save + resume of stage k, each phase timed (slowest rank)."""
-    from megagrow.parallel.groups import init_distributed
-    from megagrow.state import manifest
-    from megagrow.state.record import StageRecord
-    from megagrow.train.transition import transition as do_transition
+def option_rows(plan: Plan, k: int) -> list[dict]:
+    """--options: the stage as it is (the base row), then one row per other value of each MFU option, the
+    rest as in the base: fused_qkv, compile, chunked_loss, each other recompute mode, and overlap at DP > 1
+    where DeepSpeed overlaps there (ZeRO-1/2, not bf16 ZeRO-1). Values the stage refuses (compile on at
+    ZeRO-3, full recompute with dropout) get no row. Each row: {"option": label, sweep overrides...}."""
+    from megagrow.parallel.engine import compile_on, ds_config, overlap_defaults
 
-    if k < 1:
-        raise UserError("--transition needs a stage that grows from a previous one (--stage 1 or later)")
-    prev, stage = plan.stages[k - 1], plan.stages[k]
-    if prev.layout.world_size != stage.layout.world_size:
-        raise UserError(f"--transition runs both stages in one launch: stage {prev.name!r} needs {prev.layout.world_size} "
-                        f"processes, {stage.name!r} {stage.layout.world_size}")
-    rank = torch.distributed.get_rank()
-    root = tempfile.mkdtemp(prefix="megagrow-bench-") if rank == 0 else None
-    obj = [root]
-    collectives.broadcast_object_list(obj, src=0)
-    root = obj[0]
-    # the source stage ends at its first step: transition() checks it is finished
-    src_plan = plan.replace(stages=tuple(s.replace(steps=1) if i == k - 1 else s for i, s in enumerate(plan.stages)))
-    phases: dict[str, dict] = {"transition": {}, "resume": {}}
-
-    def timed(kind: str, name: str, fn):
-        collectives.barrier()
-        t0 = time.perf_counter()
-        out = fn()
-        collectives.barrier()
-        phases[kind][name] = time.perf_counter() - t0
-        return out
-
-    def stage_dir(p: Plan, i: int) -> str:
-        return RunPaths(root).stage(p.stages[i].name).ckpt
-
-    def save(engine, p: Plan, i: int, step: int):
-        manifest.save_record(engine, stage_dir(p, i), StageRecord(p, i, step=step))
-
-    try:
-        # transition path
-        init_distributed(prev.layout)
-        lp = MegagrowLoop(src_plan, k - 1, synthetic, PhaseTimer(lambda: None, False))
-        lp.step()
-        timed("transition", "save", lambda: save(lp.engine, src_plan, k - 1, 1))
-        lp.close()
-        _free(lp.device)
-        init_distributed(stage.layout)
-        timed("transition", "grow_reshard", lambda: do_transition(src_plan, k, root, quiet=True))
-        eng = timed("transition", "build_load", lambda: _build_load(src_plan, k, stage_dir(src_plan, k)))
-        timed("transition", "first_step", lambda: _first_step(eng, src_plan, k, synthetic))
-        eng.destroy()
-        # same-layout save + resume of stage k
-        lp = MegagrowLoop(src_plan, k, synthetic, PhaseTimer(lambda: None, False))
-        lp.step()
-        rdir = os.path.join(root, "resume")
-        timed("resume", "save", lambda: manifest.save_record(lp.engine, rdir, StageRecord(src_plan, k, step=1)))
-        lp.close()
-        eng = timed("resume", "build_load", lambda: _build_load(src_plan, k, rdir))
-        timed("resume", "first_step", lambda: _first_step(eng, src_plan, k, synthetic))
-        eng.destroy()
-    finally:
-        collectives.barrier()
-        if rank == 0:
-            shutil.rmtree(root, ignore_errors=True)
-    t_tr, t_rs = sum(phases["transition"].values()), sum(phases["resume"].values())
-    return {"from": prev.name, "to": stage.name, "grow": stage.grow, "transition_s": phases["transition"],
-            "resume_s": phases["resume"], "transition_total_s": t_tr, "resume_total_s": t_rs, "ratio": t_tr / t_rs,
-            "params_from": prev.model.num_params(), "params_to": stage.model.num_params()}
-
-
-def _build_load(plan: Plan, k: int, ckpt: str):
-    from megagrow.parallel.engine import build_stage as build
-
-    engine, _ = build(plan, k)
-    engine.load_checkpoint(ckpt)
-    return engine
-
-
-def _first_step(engine, plan: Plan, k: int, synthetic: bool):
-    """The trainer's step (train_step) at step 0, on an engine just built or grown."""
-    from megagrow.parallel.groups import dp_rank_size
-    from megagrow.schedule.lr import LRSchedule
-    from megagrow.train.step import train_step
-
-    stage = plan.stages[k]
-    dp_rank, dp_size = dp_rank_size()
-    b = stage_batches(plan, stage, dp_rank, dp_size, synthetic)
-    engine.train()
-    train_step(engine, engine.optimizer, b, plan.seed, stage.layout.grad_accum, 0,
-               LRSchedule.from_optim(stage.optim, stage.steps)(0), engine.device)
-    _sync_fn(engine.device)()
+    st = plan.stages[k]
+    rows = [{"option": "base"}]
+    rows += [{"option": f"fused_qkv={str(not st.fused_qkv).lower()}", "fused_qkv": not st.fused_qkv},
+             {"option": f"chunked_loss={str(not st.chunked_loss).lower()}", "chunked_loss": not st.chunked_loss}]
+    comp = "off" if compile_on(st) else "on"
+    if not (comp == "on" and st.layout.zero_stage == 3):
+        rows.append({"option": f"compile={comp}", "compile": comp})
+    for mode in RECOMPUTE:
+        if mode != st.activation_checkpointing and not (mode == "full" and st.model.dropout > 0):
+            rows.append({"option": f"recompute={mode}", "activation_checkpointing": mode})
+    if st.layout.dp > 1 and overlap_defaults(st):
+        on = bool(ds_config(st)["zero_optimization"].get("overlap_comm", False))
+        rows.append({"option": f"overlap={str(not on).lower()}", "overlap": not on})
+    return rows
 
 
 # --------------------------------------------------------------------------------------
 # output
+
+
+SHOWN = (("option", "option"), ("ds_config", "ds_config"), ("activation_checkpointing", "ckpt"), ("fused_qkv", "fused"),
+         ("compiled", "compiled"), ("chunked_loss", "chunked"), ("overlap", "overlap"))
+
+
+def _shown(rows: list[dict]) -> list[tuple[str, str]]:
+    """The row-identity columns worth a column: those that differ between rows, or that some row sets
+    (ds_config, recompute other than none)."""
+    out = []
+    for k, lbl in SHOWN:
+        vals = [r.get(k) for r in rows]
+        if len({json.dumps(v) for v in vals}) > 1 or (k in ("ds_config", "activation_checkpointing")
+                                                     and any(v not in (None, False, "none") for v in vals)):
+            out.append((k, lbl))
+    return out
+
+
+def _cell(k: str, v) -> str:
+    if k == "ds_config":
+        return os.path.basename(str(v))
+    if isinstance(v, bool):
+        return "on" if v else "off"
+    return "-" if v is None else str(v)
 
 
 def format_table(res: dict) -> str:
@@ -364,24 +180,24 @@ def format_table(res: dict) -> str:
     lines = [f"megagrow bench {res['plan']} stage {res['stage']} on {res['device']} x{res['world_size']} "
              f"({'synthetic' if res['synthetic'] else 'real'} tokens)",
              f"FLOPs/token: {CONVENTION}; 'megatron' columns: Megatron-LM's formula (adds the logit GEMM)"]
-    head = ["tp", "dp", "zero", "mb", "ga", "dtype", "step ms (p10-p90)", "tok/s", "tok/s/dev", "TFLOP/s/dev",
-            "megatron", "MFU", "peak GB", "plain ms", "ratio", "cpu-time ratio"]
-    extra = [(k, lbl) for k, lbl in (("ds_config", "ds_config"), ("activation_checkpointing", "ckpt"))
-             if any(r.get(k) not in (None, False, "none") for r in rows)]  # only when some row sets them
-    head = head[:6] + [lbl for _, lbl in extra] + head[6:]
+    extra = _shown(rows)
+    vs = any(r.get("time_vs_base") is not None for r in rows)
+    head = ([lbl for _, lbl in extra] + ["tp", "dp", "zero", "mb", "ga", "dtype", "step ms (p10-p90)"] + (["x base", "cpu x base"] if vs else [])
+            + ["tok/s", "tok/s/dev", "TFLOP/s/dev", "megatron", "MFU", "peak GB", "plain ms", "ratio", "cpu-time ratio"])
     table = [head]
 
     def f(v, fmt):
         return "-" if v is None else format(v, fmt)
 
     for r in rows:
-        base = [str(r["tp"]), str(r["dp"]), str(r["zero_stage"]), str(r["micro_batch"]), str(r["grad_accum"]), r["dtype"]]
-        base += [os.path.basename(str(r.get(k))) if k == "ds_config" else str({True: "full", False: "none", None: "none"}.get(r.get(k), r.get(k))) for k, _ in extra]
+        base = [_cell(k, r.get(k)) for k, _ in extra]
+        base += [str(r["tp"]), str(r["dp"]), str(r["zero_stage"]), str(r["micro_batch"]), str(r["grad_accum"]), r["dtype"]]
         if r["oom"]:
             table.append(base + ["OOM"] + [""] * (len(head) - len(base) - 1))
             continue
         table.append(base + [
-            f"{r['step_time_s'] * 1e3:.1f} ({r['step_time_p10_s'] * 1e3:.0f}-{r['step_time_p90_s'] * 1e3:.0f})",
+            f"{r['step_time_s'] * 1e3:.1f} ({r['step_time_p10_s'] * 1e3:.0f}-{r['step_time_p90_s'] * 1e3:.0f})"]
+            + ([f(r.get("time_vs_base"), ".3f"), f(r.get("cpu_time_vs_base"), ".3f")] if vs else []) + [
             f"{r['tokens_per_s']:.0f}", f"{r['tokens_per_s_per_device']:.0f}", f(r["tflops_per_device"], ".4g"),
             f(r["tflops_per_device_megatron"], ".4g"), "-" if r["mfu"] is None else f"{100 * r['mfu']:.1f}%",
             f(r["peak_mem_gb"], ".2f"), "-" if r["baseline_step_time_s"] is None else f"{r['baseline_step_time_s'] * 1e3:.1f}",
@@ -389,6 +205,9 @@ def format_table(res: dict) -> str:
     widths = [max(len(row[i]) for row in table) for i in range(len(head))]
     for row in table:
         lines.append("  ".join(c.rjust(w) for c, w in zip(row, widths)))
+    if vs:
+        lines.append("x base: the row's median step time / the base row's (the stage as configured), < 1 is faster; "
+                     "cpu x base: the same for the process CPU time a step (steadier on a busy machine)")
     for r in rows:
         if not r["oom"] and r.get("baseline"):
             lines.append(f"plain loop: {r['baseline']}")
@@ -421,6 +240,9 @@ def main(argv=None) -> int:
     p.add_argument("--synthetic", action="store_true", help="random tokens instead of the dataset")
     p.add_argument("--sweep", action="append", default=[], metavar="KEY=V1,V2",
                    help=f"one row per value (repeatable, a grid): {', '.join(SWEEP_KEYS)}")
+    p.add_argument("--options", action="store_true",
+                   help="one row per MFU option on/off beside the stage as it is (fused_qkv, compile, chunked_loss, "
+                        "recompute modes, overlap at dp > 1); not with --sweep")
     p.add_argument("--no-baseline", action="store_true", help="skip the plain PyTorch loop")
     p.add_argument("--phases", action="store_true",
                    help="also time data / forward / backward / step per step (syncs inside the step)")
@@ -428,6 +250,7 @@ def main(argv=None) -> int:
     p.add_argument("--peak-tflops", type=float, help="peak TFLOP/s of one device for MFU (default: from the device table)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--out", help="also write the JSON to this file")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override one plan value (repeatable), as `megagrow train --set` does")
     args = p.parse_args(argv)
     for name in ("steps", "block"):
         if getattr(args, name) < 1:
@@ -436,15 +259,17 @@ def main(argv=None) -> int:
         raise UserError("--warmup must be >= 0")
     if args.peak_tflops is not None and args.peak_tflops <= 0:
         raise UserError("--peak-tflops must be positive")
-    plan = load_plan(args.plan)
+    plan = load_plan(args.plan, args.set or ())
     if args.data:
         plan = dataclasses.replace(plan, data=plan.data.replace(prefix=args.data))
     k = plan.stages.index(plan.stage(args.stage))
-    grid = parse_sweeps(args.sweep)
+    if args.options and args.sweep:
+        raise UserError("--options and --sweep: give one of them (--options varies one option at a time)")
+    grid = option_rows(plan, k) if args.options else parse_sweeps(args.sweep)
     from megagrow.parallel.groups import _env_rank
 
     rank, world, _ = _env_rank()
-    plans = [row_plan(plan, k, over, world) for over in grid]  # every row checked before any runs
+    plans = [row_plan(plan, k, {o: v for o, v in over.items() if o != "option"}, world) for over in grid]  # all checked first
     if not args.synthetic:
         from megagrow.data.batches import Batches
 
@@ -452,9 +277,14 @@ def main(argv=None) -> int:
     rows = []
     from tqdm import tqdm
 
-    for p_row in tqdm(plans, desc="bench", disable=rank != 0 or len(plans) == 1 or args.json, file=sys.stderr):
-        rows.append(bench_row(p_row, k, args.steps, args.warmup, args.block, args.synthetic, not args.no_baseline,
-                              args.peak_tflops, args.phases))
+    for over, p_row in tqdm(list(zip(grid, plans)), desc="bench", disable=rank != 0 or len(plans) == 1 or args.json, file=sys.stderr):
+        row = bench_row(p_row, k, args.steps, args.warmup, args.block, args.synthetic, not args.no_baseline,
+                        args.peak_tflops, args.phases, overlap=over.get("overlap"))
+        rows.append({"option": over["option"], **row} if "option" in over else row)
+    if args.options and not rows[0]["oom"]:
+        for r in rows:
+            r["time_vs_base"] = None if r["oom"] else r["step_time_s"] / rows[0]["step_time_s"]
+            r["cpu_time_vs_base"] = None if r["oom"] else r["step_cpu_time_s"] / rows[0]["step_cpu_time_s"]
     dev = next((r["device"] for r in rows if "device" in r), "?")
     res = {"plan": plan.name, "stage": plan.stages[k].name, "device": dev, "world_size": world, "synthetic": args.synthetic,
            "convention": CONVENTION, "rows": rows}

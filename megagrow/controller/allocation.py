@@ -144,5 +144,8 @@ def detect_allocation(local: bool = False, max_procs: int | None = None, max_nod
                           int(env.get("SLURM_RESTART_COUNT") or 0), env.get("SLURM_GPUS_PER_NODE") or None,
                           env.get("MEGAGROW_SBATCH_SCRIPT") or None)
     if max_procs is None and env.get("MEGAGROW_MAX_PROCS"):
-        max_procs = int(env["MEGAGROW_MAX_PROCS"])
+        v = env["MEGAGROW_MAX_PROCS"].strip()
+        if not v.isdigit() or int(v) < 1:
+            raise UserError(f"MEGAGROW_MAX_PROCS must be an integer >= 1, got {v!r}")
+        max_procs = int(v)
     return Allocation("local", ("localhost",), max_procs or _local_procs())

@@ -72,11 +72,37 @@ def _clean_env(drop_slurm_step: bool = False) -> dict:
     return env
 
 
+def _rewrite_in_place(path: str, m: dict) -> bool:
+    """A full disk: overwrite the manifest in the blocks it has (no new ones needed), its oldest events
+    dropped until it fits in its old size. Not atomic, so only the fallback; False when it cannot."""
+    import json
+
+    try:
+        old = os.path.getsize(path)
+        m = dict(m)
+        while True:
+            data = json.dumps(m, indent=1, sort_keys=True).encode()
+            if len(data) <= old or not m["events"]:
+                break
+            m["events"] = m["events"][1:]
+        if len(data) > old:
+            return False
+        with open(path, "r+b") as f:
+            f.write(data)
+            f.truncate(len(data))
+            f.flush()
+            os.fsync(f.fileno())
+        return True
+    except (OSError, KeyError):
+        return False
+
+
 class Controller:
     def __init__(self, plan: Plan, plan_path: str, run_dir: str, alloc: Allocation, data: str | None = None,
-                 grace_s: float = 60.0, out=None, retries: int | None = None):
+                 grace_s: float = 60.0, out=None, retries: int | None = None, overrides: tuple = ()):
         self.plan, self.plan_path, self.run_dir, self.alloc = plan, os.path.abspath(plan_path), run_dir, alloc
         self.data = data
+        self.overrides = tuple(overrides)  # `--set KEY=VALUE` of the plan: every stage is launched with them
         self.grace_s = grace_s
         self.out = out or sys.stdout
         self.stop: int | None = None
@@ -103,6 +129,7 @@ class Controller:
         m = {
             "format": 1,
             "plan_file": self.plan_path,
+            "overrides": list(self.overrides),  # applied to plan_file; "plan" is the result
             "plan": self.plan.to_dict(),
             "run_dir": os.path.abspath(self.run_dir),
             "state": state,
@@ -117,6 +144,9 @@ class Controller:
             os.makedirs(self.run_dir, exist_ok=True)
             write_json_atomic(RunPaths(self.run_dir).manifest, m)  # leaves no temp file when it fails
         except OSError as e:
+            if _rewrite_in_place(RunPaths(self.run_dir).manifest, m):  # disk full: the state still says failed
+                self.manifest = m
+                return m
             raise UserError(f"cannot write {RunPaths(self.run_dir).manifest} ({e.strerror or e}); the stages' "
                             f"checkpoints are the truth: free space and run again") from None
         self.manifest = m
@@ -150,6 +180,8 @@ class Controller:
         cmd = [sys.executable, "-m", "megagrow.cli", "train", self.plan_path, "--stage", str(k), "--run-dir", self.run_dir]
         if self.data:
             cmd += ["--data", self.data]
+        for o in self.overrides:
+            cmd += ["--set", o]
         return cmd
 
     def launch(self, k: int, pl: Placement) -> int:
@@ -210,6 +242,9 @@ class Controller:
         env.update(MEGAGROW_PLAN=self.plan_path, MEGAGROW_RUN_DIR=os.path.abspath(self.run_dir))
         if self.data:
             env["MEGAGROW_DATA"] = os.path.abspath(self.data)
+        if self.overrides:  # slurm/env.sh splits MEGAGROW_RUN_ARGS on white space
+            env["MEGAGROW_RUN_ARGS"] = " ".join([*shlex.split(env.get("MEGAGROW_RUN_ARGS", "")),
+                                                 *(f"--set={o}" for o in self.overrides)])
         cmd = ["sbatch", "--parsable", f"--dependency=afterok:{a.job_id}", f"--nodes={pl.nodes}",
                f"--ntasks-per-node={a.tasks_per_node}"]
         if a.gpus_per_node:
@@ -302,7 +337,8 @@ class Controller:
                 continue
             self.write_manifest("failed", {"stage_index": k, "stage": stage.name, "action": act.kind}, ev)
             if rc == EXIT_USER_ERROR:
-                self.say(f"stage {stage.name} refused its input (exit 2)")
+                self.say(f"stage {stage.name} stopped on the error above (exit 2: bad input, or a checkpoint it "
+                         f"could not write): not retried")
             elif rc == EXIT_NONFINITE:
                 self.say(f"stage {stage.name} diverged (non-finite loss or weights; exit {rc}): not retried")
             else:

@@ -19,14 +19,30 @@ from megagrow.paths import RunPaths, default_run_dir
 def lock_run_dir(run_dir: str):
     """One controller per run directory: an exclusive flock on RUN/.controller.lock, released when
     the process ends (however it ends). File systems without flock: a warning, and no lock."""
-    os.makedirs(run_dir, exist_ok=True)
     path = RunPaths(run_dir).controller_lock
-    f, why = try_exclusive_lock(path)
+    try:
+        os.makedirs(run_dir, exist_ok=True)
+        f, why = try_exclusive_lock(path)
+    except OSError as e:  # a read-only or full file system, no permission: nothing can be written there
+        raise UserError(f"cannot write to the run directory {run_dir} ({e.strerror or e}: "
+                        f"{e.filename or path})") from None
     if why == "held":
         raise UserError(f"another `megagrow run` is working on {run_dir} (it holds {path})")
     if why:
         print(f"warning: {why}; nothing stops a second `megagrow run` on this directory", file=sys.stderr, flush=True)
     return f
+
+
+def _warn_if_overrides_changed(run_dir: str, overrides: tuple) -> None:
+    """A run resumed with other `--set` overrides than it was started with: one warning line (the
+    plan may differ from the one its checkpoints record; a different model chain is refused anyway)."""
+    from megagrow.controller.progress import read_manifest
+
+    m = read_manifest(run_dir)
+    if m and "overrides" in m and list(m["overrides"]) != list(overrides):
+        was = " ".join(f"--set {o}" for o in m["overrides"]) or "no --set"
+        now = " ".join(f"--set {o}" for o in overrides) or "no --set"
+        print(f"warning: {run_dir} was last run with {was}; this run has {now}", file=sys.stderr, flush=True)
 
 
 def run_main(args) -> int:
@@ -35,7 +51,8 @@ def run_main(args) -> int:
     # catch a preemption signal from the very start (the loop installs its own handler below)
     for s in (signal.SIGUSR1, signal.SIGTERM):
         signal.signal(s, lambda n, f: ctl_signals.append(n))
-    plan = load_plan(args.plan)
+    overrides = tuple(getattr(args, "set", None) or ())
+    plan = load_plan(args.plan, overrides)
     data = args.data
     if data:
         import dataclasses
@@ -43,7 +60,12 @@ def run_main(args) -> int:
         plan = dataclasses.replace(plan, data=plan.data.replace(prefix=data))
     run_dir = args.run_dir or default_run_dir(plan.name)
     alloc = detect_allocation(local=args.local, max_procs=args.max_procs, max_nodes=args.max_nodes)
+    spaced = [o for o in overrides if any(c.isspace() for c in o)]
+    if spaced and alloc.kind == "slurm":  # a dependent job gets them through MEGAGROW_RUN_ARGS, split on white space
+        raise UserError(f"--set {spaced[0]}: white space in an override cannot be handed on to a dependent Slurm job; "
+                        "write that value in the plan file")
     validate_plan(plan, alloc, run_dir)
+    _warn_if_overrides_changed(run_dir, overrides)
     progress = read_progress(plan, run_dir)
     act = next_action(plan, progress)
     if args.dry_run:
@@ -58,7 +80,8 @@ def run_main(args) -> int:
         print(f"next: {act.describe(plan)}")
         return EXIT_OK
     lock = lock_run_dir(run_dir)  # noqa: F841 - held until this process exits
-    ctl = Controller(plan, args.plan, run_dir, alloc, data=data, grace_s=args.grace, retries=getattr(args, "retries", None))
+    ctl = Controller(plan, args.plan, run_dir, alloc, data=data, grace_s=args.grace, retries=getattr(args, "retries", None),
+                     overrides=overrides)
     ctl.install_signals()
     if ctl_signals:
         ctl.stop = ctl_signals[0]

@@ -12,7 +12,7 @@ from dataclasses import asdict
 from megagrow.config import Plan
 from megagrow.controller.progress import read_manifest, read_progress
 from megagrow.errors import EXIT_OK, UserError
-from megagrow.fsutil import Heartbeat
+from megagrow.fsutil import FsClock, observed_age
 from megagrow.paths import MANIFEST, RunPaths
 
 
@@ -36,8 +36,11 @@ def status_dict(run_dir: str) -> dict:
         s.pop("partial")
         if m.get("state") == "running" and cur.get("stage_index") == p.index:
             s["state"] = "growing" if cur.get("action") == "grow" and p.checkpoint is None else "running"
-            beat = Heartbeat.mtime(RunPaths(run_dir).stage(p.name).heartbeat)  # rank 0 touches it as steps finish
-            s["progress_age_s"] = None if beat is None else round(max(0.0, time.time() - beat), 1)
+            # rank 0 rewrites it as steps finish; its age is the time since it last changed, as the hang
+            # watchdog (or an earlier status) saw it, on the file system's clock: never rank 0's host's stamp
+            hb = RunPaths(run_dir).stage(p.name).heartbeat
+            age = observed_age(hb, FsClock(hb + ".status").now())
+            s["progress_age_s"] = None if age is None else round(age, 1)
         elif m.get("state") == "failed" and cur.get("stage_index") == p.index:
             s["state"] = "failed"
         stages.append(s)

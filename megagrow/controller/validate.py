@@ -9,14 +9,28 @@ from megagrow.controller.allocation import Allocation, Placement, place
 from megagrow.controller.progress import read_manifest
 from megagrow.errors import UserError
 
-
-
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-def _ds_config_exists(path: str) -> bool:
+def check_ds_config(path: str) -> None:
+    """The stage's ds_config file exists and holds a JSON object (as does its zero_optimization, if
+    given): the trainer merges it into DeepSpeed's config on every rank, too late for one clear line."""
+    import json
+
     # the trainer's rule (megagrow.parallel.engine.resolve_ds_config), without importing DeepSpeed
-    return any(os.path.isfile(c) for c in (path, os.path.join(REPO_ROOT, path)))
+    found = next((c for c in (path, os.path.join(REPO_ROOT, path)) if os.path.isfile(c)), None)
+    if found is None:
+        raise UserError(f"ds_config {path!r} not found")
+    try:
+        with open(found) as f:
+            cfg = json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UserError(f"ds_config {found}: not readable as JSON ({e})") from None
+    if not isinstance(cfg, dict):
+        raise UserError(f"ds_config {found}: expected a JSON object of DeepSpeed settings, got a JSON {type(cfg).__name__}")
+    if not isinstance(cfg.get("zero_optimization", {}), dict):
+        raise UserError(f"ds_config {found}: zero_optimization must be a JSON object, "
+                        f"got a JSON {type(cfg['zero_optimization']).__name__}")
 
 
 def _data_files(prefix: str) -> list[str]:
@@ -71,8 +85,11 @@ def validate_plan(plan: Plan, alloc: Allocation, run_dir: str | None = None) -> 
                 check_init_from(stage)
             except UserError as e:
                 raise UserError(f"{where}: init_from: {e}") from None
-        if stage.layout.ds_config and not _ds_config_exists(stage.layout.ds_config):
-            raise UserError(f"{where}: ds_config {stage.layout.ds_config!r} not found")
+        if stage.layout.ds_config:
+            try:
+                check_ds_config(stage.layout.ds_config)
+            except UserError as e:
+                raise UserError(f"{where}: {e}") from None
         placements.append(place(stage, alloc, where))
     check_dataset(plan)  # after the plan's own checks: a config mistake is reported first
     if run_dir is not None:

@@ -12,7 +12,9 @@ process groups come from megatron.core.parallel_state (megagrow.parallel sets th
 Parameter names are the *logical* tensor names used by growth and checkpoint tools; a
 tensor-parallel parameter carries `partition_dim` (megatron's attribute), and its logical
 global tensor is the concatenation of the TP ranks' shards along that dim. Q, K and V are
-separate tensors so growth operators can address each.
+separate tensors so growth operators can address each; the forward still runs them as one GEMM
+(megagrow.model.tp.fused_columns; llama's gate and up too), GPT.fused_qkv off runs each layer on
+its own. Rotary embeddings live in megagrow.model.rope, the TP layer pieces in megagrow.model.tp.
 
 Initialisation is layout-independent and drawn shard by shard: entry i (flat index in the
 logical tensor) of a parameter is a function of (seed, parameter name, i) only
@@ -24,8 +26,6 @@ out bitwise the same under any layout.
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -33,41 +33,11 @@ import torch.utils.checkpoint
 from megatron.core import parallel_state, tensor_parallel
 from megatron.core.model_parallel_config import ModelParallelConfig
 
-from megagrow import collectives, params, rng
-from megagrow.config import RECOMPUTE, ModelConfig, RopeScaling, recompute_mode
+from megagrow import params, rng
+from megagrow.config import RECOMPUTE, ModelConfig, recompute_mode
 from megagrow.model import loss
-
-
-def _megatron_config(dtype: torch.dtype) -> ModelParallelConfig:
-    return ModelParallelConfig(
-        tensor_model_parallel_size=parallel_state.get_tensor_model_parallel_world_size(),
-        use_cpu_initialization=True,  # allocate on CPU; megagrow initialises the weights itself
-        perform_initialization=False,
-        params_dtype=dtype,
-        gradient_accumulation_fusion=False,
-    )
-
-
-def _no_init(_):
-    pass
-
-
-def _sharded(layer: nn.Module, dim: int) -> nn.Module:
-    """Mark layer.weight as split along `dim` over TP (megatron only does so when it initialises)."""
-    tensor_parallel.set_tensor_model_parallel_attributes(layer.weight, True, dim, 1)
-    return layer
-
-
-def column(cfg: ModelParallelConfig, d_in: int, d_out: int, bias: bool) -> nn.Module:
-    layer = tensor_parallel.ColumnParallelLinear(d_in, d_out, config=cfg, init_method=_no_init, bias=bias, gather_output=False)
-    return _sharded(layer, 0)
-
-
-def row(cfg: ModelParallelConfig, d_in: int, d_out: int, bias: bool) -> nn.Module:
-    layer = tensor_parallel.RowParallelLinear(
-        d_in, d_out, config=cfg, init_method=_no_init, bias=bias, input_is_parallel=True, skip_bias_add=False
-    )
-    return _sharded(layer, 1)
+from megagrow.model.rope import apply_rope, rope_tables
+from megagrow.model.tp import GatherKV, column, fused_columns, megatron_config, no_init, row, shard_box, sharded
 
 
 def dropout(x: torch.Tensor, p: float, gen: torch.Generator | None, training: bool) -> torch.Tensor:
@@ -82,63 +52,20 @@ def dropout(x: torch.Tensor, p: float, gen: torch.Generator | None, training: bo
     return x * keep / (1.0 - p)
 
 
-def rope_inv_freq(head_dim: int, theta: float, scaling: RopeScaling | None = None) -> torch.Tensor:
-    """RoPE's inverse frequencies (hd/2,), float64: theta^(-2i/hd), rescaled by `scaling`
-    (ModelConfig.rope_scaling) as transformers' modeling_rope_utils does for the same rope_type:
-      linear  every frequency divided by factor;
-      llama3  wavelengths 2 pi / f above original / low_freq_factor: f / factor; below
-              original / high_freq_factor: f; between: (1 - s) f / factor + s f with
-              s = (original / wavelength - low_freq_factor) / (high_freq_factor - low_freq_factor)."""
-    inv = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
-    if scaling is None:
-        return inv
-    if scaling.rope_type == "linear":
-        return inv / scaling.factor
-    if scaling.rope_type == "llama3":
-        factor, low, high = scaling.factor, scaling.low_freq_factor, scaling.high_freq_factor
-        original = scaling.original_max_position_embeddings
-        wavelen = 2 * math.pi / inv
-        smooth = (original / wavelen - low) / (high - low)
-        out = torch.where(wavelen > original / low, inv / factor, inv)
-        medium = (wavelen >= original / high) & (wavelen <= original / low)
-        return torch.where(medium, (1 - smooth) * inv / factor + smooth * inv, out)
-    raise ValueError(f"rope type {scaling.rope_type!r} is not supported")  # config validation refuses it first
 
 
-def rope_tables(seq_len: int, head_dim: int, theta: float,
-                scaling: RopeScaling | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    inv = rope_inv_freq(head_dim, theta, scaling)
-    ang = torch.outer(torch.arange(seq_len, dtype=torch.float64), inv)  # (T, hd/2)
-    ang = torch.cat([ang, ang], dim=-1)
-    return ang.cos().float(), ang.sin().float()
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate-half RoPE on (B, H, T, hd)."""
-    T = x.shape[-2]
-    x1, x2 = x.chunk(2, dim=-1)
-    rotated = torch.cat([-x2, x1], dim=-1)
-    return (x * cos[:T] + rotated * sin[:T]).to(x.dtype)
 
 
-class _GatherKV(torch.autograd.Function):
-    """All-gather the TP ranks' K or V projection shards along the last dim (forward); the
-    gradient of a rank's shard is the sum over ranks of the gathered gradient's slice
-    (backward: all-reduce, then this rank's slice). megatron-core's own gather uses
-    all_gather_into_tensor, which gloo lacks."""
 
-    @staticmethod
-    def forward(ctx, x):
-        group = parallel_state.get_tensor_model_parallel_group()
-        parts = collectives.all_gather(x.contiguous(), group=group)
-        ctx.rank, ctx.size = torch.distributed.get_rank(group), x.shape[-1]
-        return torch.cat(parts, dim=-1)
 
-    @staticmethod
-    def backward(ctx, g):
-        g = g.contiguous()
-        collectives.all_reduce(g, group=parallel_state.get_tensor_model_parallel_group())
-        return g[..., ctx.rank * ctx.size:(ctx.rank + 1) * ctx.size].contiguous()
+
+
+
+
+
+
 
 
 class Attention(nn.Module):
@@ -162,6 +89,24 @@ class Attention(nn.Module):
         self.kv_group = parallel_state.get_tensor_model_parallel_rank() // (tp // c.kv_heads) if self.gather_kv else 0
         local_kv = 1 if self.gather_kv else c.kv_heads // tp
         self.n_rep = (c.n_heads // tp) // local_kv  # query heads per local K/V head
+        self.fused = True  # Q, K, V from one GEMM (fused_columns); the parameters are the same either way
+
+    def qkv(self, x: torch.Tensor) -> tuple:
+        """The Q, K and V projections (B, T, *): this rank's query heads, and its K/V heads (with
+        gather_kv, the one K/V head its query heads share, gathered from the ranks holding its parts)."""
+        if not self.fused:
+            q, k, v = self.q(x)[0], self.k(x)[0], self.v(x)[0]
+            if self.gather_kv:
+                hd, g = self.head_dim, self.kv_group
+                k, v = (GatherKV.apply(t)[..., g * hd:(g + 1) * hd] for t in (k, v))
+            return q, k, v
+        q, k, v = fused_columns([self.q, self.k, self.v], x)
+        if self.gather_kv:  # one all-gather for K and V: rank r's part is [k_r, v_r]
+            kv = GatherKV.apply(torch.cat([k, v], dim=-1))
+            kv = kv.view(*kv.shape[:-1], -1, 2, k.shape[-1])  # (B, T, tp, 2, kv_dim / tp)
+            hd, g = self.head_dim, self.kv_group
+            k, v = (kv[..., i, :].flatten(-2)[..., g * hd:(g + 1) * hd] for i in (0, 1))
+        return q, k, v
 
     def forward(self, x: torch.Tensor, rope: tuple | None) -> torch.Tensor:
         B, T, _ = x.shape
@@ -169,11 +114,7 @@ class Attention(nn.Module):
         def heads(t):  # (B, T, H_local*hd) -> (B, H_local, T, hd)
             return t.view(B, T, -1, self.head_dim).transpose(1, 2)
 
-        k, v = self.k(x)[0], self.v(x)[0]
-        if self.gather_kv:
-            hd, g = self.head_dim, self.kv_group
-            k, v = (_GatherKV.apply(t)[..., g * hd:(g + 1) * hd] for t in (k, v))
-        q, k, v = heads(self.q(x)[0]), heads(k), heads(v)
+        q, k, v = (heads(t) for t in self.qkv(x))
         if self.rope:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         if self.n_rep > 1:
@@ -194,10 +135,12 @@ class MLP(nn.Module):
         else:
             self.fc1 = column(mp, c.d_model, c.ffn_dim, True)
             self.fc2 = row(mp, c.ffn_dim, c.d_model, True)
+        self.fused = True  # SwiGLU: gate and up from one GEMM (fused_columns), parameters unchanged
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.swiglu:
-            return self.down(F.silu(self.gate(x)[0]) * self.up(x)[0])[0]
+            gate, up = fused_columns([self.gate, self.up], x) if self.fused else (self.gate(x)[0], self.up(x)[0])
+            return self.down(F.silu(gate) * up)[0]
         return self.fc2(F.gelu(self.fc1(x)[0], approximate="tanh"))[0]
 
 
@@ -242,10 +185,10 @@ class GPT(nn.Module):
     def __init__(self, c: ModelConfig, dtype: torch.dtype = torch.float32):
         super().__init__()
         self.config = c
-        mp = _megatron_config(dtype)
-        self.tok_emb = _sharded(tensor_parallel.VocabParallelEmbedding(c.padded_vocab, c.d_model, init_method=_no_init, config=mp), 0)
+        mp = megatron_config(dtype)
+        self.tok_emb = sharded(tensor_parallel.VocabParallelEmbedding(c.padded_vocab, c.d_model, init_method=no_init, config=mp), 0)
         if c.flavour == "gpt2":
-            self.pos_emb = nn.Embedding(c.seq_len, c.d_model, dtype=dtype)
+            self.pos_emb = nn.Embedding(c.n_positions, c.d_model, dtype=dtype)
         else:
             cos, sin = rope_tables(c.seq_len, c.head_dim, c.rope_theta, c.rope_scaling)
             self.register_buffer("rope_cos", cos, persistent=False)
@@ -256,6 +199,7 @@ class GPT(nn.Module):
             self.lm_head = column(mp, c.d_model, c.padded_vocab, False)
         self.dropout_gen: torch.Generator | None = None
         self.activation_checkpointing = "none"  # set from the stage config (Stage.activation_checkpointing)
+        self.chunked_loss = True  # the loss without fp32 logits of the whole batch (Stage.chunked_loss)
 
     @property
     def activation_checkpointing(self) -> str:
@@ -269,6 +213,16 @@ class GPT(nn.Module):
             raise ValueError(f"activation_checkpointing must be one of {', '.join(RECOMPUTE)}, got {mode!r}")
         for block in self.blocks:
             block.recompute = mode
+
+    @property
+    def fused_qkv(self) -> bool:
+        """Q, K, V (and llama's gate, up) each from one GEMM (Stage.fused_qkv); the parameters are the same."""
+        return self.blocks[0].attn.fused if len(self.blocks) else True
+
+    @fused_qkv.setter
+    def fused_qkv(self, on: bool) -> None:
+        for block in self.blocks:
+            block.attn.fused = block.mlp.fused = bool(on)
 
     def set_dropout_seed(self, seed: int) -> None:
         """Seed this micro-batch's dropout masks (the trainer derives it from the data position)."""
@@ -284,11 +238,23 @@ class GPT(nn.Module):
         if c.flavour == "gpt2":
             x = x + self.pos_emb(torch.arange(idx.shape[1], device=idx.device))
         else:
-            rope = (self.rope_cos, self.rope_sin)
+            rope = self.rope(idx.shape[1])
         x = dropout(x, c.dropout, self.dropout_gen, self.training)
         for block in self.blocks:
             x = block(x, rope, self.dropout_gen)
         return self.ln_f(x)
+
+    def rope(self, T: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The cos/sin tables of a T-token forward: the ones built for seq_len, except under dynamic
+        scaling when T or seq_len is beyond the original context: then those of T itself (dynamic
+        NTK depends on the sequence length; transformers computes them for the forward's length too)."""
+        c = self.config
+        rs = c.rope_scaling
+        if rs is None or rs.rope_type != "dynamic" or T == self.rope_cos.shape[0] \
+                or max(T, self.rope_cos.shape[0]) <= rs.original_max_position_embeddings:
+            return self.rope_cos, self.rope_sin
+        cos, sin = rope_tables(T, c.head_dim, c.rope_theta, rs)
+        return cos.to(self.rope_cos.device), sin.to(self.rope_sin.device)
 
     def head_weight(self) -> torch.Tensor:
         """The LM head (this rank's vocabulary shard): the token embedding when tied."""
@@ -305,8 +271,11 @@ class GPT(nn.Module):
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """Mean next-token cross entropy over all (B, T) positions; the padded vocabulary rows
-        never take probability, and no fp32 logits of the whole batch are kept (megagrow/model/loss.py)."""
+        never take probability, and no fp32 logits of the whole batch are kept (megagrow/model/loss.py)
+        unless chunked_loss is off (then the whole batch's logits in one piece, for comparison)."""
         c = self.config
+        if not self.chunked_loss:
+            return loss.unchunked_loss(self.logits(idx), targets, c.vocab_size)
         if parallel_state.get_tensor_model_parallel_world_size() == 1:
             return loss.linear_cross_entropy(self.hidden(idx), self.head_weight(), targets, c.vocab_size)
         logits = self.logits(idx)
@@ -317,20 +286,8 @@ class GPT(nn.Module):
 # Layout-independent initialisation, drawn shard by shard, and the logical view of parameters
 
 
-def shard_box(shape: tuple[int, ...], split: int | None, tp: int, rank: int) -> tuple:
-    """This TP rank's box of a logical tensor of `shape` split along `split` (None: all of it)."""
-    box = [(0, n) for n in shape]
-    if split is not None and tp > 1:
-        n = shape[split] // tp
-        box[split] = (rank * n, (rank + 1) * n)
-    return tuple(box)
 
 
-def tp_slice(full: torch.Tensor, p: torch.Tensor, tp: int, rank: int) -> torch.Tensor:
-    """This TP rank's shard of the logical tensor `full` (contiguous chunk along partition_dim)."""
-    if not getattr(p, "tensor_model_parallel", False) or tp == 1:
-        return full
-    return full.chunk(tp, dim=p.partition_dim)[rank]
 
 
 def _draw(out: torch.Tensor, name: str, c: ModelConfig, seed: int, shape: tuple, box: tuple, start: int) -> None:

@@ -118,3 +118,14 @@ def reference_loss(logits: torch.Tensor, targets: torch.Tensor, vocab_size: int)
     """The plain form (tp = 1, for tests): fp32 logits of the whole batch, real vocabulary only."""
     z = logits[..., :vocab_size].float()
     return torch.nn.functional.cross_entropy(z.reshape(-1, vocab_size), targets.reshape(-1))
+
+
+def unchunked_loss(logits: torch.Tensor, targets: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """Mean cross entropy of (vocab-parallel at tp > 1) logits of the whole batch in one piece, padded
+    columns masked, fp32 softmax of every token kept for backward: the form the chunked paths above
+    replace (Stage.chunked_loss false, to measure what chunking costs or saves)."""
+    if parallel_state.get_tensor_model_parallel_world_size() == 1:
+        return reference_loss(logits, targets, vocab_size)
+    local = logits.shape[-1]
+    real = max(0, min(local, vocab_size - parallel_state.get_tensor_model_parallel_rank() * local))
+    return _masked_vocab_parallel_ce(logits.reshape(-1, local), targets.reshape(-1), real) / targets.numel()

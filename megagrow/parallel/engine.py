@@ -25,7 +25,7 @@ def resolve_ds_config(path: str) -> str:
     for cand in (path, os.path.join(REPO_ROOT, path)):
         if os.path.isfile(cand):
             return cand
-    raise UserError(f"DeepSpeed config not found: {path}")
+    raise UserError(f"DeepSpeed config not found: {path}", all_ranks=True)
 
 
 def _nccl() -> bool:
@@ -73,13 +73,17 @@ def ds_config(stage: Stage, overlap: bool | None = None) -> dict:
             with open(path) as f:
                 cfg = json.load(f)
         except json.JSONDecodeError as e:
-            raise UserError(f"{path}: not valid JSON ({e})") from None
+            raise UserError(f"{path}: not valid JSON ({e})", all_ranks=True) from None
+        if not isinstance(cfg, dict) or not isinstance(cfg.get("zero_optimization", {}), dict):
+            raise UserError(f"{path}: expected a JSON object of DeepSpeed settings (zero_optimization an object too)", all_ranks=True)
         for k, v in owned.items():
             if k in cfg and k != "bf16" and cfg[k] != v:
-                raise UserError(f"{path}: key {k!r} is set by the stage config (layout/optim); remove it from the JSON")
+                raise UserError(f"{path}: key {k!r} is set by the stage config (layout/optim); remove it from the JSON",
+                                all_ranks=True)  # every rank reads the same file: rank 0 says it
         stage_in_json = cfg.get("zero_optimization", {}).get("stage")
         if stage_in_json is not None and stage_in_json != L.zero_stage:
-            raise UserError(f"{path}: zero_optimization.stage {stage_in_json} disagrees with layout.zero_stage {L.zero_stage}")
+            raise UserError(f"{path}: zero_optimization.stage {stage_in_json} disagrees with layout.zero_stage {L.zero_stage}",
+                            all_ranks=True)
     cfg.update({k: v for k, v in owned.items() if k != "bf16"})
     cfg["bf16"] = {**cfg.get("bf16", {}), "enabled": L.dtype == "bf16"}
     cfg.setdefault("zero_optimization", {})["stage"] = L.zero_stage
@@ -147,9 +151,10 @@ def _zero3_init(cfg: dict):
                                tensor_overrides=[DeepSpeedTensorOverride.device])
 
 
-def build_stage(plan: Plan, k: int, init: bool = True):
+def build_stage(plan: Plan, k: int, init: bool = True, overlap: bool | None = None):
     """Model and DeepSpeed engine for stage k of `plan` (process groups already initialised).
-    init=False skips drawing initial weights (the caller overwrites every one of them).
+    init=False skips drawing initial weights (the caller overwrites every one of them). overlap: the
+    gradient-reduction overlap (ds_config's; None: its default).
 
     At ZeRO-3 the model is built inside deepspeed.zero.Init: each layer's parameters are
     partitioned over the data-parallel group as soon as the layer is made (a rank holds at
@@ -162,16 +167,45 @@ def build_stage(plan: Plan, k: int, init: bool = True):
 
     stage = plan.stages[k]
     dtype = DTYPE[stage.layout.dtype]
-    cfg = ds_config(stage)
+    cfg = ds_config(stage, overlap)
     making = contextlib.nullcontext()
     if stage.layout.zero_stage == 3:
         making = _zero3_init(cfg)
     with making:
         model = GPT(stage.model, dtype)
-    model.activation_checkpointing = stage.activation_checkpointing
     if init:
         init_weights(model, plan.seed)
+    configure_model(model, stage)
     return build_engine(model, stage, cfg)
+
+
+def compile_on(stage: Stage) -> bool:
+    """Stage.compile resolved: auto is on where DeepSpeed's accelerator is CUDA, except at ZeRO-3 (its
+    parameter gathering runs in module hooks inside each block, which torch.compile would trace)."""
+    if stage.compile == "auto":
+        from deepspeed.accelerator import get_accelerator
+
+        return get_accelerator().device_name() == "cuda" and stage.layout.zero_stage != 3
+    return stage.compile == "on"
+
+
+def configure_model(model: torch.nn.Module, stage: Stage) -> None:
+    """The stage's execution options on a model built for it, before DeepSpeed takes it: what each
+    block recomputes, the fused Q/K/V (and gate/up) GEMMs, the chunked loss, and torch.compile of
+    each transformer block (Stage.compile; the parameters and their names stay the block's own,
+    so checkpoints, growth and ZeRO's gradient hooks see the same model)."""
+    model.activation_checkpointing = stage.activation_checkpointing
+    model.fused_qkv = stage.fused_qkv
+    model.chunked_loss = stage.chunked_loss
+    if compile_on(stage):
+        compile_blocks(model)
+
+
+def compile_blocks(model: torch.nn.Module) -> None:
+    """torch.compile each transformer block in place (nn.Module.compile: the module, its parameters and
+    their names stay; its calls run the compiled code)."""
+    for block in model.blocks:
+        block.compile()
 
 
 def set_lr(optimizer, lr: float) -> None:

@@ -358,6 +358,13 @@ class SourceCheckpoint:
         base = sd["optimizer_state_dict"] if self.zero_stage == 3 else sd["base_optimizer_state"]
         return int(next(iter(base["state"].values()))["step"])
 
+    def param_groups(self) -> list:
+        """The base optimizer's param_groups as an opened optimizer file holds them (torch's AdamW
+        keys, in its order; the values of the source's last step), copies."""
+        sd = next(iter(self._files.values())) if self._files else self._optim(0, 0)
+        base = sd["optimizer_state_dict"] if self.zero_stage == 3 else sd["base_optimizer_state"]
+        return [dict(g) for g in base["param_groups"]]
+
     def files(self) -> list[str]:
         return sorted(glob.glob(os.path.join(self.dir, self.tag, "*.pt")))
 

@@ -216,7 +216,7 @@ def regrow(plan: Plan, k: int, src: SourceCheckpoint, out_dir: str, spec: str | 
     else:  # a new stage: its step 0 continues the data stream; LR placement from the operator
         rec = src_rec.grown(plan, k, *lr_placement(op, src_rec.lr_offset + src_rec.step, stage))
     engine.global_steps = rec.step
-    engine.save_checkpoint(out_dir, tag=tag_of(rec.step), client_state=rec.to_client_state())
+    save_grown(engine, out_dir, tag_of(rec.step), rec.to_client_state())
     collectives.barrier()
     t.append(time.perf_counter())
     if keep_engine:
@@ -230,6 +230,62 @@ def regrow(plan: Plan, k: int, src: SourceCheckpoint, out_dir: str, spec: str | 
                 files_verified=len(checked or []),
                 files_unverified=None if verified is None else len({os.path.basename(p) for p in src.opened[1:]} - set(verified)),
                 phase_seconds={"engine": t[1] - t[0], "fill": t[2] - t[1], "save": t[3] - t[2]})
+    return info
+
+
+def _grown_record(plan: Plan, k: int, src: SourceCheckpoint, same_stage: bool, op):
+    """The stage record a regrow into stage k writes (as `regrow` makes it)."""
+    stage = plan.stages[k]
+    if same_stage:  # a resume at a new layout: the stage goes on where it stopped, every field kept
+        return src.record.resharded(plan, k)
+    return src.record.grown(plan, k, *lr_placement(op, src.record.lr_offset + src.record.step, stage))
+
+
+def regrow_offline(plan: Plan, k: int, src: SourceCheckpoint, out_dir: str, spec: str | None = None,
+                   progress: bool = False, verify: bool = False) -> dict:
+    """`regrow` without a DeepSpeed engine or a model: each rank of stage k's layout (global rank r:
+    TP rank r % tp, DP rank r // tp, as megatron numbers them) writes its own native DeepSpeed files
+    with `writer.RankWriter` (the same values, keys and dtypes as `regrow`'s engine saves); rank 0
+    also `latest` and the recovery scripts. Reads exactly what `regrow` reads (`read_plan`). Needs
+    only torch.distributed (gloo) when there are several ranks: at ZeRO-1/2 with dp > 1 the DP ranks
+    of each TP rank gather the module weights to their DP rank 0, as DeepSpeed does; ZeRO-1/2/3
+    layouts (`writer.supported`). verify and the returned info as `regrow`."""
+    from megagrow.growth.ops import operator_between, plan_growth
+    from megagrow.parallel.engine import ds_config
+    from megagrow.state.writer import RankWriter, write_shared
+
+    dist = torch.distributed.is_available() and torch.distributed.is_initialized()
+    rank = torch.distributed.get_rank() if dist else 0
+    stage = plan.stages[k]
+    same_stage = check_source(plan, k, src)
+    op = operator_between("identity" if same_stage else (spec or stage.grow or "identity"), src.model, stage.model,
+                          symmetry_breaking=stage.growth.symmetry_breaking)
+    reset = not same_stage and stage.growth.optimizer_state == "reset"
+    checked, verified = verify_reads(plan, k, src, spec) if verify else (None, None)
+    rec = _grown_record(plan, k, src, same_stage, op)
+    tag = tag_of(rec.step)
+    tag_dir = os.path.join(out_dir, tag)
+    os.makedirs(tag_dir, exist_ok=True)
+    L = stage.layout
+    dp_groups = [None] * L.tp
+    if dist and L.dp > 1 and L.zero_stage in (1, 2):  # DP rank 0 of each TP rank gathers the module weights
+        dp_groups = [torch.distributed.new_group([t + L.tp * d for d in range(L.dp)]) for t in range(L.tp)]
+    w = RankWriter(plan, k, plan_growth(op, src.model, stage.model).tensors, src, rank % L.tp, rank // L.tp, reset=reset,
+                   dp_group=dp_groups[rank % L.tp])
+    info = w.write(tag_dir, rec.step, rec.to_client_state(), ds_config(stage), progress,
+                   adam_step=lambda: 0 if reset else src.adam_step())
+    t0 = time.perf_counter()
+    if dist:
+        collectives.barrier()
+    if rank == 0:
+        write_shared(out_dir, tag)
+    if dist:
+        collectives.barrier()
+    info["phase_seconds"] = {"fill": info.pop("fill_seconds"), "save": info.pop("save_seconds") + time.perf_counter() - t0}
+    info.update(op=op.describe() if hasattr(op, "describe") else str(op), step=rec.step, sample_offset=rec.sample_offset,
+                bytes_read=src.bytes_read, files_opened=len(src.opened), tag=tag, record=rec,
+                files_verified=len(checked or []),
+                files_unverified=None if verified is None else len({os.path.basename(p) for p in src.opened[1:]} - set(verified)))
     return info
 
 
@@ -264,7 +320,8 @@ def _read_setup(plan: Plan, k: int, src: SourceCheckpoint, spec: str | None):
 def _rank_reads(tensors: dict, states: tuple, target: SourceCheckpoint, src: SourceCheckpoint, frags: list, tp: int,
                 tp_rank: int) -> tuple[set, int, int]:
     """(source optimizer files opened, bytes read, state bytes filled) of the target rank holding
-    `frags` at TP rank `tp_rank`: fill_engine's box arithmetic on metadata alone."""
+    `frags` at TP rank `tp_rank`: fill_engine's box arithmetic on metadata alone (the offline writer,
+    `regrow_offline`, reads the same boxes)."""
     from megagrow.growth.maps import Copy, box_size
 
     files, nbytes, state = set(), 0, 0
@@ -388,3 +445,191 @@ def read_plan(plan: Plan, k: int, src: SourceCheckpoint, spec: str | None = None
             "source_files": src.tp * src.dp, "files_opened_per_rank": opened,
             "bytes_read_per_rank": read, "state_bytes_per_rank": filled,
             "verify_bytes_per_rank": vbytes, "verify_files_per_rank": vfiles}
+
+
+# --------------------------------------------------------------------------------------
+# resume: stage k from its own checkpoint at the same layout, through the shard reader
+
+
+def own_files(src: SourceCheckpoint, tp_rank: int, dp_rank: int) -> list[tuple[int, int]]:
+    """The optimizer files (tp_rank, dp_rank) that a resume of `src` at its own layout opens on the rank
+    at (tp_rank, dp_rank): those holding its own fragments, read by their flat ranges (the shard map's
+    arithmetic; at the same layout that is its own file alone)."""
+    out = set()
+    for name, start, numel in src.map.rank_fragments(dp_rank):
+        if numel > 0:
+            out |= {(tp_rank, f.dp_rank) for f in src.map.overlapping(name, start, start + numel)}
+    return sorted(out)
+
+
+def fill_own(engine, src: SourceCheckpoint) -> dict:
+    """Write every fragment this rank owns (fp32 master, exp_avg, exp_avg_sq) from the same fragment of
+    `src` (a checkpoint of this stage at this layout), read by its flat range: only this rank's own
+    optimizer file is opened, memory-mapped. One state at a time, the file's mapping dropped after each
+    (`src.close`): the pages a rank has mapped at once stay one state's (4 B per element of its
+    partition), not the whole file's 12. Then Adam's step, and the ZeRO-1/2 module weights from the fp32
+    master (DeepSpeed's step leaves them equal to its cast, so they are what the module file holds)."""
+    from megatron.core import parallel_state
+
+    tp_rank = parallel_state.get_tensor_model_parallel_rank()
+    written = 0
+    frags = [f for f in target_fragments(engine) if f[3] > 0]
+    for name, shape, *_ in frags:
+        if tuple(src.local_shapes.get(name, ())) != tuple(shape):
+            raise UserError(f"{src.dir}/{src.tag}: parameter {name} has TP-local shape {src.local_shapes.get(name)}, "
+                            f"this stage builds {tuple(shape)}; refusing to resume")
+    step = None
+    for state in ("w", "m", "v"):
+        for name, _, start, numel, setter in frags:
+            setter(state, _own_fragment(src, tp_rank, name, state, start, numel))
+            written += numel * 4
+        if step is None:
+            step = src.adam_step()  # from a file open now (its own): every optimizer file holds it
+        src.close()
+    for st in engine.optimizer.optimizer.state.values():
+        if "step" in st:
+            st["step"] = torch.full_like(st["step"], float(step)) if torch.is_tensor(st["step"]) else step
+    if not _z3(engine):
+        update_lp_params_bounded(engine.optimizer)
+    return {"bytes_written_state": written, "adam_step": step}
+
+
+def update_lp_params_bounded(optimizer, bucket_elems: int = 1 << 18) -> None:
+    """DeepSpeed's ZeRO-1/2 (and BF16_Optimizer's) update_lp_params, with the all-gather of the module
+    weights done `bucket_elems` elements per rank at a time: each rank casts its fp32 partition into its
+    own low-precision partition, then the partitions are gathered into the flat module buffer. The same
+    bytes; but gloo's all-gather stages its whole output in a temporary buffer (DeepSpeed gathers a group
+    at once: the TP-local model, 4 B/element at fp32), bounded here to dp x bucket_elems elements, twice
+    (collectives.all_gather returns new tensors): 2 x dp MiB at the default 2^18."""
+    parts = getattr(optimizer, "parallel_partitioned_bit16_groups", None)
+    if parts is None:
+        parts = optimizer.bf16_partitioned_groups
+    for g, (own, fp32) in enumerate(zip(parts, fp32_partitions(optimizer))):
+        group = optimizer.real_dp_process_group[g]
+        pid = torch.distributed.get_rank(group=group)
+        own[pid].data.copy_(fp32.data)
+        if torch.distributed.get_world_size(group=group) == 1:
+            continue
+        n = own[pid].numel()
+        with torch.no_grad():
+            for s in range(0, n, bucket_elems):
+                m = min(bucket_elems, n - s)
+                for q, got in enumerate(collectives.all_gather(own[pid].narrow(0, s, m), group=group)):
+                    if q != pid:
+                        own[q].narrow(0, s, m).copy_(got)
+
+
+def _own_fragment(src: SourceCheckpoint, tp_rank: int, name: str, state: str, start: int, numel: int) -> torch.Tensor:
+    """Flat elements [start, start+numel) of TP-local param `name`: at the source's own layout one
+    fragment of one file holds them all, and the memory-mapped slice itself is returned (the setter
+    copies it into the engine: no temporary copy); else `read_flat` assembles them."""
+    frags = src.map.overlapping(name, start, start + numel)
+    f = frags[0] if len(frags) == 1 else None
+    if f is None or f.param_offset > start or f.param_offset + f.numel < start + numel:
+        return src.read_flat(tp_rank, name, state, start, start + numel)
+    flat = src._flat(tp_rank, f.dp_rank, f.group, state)
+    a = f.flat_start + start - f.param_offset
+    src.bytes_read += numel * flat.element_size()
+    return flat[a:a + numel]
+
+
+def resume_engine(plan: Plan, k: int, src: SourceCheckpoint) -> tuple:
+    """Stage k's engine with the state of `src`, its own checkpoint at its own layout, bitwise what
+    `engine.load_checkpoint` gives (fp32 master, Adam moments and step, module weights, DeepSpeed's step
+    and sample counters), each rank reading only its own fragments. Returns (engine, optimizer, record, fill info).
+    The caller gathers ZeRO-3's persistent parameters (transition.gather_persistent)."""
+    from megagrow.parallel.engine import build_stage
+
+    if not check_source(plan, k, src):
+        raise UserError(f"{src.dir}/{src.tag} is a checkpoint of stage {k - 1}, not of stage {k}; refusing to resume")
+    engine, optimizer = build_stage(plan, k, init=False)  # every weight is written below
+    info = load_own(engine, optimizer, src)
+    return engine, optimizer, src.record, info
+
+
+def load_own(engine, optimizer, src: SourceCheckpoint) -> dict:
+    """Fill a freshly built engine of the checkpoint's stage and layout from `src` (`resume_engine`'s
+    load, without the build)."""
+    init_optimizer_state(engine, optimizer)
+    info = fill_own(engine, src)
+    c = src.client
+    engine.global_steps = int(c["global_steps"])
+    engine.global_samples = int(c.get("global_samples", engine.global_steps * engine.train_batch_size()))
+    engine.skipped_steps = int(c["skipped_steps"])
+    engine.loaded_checkpoint_mp_world_size = c["mp_world_size"]
+    engine.loaded_checkpoint_dp_world_size = c["dp_world_size"]
+    sync_module_weights(engine)
+    return info
+
+
+def verify_resume(src: SourceCheckpoint, tp: int) -> list[str]:
+    """Before a resume reads `src` (collective over the stage's ranks): each rank checks exactly what it
+    will read. Its own optimizer files (`own_files`, read whole): size and CRC-32 against the manifest,
+    each file once, by one of the ranks that open it (`assign_verifiers`). The metadata file every rank
+    opens (`src.opened[0]`), by rank 0: at ZeRO-3 a small file, checked whole; at ZeRO-1/2 the TP-rank-0
+    module file, whose weights the resume never reads (they come from the fp32 master), so its size and
+    the CRC-32 of its record entries recorded at seal time (`manifest.record_problems`; a manifest
+    without one: the whole file).
+    Files no rank opens (the other TP ranks' module files) are only sized (when rank 0 chose the tag).
+    A mismatch is one UserError on every rank (manifest.verification_failed). Returns the names this
+    rank checked."""
+    from megagrow.state import manifest as mf
+
+    rank = torch.distributed.get_rank()
+    tag_dir = os.path.join(src.dir, src.tag)
+    m = mf.read_manifest(tag_dir)
+    mine, bad = [], []
+    if m is not None:
+        d, t = divmod(rank, tp)
+        opens = [os.path.basename(src.path("optim", ft, fd)) for ft, fd in own_files(src, t, d)]
+        every = collectives.all_gather_object(opens)
+        owner = assign_verifiers(every, {n: f.get("size", 0) for n, f in m["files"].items()})
+        mine = [n for n in opens if owner.get(n) == rank]
+        bad = mf.problems(tag_dir, deep=True, names=mine, only=True) if mine else []
+        if rank == 0:
+            meta = os.path.basename(src.opened[0])
+            whole = src.zero_stage == 3
+            bad += mf.problems(tag_dir, deep=True, names=[meta], only=True) if whole else mf.record_problems(tag_dir, meta)
+            mine.insert(0, meta)
+    bad = sorted({p for part in collectives.all_gather_object(bad) for p in part})
+    if bad:
+        mf.verification_failed(src.dir, src.tag, bad, all_ranks=True)
+    return mine
+
+
+def resume_read_plan(model, tp: int, dp: int, zero_stage: int, dtype: str) -> dict:
+    """Bytes each rank reads and checksums to resume a checkpoint of `model` at layout (tp, dp,
+    zero_stage), from the shard map alone (any scale): the shard-reader resume (`resume_engine`) next to
+    DeepSpeed's `engine.load_checkpoint`, per rank (TP fastest). Shard reader: its own fragments' fp32
+    master and two moments (12 B/element of its partitions, memory-mapped), checksums of its own
+    optimizer file (+ rank 0: the metadata file; at ZeRO-1/2 only the record inside the module file,
+    counted 0 here). load_checkpoint at ZeRO-1/2: the whole TP-local module file (2 B/element bf16, 4
+    fp32), not memory-mapped, plus the optimizer file; at ZeRO-3 its optimizer file and a small
+    model-states file (0 here); and verify_distributed's checksum share (the files a rank wrote; TP rank
+    t of DP rank 0 also the module file of TP rank t)."""
+    src = SourceCheckpoint.planned(model, tp, dp, zero_stage)
+    src.client = {"stage": {"layout": {"dtype": dtype}}}
+    optim = src.file_bytes("optim", 0, 0)
+    module = 0 if zero_stage == 3 else src.file_bytes("model", 0, 0)
+    own = [12 * sum(n for _, _, n in src.map.rank_fragments(d)) for d in range(dp) for _ in range(tp)]
+    verify = [optim for _ in range(tp * dp)]
+    old_read = [optim + module for _ in range(tp * dp)]
+    old_verify = [optim + (module if r < tp else 0) for r in range(tp * dp)]
+    return {"layout": {"tp": tp, "dp": dp, "zero_stage": zero_stage, "dtype": dtype},
+            "shard_reader": {"bytes_read_per_rank": own, "verify_bytes_per_rank": verify},
+            "load_checkpoint": {"bytes_read_per_rank": old_read, "verify_bytes_per_rank": old_verify}}
+
+
+def save_grown(engine, out_dir: str, tag: str, client_state: dict) -> None:
+    """DeepSpeed's save of the grown (or resharded) state; a write that fails (disk full: torch.save
+    says so as a RuntimeError from its zip writer) is a SaveFailed, one line naming the cause."""
+    from megagrow.errors import SaveFailed
+    from megagrow.state.manifest import _write_failure
+
+    try:
+        engine.save_checkpoint(out_dir, tag=tag, client_state=client_state)
+    except (OSError, RuntimeError) as e:
+        why = _write_failure(e, out_dir)
+        if why is None:
+            raise
+        raise SaveFailed(f"could not write the new checkpoint {out_dir}/{tag} ({why})") from None

@@ -13,204 +13,346 @@ import math
 import os
 import sys
 import time
+from dataclasses import dataclass
 
 import torch
 
 from megagrow import collectives, faults
 from megagrow.config import Plan
 from megagrow.errors import EXIT_OK, EXIT_PREEMPTED, NonFinite, UserError
-from megagrow.state import manifest
 from megagrow.fsutil import Heartbeat, try_exclusive_lock, write_json_atomic
 from megagrow.paths import RunPaths, StagePaths, tag_of
+from megagrow.state import manifest
 from megagrow.state.record import StageRecord
 from megagrow.train.log import StageLog
 from megagrow.train.step import train_step
 
 
+@dataclass
+class Started:
+    """What start-up hands the loop: the engine, its optimizer and the stage record (resumed, grown or
+    fresh), the data, and the stage's heartbeat, stop flag and lock. `end` is the step the stage ends at
+    (a stop rule or --stop-at may move it earlier)."""
+
+    plan: Plan
+    k: int
+    paths: StagePaths
+    rank: int
+    engine: object
+    optimizer: object
+    rec: StageRecord
+    batches: object
+    beat: Heartbeat
+    stop: object
+    lock: object  # rank 0's flock on the stage directory, held while this object lives
+    quiet: bool
+    end: int = 0
+
+    @property
+    def stage(self):
+        return self.plan.stages[self.k]
+
+    def ends_here(self) -> None:
+        """A stop rule ended the stage at the current step."""
+        self.rec = self.rec.replace(final_step=self.rec.step)
+        self.end = self.rec.step
+
+    def say(self, line: str) -> None:
+        if self.rank == 0 and not self.quiet:
+            print(line, flush=True)
+
+
 def train_stage(plan: Plan, k: int, run_dir: str, stop_at: int | None = None, quiet: bool = False) -> int:
     """Train stage k of `plan` to its end (or to step `stop_at`, saving there). Returns an exit code."""
+    return run_stage(start_stage(plan, k, run_dir, quiet), stop_at)
+
+
+def start_stage(plan: Plan, k: int, run_dir: str, quiet: bool = False) -> Started:
+    """Start-up: process groups, the stage lock and heartbeat, the data; then the engine, optimizer and
+    record, resumed from the stage's newest complete checkpoint, grown from the previous stage's, or
+    fresh."""
     from megagrow.data.batches import Batches
-    from megagrow.metrics.meter import StageMeter
-    from megagrow.parallel.engine import build_stage
     from megagrow.parallel.groups import dp_rank_size, init_distributed
-    from megagrow.schedule.lr import LRSchedule
-    from megagrow.schedule.stop import StageStop
     from megagrow.signals import StopFlag
     from megagrow.train.transition import initial, transition
 
     stage = plan.stages[k]
-    rel = plan.reliability
     paths = RunPaths(run_dir).stage(stage.name)
     stop = StopFlag()
-    init_distributed(stage.layout, rel.collective_timeout_s)
+    init_distributed(stage.layout, plan.reliability.collective_timeout_s)
     rank = torch.distributed.get_rank()
-    lock = _stage_lock(paths.root)  # noqa: F841 - held (rank 0) until this process ends
-    beat = Heartbeat(paths.heartbeat if rank == 0 else None)  # `megagrow run`'s hang watchdog reads its age
+    lock = _stage_lock(paths.root)
+    beat = Heartbeat(paths.heartbeat if rank == 0 else None)  # `megagrow run`'s hang watchdog reads it
     beat.beat(force=True)
     dp_rank, dp_size = dp_rank_size()
     batches = Batches.open(plan, stage, dp_rank, dp_size)  # bad data fails before the engine is built
     tag = _resume_tag(paths.ckpt, rank, quiet)  # the newest complete checkpoint, or None
     resuming = tag is not None
-    grown = None
-    if tag is None and k > 0:
+    if tag is None and k > 0:  # train on from the grown engine: the state a load of the checkpoint just saved gives
         grown = transition(plan, k, run_dir, quiet, keep_engine=True)
-        tag = _resume_tag(paths.ckpt, rank, True)
-    elif tag is None and stage.init_from:  # a first stage starting from a transformers model
-        initial(plan, k, run_dir, quiet)
-        tag = _resume_tag(paths.ckpt, rank, True)
-    if tag is not None and not grown:
-        _check_manifest_fits(paths.ckpt, tag, plan, k)  # another plan's or stage's checkpoint: refused before loading
-        if rel.verify_on_resume:
-            manifest.verify_distributed(paths.ckpt, tag, tp=stage.layout.tp)
-    if grown:  # train on from the grown engine: the same state a load of the checkpoint just saved gives
         (engine, optimizer), rec = grown["engine"], grown["record"]
     else:
-        engine, optimizer = build_stage(plan, k)
-        rec = StageRecord(plan, k)
-    device = engine.device
+        if tag is None and stage.init_from:  # a first stage starting from a transformers model
+            initial(plan, k, run_dir, quiet)
+            tag = _resume_tag(paths.ckpt, rank, True)
+        if tag is None:
+            from megagrow.parallel.engine import build_stage
 
-    if tag is not None and not grown:
-        try:
-            _, cs = engine.load_checkpoint(paths.ckpt, tag=tag)
-        except (RuntimeError, OSError, ValueError, KeyError, EOFError) as e:
-            raise UserError(f"cannot load checkpoint {os.path.join(paths.ckpt, tag)}: {type(e).__name__}: "
-                            f"{str(e).splitlines()[0] if str(e) else ''}", all_ranks=True) from None
-        rec = StageRecord.from_client_state(cs, paths.ckpt)
-        rec.check_resumes(plan, k)
-        rec = rec.resharded(plan, k)  # this run's plan (same stage; e.g. another --data path)
-        if rank == 0 and not quiet and resuming:
-            print(f"[megagrow] resumed stage {stage.name} at step {rec.step} (sample {rec.sample_index})", flush=True)
+            engine, optimizer = build_stage(plan, k)
+            rec = StageRecord(plan, k)
+        else:
+            _check_manifest_fits(paths.ckpt, tag, plan, k)  # another plan's or stage's checkpoint: refused before loading
+            engine, optimizer, rec = _resume(plan, k, paths.ckpt, tag)
+            if rank == 0 and not quiet and resuming:
+                print(f"[megagrow] resumed stage {stage.name} at step {rec.step} (sample {rec.sample_index})", flush=True)
     if rank == 0:
         os.makedirs(paths.root, exist_ok=True)
-    sched = LRSchedule.from_optim(stage.optim, stage.steps, rec.lr_offset, rec.rewarmup)
-    L = stage.layout
-    end = rec.end_step if stop_at is None else min(stop_at, rec.end_step)
+    return Started(plan, k, paths, rank, engine, optimizer, rec, batches, beat, stop, lock, quiet, rec.end_step)
 
-    def save(state: str) -> None:
-        # never a checkpoint with non-finite weights: the last complete one stays the newest
-        if not fp32_finite(optimizer):
+
+def _resume(plan: Plan, k: int, ckpt_dir: str, tag: str) -> tuple:
+    """(engine, optimizer, record) of stage k from its own checkpoint `tag`, at the same layout.
+
+    Through the shard reader (executor.resume_engine): each rank opens the metadata file and its own
+    optimizer file, memory-mapped, and fills the engine's fp32 master, Adam moments and step, module
+    weights and DeepSpeed's counters from them, bitwise what engine.load_checkpoint gives
+    (tests/dist/test_resume_shard.py); with verify_on_resume it checks exactly those files first
+    (executor.verify_resume). DeepSpeed's loader stays the fallback for zero_stage 0, whose
+    checkpoint has no ZeRO flat partitions for the shard map to address (its optimizer state is the
+    torch optimizer's own state dict inside the module file)."""
+    from megagrow.parallel.engine import build_stage
+    from megagrow.state.checkpoint import SourceCheckpoint
+    from megagrow.state.executor import resume_engine, verify_resume
+    from megagrow.train.transition import gather_persistent
+
+    L, verify = plan.stages[k].layout, plan.reliability.verify_on_resume
+    where = os.path.join(ckpt_dir, tag)
+    if L.zero_stage == 0:
+        if verify:
+            manifest.verify_distributed(ckpt_dir, tag, tp=L.tp)
+        engine, optimizer = build_stage(plan, k)
+        try:
+            _, cs = engine.load_checkpoint(ckpt_dir, tag=tag)
+        except (RuntimeError, OSError, ValueError, KeyError, EOFError) as e:
+            raise UserError(f"cannot load checkpoint {where}: {type(e).__name__}: "
+                            f"{str(e).splitlines()[0] if str(e) else ''}", all_ranks=True) from None
+        rec = StageRecord.from_client_state(cs, ckpt_dir)
+    else:
+        try:
+            src = SourceCheckpoint.open(ckpt_dir, tag)
+        except UserError as e:
+            raise UserError(f"cannot load checkpoint {where}: {e}", all_ranks=True) from None
+        if verify:
+            verify_resume(src, L.tp)
+        try:
+            engine, optimizer, rec, _ = resume_engine(plan, k, src)
+        except UserError as e:
+            raise UserError(f"cannot load checkpoint {where}: {e}", all_ranks=True) from None
+        src.close()
+        gather_persistent(engine)
+    rec.check_resumes(plan, k)
+    return engine, optimizer, rec.resharded(plan, k)  # this run's plan (same stage; e.g. another --data path)
+
+
+class Checkpointer:
+    """Saves: every `save_every` steps and at the stage's end; at once when a signal was agreed."""
+
+    def __init__(self, s: Started):
+        self.s = s
+
+    def save(self, state: str) -> None:
+        """A sealed checkpoint of the current step, then status.json; never one with non-finite weights
+        (the last complete one stays the newest)."""
+        s, rec, stage = self.s, self.s.rec, self.s.stage
+        if not fp32_finite(s.optimizer):
             raise NonFinite(f"stage {stage.name}: the weights are not finite at step {rec.step}; not saving it "
-                            f"({_kept_msg(paths.ckpt)})")
+                            f"({_kept_msg(s.paths.ckpt)})")
         faults.set_step(rec.step)
         faults.point("save.before")
-        manifest.save_record(engine, paths.ckpt, rec, keep_last=rel.keep_last)
+        manifest.save_record(s.engine, s.paths.ckpt, rec, keep_last=s.plan.reliability.keep_last)
         faults.point("save.after")
-        if rank == 0:
-            write_json_atomic(paths.status, {"state": state, "stage": stage.name, "step": rec.step, "steps": stage.steps,
-                                             "sample_index": rec.sample_index, "loss": rec.loss, "tag": tag_of(rec.step),
-                                             "eval_loss": rec.eval_loss, "tokens": rec.tokens, "flops": rec.flops,
-                                             "layout": L.to_dict(), "time": time.time(),
-                                             **({"stopped_by": stage.stop.rule} if rec.final_step is not None else {})})
+        if s.rank == 0:
+            write_json_atomic(s.paths.status, {"state": state, "stage": stage.name, "step": rec.step, "steps": stage.steps,
+                                               "sample_index": rec.sample_index, "loss": rec.loss, "tag": tag_of(rec.step),
+                                               "eval_loss": rec.eval_loss, "tokens": rec.tokens, "flops": rec.flops,
+                                               "layout": stage.layout.to_dict(), "time": time.time(),
+                                               **({"stopped_by": stage.stop.rule} if rec.final_step is not None else {})})
 
-    faults.arm(engine)
-    log = StageLog(paths.log, rec.step, active=rank == 0)
-    # the ledger (tokens, FLOPs) goes on from the record; evals on the held-out split; TensorBoard events
-    meter = StageMeter(plan, k, rec.tokens_offset, rec.flops_offset, device, rank, paths.root, quiet)
-    # stop: {rule: slope} (None: the stage ends at `steps`), on the periodic eval loss when there is one
-    stopper = StageStop.of(plan, k, rec.lr_offset, paths.log, rec.step, use_eval=meter.enabled and stage.eval_every > 0)
+    def preempted(self, meter: Meter, state: str, said: bool = True) -> int:
+        """Save now (a signal was agreed) with status `state`, close, and return EXIT_PREEMPTED."""
+        s = self.s
+        self.save(state)
+        meter.meter.close()
+        if said:
+            s.say(f"[megagrow] signal received: saved stage {s.stage.name} at step {s.rec.step}, exiting {EXIT_PREEMPTED}")
+        s.engine.destroy()
+        return EXIT_PREEMPTED
 
-    def evaluate(at: str, value: float | None = None) -> float:
-        nonlocal rec
-        v = meter.evaluate(engine) if value is None else value  # every rank: eval mode, no grad; data and RNGs untouched
-        rec = rec.replace(eval_loss=v)
-        entry = meter.eval_record(rec.step, v, at)
-        log.write(entry)
-        meter.write(entry)
-        if rank == 0 and not quiet and at != "after_growth":
-            print(f"[megagrow] {stage.name} step {rec.step} eval loss {v:.4f} ({at})", flush=True)
+    def due(self) -> bool:
+        return self.s.rec.step % self.s.stage.save_every == 0 or self.s.rec.step == self.s.end
+
+
+class Meter:
+    """The stage's log.jsonl, TensorBoard and held-out evals: logs every `log_every` steps (training time
+    per step, evals excluded), evaluates when the stage's meter says so."""
+
+    def __init__(self, s: Started):
+        from megagrow.metrics.meter import StageMeter
+
+        rec = s.rec
+        self.s = s
+        self.log = StageLog(s.paths.log, rec.step, active=s.rank == 0)
+        # the ledger (tokens, FLOPs) goes on from the record; evals on the held-out split; TensorBoard events
+        self.meter = StageMeter(s.plan, s.k, rec.tokens_offset, rec.flops_offset, s.engine.device, s.rank, s.paths.root, s.quiet)
+        self.t_last, self.steps_since, self.eval_s = time.perf_counter(), 0, self.meter.eval_seconds
+
+    def write(self, entry: dict) -> None:
+        self.log.write(entry)
+        self.meter.write(entry)
+
+    def evaluate(self, at: str, value: float | None = None) -> float:
+        s = self.s
+        v = self.meter.evaluate(s.engine) if value is None else value  # every rank: eval mode, no grad; data and RNGs untouched
+        s.rec = s.rec.replace(eval_loss=v)
+        self.write(self.meter.eval_record(s.rec.step, v, at))
+        if at != "after_growth":
+            s.say(f"[megagrow] {s.stage.name} step {s.rec.step} eval loss {v:.4f} ({at})")
         return v
 
-    if k > 0 and rec.step == 0 and meter.enabled:  # just grown: the loss before (the source's final eval) and after
-        before = rec.eval_loss if meter.comparable_before() else None
+    def at_growth(self) -> None:
+        """Just grown (stage k > 0 at step 0): the eval loss before (the source's final eval) and after."""
+        s, stage = self.s, self.s.stage
+        before = s.rec.eval_loss if self.meter.comparable_before() else None
         if before is not None:
-            entry = meter.eval_record(0, before, "before_growth")
-            log.write(entry)
-            meter.write(entry)
-        evaluate("after_growth")
-        if rank == 0 and not quiet:
-            print(growth_report(plan, k, before, rec.eval_loss), flush=True)
-        if not math.isfinite(rec.eval_loss):  # the same value on every rank (all-reduced): all stop alike
+            self.write(self.meter.eval_record(0, before, "before_growth"))
+        self.evaluate("after_growth")
+        s.say(growth_report(s.plan, s.k, before, s.rec.eval_loss))
+        if not math.isfinite(s.rec.eval_loss):  # the same value on every rank (all-reduced): all stop alike
             was = "" if before is None else f", {before:.4f} before it"
-            raise NonFinite(f"stage {stage.name}: eval loss {rec.eval_loss} right after growth {plan.stages[k - 1].name} -> "
-                            f"{stage.name} ({stage.grow or 'identity'}{was}); stopped before training ({_kept_msg(paths.ckpt)})")
-    t_last, steps_since, eval_s = time.perf_counter(), 0, meter.eval_seconds
-    engine.train()
-    if stop.agreed(device):  # a signal that came during start-up
-        save("preempted")
-        meter.close()
-        engine.destroy()
-        return EXIT_PREEMPTED
-    world = torch.distributed.get_world_size()
-    nonfinite = 0
-    beat.beat(force=True)  # built, resumed or grown: start-up is over
-    while rec.step < end:
-        lr = sched(rec.step)
-        total = train_step(engine, optimizer, batches, plan.seed, L.grad_accum, rec.sample_index, lr, device)
-        # one collective and one host sync a step: the loss summed over all ranks (TP ranks hold
-        # the same value), the stop flag (any rank signalled -> all save together) and whether the
-        # gradient norm was finite
-        red = torch.stack([total, torch.tensor(1.0 if stop.raised else 0.0, device=device), _grad_norm_bad(engine, device)])
-        collectives.all_reduce(red)
-        loss_sum, stop_votes, grad_bad = red.tolist()
-        rec = rec.replace(step=rec.step + 1, loss=loss_sum / (L.grad_accum * world))
-        steps_since += 1
-        beat.beat()
-        faults.point("step", rec.step)
-        if not math.isfinite(loss_sum) or grad_bad > 0:
-            nonfinite += 1
-            what = f"loss {rec.loss}" if not math.isfinite(loss_sum) else "gradient norm not finite"
-            if nonfinite > rel.skip_nonfinite_steps or not fp32_finite(optimizer):
-                raise NonFinite(f"stage {stage.name}: {what} at step {rec.step} (lr {lr:.3g})"
-                                + (f", {nonfinite} such steps (skip_nonfinite_steps {rel.skip_nonfinite_steps})" if nonfinite > 1 else "")
-                                + f"; stopped without saving ({_kept_msg(paths.ckpt)}); lower optim.lr or check the data")
-            if rank == 0:
-                print(f"[megagrow] {stage.name}: {what} at step {rec.step}: update skipped, weights finite "
-                      f"({nonfinite} of {rel.skip_nonfinite_steps} allowed)", flush=True)
-        logged = rec.step % stage.log_every == 0 or rec.step == end
-        if stopper and logged and stopper.update(rec.step, rec.loss):
-            rec = rec.replace(final_step=rec.step)  # the slope rule fired on the logged loss: the stage ends here
-            end = rec.step
-            if rank == 0 and not quiet:
-                print(f"[megagrow] {stage.name}: slope rule (d log L / d log C {stopper.rule.slope:.4f} > "
-                      f"{stopper.threshold}) ends the stage at step {rec.step}", flush=True)
-        if rank == 0 and logged:
-            now = time.perf_counter()
-            dt = (now - t_last - (meter.eval_seconds - eval_s)) / steps_since  # training time only, evals excluded
-            entry = {"stage": stage.name, "step": rec.step, "loss": rec.loss, "lr": lr, "sample_index": rec.sample_index,
-                     "tokens_per_s": L.global_batch * stage.model.seq_len / dt, "step_time_s": dt,
-                     "grad_norm": _grad_norm(engine), **meter.train_fields(rec.step, dt), "time": time.time()}
-            log.write(entry)
-            meter.write(entry)
-            if not quiet:
-                mfu = "" if entry["mfu"] is None else f" MFU {100 * entry['mfu']:.1f}%"
-                print(f"[megagrow] {stage.name} step {rec.step}/{stage.steps} loss {rec.loss:.4f} lr {lr:.2e} "
-                      f"{entry['tokens_per_s']:.0f} tok/s {entry['tflops_per_device']:.3g} TFLOP/s/dev{mfu}", flush=True)
-            t_last, steps_since, eval_s = now, 0, meter.eval_seconds
-        if rec.finished and meter.enabled:
-            evaluate("stage_end")  # before the save, so the checkpoint carries it (the next stage's "before growth")
-        elif meter.periodic_due(rec.step, rec.finished):
-            v = evaluate("periodic")
-            if stopper and stopper.update_eval(rec.step, v):  # the slope rule on the validation loss
-                rec = rec.replace(final_step=rec.step)
-                end = rec.step
-                if rank == 0 and not quiet:
-                    print(f"[megagrow] {stage.name}: slope rule on the eval loss (d log L / d log C {stopper.rule.slope:.4f} > "
-                          f"{stopper.threshold}) ends the stage at step {rec.step}", flush=True)
-                evaluate("stage_end", v)  # the same model: its stage-end record, not a second eval
-        if stop_votes > 0:  # a signal at the stage's last step still leaves it done: say so
-            save("done" if rec.finished else "preempted")
-            meter.close()
-            if rank == 0 and not quiet:
-                print(f"[megagrow] signal received: saved stage {stage.name} at step {rec.step}, exiting {EXIT_PREEMPTED}", flush=True)
-            engine.destroy()
-            return EXIT_PREEMPTED
-        if rec.step % stage.save_every == 0 or rec.step == end:
-            save("done" if rec.finished else "running")
-    log.close()
+            raise NonFinite(f"stage {stage.name}: eval loss {s.rec.eval_loss} right after growth {s.plan.stages[s.k - 1].name} -> "
+                            f"{stage.name} ({stage.grow or 'identity'}{was}); stopped before training ({_kept_msg(s.paths.ckpt)})")
+
+    def logged(self, lr: float) -> None:
+        """The log line of the current step (rank 0)."""
+        s, rec, stage, L = self.s, self.s.rec, self.s.stage, self.s.stage.layout
+        if s.rank != 0:
+            return
+        now = time.perf_counter()
+        dt = (now - self.t_last - (self.meter.eval_seconds - self.eval_s)) / self.steps_since  # training time only
+        entry = {"stage": stage.name, "step": rec.step, "loss": rec.loss, "lr": lr, "sample_index": rec.sample_index,
+                 "tokens_per_s": L.global_batch * stage.model.seq_len / dt, "step_time_s": dt,
+                 "grad_norm": _grad_norm(s.engine), **self.meter.train_fields(rec.step, dt), "time": time.time()}
+        self.write(entry)
+        mfu = "" if entry["mfu"] is None else f" MFU {100 * entry['mfu']:.1f}%"
+        s.say(f"[megagrow] {stage.name} step {rec.step}/{stage.steps} loss {rec.loss:.4f} lr {lr:.2e} "
+              f"{entry['tokens_per_s']:.0f} tok/s {entry['tflops_per_device']:.3g} TFLOP/s/dev{mfu}")
+        self.t_last, self.steps_since, self.eval_s = now, 0, self.meter.eval_seconds
+
+    def evals_due(self, stopper: Stopper) -> None:
+        """The stage-end eval (before the save, so the checkpoint carries it: the next stage's "before
+        growth"), or a periodic one, on which the slope rule may end the stage."""
+        rec = self.s.rec
+        if rec.finished and self.meter.enabled:
+            self.evaluate("stage_end")
+        elif self.meter.periodic_due(rec.step, rec.finished):
+            v = self.evaluate("periodic")
+            if stopper.on_eval(v):
+                self.evaluate("stage_end", v)  # the same model: its stage-end record, not a second eval
+
+    def close(self) -> None:
+        self.log.close()
+        self.meter.close()
+
+
+class Stopper:
+    """The stage's stop rule ({rule: slope}; None: the stage ends at `steps`), on the logged training loss,
+    or on the periodic eval loss when there is one."""
+
+    def __init__(self, s: Started, meter: Meter):
+        from megagrow.schedule.stop import StageStop
+
+        self.s = s
+        self.rule = StageStop.of(s.plan, s.k, s.rec.lr_offset, s.paths.log, s.rec.step,
+                                 use_eval=meter.meter.enabled and s.stage.eval_every > 0)
+
+    def on_logged(self) -> None:
+        s = self.s
+        if self.rule and self.rule.update(s.rec.step, s.rec.loss):
+            s.ends_here()
+            s.say(f"[megagrow] {s.stage.name}: slope rule (d log L / d log C {self.rule.rule.slope:.4f} > "
+                  f"{self.rule.threshold}) ends the stage at step {s.rec.step}")
+
+    def on_eval(self, v: float) -> bool:
+        s = self.s
+        if not (self.rule and self.rule.update_eval(s.rec.step, v)):
+            return False
+        s.ends_here()
+        s.say(f"[megagrow] {s.stage.name}: slope rule on the eval loss (d log L / d log C {self.rule.rule.slope:.4f} > "
+              f"{self.rule.threshold}) ends the stage at step {s.rec.step}")
+        return True
+
+
+def step(s: Started, lr: float, nonfinite: list) -> float:
+    """One training step and its one collective and host sync: the loss summed over all ranks (TP ranks
+    hold the same value), the stop flag (any rank signalled -> all save together) and whether the gradient
+    norm was finite. Advances the record; a non-finite step is skipped up to skip_nonfinite_steps
+    (`nonfinite`: a one-element count). Returns the stop votes."""
+    stage, L, rel, device = s.stage, s.stage.layout, s.plan.reliability, s.engine.device
+    total = train_step(s.engine, s.optimizer, s.batches, s.plan.seed, L.grad_accum, s.rec.sample_index, lr, device)
+    red = torch.stack([total, torch.tensor(1.0 if s.stop.raised else 0.0, device=device), _grad_norm_bad(s.engine, device)])
+    collectives.all_reduce(red)
+    loss_sum, stop_votes, grad_bad = red.tolist()
+    s.rec = s.rec.replace(step=s.rec.step + 1, loss=loss_sum / (L.grad_accum * torch.distributed.get_world_size()))
+    s.beat.beat()
+    faults.point("step", s.rec.step)
+    if not math.isfinite(loss_sum) or grad_bad > 0:
+        nonfinite[0] += 1
+        n, allowed = nonfinite[0], rel.skip_nonfinite_steps
+        what = f"loss {s.rec.loss}" if not math.isfinite(loss_sum) else "gradient norm not finite"
+        if n > allowed or not fp32_finite(s.optimizer):
+            raise NonFinite(f"stage {stage.name}: {what} at step {s.rec.step} (lr {lr:.3g})"
+                            + (f", {n} such steps (skip_nonfinite_steps {allowed})" if n > 1 else "")
+                            + f"; stopped without saving ({_kept_msg(s.paths.ckpt)}); lower optim.lr or check the data")
+        if s.rank == 0:
+            print(f"[megagrow] {stage.name}: {what} at step {s.rec.step}: update skipped, weights finite "
+                  f"({n} of {allowed} allowed)", flush=True)
+    return stop_votes
+
+
+def run_stage(s: Started, stop_at: int | None = None) -> int:
+    """The loop: a step, then the stopper, the meter and the checkpointer each act when their own cadence
+    says so. Returns EXIT_OK at the stage's end (or `stop_at`), EXIT_PREEMPTED after a signal's save."""
+    from megagrow.schedule.lr import LRSchedule
+
+    stage = s.stage
+    sched = LRSchedule.from_optim(stage.optim, stage.steps, s.rec.lr_offset, s.rec.rewarmup)
+    s.end = s.rec.end_step if stop_at is None else min(stop_at, s.rec.end_step)
+    checkpointer = Checkpointer(s)
+    faults.arm(s.engine)
+    meter = Meter(s)
+    stopper = Stopper(s, meter)
+    if s.k > 0 and s.rec.step == 0 and meter.meter.enabled:
+        meter.at_growth()
+    s.engine.train()
+    if s.stop.agreed(s.engine.device):  # a signal that came during start-up
+        return checkpointer.preempted(meter, "preempted", said=False)
+    s.beat.beat(force=True)  # built, resumed or grown: start-up is over
+    nonfinite = [0]
+    while s.rec.step < s.end:
+        lr = sched(s.rec.step)
+        votes = step(s, lr, nonfinite)
+        meter.steps_since += 1
+        if s.rec.step % stage.log_every == 0 or s.rec.step == s.end:
+            stopper.on_logged()
+            meter.logged(lr)
+        meter.evals_due(stopper)
+        if votes > 0:
+            return checkpointer.preempted(meter, "done" if s.rec.finished else "preempted")  # a signal at the last step: done
+        if checkpointer.due():
+            checkpointer.save("done" if s.rec.finished else "running")
     meter.close()
-    if rank == 0 and not quiet:
-        print(f"[megagrow] stage {stage.name} at step {rec.step}: checkpoint {os.path.join(paths.ckpt, tag_of(rec.step))}", flush=True)
-    engine.destroy()  # frees the engine's buffers and hooks now (a process may train several stages)
+    s.say(f"[megagrow] stage {stage.name} at step {s.rec.step}: checkpoint {os.path.join(s.paths.ckpt, tag_of(s.rec.step))}")
+    s.engine.destroy()  # frees the engine's buffers and hooks now (a process may train several stages)
     return EXIT_OK
 
 

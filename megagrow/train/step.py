@@ -1,5 +1,5 @@
-"""The training step, once: the trainer (megagrow/train/loop.py) runs it, and `megagrow bench` and
-bench/gpu/overhead_gpu.py time it, so what they measure is what trains."""
+"""The training step, once: the trainer (megagrow/train/loop.py) runs it, and `megagrow bench`
+(megagrow/bench/) times it, so what it measures is what trains."""
 
 from __future__ import annotations
 

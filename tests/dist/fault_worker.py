@@ -120,7 +120,7 @@ def train_fn(plan: Plan, k: int, run_dir: str):
 
 def regrow_fn(src: str, plan_path: str, out: str):
     def fn():
-        from megagrow.regrow_cli import main
+        from megagrow.cli.regrow import main
 
         return main(["--src", src, "--plan", plan_path, "--to-stage", "b", "--out", out, "--json"])
 

@@ -2,7 +2,7 @@
 
     torchrun --nproc_per_node=1 tests/dist/hf_export_worker.py DATA_PREFIX OUT_DIR
 
-Trains tiny models 2 steps, exports them with megagrow.export_cli, reads the files back as JSON (the
+Trains tiny models 2 steps, exports them with megagrow.cli.export, reads the files back as JSON (the
 fields transformers 4.x reads) and through the installed transformers' Auto classes, and compares the
 logits with megagrow's own model. Writes OUT_DIR/result.json.
 """
@@ -42,7 +42,7 @@ def _json(path: str) -> dict:
 def exports(prefix: str, out: str) -> dict:
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    from megagrow.export_cli import export as export_hf
+    from megagrow.cli.export import export as export_hf
     from megagrow.train import train_stage
 
     seen = _Seen()

@@ -32,7 +32,8 @@ def megagrow_logits(ckpt_dir: str, x: torch.Tensor, tag: str | None = None) -> t
     current TP size (process groups set), gathered over the TP ranks."""
     from megatron.core import parallel_state
 
-    from megagrow.model.gpt import GPT, tp_slice
+    from megagrow.model.gpt import GPT
+    from megagrow.model.tp import tp_slice
     from megagrow.state.checkpoint import SourceCheckpoint
 
     src = SourceCheckpoint.open(ckpt_dir, tag)
@@ -67,9 +68,9 @@ def _stage(plan, **layout):
 
 
 def export(prefix: str, out: str) -> dict:
-    """Train 3 steps at TP=2 x DP=1 ZeRO-2 or ZeRO-3, export (rank 0) through megagrow.export_cli, load the
+    """Train 3 steps at TP=2 x DP=1 ZeRO-2 or ZeRO-3, export (rank 0) through megagrow.cli.export, load the
     result in transformers: logits equal megagrow's (TP=2 model, same weights) on the same tokens."""
-    from megagrow.export_cli import export as export_hf
+    from megagrow.cli.export import export as export_hf
     from megagrow.train import train_stage
 
     cases = [("gpt2", True, 2, "fp32"), ("gpt2", False, 3, "fp32"), ("llama", False, 2, "fp32"), ("llama", True, 3, "fp32"),
@@ -153,7 +154,7 @@ def import_grow(prefix: str, out: str) -> dict:
     logits equal transformers' on the same tokens; (2) import -> width x2 -> depth x2 (shard to shard, layouts
     changing) -> export: the grown model's logits in transformers equal the small transformers model's."""
     from megagrow.growth.ops import Depth, Width  # noqa: F401 - operators named by the stages' grow fields
-    from megagrow.export_cli import export as export_hf
+    from megagrow.cli.export import export as export_hf
     from megagrow.hf import import_checkpoint
     from megagrow.state.checkpoint import SourceCheckpoint
     from megagrow.state.executor import regrow

@@ -456,7 +456,8 @@ def loss_tp(prefix: str, out: str) -> dict:
     import torch.nn.functional as F
     from megatron.core import parallel_state
 
-    from megagrow.model.gpt import build_model, tp_slice
+    from megagrow.model.gpt import build_model
+    from megagrow.model.tp import tp_slice
     from megagrow.model.loss import reference_loss
 
     res = {}
@@ -614,7 +615,7 @@ def nccl_declared(prefix: str, out: str) -> dict:
 
     nccl_check.install()
     from megagrow import collectives
-    from megagrow.regrow_cli import main as regrow_main
+    from megagrow.cli.regrow import main as regrow_main
     from megagrow.train.loop import train_stage
 
     def dump_seen():

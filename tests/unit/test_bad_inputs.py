@@ -127,3 +127,94 @@ def test_prepare_data_dangling_symlink(tmp_path, capsys):
     rc = prepare(["--out", str(tmp_path / "out" / "x"), "--input", str(src), "--vocab-size", "400", "--no-progress"])
     _one_error(capsys, rc, "b.txt is a dangling symlink")
     assert not (tmp_path / "out" / "x.bin").exists()
+
+
+@pytest.mark.parametrize("content,needle", [
+    ("[1, 2]", "expected a JSON object of DeepSpeed settings, got a JSON list"),
+    ('"zero3"', "expected a JSON object of DeepSpeed settings, got a JSON str"),
+    ('{"zero_optimization": [3]}', "zero_optimization must be a JSON object, got a JSON list"),
+    ("{not json", "not readable as JSON"),
+])
+def test_ds_config_that_is_not_an_object_is_refused_before_launch(tmp_path, capsys, data, content, needle):
+    """A ds_config file that is not a JSON object (or whose zero_optimization is not one): one line at
+    validation, exit 2, no run directory (every rank would otherwise fail on it in DeepSpeed's config)."""
+    ds = tmp_path / "ds.json"
+    ds.write_text(content)
+    run = tmp_path / "run"
+    rc = megagrow(["run", _plan(tmp_path, data, layout={"ds_config": str(ds)}), "--run-dir", str(run), "--max-procs", "2"])
+    _one_error(capsys, rc, needle)
+    assert not run.exists()
+
+
+def test_read_only_run_directory(tmp_path, capsys, data):
+    """`megagrow run` into a read-only file system (a read-only tmpfs: root ignores chmod), the run directory
+    itself or one to be made in it: one line naming the directory and the cause, exit 2."""
+    from helpers import tmpfs
+
+    with tmpfs(tmp_path / "ro", readonly=True) as ro:
+        for run in (ro, os.path.join(ro, "run")):
+            rc = megagrow(["run", _plan(tmp_path, data), "--run-dir", run, "--max-procs", "2"])
+            line = _one_error(capsys, rc, f"cannot write to the run directory {run} (Read-only file system")
+            assert ".controller.lock" in line or run.endswith("run")
+
+
+# ---- failures that need a trained stage (one `megagrow train` of a tiny stage, shared)
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A run directory whose stage a (1 layer, 4 steps) is done, its plan and dataset."""
+    from helpers import run_cli, tiny_dataset, tiny_plan
+
+    d = tmp_path_factory.mktemp("trained")
+    plan = tiny_plan(d / "t.yaml", tiny_dataset(str(d / "tok")))
+    r = run_cli("train", plan, "--stage", "a", "--run-dir", d / "run")
+    assert r.returncode == 0, r.stderr[-4000:]
+    return {"plan": plan, "run": str(d / "run"), "dir": d}
+
+
+def test_export_to_a_read_only_destination(tmp_path, trained):
+    """`megagrow export-hf` into a read-only file system: one line with the cause, exit 2, nothing left."""
+    pytest.importorskip("transformers")
+    from helpers import one_error, run_cli, tmpfs
+
+    with tmpfs(tmp_path / "ro", readonly=True) as ro:
+        out = os.path.join(ro, "model")
+        r = run_cli("export-hf", os.path.join(trained["run"], "a", "checkpoints"), out, "--no-tokenizer", "--no-progress")
+        one_error(r, f"export-hf to {out}: Read-only file system")
+        assert os.listdir(ro) == []
+
+
+def test_disk_full_during_a_transition(tmp_path, trained):
+    """The transition a -> b writing its checkpoint onto a full disk: one line with "No space left on
+    device", exit 2, no traceback (torch.save's RuntimeError included), and no checkpoint of b appears."""
+    import shutil
+
+    from helpers import fill, one_error, run_cli, tmpfs
+
+    with tmpfs(tmp_path / "small", size="4m") as small:
+        run = os.path.join(small, "run")
+        shutil.copytree(os.path.join(trained["run"], "a"), os.path.join(run, "a"))
+        fill(small, leave_kb=100)
+        r = run_cli("train", trained["plan"], "--stage", "b", "--run-dir", run)
+        one_error(r, "No space left on device")
+        assert "RuntimeError" not in r.stderr and not os.path.exists(os.path.join(run, "b", "checkpoints"))
+
+
+def test_disk_full_during_a_save_under_run(tmp_path):
+    """`megagrow run` whose first save finds the disk full: one `error:` line ("No space left on device"),
+    exit 2, and `megagrow status` says failed for the run and the stage (not running), although the disk
+    stays full (the manifest is rewritten in its own blocks)."""
+    from helpers import fill, run_cli, tiny_dataset, tiny_plan, tmpfs
+
+    plan = tiny_plan(tmp_path / "t.yaml", tiny_dataset(str(tmp_path / "tok")), stages=1)
+    with tmpfs(tmp_path / "small", size="2m") as small:
+        fill(small, leave_kb=100)
+        run = os.path.join(small, "run")
+        r = run_cli("run", plan, "--run-dir", run, "--max-procs", "1")
+        errors = [ln for ln in r.stderr.splitlines() + r.stdout.splitlines() if ln.startswith("error:")]
+        assert r.returncode == 2 and len(errors) == 1 and "No space left on device" in errors[0], r.stdout + r.stderr
+        assert "Traceback" not in r.stderr
+        st = run_cli("status", run, "--json")
+        assert st.returncode == 0, st.stderr
+        d = json.loads(st.stdout)
+        assert d["state"] == "failed" and [s["state"] for s in d["stages"]] == ["failed"], d

@@ -24,7 +24,7 @@ except ImportError:  # running from a checkout that is not installed
 from megagrow.config import Plan  # noqa: E402
 from megagrow.errors import UserError  # noqa: E402
 from megagrow.metrics.flops import Ledger  # noqa: E402
-from megagrow.plan_cli import curves_from_runs  # noqa: E402
+from megagrow.cli.plan import curves_from_runs  # noqa: E402
 from megagrow.schedule import calibrate as CAL  # noqa: E402
 from megagrow.schedule import planner as P  # noqa: E402
 from megagrow.schedule.law import KaplanLaw, non_embedding_params  # noqa: E402
@@ -235,7 +235,7 @@ def test_curves_from_runs_rejects_missing_staged_and_evalless_runs_naming_them(t
 
 
 def test_cli_plan_calibrate_json_carries_the_fit_the_plan_and_the_thresholds(tmp_path, capsys):
-    from megagrow.plan_cli import main
+    from megagrow.cli.plan import main
 
     law = KaplanLaw(N_c=3e8, alpha_N=0.3, S_c=40.0, alpha_S=0.5)
     runs = [_fake_run(tmp_path, f"r{i}", n, 64 * m, law) for i, (n, m) in enumerate(((2, 1), (4, 1), (4, 2)))]
@@ -271,7 +271,7 @@ def test_cli_plan_calibrate_json_carries_the_fit_the_plan_and_the_thresholds(tmp
 
 
 def test_cli_calibrate_bad_input_is_one_error_line_and_exit_2(tmp_path, capsys):
-    from megagrow.plan_cli import main
+    from megagrow.cli.plan import main
 
     one = _fake_run(tmp_path, "one", 2, 64, TRUE)
     twin = _fake_run(tmp_path, "twin", 2, 64, TRUE)
@@ -286,7 +286,7 @@ def test_cli_calibrate_bad_input_is_one_error_line_and_exit_2(tmp_path, capsys):
 
 
 def test_cli_without_calibrate_is_unchanged(capsys):
-    from megagrow.plan_cli import main
+    from megagrow.cli.plan import main
 
     assert main(["--sizes", "12x384,12x768", "--target-loss", "3.2", "--json"]) == 0
     d = json.loads(capsys.readouterr().out)

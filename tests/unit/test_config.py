@@ -123,3 +123,95 @@ def test_growth_options_default_and_round_trip():
     assert (p.stages[0].growth.symmetry_breaking, p.stages[0].growth.optimizer_state) == (1.0, "moved")
     p = Plan.from_dict(_plan(growth={"symmetry_breaking": 0, "optimizer_state": "reset"}))
     assert p.stages[0].growth.symmetry_breaking == 0.0 and Plan.from_dict(p.to_dict()) == p
+
+
+# ---- `--set` overrides (megagrow.config.apply_overrides / load_plan(path, overrides))
+
+TINY = "recipes/tiny.yaml"
+
+
+def _edited(tmp_path, edit) -> str:
+    """recipes/tiny.yaml with `edit(d)` applied to its dict, written to a file of the same name."""
+    import os
+
+    import yaml
+    from conftest import REPO
+
+    d = yaml.safe_load(open(os.path.join(REPO, TINY)))
+    edit(d)
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(d))
+    return str(path)
+
+
+def _set_wide_lr(d):
+    d["stages"][1]["optim"]["lr"] = 2e-3
+
+
+def _set_small_lr(d):
+    d["stages"][0]["optim"] = {"lr": 1e-3}
+
+
+def _set_every_log(d):
+    for s in d["stages"]:
+        s["log_every"] = 5
+
+
+@pytest.mark.parametrize("overrides,edit", [
+    (["stages.wide.optim.lr=2e-3"], _set_wide_lr),
+    (["stages.1.optim.lr=0.002"], _set_wide_lr),
+    (["stages.small.optim.lr=1e-3"], _set_small_lr),  # the stage has no optim of its own: merged over defaults
+    (["stages.*.log_every=5"], _set_every_log),
+    (["defaults.save_every=40"], lambda d: d["defaults"].__setitem__("save_every", 40)),
+    (["reliability.keep_last=3", "reliability.verify_on_resume=false"],
+     lambda d: d.__setitem__("reliability", {"keep_last": 3, "verify_on_resume": False})),
+    (["data.prefix=elsewhere/corpus", "seed=7"], lambda d: d.update(seed=7, data={"prefix": "elsewhere/corpus"})),
+    (["stages.deep.model.rope_scaling=null"], lambda d: None),  # null: the key as if left out
+])
+def test_an_override_equals_the_value_written_in_the_yaml(tmp_path, overrides, edit):
+    """load_plan(TINY, overrides) == load_plan of the YAML with the same values written in it (dataclass
+    equality: every field of every stage; each edit but the last changes the plan, so an override that
+    was not applied, or applied elsewhere, fails)."""
+    import os
+
+    from conftest import REPO
+
+    got = load_plan(os.path.join(REPO, TINY), overrides)
+    assert got == load_plan(_edited(tmp_path, edit))
+
+
+@pytest.mark.parametrize("override,needle", [
+    ("stages.wide.optim.lrr=1", "--set stages.wide.optim.lrr=1: unknown key 'lrr' in optim (allowed: lr,"),
+    ("foo=1", "--set foo=1: unknown key 'foo' at the top level (allowed: name, seed, data, stages, reliability, defaults)"),
+    ("stages.2.steps.x=3", "--set stages.2.steps.x=3: steps is a value, not a section"),
+    ("stages.nope.steps=3", "--set stages.nope.steps=3: the plan has no stage 'nope' (stages: small, wide, deep"),
+    ("stages.7.steps=3", "--set stages.7.steps=3: the plan has no stage '7'"),
+    ("stages.wide=3", "--set stages.wide=3: name a key of the stage"),
+    ("stages=3", "--set stages=3: name a stage"),
+    ("noequals", "--set noequals: expected KEY=VALUE"),
+    ("reliability.keep_last=-1", "--set reliability.keep_last=-1: tiny.yaml.reliability: keep_last must be >= 0, got -1"),
+    ("reliability.keep_last=abc", "--set reliability.keep_last=abc: tiny.yaml.reliability: keep_last must be an integer, got str"),
+    ("stages.wide.layout.tp=3", "--set stages.wide.layout.tp=3: tiny.yaml.stages[1].layout: n_heads 8 is not divisible by tp 3"),
+    ("stages.wide.optim.lr=[1", "--set stages.wide.optim.lr=[1: the value is not valid YAML"),
+])
+def test_a_bad_override_is_one_error_naming_it(override, needle):
+    """Unknown keys are refused before anything is applied; bad values by the plan's own validation;
+    either way one UserError line that starts with the override."""
+    import os
+
+    from conftest import REPO
+
+    with pytest.raises(UserError) as e:
+        load_plan(os.path.join(REPO, TINY), [override])
+    assert str(e.value).startswith(needle) and "\n" not in str(e.value), str(e.value)
+
+
+def test_the_bad_one_of_several_overrides_is_named():
+    """With a valid and an invalid override, the message names the invalid one alone."""
+    import os
+
+    from conftest import REPO
+
+    with pytest.raises(UserError) as e:
+        load_plan(os.path.join(REPO, TINY), ["reliability.keep_last=3", "stages.deep.steps=0"])
+    assert str(e.value).startswith("--set stages.deep.steps=0: ") and "keep_last" not in str(e.value), str(e.value)

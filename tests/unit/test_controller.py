@@ -583,3 +583,26 @@ def test_only_the_launchers_rank_0_marks_a_stage_failed(tmp_path, monkeypatch, e
         json.dump({"state": "running", "step": 2}, f)
     _mark_failed(run, "a", "boom")
     assert (json.load(open(path))["state"] == "failed") is writes
+
+
+def test_overrides_go_to_every_stage_launch_the_manifest_and_a_dependent_job(tmp_path, monkeypatch):
+    """`megagrow run --set ...`: each stage's command line carries the same `--set KEY=VALUE` pairs in
+    order, RUN/manifest.json lists them, and a dependent Slurm job gets them in MEGAGROW_RUN_ARGS
+    (slurm/env.sh passes that to its `megagrow run`), after the arguments it already had."""
+    plan, run = _plan(tmp_path), str(tmp_path / "run")
+    sets = ("stages.b.optim.lr=2e-3", "reliability.keep_last=3")
+    ctl = Controller(plan, "p.yaml", run, LOCAL2, overrides=sets)
+    cmd = ctl.train_cmd(1)
+    assert cmd[cmd.index("--set"):] == ["--set", sets[0], "--set", sets[1]]
+    assert ctl.write_manifest("running")["overrides"] == list(sets) and read_manifest(run)["overrides"] == list(sets)
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    sbatch = bin_dir / "sbatch"
+    sbatch.write_text(f"#!/bin/sh\nprintf '%s' \"$MEGAGROW_RUN_ARGS\" > {tmp_path / 'args'}\necho 99\n")
+    sbatch.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.setenv("MEGAGROW_RUN_ARGS", "--grace 30")
+    alloc = Allocation("slurm", ("n1",), 2, max_nodes=4, job_id="7", script=str(tmp_path / "job.sh"))
+    job = Controller(plan, "p.yaml", run, alloc, overrides=sets).submit_dependent(1, place(plan.stages[1], alloc))
+    assert job == "99"
+    assert (tmp_path / "args").read_text() == "--grace 30 --set=stages.b.optim.lr=2e-3 --set=reliability.keep_last=3"

@@ -45,7 +45,7 @@ def _one_error(capsys, rc) -> tuple[str, str]:
 def test_export_of_a_corrupted_checkpoint_is_refused_naming_the_file(tmp_path, capsys):
     """export-hf of a tag with 4 flipped bytes (same size: only the checksum sees it) exits 2 with one
     error line naming the file and the checksum, and writes nothing."""
-    from megagrow.export_cli import main as export_hf
+    from megagrow.cli.export import main as export_hf
 
     ck = tmp_path / "s0" / "checkpoints"
     _tag(ck, 1)
@@ -60,7 +60,7 @@ def test_export_of_a_corrupted_checkpoint_is_refused_naming_the_file(tmp_path, c
 def test_latest_naming_an_unsealed_tag_falls_back_and_says_so(tmp_path):
     """`latest` naming a tag with no manifest (a save that never finished): readers take the older
     complete tag, with a note naming both; asked for by name, that tag is refused."""
-    from megagrow.export_cli import resolve_checkpoint
+    from megagrow.cli.export import resolve_checkpoint
 
     ck = tmp_path / "s0" / "checkpoints"
     t1 = _tag(ck, 1)
@@ -80,7 +80,7 @@ def test_latest_naming_an_unsealed_tag_falls_back_and_says_so(tmp_path):
 def test_a_file_of_another_size_than_its_manifest_is_noticed(tmp_path):
     """A file cut short after its tag was sealed: the tag is skipped (falling back to the older one), and
     asked for by name it is refused naming the file and the size."""
-    from megagrow.export_cli import resolve_checkpoint
+    from megagrow.cli.export import resolve_checkpoint
 
     ck = tmp_path / "s0" / "checkpoints"
     t1 = _tag(ck, 1)
@@ -113,7 +113,7 @@ def test_regrow_of_a_torn_source_refuses_or_falls_back_saying_so(tmp_path, capsy
     """tools/regrow.py --src with a torn tag (no manifest: its save never finished): asked for by name it
     is refused (one error line naming the older complete tag, no output); by default the older complete
     tag is read instead, with a note naming both."""
-    from megagrow.regrow_cli import main as regrow
+    from megagrow.cli.regrow import main as regrow
 
     ck = tmp_path / "ck"
     t1 = _tag(ck, 1)

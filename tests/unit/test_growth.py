@@ -502,7 +502,7 @@ def _functional_loss(c, P: dict, x, y) -> torch.Tensor:
     """The megagrow GPT forward written over a params dict, with attention inner dim n_heads * head_dim."""
     import torch.nn.functional as F
 
-    from megagrow.model.gpt import apply_rope, rope_tables
+    from megagrow.model.rope import apply_rope, rope_tables
 
     gpt2 = c.flavour == "gpt2"
     Bn, T = x.shape

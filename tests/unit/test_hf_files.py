@@ -59,7 +59,7 @@ def test_default_tokenizer_found_from_another_directory(tmp_path, monkeypatch):
     """The plan's relative data prefix is looked up against the plan file's directory that the run recorded
     (RUN/manifest.json plan_file), so an export run from another current directory finds PREFIX.model; the
     current directory still works for a run without that record."""
-    from megagrow.export_cli import default_tokenizer
+    from megagrow.cli.export import default_tokenizer
 
     proj = tmp_path / "proj"
     os.makedirs(proj / "data")

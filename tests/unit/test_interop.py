@@ -134,7 +134,7 @@ def test_megatron_indexed_dataset_gives_the_same_windows(data_prefix, tmp_path):
 def test_hf_config_mapping_round_trip():
     """megagrow ModelConfig -> transformers config -> megagrow fields: sizes, GQA, head_dim, tying and the
     norm eps (written as set: transformers' Llama default is 1e-6, megagrow's 1e-5) survive; other
-    architectures and RoPE scaling other than llama3 / linear are UserErrors; a heads-grown GPT-2 is not exportable."""
+    architectures and RoPE types other than default, llama3, linear, dynamic, yarn are UserErrors; a heads-grown GPT-2 is not exportable."""
     from megagrow.hf import hf_config, model_fields_from_hf
 
     for m in (ModelConfig(flavour="gpt2", n_layers=2, d_model=64, n_heads=4, vocab_size=500, seq_len=32),
@@ -152,9 +152,9 @@ def test_hf_config_mapping_round_trip():
     assert model_fields_from_hf(LlamaConfig(hidden_size=64, num_attention_heads=4).to_dict(), "x")["norm_eps"] == 1e-6
     with pytest.raises(UserError, match="architecture 'BertForMaskedLM' is not supported"):
         model_fields_from_hf({"architectures": ["BertForMaskedLM"], "model_type": "bert"}, "x")
-    with pytest.raises(UserError, match=r"rope type 'dynamic' is not supported \(supported: default, llama3, linear\)"):
+    with pytest.raises(UserError, match=r"rope type 'longrope' is not supported \(supported: default, llama3, linear, dynamic, yarn\)"):
         model_fields_from_hf(dict(LlamaConfig(hidden_size=64, num_attention_heads=4).to_dict(),
-                                  rope_parameters={"rope_type": "dynamic", "rope_theta": 1e4, "factor": 2.0}), "x")
+                                  rope_parameters={"rope_type": "longrope", "rope_theta": 1e4, "factor": 2.0}), "x")
     with pytest.raises(UserError, match="GPT2LMHeadModel needs n_heads x head_dim == d_model"):
         hf_config(ModelConfig(flavour="gpt2", d_model=32, n_heads=6, head_dim=8))
 

@@ -254,3 +254,87 @@ def test_growth_report_line_and_warning():
     assert "WARNING: depth is loss preserving" in warned and "attn.q.weight" in warned
     stacked = plan.replace(stages=(plan.stages[0], plan.stages[1], plan.stages[2].replace(grow="stack")))
     assert "WARNING" not in growth_report(stacked, 2, 4.8512, 4.9)
+
+
+# ---------------------------------------------------------------------------------------
+# `megagrow bench --options`: each MFU option on/off beside the stage as it is
+
+OPTIONS_PLAN = """
+name: opts
+seed: 3
+data: {{prefix: /nonexistent}}
+stages:
+  - name: s
+    model: {{flavour: llama, n_layers: 2, d_model: 32, n_heads: 4, n_kv_heads: 2, vocab_size: 300, seq_len: 16, dropout: {dropout}}}
+    layout: {{tp: 1, dp: {dp}, zero_stage: {zero}, micro_batch: 2}}
+    steps: 10
+"""
+
+
+def _options_plan(tmp_path, dp=1, zero=1, dropout=0.0):
+    from megagrow.config import load_plan
+
+    p = tmp_path / f"opts_{dp}_{zero}_{dropout}.yaml"
+    p.write_text(OPTIONS_PLAN.format(dp=dp, zero=zero, dropout=dropout))
+    return str(p), load_plan(str(p))
+
+
+def test_option_rows_change_one_option_each(tmp_path):
+    """--options' rows: the base, then fused_qkv, chunked_loss, compile flipped, each other recompute mode, and
+    at DP=2 ZeRO-2 the overlap flipped; each row's stage differs from the base in exactly its one option.
+    Rows the stage would refuse are left out: full recompute with dropout, compile on at ZeRO-3, overlap at
+    DP=1 or ZeRO-3."""
+    from megagrow.bench.run import option_rows, row_plan
+
+    _, plan = _options_plan(tmp_path, dp=2, zero=2)
+    rows = option_rows(plan, 0)
+    assert [r["option"] for r in rows] == ["base", "fused_qkv=false", "chunked_loss=false", "compile=on", "recompute=attention",
+                                           "recompute=mlp", "recompute=full", "overlap=true"]
+    base = plan.stages[0].to_dict()
+    for r in rows:
+        over = {k: v for k, v in r.items() if k != "option"}
+        st = row_plan(plan, 0, {k: v for k, v in over.items() if k != "overlap"}, 2).stages[0].to_dict()
+        changed = {k for k in base if base[k] != st[k]}
+        assert changed == {k for k in over if k != "overlap"}, (r, changed)  # overlap: the engine's config, not the stage
+    _, plan = _options_plan(tmp_path, dp=1, zero=3, dropout=0.1)
+    labels = [r["option"] for r in option_rows(plan, 0)]
+    assert labels == ["base", "fused_qkv=false", "chunked_loss=false", "recompute=attention", "recompute=mlp"]
+
+
+def test_options_and_sweep_together_is_a_one_line_error(tmp_path, capsys):
+    """--options with --sweep: exit 2, one `error:` line, nothing run."""
+    from megagrow.bench.run import main
+
+    path, _ = _options_plan(tmp_path)
+    assert main([path, "--synthetic", "--options", "--sweep", "micro_batch=1,2"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: --options and --sweep")
+
+
+@pytest.mark.slow
+def test_bench_options_rows_in_one_run(tmp_path, capsys):
+    """`megagrow bench --options` in one process (up to a minute: the compile=on row runs inductor on CPU): 7
+    rows in one JSON, each row's recorded options those of its label; every row's first-step loss (same
+    initial weights, same first batch) equals the base row's within 1e-5, so no option changes what is
+    trained; the base row's time ratio is 1; the table has the option column and `x base`."""
+    from megagrow.bench.run import format_table, main
+
+    path, _ = _options_plan(tmp_path)
+    out = tmp_path / "opts.json"
+    assert main([path, "--synthetic", "--options", "--steps", "1", "--warmup", "0", "--no-baseline", "--out", str(out)]) == 0
+    res = json.loads(out.read_text())
+    rows = res["rows"]
+    assert [r["option"] for r in rows] == ["base", "fused_qkv=false", "chunked_loss=false", "compile=on", "recompute=attention",
+                                           "recompute=mlp", "recompute=full"]
+    flags = {r["option"]: (r["fused_qkv"], r["chunked_loss"], r["compiled"], r["activation_checkpointing"], r["overlap"]) for r in rows}
+    assert flags == {"base": (True, True, False, "none", False), "fused_qkv=false": (False, True, False, "none", False),
+                     "chunked_loss=false": (True, False, False, "none", False), "compile=on": (True, True, True, "none", False),
+                     "recompute=attention": (True, True, False, "attention", False), "recompute=mlp": (True, True, False, "mlp", False),
+                     "recompute=full": (True, True, False, "full", False)}
+    for r in rows:
+        assert not r["oom"] and abs(r["loss_first"] - rows[0]["loss_first"]) <= 1e-5, r
+        assert r["time_vs_base"] == pytest.approx(r["step_time_s"] / rows[0]["step_time_s"])
+        assert r["cpu_time_vs_base"] == pytest.approx(r["step_cpu_time_s"] / rows[0]["step_cpu_time_s"])
+    assert rows[0]["time_vs_base"] == rows[0]["cpu_time_vs_base"] == 1.0 and rows[0]["loss_first"] > 5.0
+    table = format_table(res)
+    assert "cpu x base" in table and "recompute=mlp" in table and "compiled" in table

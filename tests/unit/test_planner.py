@@ -369,7 +369,7 @@ def _cli(*args, cwd=None):
     env = dict(os.environ)
     env["PYTHONPATH"] = str(ROOT) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     return subprocess.run(
-        [sys.executable, "-c", "import sys; from megagrow.plan_cli import main; sys.exit(main())", *args],
+        [sys.executable, "-c", "import sys; from megagrow.cli.plan import main; sys.exit(main())", *args],
         capture_output=True, text=True, env=env, cwd=cwd or ROOT, timeout=120,
     )
 

@@ -1,6 +1,7 @@
 """`megagrow export-hf` / tools/export_hf.py: a stage checkpoint -> a transformers model directory.
 
-    megagrow export-hf CKPT OUT [--tag T] [--tokenizer PATH | --no-tokenizer] [--dtype fp32|bf16|fp16] [--json]
+    megagrow export-hf CKPT OUT [--tag T] [--tokenizer PATH | --no-tokenizer] [--dtype fp32|bf16|fp16]
+                       [--max-shard-size 5GB] [--json]
 
 CKPT is a stage's checkpoint directory (RUN/<stage>/checkpoints, holding `latest`), the stage
 directory above it, or one tag directory inside it; any layout (TP, DP, ZeRO 1-3, fp32 or
@@ -9,7 +10,8 @@ names; its files' checksums are checked first, and an incomplete or corrupted ta
 one line naming the file and the next older complete tag, before anything is written. Only the fp32 master weights are read, tensor by tensor, through megagrow's
 shard-map reader (no optimizer state, no DeepSpeed engine, one process). OUT receives
 config.json (GPT2Config / LlamaConfig, read alike by transformers 4.x and 5.x: docs/interop.md),
-generation_config.json, model.safetensors, megagrow.json (the source) and the tokenizer
+generation_config.json, model.safetensors (or model-0000i-of-0000N.safetensors shards and
+model.safetensors.index.json past --max-shard-size), megagrow.json (the source) and the tokenizer
 (tokenizer.json + tokenizer_config.json naming PreTrainedTokenizerFast, model_max_length the
 model's position capacity, and tokenizer.model for a sentencepiece source), written to OUT.export-tmp and renamed at the end; an existing non-empty OUT is refused.
 The tokenizer is --tokenizer, else the plan's dataset tokenizer PREFIX.model (or
@@ -40,6 +42,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--tokenizer", help="sentencepiece .model or tokenizer.json (default: the plan dataset's PREFIX.model)")
     p.add_argument("--no-tokenizer", action="store_true", help="write no tokenizer")
     p.add_argument("--dtype", choices=DTYPES, default="fp32", help="dtype of the saved weights (default fp32)")
+    p.add_argument("--max-shard-size", default="5GB",
+                   help="largest safetensors shard, e.g. 5GB, 500MB, 2GiB (default 5GB, as transformers; one shard: model.safetensors)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     p.add_argument("--json", action="store_true", help="print a JSON summary on stdout")
     return p
@@ -100,25 +104,27 @@ def default_tokenizer(plan_dict: dict, ckpt_dir: str | None = None) -> str | Non
 
 def position_capacity(m, shapes: dict) -> int:
     """The positions the exported model takes: GPT-2 the rows of its position table as stored,
-    llama (RoPE, no table) its seq_len."""
+    llama (RoPE, no table) its max_positions, else seq_len."""
     if m.flavour == "gpt2" and "pos_emb.weight" in shapes:
         return int(shapes["pos_emb.weight"][0])
-    return m.seq_len
+    return m.n_positions
 
 
 def export(ckpt: str, out: str, tag: str | None = None, tokenizer: str | None = None, no_tokenizer: bool = False,
-           dtype: str = "fp32", progress: bool = False) -> dict:
-    """Write the transformers directory `out` from the checkpoint; returns the summary."""
+           dtype: str = "fp32", progress: bool = False, max_shard_size: str | int = "5GB") -> dict:
+    """Write the transformers directory `out` from the checkpoint; returns the summary. The weights are
+    safetensors shards of at most max_shard_size (megagrow/interop/hf_export.py), one tensor in memory at a time."""
     from megagrow.hf import check_exportable, need_hf
 
     need_hf()
     import torch
-    from safetensors.torch import save_file
 
-    from megagrow.hf import hf_config, set_dtype, to_hf, write_config, write_tokenizer
+    from megagrow.hf import hf_config, set_dtype, write_config, write_tokenizer
+    from megagrow.interop.hf_export import parse_size, write_safetensors
     from megagrow.state.checkpoint import SourceCheckpoint
 
     t0 = time.perf_counter()
+    max_shard_bytes = parse_size(max_shard_size)
     out = os.path.abspath(out)
     if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
         raise UserError(f"output {out} exists and is not an empty directory; refusing to overwrite")
@@ -150,13 +156,13 @@ def export(ckpt: str, out: str, tag: str | None = None, tokenizer: str | None = 
             return t
 
         tdtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
-        sd = {n: t.to(tdtype).contiguous() for n, t in to_hf(m, read)}
+        # shard by shard; after each, the checkpoint's memory maps are dropped (their pages leave the process)
+        weights = write_safetensors(tmp, m, shapes, read, tdtype, max_shard_bytes, after_shard=src.close)
         if bar is not None:
             bar.close()
         cfg = hf_config(m, tok_info and tok_info["bos_token_id"], tok_info and tok_info["eos_token_id"], n_positions)
         set_dtype(cfg, {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}[dtype])
         write_config(cfg, m, tmp)  # config.json (read alike by transformers 4.x and 5.x) and generation_config.json
-        save_file(sd, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
         with open(os.path.join(tmp, "megagrow.json"), "w") as f:  # where it came from
             json.dump({"checkpoint": os.path.abspath(d), "tag": src.tag, "stage": src.client["stage"],
                        "step": src.client.get("step"), "sample_index": src.client.get("sample_index")}, f, indent=1)
@@ -166,11 +172,12 @@ def export(ckpt: str, out: str, tag: str | None = None, tokenizer: str | None = 
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    n_params = sum(t.numel() for t in sd.values())
+    n_params = weights["params"]
     return {"out": out, "architecture": cfg.architectures[0], "flavour": m.flavour, "checkpoint": os.path.abspath(d),
             "tag": src.tag, "stage": src.client["stage"]["name"], "step": src.client.get("step"),
             "source_layout": src.client["stage"]["layout"], "params": n_params, "vocab_size": m.vocab_size,
-            "dtype": dtype, "tokenizer": tok_info, "bytes_read": src.bytes_read,
+            "dtype": dtype, "tokenizer": tok_info, "bytes_read": src.bytes_read, "weight_files": weights["files"],
+            "largest_shard_bytes": weights["largest_shard"], "largest_tensor_bytes": weights["largest_tensor"],
             "bytes_written": sum(os.path.getsize(os.path.join(out, f)) for f in os.listdir(out)),
             "seconds": round(time.perf_counter() - t0, 3)}
 
@@ -180,8 +187,11 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.tokenizer and args.no_tokenizer:
         raise UserError("--tokenizer and --no-tokenizer exclude each other")
-    s = export(args.ckpt, args.out, args.tag, args.tokenizer, args.no_tokenizer, args.dtype,
-               progress=not (args.no_progress or args.json))
+    try:
+        s = export(args.ckpt, args.out, args.tag, args.tokenizer, args.no_tokenizer, args.dtype,
+                   progress=not (args.no_progress or args.json), max_shard_size=args.max_shard_size)
+    except OSError as e:  # a read-only or full destination, no permission: nothing is left behind (export's cleanup)
+        raise UserError(f"export-hf to {args.out}: {e.strerror or e}: {e.filename or args.out}") from None
     if args.json:
         print(json.dumps(s))
     else:

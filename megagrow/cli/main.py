@@ -8,6 +8,13 @@
     megagrow bench PLAN --stage K ...              throughput, TFLOP/s, MFU, overhead, transition cost
     megagrow plot RUN [RUN ...] --out fig.png      eval/training loss vs FLOPs, stage boundaries marked
     megagrow export-hf CKPT OUT                    a checkpoint -> a transformers model directory
+    megagrow export-megatron CKPT OUT              a checkpoint -> a Megatron-LM checkpoint
+    megagrow regrow --src CKPT --plan PLAN ...     a stage checkpoint -> the next stage's (or resharded)
+    megagrow prepare-data --out PREFIX ...         text -> tokenizer + memory-mapped token dataset
+    megagrow savings run|list|report ...           the savings experiment (staged vs from-scratch at equal FLOPs)
+    megagrow growth-dynamics ...                   the paper's training-dynamics check at tiny scale
+
+Plans loaded from the command line take `--set KEY=VALUE` overrides (megagrow.config.apply_overrides).
 """
 
 from __future__ import annotations
@@ -16,12 +23,26 @@ import argparse
 import os
 import sys
 
-from megagrow.errors import EXIT_PEER_LOST, MegagrowError, RunFailure, cli_entry
+from megagrow.errors import EXIT_PEER_LOST, MegagrowError, RunFailure, UserError, cli_entry
+
+# numeric options and their least value: refused before anything starts (one line, exit 2)
+_LEAST = {"stop_at": 0, "max_procs": 1, "max_nodes": 1, "retries": 0, "grace": 0}
+
+
+def _check_numbers(args) -> None:
+    import math
+
+    for name, least in _LEAST.items():
+        v = getattr(args, name, None)
+        if v is not None and not (math.isfinite(v) and v >= least):
+            kind = "a number of seconds" if isinstance(v, float) else "an integer"
+            raise UserError(f"--{name.replace('_', '-')} must be {kind} >= {least}, got {v:g}")
 
 
 def _train(args) -> int:
     from megagrow.signals import install_early
 
+    _check_numbers(args)
     install_early()  # a preemption signal during the imports below still ends in a clean save
     if "SLURM_PROCID" in os.environ and "RANK" not in os.environ:
         print(f"[megagrow] rank {os.environ['SLURM_PROCID']}/{os.environ.get('SLURM_NTASKS')} on "
@@ -29,7 +50,7 @@ def _train(args) -> int:
     from megagrow.config import load_plan
     from megagrow.paths import default_run_dir
 
-    plan = load_plan(args.plan)
+    plan = load_plan(args.plan, args.set or ())
     k = plan.stages.index(plan.stage(args.stage))
     if args.data:
         import dataclasses
@@ -120,6 +141,7 @@ def _mark_failed(run_dir: str, stage: str, msg: str) -> None:
 def _run(args) -> int:
     from megagrow.controller import run_main
 
+    _check_numbers(args)
     return run_main(args)
 
 
@@ -130,9 +152,20 @@ def _status(args) -> int:
 
 
 def _verify(args) -> int:
-    from megagrow.state.manifest import verify_main
+    from megagrow.state.manifest import checkpoint_dir_problem, verify_main
 
+    problem = checkpoint_dir_problem(args.ckpt)
+    if problem:
+        raise UserError(problem)
     return verify_main(args)
+
+
+SET_HELP = ("override one plan value, as if written in the YAML (repeatable): a dotted key, stages.NAME (or INDEX, or *) "
+            "for a stage's keys, and a YAML value, e.g. --set stages.wide.optim.lr=2e-3 --set reliability.keep_last=3")
+
+
+def _add_set(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help=SET_HELP)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -149,6 +182,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--run-dir", help="run directory (default runs/<plan name>)")
     t.add_argument("--data", help="override the plan's dataset prefix (PREFIX.bin/.idx)")
     t.add_argument("--stop-at", type=int, help="save and stop at this step even if the stage is longer")
+    _add_set(t)
     t.set_defaults(fn=_train)
     r = sub.add_parser(
         "run",
@@ -168,6 +202,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "checkpoint (under Slurm on other hosts of the allocation where it has them), before the run is "
                    "declared failed (default: the plan's reliability.retries, 2)")
     r.add_argument("--dry-run", action="store_true", help="validate, print each stage's placement and the next action, launch nothing")
+    _add_set(r)
     r.set_defaults(fn=_run)
     st = sub.add_parser("status", help="progress of a run directory (table, or --json)")
     st.add_argument("run_dir", help="run directory of `megagrow run`")
@@ -184,36 +219,35 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("ckpt", help="a checkpoint tag directory, or a checkpoint directory holding tags")
     v.add_argument("--json", action="store_true", help="JSON on stdout: {ok, tags: [{tag, complete, problems, ...}]}")
     v.set_defaults(fn=_verify)
-    sub.add_parser("plan", help="scaling-law stage planner (megagrow plan --help)", add_help=False)
-    sub.add_parser("bench", help="throughput / MFU / overhead / transition benchmark (megagrow bench --help)", add_help=False)
-    sub.add_parser("plot", help="loss vs FLOPs of one or more runs to a PNG (megagrow plot --help)", add_help=False)
-    sub.add_parser("export-hf", help="a stage checkpoint -> a Hugging Face transformers model directory "
-                   "(megagrow export-hf --help)", add_help=False)
+    for name, (_, about) in _DELEGATED.items():  # each parses its own arguments (megagrow NAME --help)
+        sub.add_parser(name, help=f"{about} (megagrow {name} --help)", add_help=False)
     return p
+
+
+# subcommands with their own argument parser: name -> (module:function, one-line help)
+_DELEGATED = {
+    "plan": ("megagrow.cli.plan:main", "scaling-law stage planner"),
+    "bench": ("megagrow.bench:main", "throughput / MFU / overhead / transition benchmark"),
+    "plot": ("megagrow.metrics.plot:main", "loss vs FLOPs of one or more runs to a PNG"),
+    "export-hf": ("megagrow.cli.export:main", "a stage checkpoint -> a Hugging Face transformers model directory"),
+    "export-megatron": ("megagrow.cli.export_megatron:main", "a stage checkpoint -> a Megatron-LM (megatron-core GPTModel) checkpoint"),
+    "regrow": ("megagrow.cli.regrow:main", "a stage checkpoint -> the next stage's (or resharded) at the target layout"),
+    "prepare-data": ("megagrow.data.prepare:main", "text files -> sentencepiece tokenizer + memory-mapped token dataset"),
+    "savings": ("megagrow.results.driver:main", "the savings experiment: staged runs vs from-scratch baselines (run, list, report)"),
+    "growth-dynamics": ("megagrow.results.dynamics:main", "the paper's training-dynamics check at tiny scale (CPU, one process)"),
+}
 
 
 @cli_entry
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if argv and argv[0] == "plan":
-        from megagrow.plan_cli import main as plan_main
+    if argv and argv[0] in _DELEGATED:
+        import importlib
 
-        return plan_main(argv[1:])
-    if argv and argv[0] == "bench":
-        from megagrow.bench import main as bench_main
-
-        return bench_main(argv[1:])
-    if argv and argv[0] == "plot":
-        from megagrow.metrics.plot import main as plot_main
-
-        return plot_main(argv[1:])
-    if argv and argv[0] == "export-hf":
-        from megagrow.export_cli import main as export_main
-
-        return export_main(argv[1:])
+        module, fn = _DELEGATED[argv[0]][0].split(":")
+        return getattr(importlib.import_module(module), fn)(argv[1:])
     args = build_parser().parse_args(argv)
     return args.fn(args)
-
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -8,8 +8,9 @@ Started directly, it validates every input first (one `error:` line, exit 2, not
 then starts the W = tp x dp ranks of the target stage's layout itself on this machine (they die
 with it). Under torchrun or srun, W must equal the target stage's tp x dp (torchrun adds its own
 traceback to any failing worker; the direct start does not). Each rank reads only the bytes of the source its own
-fragments need. The output is a native DeepSpeed checkpoint (DeepSpeed writes it), usable
-with engine.load_checkpoint at the target layout or as the stage's checkpoint directory.
+fragments need. The output is a native DeepSpeed checkpoint, usable with engine.load_checkpoint at the target layout or
+as the stage's checkpoint directory: each rank writes its own files directly (megagrow/state/writer.py,
+no engine or model is built; ZeRO-0 targets go through a DeepSpeed engine).
 Refuses a non-empty --out; writes to a temporary name, seals it (a manifest of every file's size
 and CRC-32, `megagrow verify` checks it) and renames it at the end.
 """
@@ -28,7 +29,7 @@ from megagrow.errors import UserError, cli_entry
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="regrow.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="megagrow regrow", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--src", help="source DeepSpeed checkpoint directory (holds 'latest' and tag folders); "
                    "with --dry-run it may be left out: the source is then stage K-1 of the plan at its layout")
     p.add_argument("--tag", help="source tag (default: the newest complete one)")
@@ -37,6 +38,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="output checkpoint directory (must not exist or be empty); not with --dry-run")
     p.add_argument("--grow", help="growth operator spec overriding the stage's `grow` field")
     p.add_argument("--json", action="store_true", help="print a JSON summary (rank 0)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="override one plan value (repeatable), as `megagrow train --set` does")
     p.add_argument("--dry-run", action="store_true",
                    help="start no ranks, read no tensors: print what each target rank would open, read and fill "
                    "(files_opened_per_rank, bytes_read_per_rank, state_bytes_per_rank), from the shard maps alone, at any scale")
@@ -81,7 +84,7 @@ def main(argv=None) -> int:
     args = _parser().parse_args(argv)
     from megagrow.config import load_plan
 
-    plan = load_plan(args.plan)
+    plan = load_plan(args.plan, args.set or ())
     k = plan.stages.index(plan.stage(args.to_stage))
     stage = plan.stages[k]
     if args.dry_run:
@@ -122,7 +125,7 @@ def main(argv=None) -> int:
         from megagrow.procs import spawn_ranks, wait_ranks
 
         argv = [*(sys.argv[1:] if argv is None else argv), *(() if args.tag else ("--tag", tag))]
-        procs = spawn_ranks([sys.executable, "-m", "megagrow.regrow_cli", *argv],
+        procs = spawn_ranks([sys.executable, "-m", "megagrow.cli.regrow", *argv],
                             stage.layout.world_size, env={**os.environ, "MEGAGROW_REGROW_WORKER": "1"})
         try:
             res = wait_ranks(procs, grace_s=60.0)
@@ -139,18 +142,28 @@ def main(argv=None) -> int:
     import torch
 
     from megagrow import collectives
-    from megagrow.parallel.groups import init_distributed
-    from megagrow.state.executor import regrow
     from megagrow.state.manifest import checkpoint_meta, seal
+    from megagrow.state.writer import init_ranks, supported
 
-    init_distributed(stage.layout)
-    rank = torch.distributed.get_rank()
+    offline = supported(stage.layout)  # ZeRO-1/2/3: the files are written directly, no engine is built
+    if offline:
+        rank = init_ranks(stage.layout)
+    else:
+        from megagrow.parallel.groups import init_distributed
+
+        init_distributed(stage.layout)
+        rank = torch.distributed.get_rank()
+    dist = torch.distributed.is_initialized()
     tmp = f"{out}.regrow-tmp"
     if rank == 0 and os.path.exists(tmp):
         shutil.rmtree(tmp)
-    collectives.barrier()
+    if dist:
+        collectives.barrier()
     try:
-        info = regrow(plan, k, src, tmp, args.grow, progress=(rank == 0 and not args.json), verify=verify)
+        from megagrow.state.executor import regrow, regrow_offline
+
+        info = (regrow_offline if offline else regrow)(plan, k, src, tmp, args.grow, progress=(rank == 0 and not args.json),
+                                                       verify=verify)
         seal(tmp, info["tag"], checkpoint_meta(plan, k, info["step"], info["sample_offset"] + info["step"] * stage.layout.global_batch,
                                                source=f"{src.dir}/{src.tag}"), tp=stage.layout.tp)
         faults.point("regrow.sealed", info["step"])
@@ -164,7 +177,7 @@ def main(argv=None) -> int:
     mine = torch.tensor([float(info["bytes_read"]), float(info["bytes_written_state"]), peak_rss, float(info["files_opened"]),
                          float(info["files_verified"]), float(-1 if info["files_unverified"] is None else info["files_unverified"])],
                         dtype=torch.float64)
-    allr = collectives.all_gather(mine)  # on the CPU: collectives runs it on the device under NCCL
+    allr = collectives.all_gather(mine) if dist else [mine]  # on the CPU: collectives runs it on the device under NCCL
     if rank == 0:
         if os.path.isdir(out):
             os.rmdir(out)

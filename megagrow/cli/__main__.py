@@ -1,0 +1,8 @@
+"""`python -m megagrow.cli ARGS` is `megagrow ARGS` (torchrun -m / srun python -m need a module)."""
+
+import sys
+
+from megagrow.cli.main import main
+
+if __name__ == "__main__":
+    sys.exit(main())
