@@ -33,7 +33,8 @@ setup(
     # so the interop tests run (never skipped) wherever the tests run; tensorboard: event files beside log.jsonl.
     extras_require={
         "hf": HF,
-        "test": ["pytest>=8", "tensorboard>=2.14", *HF],
+        # ruff: `make lint` (lint and format check), run by CI before the tests
+        "test": ["pytest>=8", "tensorboard>=2.14", "ruff==0.17.6", *HF],
     },
     entry_points={"console_scripts": ["megagrow=megagrow.cli:main"]},
 )

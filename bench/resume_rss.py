@@ -1,6 +1,6 @@
 #!/usr/bin/env python
 """Peak host memory (RSS) of a rank while it resumes: DeepSpeed's engine.load_checkpoint against
-megagrow's shard-reader resume (megagrow.state.executor.load_own), at ZeRO-1/2/3, DP ranks on this
+megagrow's shard-reader resume (megagrow.state.resume.load_own), at ZeRO-1/2/3, DP ranks on this
 machine (gloo, CPU).
 
 For each ZeRO stage: one launch builds a GPT-2 of the given size at DP=`--dp` and saves a sealed
@@ -96,7 +96,8 @@ def _rank(a) -> None:
         load = lambda: engine.load_checkpoint(ckpt, tag=tag)  # noqa: E731
     else:
         from megagrow.state.checkpoint import SourceCheckpoint
-        from megagrow.state.executor import fp32_partitions, load_own
+        from megagrow.state.executor import fp32_partitions
+        from megagrow.state.resume import load_own
         from megagrow.train.transition import gather_persistent
 
         src = SourceCheckpoint.open(ckpt, tag)

@@ -18,6 +18,10 @@ os.environ["TRANSFORMERS_OFFLINE"] = "1"
 
 def _env() -> dict:
     env = dict(os.environ)
+    # a test that set up torch.distributed in this process leaves its rendezvous behind: a child
+    # must pick its own (megagrow takes a free port when MASTER_PORT is unset)
+    for k in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE"):
+        env.pop(k, None)
     env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
     env.setdefault("DS_ACCELERATOR", "cpu")
     env["OMP_NUM_THREADS"] = "1"  # several ranks share 2 cores

@@ -2,7 +2,7 @@
 
 import sys
 
-from megagrow.cli.main import main
+from megagrow.cli.commands import main
 
 if __name__ == "__main__":
     sys.exit(main())

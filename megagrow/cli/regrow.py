@@ -23,6 +23,7 @@ import os
 import shutil
 import sys
 import time
+from dataclasses import dataclass
 
 from megagrow import faults
 from megagrow.errors import UserError, cli_entry
@@ -48,7 +49,8 @@ def _parser() -> argparse.ArgumentParser:
 
 def _dry_run(args, plan, k: int) -> int:
     from megagrow.state.checkpoint import SourceCheckpoint
-    from megagrow.state.executor import read_plan
+    from megagrow.state.decision import decide_for
+    from megagrow.state.reads import read_plan
     from megagrow.state.record import StageRecord
 
     if args.out:
@@ -61,7 +63,7 @@ def _dry_run(args, plan, k: int) -> int:
         prev = plan.stages[k - 1]
         L = prev.layout
         src = SourceCheckpoint.planned(prev.model, L.tp, L.dp, L.zero_stage, record=StageRecord(plan, k - 1))
-    res = read_plan(plan, k, src, args.grow)
+    res = read_plan(plan, k, src, decide_for(plan, k, src, args.grow))
     res["stage"] = plan.stages[k].name
     if args.json:
         print(json.dumps(res))
@@ -86,18 +88,44 @@ def main(argv=None) -> int:
 
     plan = load_plan(args.plan, args.set or ())
     k = plan.stages.index(plan.stage(args.to_stage))
-    stage = plan.stages[k]
     if args.dry_run:
         return _dry_run(args, plan, k)
+    job = _validate(args, plan, k)
+    if job.direct and plan.stages[k].layout.world_size > 1:
+        return _spawn(args, argv, plan.stages[k], job)
+    info, rank, allr = _run(args, plan, k, job)
+    if rank == 0:
+        _report(args, plan.stages[k], job, info, allr)
+    from megagrow.procs import exit_rank
+
+    exit_rank(0)  # after a barrier; skips interpreter shutdown (~1.5 s)
+
+
+@dataclass
+class _Job:
+    """A validated regrow: where it writes, its source and the growth decision, how it was started."""
+
+    out: str
+    src: object  # SourceCheckpoint
+    tag: str
+    growth: object  # decision.Growth
+    direct: bool  # started directly (not under torchrun/srun): this process checked every source file
+    worker: bool  # one of the ranks a direct start spawned
+    verify: bool  # each rank checks the checksums of the files it opens
+    t0: float
+
+
+def _validate(args, plan, k: int) -> _Job:
+    """Every check that can fail before a rank starts (one UserError): the output, the source tag and
+    checkpoint, and the growth decision (made once here, then passed to the regrow)."""
     if not args.src or not args.out:
         raise UserError("--src and --out are required (only --dry-run goes without them)")
     out = os.path.abspath(args.out)
     if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
         raise UserError(f"output {out} exists and is not an empty directory; refusing to overwrite")
-
     t0 = time.perf_counter()
     from megagrow.state.checkpoint import SourceCheckpoint
-    from megagrow.state.executor import check_source
+    from megagrow.state.decision import decide_for
     from megagrow.state.manifest import current
 
     direct = not any(k in os.environ for k in ("RANK", "SLURM_PROCID"))
@@ -109,42 +137,48 @@ def main(argv=None) -> int:
     # the direct start spawns are handed the tag it chose.
     tag = args.tag if worker else current(args.src, args.tag, verify=direct)
     src = SourceCheckpoint.open(args.src, tag)  # reads the metadata (one file); validates it
-    same = check_source(plan, k, src)
-    from megagrow.growth.ops import operator_between
-
-    operator_between("identity" if same else (args.grow or stage.grow or "identity"), src.model, stage.model)
+    growth = decide_for(plan, k, src, args.grow)
     if direct:  # one process checks every source file before any rank starts; ranks open only their own
         src.check_files()
         src.close()
     # under torchrun or srun each rank checks the checksums of exactly the files it opens (regrow(verify=True));
     # the ranks the direct start spawns skip it: the launcher checked every file above
-    verify = not direct and not worker
+    return _Job(out, src, tag, growth, direct, worker, not direct and not worker, t0)
 
-    if direct and stage.layout.world_size > 1:
-        # started directly: everything above was checked once, here; now the ranks
-        from megagrow.procs import spawn_ranks, wait_ranks
 
-        argv = [*(sys.argv[1:] if argv is None else argv), *(() if args.tag else ("--tag", tag))]
-        procs = spawn_ranks([sys.executable, "-m", "megagrow.cli.regrow", *argv],
-                            stage.layout.world_size, env={**os.environ, "MEGAGROW_REGROW_WORKER": "1"})
-        try:
-            res = wait_ranks(procs, grace_s=60.0)
-        except KeyboardInterrupt:
-            for p in procs:
-                p.kill()
-            raise
-        if res.rc != 0:
-            shutil.rmtree(f"{out}.regrow-tmp", ignore_errors=True)
-            if res.failed_how.startswith("killed"):
-                print(f"error: regrow failed: {res.describe()}", file=sys.stderr, flush=True)
-        return res.rc
+def _spawn(args, argv, stage, job: _Job) -> int:
+    """Started directly: everything was checked once, here; now the ranks of the target layout."""
+    from megagrow.procs import spawn_ranks, wait_ranks
+
+    argv = [*(sys.argv[1:] if argv is None else argv), *(() if args.tag else ("--tag", job.tag))]
+    procs = spawn_ranks([sys.executable, "-m", "megagrow.cli.regrow", *argv],
+                        stage.layout.world_size, env={**os.environ, "MEGAGROW_REGROW_WORKER": "1"})
+    try:
+        res = wait_ranks(procs, grace_s=60.0)
+    except KeyboardInterrupt:
+        for p in procs:
+            p.kill()
+        raise
+    if res.rc != 0:
+        shutil.rmtree(f"{job.out}.regrow-tmp", ignore_errors=True)
+        if res.failed_how.startswith("killed"):
+            print(f"error: regrow failed: {res.describe()}", file=sys.stderr, flush=True)
+    return res.rc
+
+
+def _run(args, plan, k: int, job: _Job) -> tuple:
+    """This rank's part: write the target files into OUT.regrow-tmp and seal them. Returns (info, rank,
+    every rank's counters: bytes read, state bytes, peak RSS, files opened, verified, unverified)."""
+    import resource
 
     import torch
 
     from megagrow import collectives
+    from megagrow.state.executor import regrow, regrow_offline
     from megagrow.state.manifest import checkpoint_meta, seal
     from megagrow.state.writer import init_ranks, supported
 
+    stage = plan.stages[k]
     offline = supported(stage.layout)  # ZeRO-1/2/3: the files are written directly, no engine is built
     if offline:
         rank = init_ranks(stage.layout)
@@ -154,57 +188,55 @@ def main(argv=None) -> int:
         init_distributed(stage.layout)
         rank = torch.distributed.get_rank()
     dist = torch.distributed.is_initialized()
-    tmp = f"{out}.regrow-tmp"
+    tmp = f"{job.out}.regrow-tmp"
     if rank == 0 and os.path.exists(tmp):
         shutil.rmtree(tmp)
     if dist:
         collectives.barrier()
     try:
-        from megagrow.state.executor import regrow, regrow_offline
-
-        info = (regrow_offline if offline else regrow)(plan, k, src, tmp, args.grow, progress=(rank == 0 and not args.json),
-                                                       verify=verify)
+        info = (regrow_offline if offline else regrow)(plan, k, job.src, tmp, args.grow, progress=(rank == 0 and not args.json),
+                                                       verify=job.verify, growth=job.growth)
         seal(tmp, info["tag"], checkpoint_meta(plan, k, info["step"], info["sample_offset"] + info["step"] * stage.layout.global_batch,
-                                               source=f"{src.dir}/{src.tag}"), tp=stage.layout.tp)
+                                               source=f"{job.src.dir}/{job.src.tag}"), tp=stage.layout.tp)
         faults.point("regrow.sealed", info["step"])
     except BaseException:
         if rank == 0:
             shutil.rmtree(tmp, ignore_errors=True)
         raise
-    import resource
-
     peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024.0  # Linux: KiB
     mine = torch.tensor([float(info["bytes_read"]), float(info["bytes_written_state"]), peak_rss, float(info["files_opened"]),
                          float(info["files_verified"]), float(-1 if info["files_unverified"] is None else info["files_unverified"])],
                         dtype=torch.float64)
     allr = collectives.all_gather(mine) if dist else [mine]  # on the CPU: collectives runs it on the device under NCCL
-    if rank == 0:
-        if os.path.isdir(out):
-            os.rmdir(out)
-        os.replace(tmp, out)
-        written = sum(os.path.getsize(os.path.join(dp, f)) for dp, _, fs in os.walk(out) for f in fs)
-        summary = {
-            "out": out, "stage": stage.name, "layout": stage.layout.to_dict(), "op": info["op"], "tag": info["tag"],
-            "source": {"dir": src.dir, "tag": src.tag, "stage": src.record.stage.name,
-                       "layout": src.record.stage.layout.to_dict(), "bytes": sum(os.path.getsize(f) for f in src.files())},
-            "bytes_read_per_rank": [int(t[0]) for t in allr],
-            "state_bytes_per_rank": [int(t[1]) for t in allr],
-            "peak_rss_bytes_per_rank": [int(t[2]) for t in allr],
-            "files_opened_per_rank": [int(t[3]) for t in allr],  # source files: its metadata file + the optimizer files it read
-            # checksums checked by each rank before reading (torchrun/srun: the files it opens, rank 0 also the
-            # metadata file; started directly, the launcher checked every file and this is 0); opened unchecked (-1: not asked)
-            "files_verified_per_rank": [int(t[4]) for t in allr],
-            "files_unverified_per_rank": [int(t[5]) for t in allr],
-            "bytes_written": written, "seconds": time.perf_counter() - t0,
-            "phase_seconds_rank0": {k: round(v, 3) for k, v in info["phase_seconds"].items()},
-        }
-        print(json.dumps(summary) if args.json else
-              f"regrow: {summary['source']['stage']} -> {stage.name} ({info['op']}) at {stage.layout.to_dict()}\n"
-              f"  wrote {out} ({written / 1e6:.1f} MB) in {summary['seconds']:.1f} s; "
-              f"read per rank {[round(b / 1e6, 2) for b in summary['bytes_read_per_rank']]} MB", flush=True)
-    from megagrow.procs import exit_rank
+    return info, rank, allr
 
-    exit_rank(0)  # after a barrier; skips interpreter shutdown (~1.5 s)
+
+def _report(args, stage, job: _Job, info: dict, allr: list) -> None:
+    """Rank 0: move OUT.regrow-tmp to OUT and print the summary (JSON with --json)."""
+    out, src = job.out, job.src
+    if os.path.isdir(out):
+        os.rmdir(out)
+    os.replace(f"{out}.regrow-tmp", out)
+    written = sum(os.path.getsize(os.path.join(dp, f)) for dp, _, fs in os.walk(out) for f in fs)
+    summary = {
+        "out": out, "stage": stage.name, "layout": stage.layout.to_dict(), "op": info["op"], "tag": info["tag"],
+        "source": {"dir": src.dir, "tag": src.tag, "stage": src.record.stage.name,
+                   "layout": src.record.stage.layout.to_dict(), "bytes": sum(os.path.getsize(f) for f in src.files())},
+        "bytes_read_per_rank": [int(t[0]) for t in allr],
+        "state_bytes_per_rank": [int(t[1]) for t in allr],
+        "peak_rss_bytes_per_rank": [int(t[2]) for t in allr],
+        "files_opened_per_rank": [int(t[3]) for t in allr],  # source files: its metadata file + the optimizer files it read
+        # checksums checked by each rank before reading (torchrun/srun: the files it opens, rank 0 also the
+        # metadata file; started directly, the launcher checked every file and this is 0); opened unchecked (-1: not asked)
+        "files_verified_per_rank": [int(t[4]) for t in allr],
+        "files_unverified_per_rank": [int(t[5]) for t in allr],
+        "bytes_written": written, "seconds": time.perf_counter() - job.t0,
+        "phase_seconds_rank0": {k: round(v, 3) for k, v in info["phase_seconds"].items()},
+    }
+    print(json.dumps(summary) if args.json else
+          f"regrow: {summary['source']['stage']} -> {stage.name} ({info['op']}) at {stage.layout.to_dict()}\n"
+          f"  wrote {out} ({written / 1e6:.1f} MB) in {summary['seconds']:.1f} s; "
+          f"read per rank {[round(b / 1e6, 2) for b in summary['bytes_read_per_rank']]} MB", flush=True)
 
 
 if __name__ == "__main__":

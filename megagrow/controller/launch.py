@@ -262,28 +262,21 @@ class Controller:
 
     # ---- the loop
     def run(self) -> int:
+        """Launch the plan's next action until the plan is done, hands off, stops or fails. Returns an exit code."""
         plan = self.plan
         self.say(f"plan {plan.name}: {len(plan.stages)} stages, run dir {self.run_dir}, "
                  + (f"slurm job {self.alloc.job_id} (restart {self.alloc.restart_count}) on {','.join(self.alloc.hosts)}, "
                     f"{self.alloc.tasks_per_node} ranks/node" if self.alloc.kind == "slurm"
                     else f"local, up to {self.alloc.tasks_per_node} processes"))
         last = None
-        retries_left = plan.reliability.retries if self.retries is None else self.retries
+        self.retries_left = plan.reliability.retries if self.retries is None else self.retries
         while True:
             progress = read_progress(plan, self.run_dir)
-            for p in progress:  # each disagreement between a stage's records: one line, once
-                if p.note and (p.name, p.note) not in self.noted:
-                    self.noted.add((p.name, p.note))
-                    self.say(f"stage {p.name} is {p.state}: {p.note}")
+            self._note_disagreements(progress)
             act = next_action(plan, progress)
-            if act.kind == "done":
-                self.write_manifest("done", None, {"event": "done"} if self.manifest.get("state") != "done" else None)
-                self.say("plan done: " + ", ".join(f"{p.name} {p.step}/{p.steps}" for p in progress))
-                return EXIT_OK
-            if self.stop:
-                self.write_manifest("preempted", None, {"event": "preempted", "stage": plan.stages[act.stage].name})
-                self.say(f"stopping before the next launch ({act.describe(plan)}): exit {EXIT_PREEMPTED}")
-                return EXIT_PREEMPTED
+            rc = self._finish_or_stop(act, progress)
+            if rc is not None:
+                return rc
             k = act.stage
             stage = plan.stages[k]
             if last == (k, act.resume_step, act.kind):
@@ -294,53 +287,93 @@ class Controller:
             last = (k, act.resume_step, act.kind)
             pl = place(stage, self.alloc, avoid=self.avoid)
             if not pl.fits:
-                job = self.submit_dependent(k, pl)
-                self.write_manifest("handed_off", {"stage_index": k, "stage": stage.name, "action": act.kind, "next_job": job},
-                                    {"event": "dependent_job", "stage": stage.name, "next_job": job, "nodes": pl.nodes})
-                self.say(f"stage {stage.name} needs {pl.nodes} nodes, this job has {self.alloc.nodes}: "
-                         f"submitted job {job} (--dependency=afterok:{self.alloc.job_id} --nodes={pl.nodes}); exit 0")
-                return EXIT_OK
-            for path in act.discard:
-                self.say(f"discarding {'the incomplete checkpoints' if act.note else 'a half-written transition output'}: {path}")
-                shutil.rmtree(path, ignore_errors=True)
-            self.launches += 1  # persisted with the manifest below
-            current = {"stage_index": k, "stage": stage.name, "action": act.kind, "layout": stage.layout.to_dict(),
-                       "hosts": list(pl.hosts), "ntasks": pl.ntasks, "started": round(time.time(), 3)}
-            self.write_manifest("running", current, {"event": "launch", "stage": stage.name, "action": act.kind,
-                                                     "from_step": act.resume_step, "hosts": list(pl.hosts)})
-            self.say(f"{act.describe(plan)} at tp {stage.layout.tp} x dp {stage.layout.dp} zero {stage.layout.zero_stage} "
-                     f"({pl.ntasks} ranks on {pl.nodes} node{'s' if pl.nodes > 1 else ''})")
-            self.last_failure = None
-            rc = self.launch(k, pl)
-            st = read_json(RunPaths(self.run_dir).stage(stage.name).status) or {}
-            now = read_progress(plan, self.run_dir)[k]
-            ev = {"event": "exit", "stage": stage.name, "rc": rc, "step": now.step}
-            if self.last_failure:
-                ev["failure"] = self.last_failure
-            self.avoid = tuple(pl.hosts) if rc not in (EXIT_OK, EXIT_PREEMPTED) and self.alloc.kind == "slurm" else ()
-            if rc == EXIT_OK:
-                self.write_manifest("running", None, ev)
-                continue
-            if rc == EXIT_PREEMPTED or (self.stop and st.get("state") == "preempted"):
-                self.write_manifest("preempted", None, ev)
-                self.say(f"stage {stage.name} saved at step {now.step} after a signal: exit {EXIT_PREEMPTED}")
-                return EXIT_PREEMPTED
-            why = f"exit {rc}" + (f": {self.last_failure}" if self.last_failure else "")
-            if rc not in (EXIT_USER_ERROR, EXIT_NONFINITE) and not self.stop and retries_left > 0:
-                retries_left -= 1
+                return self._hand_off(act, pl)
+            rc = self._after_exit(act, pl, self._launch_action(act, pl))
+            if rc == "retry":
                 last = None  # a retry may resume from the same checkpoint
-                self.write_manifest("running", None, {**ev, "event": "retry"})
-                others = [h for h in self.alloc.hosts if h not in self.avoid] if self.avoid else []
-                self.say(f"stage {stage.name} failed ({why}); retrying from its newest complete checkpoint "
-                         f"(step {now.step}; {retries_left} retr{'y' if retries_left == 1 else 'ies'} left after this one)"
-                         + (f", on other hosts first ({','.join(others)})" if others else ""))
-                continue
-            self.write_manifest("failed", {"stage_index": k, "stage": stage.name, "action": act.kind}, ev)
-            if rc == EXIT_USER_ERROR:
-                self.say(f"stage {stage.name} stopped on the error above (exit 2: bad input, or a checkpoint it "
-                         f"could not write): not retried")
-            elif rc == EXIT_NONFINITE:
-                self.say(f"stage {stage.name} diverged (non-finite loss or weights; exit {rc}): not retried")
-            else:
-                self.say(f"stage {stage.name} failed ({why})")
-            return rc if rc not in (EXIT_OK, EXIT_PREEMPTED) else EXIT_FAILED
+            elif rc is not None:
+                return rc
+
+    def _note_disagreements(self, progress) -> None:
+        for p in progress:  # each disagreement between a stage's records: one line, once
+            if p.note and (p.name, p.note) not in self.noted:
+                self.noted.add((p.name, p.note))
+                self.say(f"stage {p.name} is {p.state}: {p.note}")
+
+    def _finish_or_stop(self, act, progress) -> int | None:
+        """EXIT_OK when the plan is done, EXIT_PREEMPTED when a signal asked to stop; else None."""
+        plan = self.plan
+        if act.kind == "done":
+            self.write_manifest("done", None, {"event": "done"} if self.manifest.get("state") != "done" else None)
+            self.say("plan done: " + ", ".join(f"{p.name} {p.step}/{p.steps}" for p in progress))
+            return EXIT_OK
+        if self.stop:
+            self.write_manifest("preempted", None, {"event": "preempted", "stage": plan.stages[act.stage].name})
+            self.say(f"stopping before the next launch ({act.describe(plan)}): exit {EXIT_PREEMPTED}")
+            return EXIT_PREEMPTED
+        return None
+
+    def _hand_off(self, act, pl) -> int:
+        """The stage needs more nodes than this job has: submit a dependent job for it and exit 0."""
+        stage = self.plan.stages[act.stage]
+        job = self.submit_dependent(act.stage, pl)
+        self.write_manifest("handed_off", {"stage_index": act.stage, "stage": stage.name, "action": act.kind, "next_job": job},
+                            {"event": "dependent_job", "stage": stage.name, "next_job": job, "nodes": pl.nodes})
+        self.say(f"stage {stage.name} needs {pl.nodes} nodes, this job has {self.alloc.nodes}: "
+                 f"submitted job {job} (--dependency=afterok:{self.alloc.job_id} --nodes={pl.nodes}); exit 0")
+        return EXIT_OK
+
+    def _launch_action(self, act, pl) -> tuple:
+        """Launch stage act.stage's ranks on placement `pl` and wait: (rc, exit event, status.json, progress)."""
+        plan, k = self.plan, act.stage
+        stage = plan.stages[k]
+        for path in act.discard:
+            self.say(f"discarding {'the incomplete checkpoints' if act.note else 'a half-written transition output'}: {path}")
+            shutil.rmtree(path, ignore_errors=True)
+        self.launches += 1  # persisted with the manifest below
+        current = {"stage_index": k, "stage": stage.name, "action": act.kind, "layout": stage.layout.to_dict(),
+                   "hosts": list(pl.hosts), "ntasks": pl.ntasks, "started": round(time.time(), 3)}
+        self.write_manifest("running", current, {"event": "launch", "stage": stage.name, "action": act.kind,
+                                                 "from_step": act.resume_step, "hosts": list(pl.hosts)})
+        self.say(f"{act.describe(plan)} at tp {stage.layout.tp} x dp {stage.layout.dp} zero {stage.layout.zero_stage} "
+                 f"({pl.ntasks} ranks on {pl.nodes} node{'s' if pl.nodes > 1 else ''})")
+        self.last_failure = None
+        rc = self.launch(k, pl)
+        st = read_json(RunPaths(self.run_dir).stage(stage.name).status) or {}
+        now = read_progress(plan, self.run_dir)[k]
+        ev = {"event": "exit", "stage": stage.name, "rc": rc, "step": now.step}
+        if self.last_failure:
+            ev["failure"] = self.last_failure
+        self.avoid = tuple(pl.hosts) if rc not in (EXIT_OK, EXIT_PREEMPTED) and self.alloc.kind == "slurm" else ()
+        return rc, ev, st, now
+
+    def _after_exit(self, act, pl, launched: tuple):
+        """What a stage's exit means: None (go on), "retry", or the controller's exit code."""
+        rc, ev, st, now = launched
+        k = act.stage
+        stage = self.plan.stages[k]
+        if rc == EXIT_OK:
+            self.write_manifest("running", None, ev)
+            return None
+        if rc == EXIT_PREEMPTED or (self.stop and st.get("state") == "preempted"):
+            self.write_manifest("preempted", None, ev)
+            self.say(f"stage {stage.name} saved at step {now.step} after a signal: exit {EXIT_PREEMPTED}")
+            return EXIT_PREEMPTED
+        why = f"exit {rc}" + (f": {self.last_failure}" if self.last_failure else "")
+        if rc not in (EXIT_USER_ERROR, EXIT_NONFINITE) and not self.stop and self.retries_left > 0:
+            self.retries_left -= 1
+            self.write_manifest("running", None, {**ev, "event": "retry"})
+            others = [h for h in self.alloc.hosts if h not in self.avoid] if self.avoid else []
+            self.say(f"stage {stage.name} failed ({why}); retrying from its newest complete checkpoint "
+                     f"(step {now.step}; {self.retries_left} retr{'y' if self.retries_left == 1 else 'ies'} left after this one)"
+                     + (f", on other hosts first ({','.join(others)})" if others else ""))
+            return "retry"
+        self.write_manifest("failed", {"stage_index": k, "stage": stage.name, "action": act.kind}, ev)
+        if rc == EXIT_USER_ERROR:
+            self.say(f"stage {stage.name} stopped on the error above (exit 2: bad input, or a checkpoint it "
+                     f"could not write): not retried")
+        elif rc == EXIT_NONFINITE:
+            self.say(f"stage {stage.name} diverged (non-finite loss or weights; exit {rc}): not retried")
+        else:
+            self.say(f"stage {stage.name} failed ({why})")
+        return rc if rc not in (EXIT_OK, EXIT_PREEMPTED) else EXIT_FAILED

@@ -59,7 +59,7 @@ def check_dataset(plan: Plan) -> None:
 
 def validate_plan(plan: Plan, alloc: Allocation, run_dir: str | None = None) -> list[Placement]:
     """Every check that can fail before a launch; raises one UserError. Returns each stage's placement."""
-    from megagrow.growth.ops import operator_between
+    from megagrow.state.decision import decide
 
     missing = [p for p in _data_files(plan.data.prefix) if not os.path.isfile(p)]
     if missing:
@@ -75,7 +75,7 @@ def validate_plan(plan: Plan, alloc: Allocation, run_dir: str | None = None) -> 
             if stage.grow is None and stage.model != prev.model:
                 raise UserError(f"{where}: the model differs from stage {prev.name!r} but no `grow` operator is given")
             try:
-                operator_between(stage.grow or "identity", prev.model, stage.model)
+                decide(plan, k, prev.model)  # the decision the transition into stage k makes
             except UserError as e:
                 raise UserError(f"{where}: grow {stage.grow or 'identity'!r} from stage {prev.name!r}: {e}") from None
         if stage.init_from:  # a transformers model to start from: config checked against the stage (json only)

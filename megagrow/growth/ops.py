@@ -278,7 +278,14 @@ def _summary(c: ModelConfig) -> str:
 
 
 def operator_between(spec: str, old: ModelConfig, new: ModelConfig, symmetry_breaking: float = 1.0) -> Operator:
-    """The operator named by a stage's `grow` field that takes config `old` to `new`.
+    """The operator of `growth_between` (its growth plan, built to validate it, dropped)."""
+    return growth_between(spec, old, new, symmetry_breaking)[0]
+
+
+def growth_between(spec: str, old: ModelConfig, new: ModelConfig,
+                   symmetry_breaking: float = 1.0) -> tuple[Operator, GrowthPlan]:
+    """The operator named by a stage's `grow` field that takes config `old` to `new`, and its growth
+    plan (`plan_growth(op, old, new)`, built once: it is also the check that op takes old to new).
 
     spec: "width" | "width:init" | "depth" | "depth:append" | "depth:interleave:init" | "stack" | "ffn" |
     "heads" | "identity" (the factor is read off the two configs). Raises UserError when the configs
@@ -308,8 +315,7 @@ def operator_between(spec: str, old: ModelConfig, new: ModelConfig, symmetry_bre
         op = Identity()
     else:
         raise UserError(f"unknown growth operator {spec!r} (width[:copy|init], depth[:interleave|append[:copy|init]], stack, ffn, heads, identity)")
-    plan_growth(op, old, new)  # validates that op really takes old to new
-    return op
+    return op, plan_growth(op, old, new)  # validates that op really takes old to new
 
 
 # ---------------------------------------------------------------------------------------

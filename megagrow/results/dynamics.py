@@ -118,7 +118,7 @@ def slope(curve, lo: float, hi: float) -> float:
     return sum((s - mx) * (l - my) for s, l in pts) / sum((s - mx) ** 2 for s, _ in pts)
 
 
-def main(argv=None) -> int:
+def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="megagrow growth-dynamics", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--op", choices=("width", "depth"), default="width")
@@ -138,7 +138,19 @@ def main(argv=None) -> int:
     p.add_argument("--every", type=int, default=10)
     p.add_argument("--work", default=os.path.join(REPO, "data_cache", "growth_dynamics"))
     p.add_argument("--json", action="store_true")
-    a = p.parse_args(argv)
+    return p
+
+
+def main(argv=None) -> int:
+    a = _parser().parse_args(argv)
+    res = experiment(a)
+    print(json.dumps(res) if a.json else describe(a, res))
+    return 0
+
+
+def experiment(a) -> dict:
+    """Grow a small model once and train on: the loss curves of the grown model (optimizer state
+    carried, and reset) against the big model from scratch from the step of equal loss."""
     torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
     os.makedirs(a.work, exist_ok=True)
     tr, ev = prepare(a.work, 512)
@@ -195,19 +207,19 @@ def main(argv=None) -> int:
                      "curve": [round(l, 4) for _, l in c]}
     res["scratch"]["curve"] = [round(at(c_big, R + s), 4) for s, _ in c]
     res["seconds"] = time.time() - t0
-    if a.json:
-        print(json.dumps(res))
-    else:
-        print(f"{a.flavour} {a.op} x2: small {a.small_steps} steps -> loss {L_g:.4f}; scratch big reaches it at R={R:.0f} "
-              f"(measured c = S_small/R = {res['measured_c']:.3f}, paper {op.paper_c})")
-        for k in ("scratch", "grown", "grown_opt_reset"):
-            r = res[k]
-            extra = "" if k == "scratch" else f"  max rise {r['max_above_growth']:+.4f}  mean |gap to scratch| {r['mean_gap_to_scratch']:.4f}"
-            print(f"  {k:16s} loss change over {a.after} steps {r['delta']:+.4f}  slope {r['slope']:+.2e}/step{extra}")
-            print(f"  {'':16s} curve {r['curve']}")
-        print(f"  ({res['seconds']:.0f} s)")
-    return 0
+    return res
 
+
+def describe(a, res: dict) -> str:
+    lines = [f"{a.flavour} {a.op} x2: small {a.small_steps} steps -> loss {res['loss_at_growth']:.4f}; scratch big reaches "
+             f"it at R={res['equivalent_step_R']:.0f} (measured c = S_small/R = {res['measured_c']:.3f}, paper {res['paper_c']})"]
+    for k in ("scratch", "grown", "grown_opt_reset"):
+        r = res[k]
+        extra = "" if k == "scratch" else f"  max rise {r['max_above_growth']:+.4f}  mean |gap to scratch| {r['mean_gap_to_scratch']:.4f}"
+        lines.append(f"  {k:16s} loss change over {a.after} steps {r['delta']:+.4f}  slope {r['slope']:+.2e}/step{extra}")
+        lines.append(f"  {'':16s} curve {r['curve']}")
+    lines.append(f"  ({res['seconds']:.0f} s)")
+    return "\n".join(lines)
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -228,7 +228,7 @@ class SourceCheckpoint:
         no files: its shard map answers `files_for` (which files a box's read opens) at any scale,
         for planning and docs/scale.md. Param groups as megagrow.parallel.engine makes them
         (matrices and embeddings, then vectors), each in model order. `record`: the stage record
-        it would carry (needed by `executor.read_plan`)."""
+        it would carry (needed by `reads.read_plan`)."""
         from megagrow.growth.ops import logical_tensors
 
         groups: list = [{}, {}]

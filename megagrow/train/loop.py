@@ -113,23 +113,25 @@ def start_stage(plan: Plan, k: int, run_dir: str, quiet: bool = False) -> Starte
 def _resume(plan: Plan, k: int, ckpt_dir: str, tag: str) -> tuple:
     """(engine, optimizer, record) of stage k from its own checkpoint `tag`, at the same layout.
 
-    Through the shard reader (executor.resume_engine): each rank opens the metadata file and its own
+    Through the shard reader (resume.resume_engine): each rank opens the metadata file and its own
     optimizer file, memory-mapped, and fills the engine's fp32 master, Adam moments and step, module
     weights and DeepSpeed's counters from them, bitwise what engine.load_checkpoint gives
     (tests/dist/test_resume_shard.py); with verify_on_resume it checks exactly those files first
-    (executor.verify_resume). DeepSpeed's loader stays the fallback for zero_stage 0, whose
+    (resume.verify_resume). DeepSpeed's loader stays the fallback for zero_stage 0, whose
     checkpoint has no ZeRO flat partitions for the shard map to address (its optimizer state is the
     torch optimizer's own state dict inside the module file)."""
     from megagrow.parallel.engine import build_stage
     from megagrow.state.checkpoint import SourceCheckpoint
-    from megagrow.state.executor import resume_engine, verify_resume
+    from megagrow.state.resume import resume_engine, verify_resume
     from megagrow.train.transition import gather_persistent
 
     L, verify = plan.stages[k].layout, plan.reliability.verify_on_resume
     where = os.path.join(ckpt_dir, tag)
     if L.zero_stage == 0:
         if verify:
-            manifest.verify_distributed(ckpt_dir, tag, tp=L.tp)
+            from megagrow.state.verify import verify_distributed
+
+            verify_distributed(ckpt_dir, tag, tp=L.tp)
         engine, optimizer = build_stage(plan, k)
         try:
             _, cs = engine.load_checkpoint(ckpt_dir, tag=tag)
@@ -458,7 +460,8 @@ EXACT_TOLERANCE = 1e-4  # |eval after - eval before| of a loss-preserving operat
 def growth_report(plan: Plan, k: int, before: float | None, after: float) -> str:
     """The line printed when stage k has grown from stage k-1, and a warning when a loss-preserving
     operator moved the eval loss (fp32) by more than EXACT_TOLERANCE, naming the grown tensor kinds."""
-    from megagrow.growth.ops import logical_tensors, operator_between
+    from megagrow.growth.ops import logical_tensors
+    from megagrow.state.decision import decide
 
     prev, stage = plan.stages[k - 1], plan.stages[k]
     if before is None:
@@ -466,7 +469,7 @@ def growth_report(plan: Plan, k: int, before: float | None, after: float) -> str
     delta = after - before
     line = f"[megagrow] eval loss at growth {prev.name} -> {stage.name}: {before:.4f} -> {after:.4f} (delta {delta:.1e})"
     try:
-        exact = operator_between(stage.grow or "identity", prev.model, stage.model).exact
+        exact = decide(plan, k, prev.model).op.exact
     except Exception:  # noqa: BLE001 - a report line must not fail the stage
         exact = False
     if exact and abs(delta) > EXACT_TOLERANCE and stage.layout.dtype == "fp32":

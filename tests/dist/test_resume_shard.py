@@ -1,4 +1,4 @@
-"""Resume through the shard reader (megagrow.state.executor.resume_engine), against DeepSpeed's
+"""Resume through the shard reader (megagrow.state.resume.resume_engine), against DeepSpeed's
 engine.load_checkpoint, for real on 2 CPU processes (gloo)."""
 
 from __future__ import annotations

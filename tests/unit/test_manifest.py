@@ -14,6 +14,7 @@ import pytest
 from conftest import REPO, _env
 from megagrow.errors import SaveFailed, UserError
 from megagrow.state import manifest as mf
+from megagrow.state.verify import verify_distributed
 
 
 def _tag(ckpt, step, files=None, seal=True, keep_last=0):
@@ -92,10 +93,10 @@ def test_flipped_byte_fails_verification_naming_file_and_older_tag(tmp_path):
     f.write_bytes(bytes(b))
     assert mf.choose(str(ckpt))[0] == new
     with pytest.raises(UserError) as e:
-        mf.verify_distributed(str(ckpt), new)
+        verify_distributed(str(ckpt), new)
     msg = str(e.value)
     assert "zero_pp_rank_0_mp_rank_00_optim_states.pt: checksum" in msg and f"next older complete checkpoint is {old}" in msg
-    mf.verify_distributed(str(ckpt), old)  # the older one is fine
+    verify_distributed(str(ckpt), old)  # the older one is fine
 
 
 def test_keep_last_never_deletes_the_only_complete_one(tmp_path):

@@ -1,4 +1,4 @@
-"""What a resume checks and reads (megagrow.state.manifest.record_problems, executor.resume_read_plan)."""
+"""What a resume checks and reads (megagrow.state.verify.record_problems, reads.resume_read_plan)."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from megagrow.config import ModelConfig
-from megagrow.state import manifest
-from megagrow.state.executor import resume_read_plan
+from megagrow.state import manifest, verify
+from megagrow.state.reads import resume_read_plan
 
 MARK = "record_marker_0123456789"
 
@@ -50,16 +50,16 @@ def test_record_check_catches_a_corrupted_record_and_ignores_weights_it_never_re
     path = os.path.join(tag_dir, name)
     good = open(path, "rb").read()
     assert "record_crc32" in manifest.read_manifest(tag_dir)["files"][name]
-    assert manifest.record_problems(tag_dir, name) == []
+    assert verify.record_problems(tag_dir, name) == []
     _flip(path, torch.tensor([3.25] * 4).numpy().tobytes())
     assert manifest.problems(tag_dir, deep=True, names=[name], only=True)[0].startswith(f"{name}: checksum")
-    assert manifest.record_problems(tag_dir, name) == []
+    assert verify.record_problems(tag_dir, name) == []
     open(path, "wb").write(good)
     _flip(path, MARK.encode())
-    bad = manifest.record_problems(tag_dir, name)
+    bad = verify.record_problems(tag_dir, name)
     assert len(bad) == 1 and bad[0].startswith(f"{name}: record checksum"), bad
     open(path, "wb").write(good[:-100])
-    assert "size" in manifest.record_problems(tag_dir, name)[0]
+    assert "size" in verify.record_problems(tag_dir, name)[0]
 
 
 def test_record_check_without_a_recorded_record_checksum_checks_the_whole_file(tmp_path):
@@ -74,7 +74,7 @@ def test_record_check_without_a_recorded_record_checksum_checks_the_whole_file(t
     open(mpath, "w").write(json.dumps(m))
     path = os.path.join(tag_dir, name)
     _flip(path, torch.tensor([3.25] * 4).numpy().tobytes())
-    assert manifest.record_problems(tag_dir, name)[0].startswith(f"{name}: checksum")
+    assert verify.record_problems(tag_dir, name)[0].startswith(f"{name}: checksum")
 
 
 def test_resume_read_plan_arithmetic():

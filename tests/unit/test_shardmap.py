@@ -94,7 +94,7 @@ def test_each_opened_file_is_verified_once_by_a_rank_that_opens_it():
     """assign_verifiers: every file some rank opens is checked by exactly one of its openers, the
     biggest files spread first (no rank checks a file it does not open); the same input gives the
     same assignment."""
-    from megagrow.state.executor import assign_verifiers
+    from megagrow.state.reads import assign_verifiers
 
     opened = [{"f0", "f1"}, {"f1", "f2"}, {"f2"}, set(), {"f0", "f3"}]
     sizes = {"f0": 5, "f1": 5, "f2": 9, "f3": 1}

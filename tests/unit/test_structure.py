@@ -116,7 +116,8 @@ def test_reading_a_checkpoint_does_not_import_megatron():
     import subprocess
     import sys
 
-    code = ("import sys, megagrow.state.checkpoint, megagrow.state.executor, megagrow.state.manifest; "
+    code = ("import sys, megagrow.state.checkpoint, megagrow.state.executor, megagrow.state.manifest, megagrow.state.reads, "
+            "megagrow.state.resume, megagrow.state.verify, megagrow.state.decision; "
             "print(any(m.split('.')[0] == 'megatron' for m in sys.modules))")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO,
                        env=dict(os.environ, PYTHONPATH=REPO))

@@ -152,7 +152,7 @@ def _status(args) -> int:
 
 
 def _verify(args) -> int:
-    from megagrow.state.manifest import checkpoint_dir_problem, verify_main
+    from megagrow.state.verify import checkpoint_dir_problem, verify_main
 
     problem = checkpoint_dir_problem(args.ckpt)
     if problem:
