@@ -43,8 +43,7 @@ import torch  # noqa: E402
 def _config(a):
     from megagrow.config import ModelConfig
 
-    return ModelConfig(flavour=a.flavour, n_layers=a.layers, d_model=a.d_model, n_heads=a.heads, vocab_size=a.vocab,
-                       seq_len=a.seq)
+    return ModelConfig(flavour=a.flavour, n_layers=a.layers, d_model=a.d_model, n_heads=a.heads, vocab_size=a.vocab, seq_len=a.seq)
 
 
 def full_draw(model, seed: int) -> None:
@@ -107,14 +106,19 @@ def single(a) -> dict:
             t[f"rank0_draw_tp{tp}_dp{dp}"] = _timed(lambda: rank0_draw(c, tp, dp, 7))
         for k, v in t.items():
             best[k] = min(best.get(k, v), v)
-    return {"params": c.num_params(), "config": c.to_dict(), "repeats": a.repeats, "seconds_best": best,
-            "shard_over_full": best["shard_draw"] / best["full_draw"],
-            "threads": torch.get_num_threads()}
+    return {
+        "params": c.num_params(),
+        "config": c.to_dict(),
+        "repeats": a.repeats,
+        "seconds_best": best,
+        "shard_over_full": best["shard_draw"] / best["full_draw"],
+        "threads": torch.get_num_threads(),
+    }
 
 
 def zero3(a) -> dict:
     from megagrow import collectives
-    from megagrow.config import Layout, OptimConfig, Plan, Stage
+    from megagrow.config import Layout, OptimConfig, Stage
     from megagrow.model.gpt import GPT, init_weights
     from megagrow.parallel.engine import _zero3_init, ds_config
     from megagrow.parallel.groups import init_distributed
@@ -141,17 +145,27 @@ def zero3(a) -> dict:
     t4 = time.perf_counter()
     init_weights(m, 7)
     t5 = time.perf_counter()
-    out = {"rank": int(os.environ.get("RANK", "0")), "world": world, "params": c.num_params(),
-           "zero3_entries_held": held, "zero3_build_s": t1 - t0, "zero3_draw_s": t2 - t1,
-           "zero3_peak_rss_gib": peak_z3, "rss_before_gib": base,
-           "plain_build_s": t4 - t3, "plain_draw_s": t5 - t4, "plain_peak_rss_gib": rss()}
+    out = {
+        "rank": int(os.environ.get("RANK", "0")),
+        "world": world,
+        "params": c.num_params(),
+        "zero3_entries_held": held,
+        "zero3_build_s": t1 - t0,
+        "zero3_draw_s": t2 - t1,
+        "zero3_peak_rss_gib": peak_z3,
+        "rss_before_gib": base,
+        "plain_build_s": t4 - t3,
+        "plain_draw_s": t5 - t4,
+        "plain_peak_rss_gib": rss(),
+    }
     collectives.barrier()
     return out
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog=__doc__.split("\n\n", 1)[1])
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1]
+    )
     p.add_argument("--flavour", default="gpt2", choices=("gpt2", "llama"))
     p.add_argument("--layers", type=int, default=24)
     p.add_argument("--d-model", type=int, default=1024)

@@ -48,8 +48,15 @@ def env(tree: str, **extra) -> dict:
 
 
 def torchrun(tree: str, args: list, log_dir: str | None = None, **extra) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=0", "--rdzv_backend=c10d",
-           "--rdzv_endpoint=127.0.0.1:0"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node=2",
+        "--master_port=0",
+        "--rdzv_backend=c10d",
+        "--rdzv_endpoint=127.0.0.1:0",
+    ]
     if log_dir:
         cmd += ["--log-dir", log_dir, "--redirects", "2"]
     return subprocess.run(cmd + args, cwd=tree, env=env(tree, **extra), capture_output=True, text=True)
@@ -83,8 +90,9 @@ def regrow(tree: str, src: str, plan: str, stage: str, out: str, cold: bool) -> 
     holder = {}
 
     def go():
-        holder["r"] = torchrun(tree, [os.path.join(tree, "tools", "regrow.py"), "--src", src, "--plan", plan, "--to-stage", stage,
-                                      "--out", out, "--json"])
+        holder["r"] = torchrun(
+            tree, [os.path.join(tree, "tools", "regrow.py"), "--src", src, "--plan", plan, "--to-stage", stage, "--out", out, "--json"]
+        )
 
     wall = timed(go)
     r = holder["r"]
@@ -112,8 +120,12 @@ def import_seconds(tree: str, src: str, plan: str, stage: str, out: str, logs: s
     """Rank 0's import time in a regrow: the top-level entries of python's import profile, summed."""
     shutil.rmtree(out, ignore_errors=True)
     shutil.rmtree(logs, ignore_errors=True)
-    r = torchrun(tree, [os.path.join(tree, "tools", "regrow.py"), "--src", src, "--plan", plan, "--to-stage", stage, "--out", out,
-                        "--json"], log_dir=logs, PYTHONPROFILEIMPORTTIME="1")
+    r = torchrun(
+        tree,
+        [os.path.join(tree, "tools", "regrow.py"), "--src", src, "--plan", plan, "--to-stage", stage, "--out", out, "--json"],
+        log_dir=logs,
+        PYTHONPROFILEIMPORTTIME="1",
+    )
     shutil.rmtree(out, ignore_errors=True)
     if r.returncode != 0:
         return {"error": r.stderr[-500:]}
@@ -143,8 +155,12 @@ def bound(summary: dict, model_line: str) -> dict:
         share.append(sum(files[n] for n in mine))
     lim = [s + 2 * largest for s in share]
     rss = summary["peak_rss_bytes_per_rank"]
-    return {"share_bytes_per_rank": share, "largest_tensor_bytes": largest, "rss_bound_bytes_per_rank": lim,
-            "rss_over_bound": [round(a / b, 2) for a, b in zip(rss, lim)]}
+    return {
+        "share_bytes_per_rank": share,
+        "largest_tensor_bytes": largest,
+        "rss_bound_bytes_per_rank": lim,
+        "rss_over_bound": [round(a / b, 2) for a, b in zip(rss, lim)],
+    }
 
 
 def main() -> int:
@@ -165,8 +181,7 @@ def main() -> int:
     m = MODELS[args.size]
     targets = {
         "reshard DP=2 -> TP=2": ("b", m.format(L=8), m.format(L=8), "{tp: 2, dp: 1, zero_stage: 1, micro_batch: 1}", ""),
-        "depth x2, DP=2 ZeRO-1": ("c", m.format(L=8), m.format(L=16), "{tp: 1, dp: 2, zero_stage: 1, micro_batch: 1}",
-                                  "    grow: depth\n"),
+        "depth x2, DP=2 ZeRO-1": ("c", m.format(L=8), m.format(L=16), "{tp: 1, dp: 2, zero_stage: 1, micro_batch: 1}", "    grow: depth\n"),
     }
     plans = {}
     for key, (name, m1, m2, lay, grow) in targets.items():
@@ -177,8 +192,10 @@ def main() -> int:
     src = os.path.join(W, "run", "a", "checkpoints")
     if not os.path.isdir(src):
         # trained by the oldest tree: a newer megagrow reads an older record, not always the reverse
-        r = torchrun(os.path.abspath(args.base) if args.base else HERE, ["-m", "megagrow.cli", "train", plans["reshard DP=2 -> TP=2"][0], "--stage", "a", "--run-dir",
-                            os.path.join(W, "run")])
+        r = torchrun(
+            os.path.abspath(args.base) if args.base else HERE,
+            ["-m", "megagrow.cli", "train", plans["reshard DP=2 -> TP=2"][0], "--stage", "a", "--run-dir", os.path.join(W, "run")],
+        )
         if r.returncode != 0:
             print(f"error: training the source failed:\n{r.stderr[-3000:]}", file=sys.stderr)
             return 1
@@ -193,11 +210,21 @@ def main() -> int:
             cold = regrow(tree, src, plan, stage, out, cold=True)
             warm = regrow(tree, src, plan, stage, out, cold=False)
             s = warm["summary"]
-            row = {"target": key, "tree": tree, "source_bytes": src_bytes, "bytes_written": dir_bytes(out),
-                   "regrow_cold_s": cold["wall_s"], "regrow_warm_s": warm["wall_s"], "regrow_inside_warm_s": warm["inside_s"],
-                   **cp_times(out), "peak_rss_bytes_per_rank": s["peak_rss_bytes_per_rank"],
-                   "state_bytes_per_rank": s["state_bytes_per_rank"], "bytes_read_per_rank": s["bytes_read_per_rank"],
-                   "phase_seconds_rank0": s["phase_seconds_rank0"], **bound(s, m2)}
+            row = {
+                "target": key,
+                "tree": tree,
+                "source_bytes": src_bytes,
+                "bytes_written": dir_bytes(out),
+                "regrow_cold_s": cold["wall_s"],
+                "regrow_warm_s": warm["wall_s"],
+                "regrow_inside_warm_s": warm["inside_s"],
+                **cp_times(out),
+                "peak_rss_bytes_per_rank": s["peak_rss_bytes_per_rank"],
+                "state_bytes_per_rank": s["state_bytes_per_rank"],
+                "bytes_read_per_rank": s["bytes_read_per_rank"],
+                "phase_seconds_rank0": s["phase_seconds_rank0"],
+                **bound(s, m2),
+            }
             if row["cp_cold_s"] and row["regrow_cold_s"]:
                 row["cold_ratio"] = round(row["regrow_cold_s"] / row["cp_cold_s"], 2)
             row["warm_ratio"] = round(row["regrow_warm_s"] / row["cp_warm_s"], 2)
@@ -206,9 +233,30 @@ def main() -> int:
             shutil.rmtree(out, ignore_errors=True)
             print(json.dumps(row), flush=True)
             results.append(row)
-    print(json.dumps({"summary": [{k: r.get(k) for k in ("target", "tree", "regrow_cold_s", "cp_cold_s", "cold_ratio",
-                                                          "regrow_warm_s", "cp_warm_s", "warm_ratio", "rss_over_bound", "import_s")}
-                                  for r in results]}))
+    print(
+        json.dumps(
+            {
+                "summary": [
+                    {
+                        k: r.get(k)
+                        for k in (
+                            "target",
+                            "tree",
+                            "regrow_cold_s",
+                            "cp_cold_s",
+                            "cold_ratio",
+                            "regrow_warm_s",
+                            "cp_warm_s",
+                            "warm_ratio",
+                            "rss_over_bound",
+                            "import_s",
+                        )
+                    }
+                    for r in results
+                ]
+            }
+        )
+    )
     return 0
 
 

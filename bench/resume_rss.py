@@ -57,10 +57,18 @@ def _reset_peak() -> None:
 def _plan(a):
     from megagrow.config import DataConfig, Layout, ModelConfig, OptimConfig, Plan, Stage
 
-    model = ModelConfig(flavour="gpt2", n_layers=a.layers, d_model=a.d_model, n_heads=a.d_model // 64,
-                        vocab_size=a.vocab, seq_len=64, tie_embeddings=True)
-    lay = Layout(tp=1, dp=a.dp, zero_stage=a.zero, micro_batch=1, grad_accum=1, dtype=a.dtype,
-                 ds_config="ds_configs/cpu.json" if a.zero == 3 else None)
+    model = ModelConfig(
+        flavour="gpt2", n_layers=a.layers, d_model=a.d_model, n_heads=a.d_model // 64, vocab_size=a.vocab, seq_len=64, tie_embeddings=True
+    )
+    lay = Layout(
+        tp=1,
+        dp=a.dp,
+        zero_stage=a.zero,
+        micro_batch=1,
+        grad_accum=1,
+        dtype=a.dtype,
+        ds_config="ds_configs/cpu.json" if a.zero == 3 else None,
+    )
     st = Stage(name="s0", model=model, layout=lay, optim=OptimConfig(lr=1e-4, min_lr=1e-5, warmup_steps=0), steps=10)
     return Plan(name="resume_rss", seed=1, data=DataConfig(prefix="(unused)"), stages=(st,))
 
@@ -112,6 +120,7 @@ def _rank(a) -> None:
             load_own(engine, optimizer, src)
             src.close()
             gather_persistent(engine)
+
     built = _status()
     collectives.barrier()
     _reset_peak()
@@ -121,12 +130,17 @@ def _rank(a) -> None:
     collectives.barrier()
     own = os.path.join(ckpt, tag, f"{'bf16_' if a.dtype == 'bf16' else ''}zero_pp_rank_{rank}_mp_rank_00_optim_states.pt")
     module = os.path.join(ckpt, tag, "mp_rank_00_model_states.pt")
-    res = {"rank": rank, "growth": after["VmHWM"] - before["VmRSS"], "transient": after["VmHWM"] - after["VmRSS"],
-           "resume_peak": max(built["VmHWM"], after["VmHWM"]) - b0["VmRSS"], "rss_before_load": before["VmRSS"],
-           "own_shard_bytes": os.path.getsize(own), "module_file_bytes": os.path.getsize(module) if a.zero != 3 else 0,
-           "largest_tensor_bytes": 4 * max(p.ds_numel if hasattr(p, "ds_numel") else p.numel()
-                                           for p in engine.module.parameters()),
-           "params": sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in engine.module.parameters())}
+    res = {
+        "rank": rank,
+        "growth": after["VmHWM"] - before["VmRSS"],
+        "transient": after["VmHWM"] - after["VmRSS"],
+        "resume_peak": max(built["VmHWM"], after["VmHWM"]) - b0["VmRSS"],
+        "rss_before_load": before["VmRSS"],
+        "own_shard_bytes": os.path.getsize(own),
+        "module_file_bytes": os.path.getsize(module) if a.zero != 3 else 0,
+        "largest_tensor_bytes": 4 * max(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in engine.module.parameters()),
+        "params": sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in engine.module.parameters()),
+    }
     with open(os.path.join(a.workdir, f"z{a.zero}-{a.role}-rank{rank}.json"), "w") as f:
         json.dump(res, f)
 
@@ -134,14 +148,38 @@ def _rank(a) -> None:
 def _launch(a, zero: int, role: str) -> None:
     from megagrow.parallel.groups import free_port
 
-    args = [sys.executable, os.path.abspath(__file__), "--_role", role, "--_zero", str(zero), "--workdir", a.workdir,
-            "--d-model", str(a.d_model), "--layers", str(a.layers), "--vocab", str(a.vocab), "--dp", str(a.dp),
-            "--dtype", a.dtype]
+    args = [
+        sys.executable,
+        os.path.abspath(__file__),
+        "--_role",
+        role,
+        "--_zero",
+        str(zero),
+        "--workdir",
+        a.workdir,
+        "--d-model",
+        str(a.d_model),
+        "--layers",
+        str(a.layers),
+        "--vocab",
+        str(a.vocab),
+        "--dp",
+        str(a.dp),
+        "--dtype",
+        a.dtype,
+    ]
     port = str(free_port())
     procs = []
     for r in range(a.dp):
-        env = dict(os.environ, RANK=str(r), WORLD_SIZE=str(a.dp), LOCAL_RANK=str(r), MASTER_ADDR="127.0.0.1",
-                   MASTER_PORT=port, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+        env = dict(
+            os.environ,
+            RANK=str(r),
+            WORLD_SIZE=str(a.dp),
+            LOCAL_RANK=str(r),
+            MASTER_ADDR="127.0.0.1",
+            MASTER_PORT=port,
+            PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""),
+        )
         for k, v in (("DS_ACCELERATOR", "cpu"), ("OMP_NUM_THREADS", "1"), ("PYTHONWARNINGS", "ignore"), ("DS_BUILD_OPS", "0")):
             env.setdefault(k, v)
         procs.append(subprocess.Popen(args, env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True))
@@ -172,9 +210,12 @@ def _args(argv):
     p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
     p.add_argument("--zero", type=int, nargs="+", default=[1, 3], choices=(1, 2, 3))
     p.add_argument("--paths", nargs="+", default=["old", "new"], choices=("old", "new"))
-    p.add_argument("--same-launch", action="store_true",
-                   help="with --paths new: save and measure in one launch per ZeRO stage (the save's memory freed and "
-                        "trimmed first; faster, for tests)")
+    p.add_argument(
+        "--same-launch",
+        action="store_true",
+        help="with --paths new: save and measure in one launch per ZeRO stage (the save's memory freed and "
+        "trimmed first; faster, for tests)",
+    )
     p.add_argument("--workdir", help="where the checkpoints go (default: a temporary directory, removed after)")
     p.add_argument("--json", action="store_true", help="print the result as JSON (default: a table)")
     p.add_argument("--_role", choices=("save", "save+new", "old", "new"), help=argparse.SUPPRESS)
@@ -208,9 +249,11 @@ def main(argv=None) -> int:
         for role, ranks in paths.items():
             r = ranks[0]
             growth = ", ".join(f"{x['growth'] / mb:.0f}" for x in ranks)
-            print(f"  ZeRO-{zero} {role:3s}: growth {growth}; own shard "
-                  f"{r['own_shard_bytes'] / mb:.0f}, module file {r['module_file_bytes'] / mb:.0f}, largest tensor "
-                  f"{r['largest_tensor_bytes'] / mb:.0f}, params {r['params'] / 1e6:.1f}M")
+            print(
+                f"  ZeRO-{zero} {role:3s}: growth {growth}; own shard "
+                f"{r['own_shard_bytes'] / mb:.0f}, module file {r['module_file_bytes'] / mb:.0f}, largest tensor "
+                f"{r['largest_tensor_bytes'] / mb:.0f}, params {r['params'] / 1e6:.1f}M"
+            )
     return 0
 
 

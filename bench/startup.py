@@ -41,14 +41,22 @@ def _run_stage(tree: str, plan: str, stage: int, run_dir: str, world: int) -> di
     procs = []
     t0 = time.time()
     for r in range(world):
-        env = dict(os.environ, PYTHONPATH=tree, RANK=str(r), WORLD_SIZE=str(world), LOCAL_RANK=str(r),
-                   MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
+        env = dict(
+            os.environ, PYTHONPATH=tree, RANK=str(r), WORLD_SIZE=str(world), LOCAL_RANK=str(r), MASTER_ADDR="127.0.0.1", MASTER_PORT=port
+        )
         env.setdefault("DS_ACCELERATOR", "cpu")
         env.setdefault("OMP_NUM_THREADS", "1")
         env.setdefault("PYTHONWARNINGS", "ignore")
-        procs.append(subprocess.Popen([sys.executable, "-m", "megagrow.cli", "train", plan, "--stage", str(stage),
-                                       "--run-dir", run_dir, "--stop-at", "1"], env=env, cwd=tree,
-                                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True))
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, "-m", "megagrow.cli", "train", plan, "--stage", str(stage), "--run-dir", run_dir, "--stop-at", "1"],
+                env=env,
+                cwd=tree,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+        )
     errs = [p.communicate()[1] for p in procs]
     t_end = time.time()
     if any(p.returncode != 0 for p in procs):
@@ -97,8 +105,9 @@ def main(argv=None) -> int:
         bar.close()
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    summary = {t: {kind: {k: round(statistics.median(r[k] for r in runs), 2) for k in runs[0]} for kind, runs in v.items()}
-               for t, v in raw.items()}
+    summary = {
+        t: {kind: {k: round(statistics.median(r[k] for r in runs), 2) for k in runs[0]} for kind, runs in v.items()} for t, v in raw.items()
+    }
     if args.json:
         print(json.dumps({"median": summary, "runs": raw}))
     else:

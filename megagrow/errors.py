@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import functools
 import sys
-from typing import Callable
+from collections.abc import Callable
 
 EXIT_OK = 0
 # The run failed: a stage failed and was not retried, or its retries ran out (`megagrow run`).

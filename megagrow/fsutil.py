@@ -191,7 +191,7 @@ def observed_age(path: str, fs_now: float) -> float | None:
 
 
 class FsClock:
-    """"Now" as a file system stamps it: `now()` touches `path` (a file next to the one being watched)
+    """ "Now" as a file system stamps it: `now()` touches `path` (a file next to the one being watched)
     and returns its modification time, so a watchdog compares a heartbeat's mtime with an mtime set
     the same way on the same file system, not with its own host's clock (a controller and rank 0 on
     different nodes may disagree by seconds). Where `path` cannot be touched: this host's clock."""

@@ -36,7 +36,6 @@ dynamic, yarn) <-> rope_parameters (5.x) / rope_scaling (4.x), n_positions (max_
 head_dim <-> head_dim, d_ff <-> n_inner / intermediate_size, tie_embeddings <-> tie_word_embeddings.
 """
 
-
 from megagrow.interop.hf_config import (  # noqa: F401
     ARCHITECTURES,
     ROPE_IMPORTABLE,

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional
 
 
 @dataclass(frozen=True)
@@ -37,7 +36,7 @@ class Rule:
         weights and biases): zero it and the block adds nothing (depth growth's identity layers).
     """
 
-    split: Optional[int]
+    split: int | None
     init: str
     embedding: bool = False
     output: bool = False
@@ -51,16 +50,28 @@ RULES: dict[str, Rule] = {
     "tok_emb.weight": Rule(0, "normal", embedding=True),
     "pos_emb.weight": Rule(None, "normal", embedding=True),
     "lm_head.weight": Rule(0, "normal", embedding=True),
-    "ln_f.weight": _GAIN, "ln_f.bias": _BIAS,
+    "ln_f.weight": _GAIN,
+    "ln_f.bias": _BIAS,
     # relative to a block
-    "ln1.weight": _GAIN, "ln1.bias": _BIAS, "ln2.weight": _GAIN, "ln2.bias": _BIAS,
-    "attn.q.weight": _COL_W, "attn.q.bias": _COL_B,
-    "attn.k.weight": _COL_W, "attn.k.bias": _COL_B,
-    "attn.v.weight": _COL_W, "attn.v.bias": _COL_B,
-    "attn.o.weight": _ROW_W, "attn.o.bias": _ROW_B,
-    "mlp.fc1.weight": _COL_W, "mlp.fc1.bias": _COL_B,
-    "mlp.fc2.weight": _ROW_W, "mlp.fc2.bias": _ROW_B,
-    "mlp.gate.weight": _COL_W, "mlp.up.weight": _COL_W, "mlp.down.weight": _ROW_W,
+    "ln1.weight": _GAIN,
+    "ln1.bias": _BIAS,
+    "ln2.weight": _GAIN,
+    "ln2.bias": _BIAS,
+    "attn.q.weight": _COL_W,
+    "attn.q.bias": _COL_B,
+    "attn.k.weight": _COL_W,
+    "attn.k.bias": _COL_B,
+    "attn.v.weight": _COL_W,
+    "attn.v.bias": _COL_B,
+    "attn.o.weight": _ROW_W,
+    "attn.o.bias": _ROW_B,
+    "mlp.fc1.weight": _COL_W,
+    "mlp.fc1.bias": _COL_B,
+    "mlp.fc2.weight": _ROW_W,
+    "mlp.fc2.bias": _ROW_B,
+    "mlp.gate.weight": _COL_W,
+    "mlp.up.weight": _COL_W,
+    "mlp.down.weight": _ROW_W,
 }
 
 
@@ -78,7 +89,7 @@ def rule(name: str) -> Rule:
         raise KeyError(f"{name!r} is not a parameter of megagrow's model") from None
 
 
-def partition_dim(name: str) -> Optional[int]:
+def partition_dim(name: str) -> int | None:
     """The TP split dim of logical tensor `name` (None: replicated)."""
     return rule(name).split
 

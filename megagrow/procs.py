@@ -86,8 +86,7 @@ class RanksResult:
 
     def describe(self) -> str:
         if self.hung_s is not None:
-            return (f"hung: no progress for {self.hung_s:.0f} s (no step finished; reliability.hang_timeout_s), "
-                    "every rank stopped")
+            return f"hung: no progress for {self.hung_s:.0f} s (no step finished; reliability.hang_timeout_s), every rank stopped"
         if self.failed_rank is None:
             return f"exit {self.rc}"
         if self.codes and len(set(self.codes)) == 1 and not self.killed:
@@ -102,8 +101,9 @@ class RanksResult:
         return s
 
 
-def wait_ranks(procs: list, grace_s: float = 60.0, poll_s: float = 0.05, heartbeat: str | None = None,
-               hang_s: float = 0.0, stop_hung=None) -> RanksResult:
+def wait_ranks(
+    procs: list, grace_s: float = 60.0, poll_s: float = 0.05, heartbeat: str | None = None, hang_s: float = 0.0, stop_hung=None
+) -> RanksResult:
     """Wait for all ranks; when one fails, give the rest `grace_s`, then kill them. The rank named
     as the failure is the first to exit with a code of its own (not 0, 75, or EXIT_PEER_LOST, which
     a survivor of a lost peer exits with); else a rank that had to be killed (it hung); else the

@@ -135,7 +135,7 @@ def fill_box(out: torch.Tensor, kind: str, seed: int, key: str, key_box, box, st
     for sub in _row_chunks(box):
         vals = torch.from_numpy(_values(kind, bits(base, flat_index(key_box, sub)), std))
         if box:
-            out[sub[0][0] - a0:sub[0][1] - a0].copy_(vals)
+            out[sub[0][0] - a0 : sub[0][1] - a0].copy_(vals)
         else:
             out.copy_(vals)
 
@@ -171,5 +171,5 @@ def fill_range(out: torch.Tensor, kind: str, seed: int, key: str, key_box, box, 
     pos = 0
     for sub in range_boxes(box, start, start + out.numel()):
         n = _numel(sub)
-        fill_box(out[pos:pos + n].view(box_shape(sub)), kind, seed, key, key_box, sub, std)
+        fill_box(out[pos : pos + n].view(box_shape(sub)), kind, seed, key, key_box, sub, std)
         pos += n

@@ -46,8 +46,18 @@ def data_prefix(tmp_path_factory) -> str:
     info = json.loads(r.stdout)
     assert info["tokens"] > 50_000
     # the validation split: other stdlib modules, same tokenizer, written as PREFIX.valid
-    valid = [sys.executable, os.path.join(REPO, "tools", "prepare_data.py"), "--out", f"{out}.valid", "--tokenizer",
-             f"{out}.model", "--valid-fraction", "0", "--json", "--no-progress"]
+    valid = [
+        sys.executable,
+        os.path.join(REPO, "tools", "prepare_data.py"),
+        "--out",
+        f"{out}.valid",
+        "--tokenizer",
+        f"{out}.model",
+        "--valid-fraction",
+        "0",
+        "--json",
+        "--no-progress",
+    ]
     for f in ("string.py", "json/encoder.py"):
         valid += ["--input", os.path.join(stdlib, f)]
     r = subprocess.run(valid, capture_output=True, text=True, env=_env(), timeout=300)
@@ -56,8 +66,16 @@ def data_prefix(tmp_path_factory) -> str:
 
 
 def torchrun(nproc: int, args: list[str], timeout: int = 600, **kw) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--master_port=0",
-           "--rdzv_backend=c10d", "--rdzv_endpoint=127.0.0.1:0", "--max_restarts=0"] + args
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        f"--nproc_per_node={nproc}",
+        "--master_port=0",
+        "--rdzv_backend=c10d",
+        "--rdzv_endpoint=127.0.0.1:0",
+        "--max_restarts=0",
+    ] + args
     return subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=timeout, cwd=REPO, **kw)
 
 
@@ -86,17 +104,28 @@ def spawn_ranks(nproc: int, args: list[str], slurm_env: bool = True) -> list[sub
             env.update(SLURM_PROCID=str(r), SLURM_NTASKS=str(nproc), SLURM_LOCALID=str(r))
         else:
             env.update(RANK=str(r), WORLD_SIZE=str(nproc), LOCAL_RANK=str(r))
-        procs.append(subprocess.Popen([sys.executable, "-m", "megagrow.cli"] + args, env=env, cwd=REPO,
-                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, "-m", "megagrow.cli"] + args, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+            )
+        )
     return procs
 
 
 def pytest_addoption(parser):
-    parser.addoption("--cases", type=int, default=None,
-                     help="R1 reshard property test: number of random (model, layout A, layout B, dtype) cases "
-                          "(default 200, or MEGAGROW_R1_CASES; `make stress` runs 600)")
-    parser.addoption("--trials", type=int, default=None,
-                     help="fault-injection tests: kill trials per test (default: the test's own, or MEGAGROW_FAULT_TRIALS)")
+    parser.addoption(
+        "--cases",
+        type=int,
+        default=None,
+        help="R1 reshard property test: number of random (model, layout A, layout B, dtype) cases "
+        "(default 200, or MEGAGROW_R1_CASES; `make stress` runs 600)",
+    )
+    parser.addoption(
+        "--trials",
+        type=int,
+        default=None,
+        help="fault-injection tests: kill trials per test (default: the test's own, or MEGAGROW_FAULT_TRIALS)",
+    )
 
 
 _FOLDER_MARKS = {"dist": "dist", "slurm": "slurm"}

@@ -1,11 +1,11 @@
 """Helpers for tests that build small plans and datasets and call the `megagrow` command line.
 
-    run_cli(*args)           `python -m megagrow.cli ARGS` with the test environment -> CompletedProcess
-    one_error(r)             asserts one `error:` line on stderr, exit 2, no traceback; returns the line
-    tiny_dataset(prefix)     a token dataset PREFIX.bin/.idx of a few thousand tokens (no tokenizer run)
-    tiny_plan(path, data)    a small 2-stage plan YAML (a -> b by depth), with edits
-    tmpfs(path, size)        a tmpfs mounted at path for the test (read-only or small: a full disk);
-                             the test is skipped where mounting is not permitted
+run_cli(*args)           `python -m megagrow.cli ARGS` with the test environment -> CompletedProcess
+one_error(r)             asserts one `error:` line on stderr, exit 2, no traceback; returns the line
+tiny_dataset(prefix)     a token dataset PREFIX.bin/.idx of a few thousand tokens (no tokenizer run)
+tiny_plan(path, data)    a small 2-stage plan YAML (a -> b by depth), with edits
+tmpfs(path, size)        a tmpfs mounted at path for the test (read-only or small: a full disk);
+                         the test is skipped where mounting is not permitted
 """
 
 from __future__ import annotations
@@ -22,8 +22,14 @@ from conftest import REPO, _env
 
 def run_cli(*args, timeout: float = 300, cwd: str = REPO, env: dict | None = None) -> subprocess.CompletedProcess:
     """`megagrow ARGS` in a fresh interpreter (python -m megagrow.cli), output captured as text."""
-    return subprocess.run([sys.executable, "-m", "megagrow.cli", *map(str, args)], capture_output=True, text=True,
-                          env={**_env(), **(env or {})}, cwd=cwd, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "megagrow.cli", *map(str, args)],
+        capture_output=True,
+        text=True,
+        env={**_env(), **(env or {})},
+        cwd=cwd,
+        timeout=timeout,
+    )
 
 
 def one_error(r: subprocess.CompletedProcess, needle: str = "", code: int = 2) -> str:
@@ -50,10 +56,16 @@ def plan_dict(data: str, stages: int = 2) -> dict:
     """A plan of 1 or 2 tiny stages (a; b grows a by depth), 4 steps each, saving every 2, eval off."""
     model = {"n_layers": 1, "d_model": 32, "n_heads": 2, "vocab_size": 512, "seq_len": 16}
     layout = {"tp": 1, "dp": 1, "zero_stage": 1, "micro_batch": 2}
-    d = {"name": "t", "seed": 1, "data": {"prefix": data},
-         "defaults": {"steps": 4, "save_every": 2, "log_every": 1, "eval_tokens": 0, "optim": {"lr": "3e-4", "min_lr": 1.0e-5}},
-         "stages": [{"name": "a", "model": model, "layout": layout},
-                    {"name": "b", "grow": "depth", "model": {**model, "n_layers": 2}, "layout": dict(layout)}]}
+    d = {
+        "name": "t",
+        "seed": 1,
+        "data": {"prefix": data},
+        "defaults": {"steps": 4, "save_every": 2, "log_every": 1, "eval_tokens": 0, "optim": {"lr": "3e-4", "min_lr": 1.0e-5}},
+        "stages": [
+            {"name": "a", "model": model, "layout": layout},
+            {"name": "b", "grow": "depth", "model": {**model, "n_layers": 2}, "layout": dict(layout)},
+        ],
+    }
     d["stages"] = d["stages"][:stages]
     return d
 

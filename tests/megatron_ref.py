@@ -19,17 +19,37 @@ def megatron_gpt(m: ModelConfig):
 
     llama = m.flavour == "llama"
     cfg = TransformerConfig(
-        num_layers=m.n_layers, hidden_size=m.d_model, ffn_hidden_size=m.ffn_dim, num_attention_heads=m.n_heads,
-        num_query_groups=m.kv_heads, kv_channels=m.head_dim, layernorm_epsilon=m.norm_eps,
-        normalization="RMSNorm" if llama else "LayerNorm", gated_linear_unit=llama, add_bias_linear=not llama,
+        num_layers=m.n_layers,
+        hidden_size=m.d_model,
+        ffn_hidden_size=m.ffn_dim,
+        num_attention_heads=m.n_heads,
+        num_query_groups=m.kv_heads,
+        kv_channels=m.head_dim,
+        layernorm_epsilon=m.norm_eps,
+        normalization="RMSNorm" if llama else "LayerNorm",
+        gated_linear_unit=llama,
+        add_bias_linear=not llama,
         activation_func=F.silu if llama else (lambda x: F.gelu(x, approximate="tanh")),
-        hidden_dropout=0.0, attention_dropout=0.0, use_cpu_initialization=True, bias_activation_fusion=False,
-        bias_dropout_fusion=False, apply_rope_fusion=False, masked_softmax_fusion=False, persist_layer_norm=False,
-        gradient_accumulation_fusion=False)
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        use_cpu_initialization=True,
+        bias_activation_fusion=False,
+        bias_dropout_fusion=False,
+        apply_rope_fusion=False,
+        masked_softmax_fusion=False,
+        persist_layer_norm=False,
+        gradient_accumulation_fusion=False,
+    )
     spec = get_gpt_layer_local_spec(normalization="RMSNorm" if llama else "LayerNorm")
-    return GPTModel(cfg, spec, vocab_size=m.padded_vocab, max_sequence_length=m.n_positions,
-                    position_embedding_type="rope" if llama else "learned_absolute", rotary_base=int(m.rope_theta),
-                    share_embeddings_and_output_weights=m.tie_embeddings).eval()
+    return GPTModel(
+        cfg,
+        spec,
+        vocab_size=m.padded_vocab,
+        max_sequence_length=m.n_positions,
+        position_embedding_type="rope" if llama else "learned_absolute",
+        rotary_base=int(m.rope_theta),
+        share_embeddings_and_output_weights=m.tie_embeddings,
+    ).eval()
 
 
 def megatron_logits(model, x: torch.Tensor) -> torch.Tensor:
@@ -45,7 +65,10 @@ def megatron_logits(model, x: torch.Tensor) -> torch.Tensor:
     torch.cuda.current_device = lambda: torch.device("cpu")
     try:
         with torch.no_grad():
-            return model(x, torch.arange(T).expand(x.shape[0], T),
-                         attention_mask=torch.triu(torch.ones(T, T, dtype=torch.bool), diagonal=1)[None, None])
+            return model(
+                x,
+                torch.arange(T).expand(x.shape[0], T),
+                attention_mask=torch.triu(torch.ones(T, T, dtype=torch.bool), diagonal=1)[None, None],
+            )
     finally:
         torch.cuda.current_device = saved

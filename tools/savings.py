@@ -1,6 +1,7 @@
 #!/usr/bin/env python
 """`megagrow savings` (megagrow/results/driver.py): the savings experiment, run / list / report.
 Kept for the Makefile and scripts; megagrow must be installed (pip install -e .)."""
+
 import sys
 
 from megagrow.results.driver import main

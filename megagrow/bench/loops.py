@@ -129,8 +129,17 @@ class MegagrowLoop:
         from megagrow.train.step import train_step
 
         L, tm = self.stage.layout, self.timer
-        total = train_step(self.engine, self.optimizer, self.batches, self.plan.seed, L.grad_accum, self.i * L.global_batch,
-                           self.sched(self.i), self.device, phase=lambda name: tm.start() if name == "micro" else tm.mark(name))
+        total = train_step(
+            self.engine,
+            self.optimizer,
+            self.batches,
+            self.plan.seed,
+            L.grad_accum,
+            self.i * L.global_batch,
+            self.sched(self.i),
+            self.device,
+            phase=lambda name: tm.start() if name == "micro" else tm.mark(name),
+        )
         self.i += 1
         return total / L.grad_accum
 
@@ -169,8 +178,9 @@ class PlainDDPLoop:
         dp_rank, dp_size = dp_rank_size()
         self.ddp = dp_size > 1
         if self.ddp:
-            model = torch.nn.parallel.DistributedDataParallel(model, process_group=ps.get_data_parallel_group(),
-                                                              device_ids=[self.device.index] if cuda else None)
+            model = torch.nn.parallel.DistributedDataParallel(
+                model, process_group=ps.get_data_parallel_group(), device_ids=[self.device.index] if cuda else None
+            )
         self.model = model
         self.core = model.module if self.ddp else model
         kw = {"fused": True} if cuda else {}
@@ -179,8 +189,10 @@ class PlainDDPLoop:
         self.sched = LRSchedule.from_optim(o, self.stage.steps)
         self.i = 0
         self.timer = timer
-        self.kind = (f"torch {'DDP + ' if self.ddp else ''}AdamW{' fused' if cuda else ''}, "
-                     f"{'fp32 weights + bf16 autocast' if self.autocast else ('bf16 weights' if wdtype == torch.bfloat16 else 'fp32')}")
+        self.kind = (
+            f"torch {'DDP + ' if self.ddp else ''}AdamW{' fused' if cuda else ''}, "
+            f"{'fp32 weights + bf16 autocast' if self.autocast else ('bf16 weights' if wdtype == torch.bfloat16 else 'fp32')}"
+        )
 
     def step(self) -> torch.Tensor:
         import contextlib
@@ -217,5 +229,3 @@ class PlainDDPLoop:
 
     def close(self):
         self.model = self.core = self.opt = None
-
-

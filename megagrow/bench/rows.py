@@ -65,18 +65,35 @@ def row_header(plan: Plan, k: int, overlap: bool | None) -> dict:
 
     stage = plan.stages[k]
     L, m = stage.layout, stage.model
-    return {"stage": stage.name, "activation_checkpointing": stage.activation_checkpointing, "fused_qkv": stage.fused_qkv,
-            "compile": stage.compile, "compiled": compile_on(stage), "chunked_loss": stage.chunked_loss,
-            "overlap": bool(ds_config(stage, overlap)["zero_optimization"].get("overlap_comm", False)),
-            "tp": L.tp, "dp": L.dp, "zero_stage": L.zero_stage, "micro_batch": L.micro_batch, "grad_accum": L.grad_accum,
-            "dtype": L.dtype, "ds_config": L.ds_config, "world_size": L.world_size,
-            "params": m.num_params(), "params_non_embedding": m.num_params(embeddings=False),
-            "tokens_per_step": L.global_batch * m.seq_len, "flops_per_token": flops_per_token(m),
-            "flops_per_token_megatron": megatron_flops_per_token(m), "oom": False, "error": None}
+    return {
+        "stage": stage.name,
+        "activation_checkpointing": stage.activation_checkpointing,
+        "fused_qkv": stage.fused_qkv,
+        "compile": stage.compile,
+        "compiled": compile_on(stage),
+        "chunked_loss": stage.chunked_loss,
+        "overlap": bool(ds_config(stage, overlap)["zero_optimization"].get("overlap_comm", False)),
+        "tp": L.tp,
+        "dp": L.dp,
+        "zero_stage": L.zero_stage,
+        "micro_batch": L.micro_batch,
+        "grad_accum": L.grad_accum,
+        "dtype": L.dtype,
+        "ds_config": L.ds_config,
+        "world_size": L.world_size,
+        "params": m.num_params(),
+        "params_non_embedding": m.num_params(embeddings=False),
+        "tokens_per_step": L.global_batch * m.seq_len,
+        "flops_per_token": flops_per_token(m),
+        "flops_per_token_megatron": megatron_flops_per_token(m),
+        "oom": False,
+        "error": None,
+    }
 
 
-def _baseline_loop(plan: Plan, k: int, synthetic: bool, device, sync, phases: bool, warmup: int, baseline: bool,
-                   row: dict) -> PlainDDPLoop | None:
+def _baseline_loop(
+    plan: Plan, k: int, synthetic: bool, device, sync, phases: bool, warmup: int, baseline: bool, row: dict
+) -> PlainDDPLoop | None:
     """The plain PyTorch loop beside megagrow's, warmed up (none at tp > 1 or with --no-baseline)."""
     if baseline and plan.stages[k].layout.tp == 1:
         plain = PlainDDPLoop(plan, k, synthetic, device, PhaseTimer(sync, phases))
@@ -118,13 +135,18 @@ def _fill_rates(row: dict, times: dict, cpu: dict, losses: list, peak: float | N
     med = statistics.median(t_mg)
     tps = row["tokens_per_step"] / med
     world = row["world_size"]
-    row.update({
-        "step_time_s": med, "step_time_p10_s": _pct(t_mg, 0.1), "step_time_p90_s": _pct(t_mg, 0.9),
-        "tokens_per_s": tps, "tokens_per_s_per_device": tps / world,
-        "tflops_per_device": tps * row["flops_per_token"] / world / 1e12,
-        "tflops_per_device_megatron": tps * row["flops_per_token_megatron"] / world / 1e12,
-        "peak_tflops": peak,
-    })
+    row.update(
+        {
+            "step_time_s": med,
+            "step_time_p10_s": _pct(t_mg, 0.1),
+            "step_time_p90_s": _pct(t_mg, 0.9),
+            "tokens_per_s": tps,
+            "tokens_per_s_per_device": tps / world,
+            "tflops_per_device": tps * row["flops_per_token"] / world / 1e12,
+            "tflops_per_device_megatron": tps * row["flops_per_token_megatron"] / world / 1e12,
+            "peak_tflops": peak,
+        }
+    )
     row["mfu"] = None if not peak else row["tflops_per_device"] / peak
     row["mfu_megatron"] = None if not peak else row["tflops_per_device_megatron"] / peak
     ls = torch.stack(losses).tolist() if losses else []
@@ -144,8 +166,18 @@ def _fill_baseline(row: dict, plain: PlainDDPLoop | None, times: dict, cpu: dict
     row["baseline_phases_s"] = _phases(plain.timer, steps, device)
 
 
-def bench_row(plan: Plan, k: int, steps: int, warmup: int, block: int, synthetic: bool, baseline: bool,
-              peak_override: float | None, phases: bool, overlap: bool | None = None) -> dict:
+def bench_row(
+    plan: Plan,
+    k: int,
+    steps: int,
+    warmup: int,
+    block: int,
+    synthetic: bool,
+    baseline: bool,
+    peak_override: float | None,
+    phases: bool,
+    overlap: bool | None = None,
+) -> dict:
     """Benchmark stage k of `plan` at its layout (process groups re-initialised for it). overlap: the
     gradient-reduction overlap of the DeepSpeed config (None: its default, on NCCL at DP > 1)."""
     from megagrow.metrics.flops import device_name, peak_memory_gb, peak_tflops

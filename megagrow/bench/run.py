@@ -67,9 +67,19 @@ def _compile(v: str) -> str:
     return "on" if _bool(v) else "off"
 
 
-SWEEP_KEYS = {"micro_batch": int, "grad_accum": int, "zero_stage": int, "tp": int, "dtype": str, "ds_config": str,
-              "activation_checkpointing": _recompute, "fused_qkv": _bool, "compile": _compile, "chunked_loss": _bool,
-              "overlap": _bool}
+SWEEP_KEYS = {
+    "micro_batch": int,
+    "grad_accum": int,
+    "zero_stage": int,
+    "tp": int,
+    "dtype": str,
+    "ds_config": str,
+    "activation_checkpointing": _recompute,
+    "fused_qkv": _bool,
+    "compile": _compile,
+    "chunked_loss": _bool,
+    "overlap": _bool,
+}
 STAGE_KEYS = ("activation_checkpointing", "fused_qkv", "compile", "chunked_loss")  # swept on the stage
 ROW_KEYS = ("overlap",)  # given to the row's engine builder; the others are the stage's layout
 
@@ -133,8 +143,10 @@ def option_rows(plan: Plan, k: int) -> list[dict]:
 
     st = plan.stages[k]
     rows = [{"option": "base"}]
-    rows += [{"option": f"fused_qkv={str(not st.fused_qkv).lower()}", "fused_qkv": not st.fused_qkv},
-             {"option": f"chunked_loss={str(not st.chunked_loss).lower()}", "chunked_loss": not st.chunked_loss}]
+    rows += [
+        {"option": f"fused_qkv={str(not st.fused_qkv).lower()}", "fused_qkv": not st.fused_qkv},
+        {"option": f"chunked_loss={str(not st.chunked_loss).lower()}", "chunked_loss": not st.chunked_loss},
+    ]
     comp = "off" if compile_on(st) else "on"
     if not (comp == "on" and st.layout.zero_stage == 3):
         rows.append({"option": f"compile={comp}", "compile": comp})
@@ -151,8 +163,15 @@ def option_rows(plan: Plan, k: int) -> list[dict]:
 # output
 
 
-SHOWN = (("option", "option"), ("ds_config", "ds_config"), ("activation_checkpointing", "ckpt"), ("fused_qkv", "fused"),
-         ("compiled", "compiled"), ("chunked_loss", "chunked"), ("overlap", "overlap"))
+SHOWN = (
+    ("option", "option"),
+    ("ds_config", "ds_config"),
+    ("activation_checkpointing", "ckpt"),
+    ("fused_qkv", "fused"),
+    ("compiled", "compiled"),
+    ("chunked_loss", "chunked"),
+    ("overlap", "overlap"),
+)
 
 
 def _shown(rows: list[dict]) -> list[tuple[str, str]]:
@@ -161,8 +180,9 @@ def _shown(rows: list[dict]) -> list[tuple[str, str]]:
     out = []
     for k, lbl in SHOWN:
         vals = [r.get(k) for r in rows]
-        if len({json.dumps(v) for v in vals}) > 1 or (k in ("ds_config", "activation_checkpointing")
-                                                     and any(v not in (None, False, "none") for v in vals)):
+        if len({json.dumps(v) for v in vals}) > 1 or (
+            k in ("ds_config", "activation_checkpointing") and any(v not in (None, False, "none") for v in vals)
+        ):
             out.append((k, lbl))
     return out
 
@@ -177,13 +197,19 @@ def _cell(k: str, v) -> str:
 
 def format_table(res: dict) -> str:
     rows = res["rows"]
-    lines = [f"megagrow bench {res['plan']} stage {res['stage']} on {res['device']} x{res['world_size']} "
-             f"({'synthetic' if res['synthetic'] else 'real'} tokens)",
-             f"FLOPs/token: {CONVENTION}; 'megatron' columns: Megatron-LM's formula (adds the logit GEMM)"]
+    lines = [
+        f"megagrow bench {res['plan']} stage {res['stage']} on {res['device']} x{res['world_size']} "
+        f"({'synthetic' if res['synthetic'] else 'real'} tokens)",
+        f"FLOPs/token: {CONVENTION}; 'megatron' columns: Megatron-LM's formula (adds the logit GEMM)",
+    ]
     extra = _shown(rows)
     vs = any(r.get("time_vs_base") is not None for r in rows)
-    head = ([lbl for _, lbl in extra] + ["tp", "dp", "zero", "mb", "ga", "dtype", "step ms (p10-p90)"] + (["x base", "cpu x base"] if vs else [])
-            + ["tok/s", "tok/s/dev", "TFLOP/s/dev", "megatron", "MFU", "peak GB", "plain ms", "ratio", "cpu-time ratio"])
+    head = (
+        [lbl for _, lbl in extra]
+        + ["tp", "dp", "zero", "mb", "ga", "dtype", "step ms (p10-p90)"]
+        + (["x base", "cpu x base"] if vs else [])
+        + ["tok/s", "tok/s/dev", "TFLOP/s/dev", "megatron", "MFU", "peak GB", "plain ms", "ratio", "cpu-time ratio"]
+    )
     table = [head]
 
     def f(v, fmt):
@@ -195,19 +221,30 @@ def format_table(res: dict) -> str:
         if r["oom"]:
             table.append(base + ["OOM"] + [""] * (len(head) - len(base) - 1))
             continue
-        table.append(base + [
-            f"{r['step_time_s'] * 1e3:.1f} ({r['step_time_p10_s'] * 1e3:.0f}-{r['step_time_p90_s'] * 1e3:.0f})"]
-            + ([f(r.get("time_vs_base"), ".3f"), f(r.get("cpu_time_vs_base"), ".3f")] if vs else []) + [
-            f"{r['tokens_per_s']:.0f}", f"{r['tokens_per_s_per_device']:.0f}", f(r["tflops_per_device"], ".4g"),
-            f(r["tflops_per_device_megatron"], ".4g"), "-" if r["mfu"] is None else f"{100 * r['mfu']:.1f}%",
-            f(r["peak_mem_gb"], ".2f"), "-" if r["baseline_step_time_s"] is None else f"{r['baseline_step_time_s'] * 1e3:.1f}",
-            f(r["ratio"], ".3f"), f(r["cpu_time_ratio"], ".3f")])
+        table.append(
+            base
+            + [f"{r['step_time_s'] * 1e3:.1f} ({r['step_time_p10_s'] * 1e3:.0f}-{r['step_time_p90_s'] * 1e3:.0f})"]
+            + ([f(r.get("time_vs_base"), ".3f"), f(r.get("cpu_time_vs_base"), ".3f")] if vs else [])
+            + [
+                f"{r['tokens_per_s']:.0f}",
+                f"{r['tokens_per_s_per_device']:.0f}",
+                f(r["tflops_per_device"], ".4g"),
+                f(r["tflops_per_device_megatron"], ".4g"),
+                "-" if r["mfu"] is None else f"{100 * r['mfu']:.1f}%",
+                f(r["peak_mem_gb"], ".2f"),
+                "-" if r["baseline_step_time_s"] is None else f"{r['baseline_step_time_s'] * 1e3:.1f}",
+                f(r["ratio"], ".3f"),
+                f(r["cpu_time_ratio"], ".3f"),
+            ]
+        )
     widths = [max(len(row[i]) for row in table) for i in range(len(head))]
     for row in table:
         lines.append("  ".join(c.rjust(w) for c, w in zip(row, widths)))
     if vs:
-        lines.append("x base: the row's median step time / the base row's (the stage as configured), < 1 is faster; "
-                     "cpu x base: the same for the process CPU time a step (steadier on a busy machine)")
+        lines.append(
+            "x base: the row's median step time / the base row's (the stage as configured), < 1 is faster; "
+            "cpu x base: the same for the process CPU time a step (steadier on a busy machine)"
+        )
     for r in rows:
         if not r["oom"] and r.get("baseline"):
             lines.append(f"plain loop: {r['baseline']}")
@@ -221,10 +258,10 @@ def format_table(res: dict) -> str:
     tr = res.get("transition")
     if tr:
         ph = lambda d: ", ".join(f"{n} {v:.2f}" for n, v in d.items())  # noqa: E731
-        lines.append(f"transition {tr['from']} -> {tr['to']} ({tr['grow']}): {tr['transition_total_s']:.2f} s "
-                     f"[{ph(tr['transition_s'])}]")
-        lines.append(f"same-layout save + resume of {tr['to']}: {tr['resume_total_s']:.2f} s [{ph(tr['resume_s'])}]; "
-                     f"ratio {tr['ratio']:.2f}")
+        lines.append(f"transition {tr['from']} -> {tr['to']} ({tr['grow']}): {tr['transition_total_s']:.2f} s [{ph(tr['transition_s'])}]")
+        lines.append(
+            f"same-layout save + resume of {tr['to']}: {tr['resume_total_s']:.2f} s [{ph(tr['resume_s'])}]; ratio {tr['ratio']:.2f}"
+        )
     return "\n".join(lines)
 
 
@@ -238,19 +275,24 @@ def main(argv=None) -> int:
     p.add_argument("--block", type=int, default=5, help="steps per block when alternating with the plain loop (default 5)")
     p.add_argument("--data", help="override the plan's dataset prefix")
     p.add_argument("--synthetic", action="store_true", help="random tokens instead of the dataset")
-    p.add_argument("--sweep", action="append", default=[], metavar="KEY=V1,V2",
-                   help=f"one row per value (repeatable, a grid): {', '.join(SWEEP_KEYS)}")
-    p.add_argument("--options", action="store_true",
-                   help="one row per MFU option on/off beside the stage as it is (fused_qkv, compile, chunked_loss, "
-                        "recompute modes, overlap at dp > 1); not with --sweep")
+    p.add_argument(
+        "--sweep", action="append", default=[], metavar="KEY=V1,V2", help=f"one row per value (repeatable, a grid): {', '.join(SWEEP_KEYS)}"
+    )
+    p.add_argument(
+        "--options",
+        action="store_true",
+        help="one row per MFU option on/off beside the stage as it is (fused_qkv, compile, chunked_loss, "
+        "recompute modes, overlap at dp > 1); not with --sweep",
+    )
     p.add_argument("--no-baseline", action="store_true", help="skip the plain PyTorch loop")
-    p.add_argument("--phases", action="store_true",
-                   help="also time data / forward / backward / step per step (syncs inside the step)")
+    p.add_argument("--phases", action="store_true", help="also time data / forward / backward / step per step (syncs inside the step)")
     p.add_argument("--transition", action="store_true", help="also time the transition into --stage (see above)")
     p.add_argument("--peak-tflops", type=float, help="peak TFLOP/s of one device for MFU (default: from the device table)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--out", help="also write the JSON to this file")
-    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override one plan value (repeatable), as `megagrow train --set` does")
+    p.add_argument(
+        "--set", action="append", metavar="KEY=VALUE", help="override one plan value (repeatable), as `megagrow train --set` does"
+    )
     args = p.parse_args(argv)
     for name in ("steps", "block"):
         if getattr(args, name) < 1:
@@ -278,16 +320,33 @@ def main(argv=None) -> int:
     from tqdm import tqdm
 
     for over, p_row in tqdm(list(zip(grid, plans)), desc="bench", disable=rank != 0 or len(plans) == 1 or args.json, file=sys.stderr):
-        row = bench_row(p_row, k, args.steps, args.warmup, args.block, args.synthetic, not args.no_baseline,
-                        args.peak_tflops, args.phases, overlap=over.get("overlap"))
+        row = bench_row(
+            p_row,
+            k,
+            args.steps,
+            args.warmup,
+            args.block,
+            args.synthetic,
+            not args.no_baseline,
+            args.peak_tflops,
+            args.phases,
+            overlap=over.get("overlap"),
+        )
         rows.append({"option": over["option"], **row} if "option" in over else row)
     if args.options and not rows[0]["oom"]:
         for r in rows:
             r["time_vs_base"] = None if r["oom"] else r["step_time_s"] / rows[0]["step_time_s"]
             r["cpu_time_vs_base"] = None if r["oom"] else r["step_cpu_time_s"] / rows[0]["step_cpu_time_s"]
     dev = next((r["device"] for r in rows if "device" in r), "?")
-    res = {"plan": plan.name, "stage": plan.stages[k].name, "device": dev, "world_size": world, "synthetic": args.synthetic,
-           "convention": CONVENTION, "rows": rows}
+    res = {
+        "plan": plan.name,
+        "stage": plan.stages[k].name,
+        "device": dev,
+        "world_size": world,
+        "synthetic": args.synthetic,
+        "convention": CONVENTION,
+        "rows": rows,
+    }
     if args.transition:
         res["transition"] = bench_transition(plan, k, args.synthetic)
     if rank == 0:

@@ -86,8 +86,10 @@ def bench_transition(plan: Plan, k: int, synthetic: bool) -> dict:
         raise UserError("--transition needs a stage that grows from a previous one (--stage 1 or later)")
     prev, stage = plan.stages[k - 1], plan.stages[k]
     if prev.layout.world_size != stage.layout.world_size:
-        raise UserError(f"--transition runs both stages in one launch: stage {prev.name!r} needs {prev.layout.world_size} "
-                        f"processes, {stage.name!r} {stage.layout.world_size}")
+        raise UserError(
+            f"--transition runs both stages in one launch: stage {prev.name!r} needs {prev.layout.world_size} "
+            f"processes, {stage.name!r} {stage.layout.world_size}"
+        )
     root = _shared_tmpdir()
     # the source stage ends at its first step: transition() checks it is finished
     src_plan = plan.replace(stages=tuple(s.replace(steps=1) if i == k - 1 else s for i, s in enumerate(plan.stages)))
@@ -100,9 +102,18 @@ def bench_transition(plan: Plan, k: int, synthetic: bool) -> dict:
         if torch.distributed.get_rank() == 0:
             shutil.rmtree(root, ignore_errors=True)
     t_tr, t_rs = sum(ph.s["transition"].values()), sum(ph.s["resume"].values())
-    return {"from": prev.name, "to": stage.name, "grow": stage.grow, "transition_s": ph.s["transition"],
-            "resume_s": ph.s["resume"], "transition_total_s": t_tr, "resume_total_s": t_rs, "ratio": t_tr / t_rs,
-            "params_from": prev.model.num_params(), "params_to": stage.model.num_params()}
+    return {
+        "from": prev.name,
+        "to": stage.name,
+        "grow": stage.grow,
+        "transition_s": ph.s["transition"],
+        "resume_s": ph.s["resume"],
+        "transition_total_s": t_tr,
+        "resume_total_s": t_rs,
+        "ratio": t_tr / t_rs,
+        "params_from": prev.model.num_params(),
+        "params_to": stage.model.num_params(),
+    }
 
 
 def _build_load(plan: Plan, k: int, ckpt: str):
@@ -123,6 +134,14 @@ def _first_step(engine, plan: Plan, k: int, synthetic: bool):
     dp_rank, dp_size = dp_rank_size()
     b = stage_batches(plan, stage, dp_rank, dp_size, synthetic)
     engine.train()
-    train_step(engine, engine.optimizer, b, plan.seed, stage.layout.grad_accum, 0,
-               LRSchedule.from_optim(stage.optim, stage.steps)(0), engine.device)
+    train_step(
+        engine,
+        engine.optimizer,
+        b,
+        plan.seed,
+        stage.layout.grad_accum,
+        0,
+        LRSchedule.from_optim(stage.optim, stage.steps)(0),
+        engine.device,
+    )
     sync_fn(engine.device)()

@@ -45,8 +45,11 @@ def _train(args) -> int:
     _check_numbers(args)
     install_early()  # a preemption signal during the imports below still ends in a clean save
     if "SLURM_PROCID" in os.environ and "RANK" not in os.environ:
-        print(f"[megagrow] rank {os.environ['SLURM_PROCID']}/{os.environ.get('SLURM_NTASKS')} on "
-              f"{os.environ.get('SLURMD_NODENAME', os.uname().nodename)}", flush=True)
+        print(
+            f"[megagrow] rank {os.environ['SLURM_PROCID']}/{os.environ.get('SLURM_NTASKS')} on "
+            f"{os.environ.get('SLURMD_NODENAME', os.uname().nodename)}",
+            flush=True,
+        )
     from megagrow.config import load_plan
     from megagrow.paths import default_run_dir
 
@@ -72,9 +75,12 @@ def _train(args) -> int:
         rank = _launcher_rank()
         rank = "?" if rank is None else rank
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        print(f"error: stage {plan.stages[k].name}: rank {rank} lost contact with another rank ({first[:200]}); another "
-              f"rank died or hung (the launcher names it); run again to resume from the newest complete checkpoint",
-              file=sys.stderr, flush=True)
+        print(
+            f"error: stage {plan.stages[k].name}: rank {rank} lost contact with another rank ({first[:200]}); another "
+            f"rank died or hung (the launcher names it); run again to resume from the newest complete checkpoint",
+            file=sys.stderr,
+            flush=True,
+        )
         _mark_failed(run_dir, plan.stages[k].name, "lost contact with another rank")
         sys.stdout.flush()
         os._exit(EXIT_PEER_LOST)  # no teardown: destroying groups with a dead peer can block
@@ -87,9 +93,20 @@ def _peer_lost(e: BaseException) -> bool:
     if names & {"DistError", "DistBackendError", "DistNetworkError", "DistStoreError"}:
         return True
     msg = str(e)
-    return isinstance(e, RuntimeError) and any(s in msg for s in (
-        "gloo", "Gloo", "NCCL", "Connection closed by peer", "Connection reset by peer", "Timed out waiting",
-        "Broken pipe", "Socket Timeout", "Connection refused"))
+    return isinstance(e, RuntimeError) and any(
+        s in msg
+        for s in (
+            "gloo",
+            "Gloo",
+            "NCCL",
+            "Connection closed by peer",
+            "Connection reset by peer",
+            "Timed out waiting",
+            "Broken pipe",
+            "Socket Timeout",
+            "Connection refused",
+        )
+    )
 
 
 def _launcher_rank() -> int | None:
@@ -160,8 +177,10 @@ def _verify(args) -> int:
     return verify_main(args)
 
 
-SET_HELP = ("override one plan value, as if written in the YAML (repeatable): a dotted key, stages.NAME (or INDEX, or *) "
-            "for a stage's keys, and a YAML value, e.g. --set stages.wide.optim.lr=2e-3 --set reliability.keep_last=3")
+SET_HELP = (
+    "override one plan value, as if written in the YAML (repeatable): a dotted key, stages.NAME (or INDEX, or *) "
+    "for a stage's keys, and a YAML value, e.g. --set stages.wide.optim.lr=2e-3 --set reliability.keep_last=3"
+)
 
 
 def _add_set(p: argparse.ArgumentParser) -> None:
@@ -198,9 +217,13 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--max-procs", type=int, help="local process limit (default: usable CPU cores, or GPUs)")
     r.add_argument("--max-nodes", type=int, help="Slurm: most nodes a dependent job may ask for (default: the partition's)")
     r.add_argument("--grace", type=float, default=60.0, help="seconds the other ranks get after one rank fails (default 60)")
-    r.add_argument("--retries", type=int, help="launch a failed stage again this often, from its newest complete "
-                   "checkpoint (under Slurm on other hosts of the allocation where it has them), before the run is "
-                   "declared failed (default: the plan's reliability.retries, 2)")
+    r.add_argument(
+        "--retries",
+        type=int,
+        help="launch a failed stage again this often, from its newest complete "
+        "checkpoint (under Slurm on other hosts of the allocation where it has them), before the run is "
+        "declared failed (default: the plan's reliability.retries, 2)",
+    )
     r.add_argument("--dry-run", action="store_true", help="validate, print each stage's placement and the next action, launch nothing")
     _add_set(r)
     r.set_defaults(fn=_run)
@@ -248,6 +271,7 @@ def main(argv: list[str] | None = None) -> int:
         return getattr(importlib.import_module(module), fn)(argv[1:])
     args = build_parser().parse_args(argv)
     return args.fn(args)
+
 
 if __name__ == "__main__":
     sys.exit(main())

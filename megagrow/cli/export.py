@@ -34,16 +34,18 @@ DTYPES = ("fp32", "bf16", "fp16")
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="megagrow export-hf", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="megagrow export-hf", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("ckpt", help="checkpoint directory (with 'latest'), its stage directory, or a tag directory")
     p.add_argument("out", help="output directory for the transformers model (must not exist or be empty)")
     p.add_argument("--tag", help="checkpoint tag (default: the newest complete one)")
     p.add_argument("--tokenizer", help="sentencepiece .model or tokenizer.json (default: the plan dataset's PREFIX.model)")
     p.add_argument("--no-tokenizer", action="store_true", help="write no tokenizer")
     p.add_argument("--dtype", choices=DTYPES, default="fp32", help="dtype of the saved weights (default fp32)")
-    p.add_argument("--max-shard-size", default="5GB",
-                   help="largest safetensors shard, e.g. 5GB, 500MB, 2GiB (default 5GB, as transformers; one shard: model.safetensors)")
+    p.add_argument(
+        "--max-shard-size",
+        default="5GB",
+        help="largest safetensors shard, e.g. 5GB, 500MB, 2GiB (default 5GB, as transformers; one shard: model.safetensors)",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     p.add_argument("--json", action="store_true", help="print a JSON summary on stdout")
     return p
@@ -110,8 +112,16 @@ def position_capacity(m, shapes: dict) -> int:
     return m.n_positions
 
 
-def export(ckpt: str, out: str, tag: str | None = None, tokenizer: str | None = None, no_tokenizer: bool = False,
-           dtype: str = "fp32", progress: bool = False, max_shard_size: str | int = "5GB") -> dict:
+def export(
+    ckpt: str,
+    out: str,
+    tag: str | None = None,
+    tokenizer: str | None = None,
+    no_tokenizer: bool = False,
+    dtype: str = "fp32",
+    progress: bool = False,
+    max_shard_size: str | int = "5GB",
+) -> dict:
     """Write the transformers directory `out` from the checkpoint; returns the summary. The weights are
     safetensors shards of at most max_shard_size (megagrow/interop/hf_export.py), one tensor in memory at a time."""
     from megagrow.hf import check_exportable, need_hf
@@ -164,8 +174,17 @@ def export(ckpt: str, out: str, tag: str | None = None, tokenizer: str | None = 
         set_dtype(cfg, {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}[dtype])
         write_config(cfg, m, tmp)  # config.json (read alike by transformers 4.x and 5.x) and generation_config.json
         with open(os.path.join(tmp, "megagrow.json"), "w") as f:  # where it came from
-            json.dump({"checkpoint": os.path.abspath(d), "tag": src.tag, "stage": src.client["stage"],
-                       "step": src.client.get("step"), "sample_index": src.client.get("sample_index")}, f, indent=1)
+            json.dump(
+                {
+                    "checkpoint": os.path.abspath(d),
+                    "tag": src.tag,
+                    "stage": src.client["stage"],
+                    "step": src.client.get("step"),
+                    "sample_index": src.client.get("sample_index"),
+                },
+                f,
+                indent=1,
+            )
         if os.path.isdir(out):
             os.rmdir(out)
         os.replace(tmp, out)
@@ -173,13 +192,26 @@ def export(ckpt: str, out: str, tag: str | None = None, tokenizer: str | None = 
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     n_params = weights["params"]
-    return {"out": out, "architecture": cfg.architectures[0], "flavour": m.flavour, "checkpoint": os.path.abspath(d),
-            "tag": src.tag, "stage": src.client["stage"]["name"], "step": src.client.get("step"),
-            "source_layout": src.client["stage"]["layout"], "params": n_params, "vocab_size": m.vocab_size,
-            "dtype": dtype, "tokenizer": tok_info, "bytes_read": src.bytes_read, "weight_files": weights["files"],
-            "largest_shard_bytes": weights["largest_shard"], "largest_tensor_bytes": weights["largest_tensor"],
-            "bytes_written": sum(os.path.getsize(os.path.join(out, f)) for f in os.listdir(out)),
-            "seconds": round(time.perf_counter() - t0, 3)}
+    return {
+        "out": out,
+        "architecture": cfg.architectures[0],
+        "flavour": m.flavour,
+        "checkpoint": os.path.abspath(d),
+        "tag": src.tag,
+        "stage": src.client["stage"]["name"],
+        "step": src.client.get("step"),
+        "source_layout": src.client["stage"]["layout"],
+        "params": n_params,
+        "vocab_size": m.vocab_size,
+        "dtype": dtype,
+        "tokenizer": tok_info,
+        "bytes_read": src.bytes_read,
+        "weight_files": weights["files"],
+        "largest_shard_bytes": weights["largest_shard"],
+        "largest_tensor_bytes": weights["largest_tensor"],
+        "bytes_written": sum(os.path.getsize(os.path.join(out, f)) for f in os.listdir(out)),
+        "seconds": round(time.perf_counter() - t0, 3),
+    }
 
 
 @cli_entry
@@ -188,15 +220,25 @@ def main(argv: list[str] | None = None) -> int:
     if args.tokenizer and args.no_tokenizer:
         raise UserError("--tokenizer and --no-tokenizer exclude each other")
     try:
-        s = export(args.ckpt, args.out, args.tag, args.tokenizer, args.no_tokenizer, args.dtype,
-                   progress=not (args.no_progress or args.json), max_shard_size=args.max_shard_size)
+        s = export(
+            args.ckpt,
+            args.out,
+            args.tag,
+            args.tokenizer,
+            args.no_tokenizer,
+            args.dtype,
+            progress=not (args.no_progress or args.json),
+            max_shard_size=args.max_shard_size,
+        )
     except OSError as e:  # a read-only or full destination, no permission: nothing is left behind (export's cleanup)
         raise UserError(f"export-hf to {args.out}: {e.strerror or e}: {e.filename or args.out}") from None
     if args.json:
         print(json.dumps(s))
     else:
-        print(f"export-hf: {s['stage']} step {s['step']} ({s['flavour']}, {s['params']:,} params) -> {s['out']} "
-              f"as {s['architecture']} ({s['bytes_written'] / 1e6:.1f} MB, {s['dtype']}) in {s['seconds']:.1f} s")
+        print(
+            f"export-hf: {s['stage']} step {s['step']} ({s['flavour']}, {s['params']:,} params) -> {s['out']} "
+            f"as {s['architecture']} ({s['bytes_written'] / 1e6:.1f} MB, {s['dtype']}) in {s['seconds']:.1f} s"
+        )
     return 0
 
 

@@ -21,8 +21,7 @@ from megagrow.errors import UserError, cli_entry
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="megagrow export-megatron", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="megagrow export-megatron", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("ckpt", help="checkpoint directory (with 'latest'), its stage directory, or a tag directory")
     p.add_argument("out", help="output directory for the Megatron-LM checkpoint (must not exist or be empty)")
     p.add_argument("--tag", help="checkpoint tag (default: the newest complete one)")
@@ -45,8 +44,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         print(json.dumps(s))
     else:
-        print(f"export-megatron: {s['stage']} step {s['step']} ({s['flavour']}, {s['params']:,} params) -> {s['out']} "
-              f"iteration {s['iteration']} ({s['bytes_written'] / 1e6:.1f} MB) in {s['seconds']:.1f} s")
+        print(
+            f"export-megatron: {s['stage']} step {s['step']} ({s['flavour']}, {s['params']:,} params) -> {s['out']} "
+            f"iteration {s['iteration']} ({s['bytes_written'] / 1e6:.1f} MB) in {s['seconds']:.1f} s"
+        )
     return 0
 
 

@@ -39,29 +39,43 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="megagrow plan", description=__doc__.split("\n\n")[0],
-                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
+    p = _Parser(
+        prog="megagrow plan",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=__doc__.split("\n\n", 1)[1],
+    )
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--sizes", help="growth chain, comma separated, increasing: 85e6,340e6 or 12x384,12x768")
     mode.add_argument("--paper", action="store_true", help="predicted savings for the paper's four GPT-2 pairs")
     mode.add_argument("--slope", metavar="CSV", help="validation curve: columns compute,loss (or step,loss)")
     p.add_argument("--calibrate", nargs="+", metavar="RUN_DIR", help=CALIBRATE_HELP)
-    p.add_argument("--min-step", type=float,
-                   help="--calibrate: drop eval points before this step (default: per run, the larger of "
-                        "its warmup_steps and 20%% of its last eval step)")
-    p.add_argument("--law", default="kaplan", help="scaling law (kaplan; with --calibrate: the base whose "
-                                                   "B* and alpha_B are kept)")
-    p.add_argument("--batch", default="integrated",
-                   help="token accounting: integrated (critical batch of the current loss, default) "
-                        "or target (constant critical batch of the target loss)")
+    p.add_argument(
+        "--min-step",
+        type=float,
+        help="--calibrate: drop eval points before this step (default: per run, the larger of "
+        "its warmup_steps and 20%% of its last eval step)",
+    )
+    p.add_argument("--law", default="kaplan", help="scaling law (kaplan; with --calibrate: the base whose B* and alpha_B are kept)")
+    p.add_argument(
+        "--batch",
+        default="integrated",
+        help="token accounting: integrated (critical batch of the current loss, default) "
+        "or target (constant critical batch of the target loss)",
+    )
     p.add_argument("--target-loss", type=float, help="loss the last stage must reach")
-    p.add_argument("--budget-steps", type=float,
-                   help="instead of --target-loss: the loss the final size reaches from scratch in this many steps")
-    p.add_argument("--batch-tokens", type=float, default=512 * 1024,
-                   help="tokens per step for --budget-steps (default 524288, the paper's 512 x 1024)")
-    p.add_argument("--paper-target", default="stop-slope",
-                   help="target loss for --paper: stop-slope (default: where the large model's curve "
-                        "flattens to -0.052), optimal (where it is the compute-optimal size), or a number")
+    p.add_argument(
+        "--budget-steps", type=float, help="instead of --target-loss: the loss the final size reaches from scratch in this many steps"
+    )
+    p.add_argument(
+        "--batch-tokens", type=float, default=512 * 1024, help="tokens per step for --budget-steps (default 524288, the paper's 512 x 1024)"
+    )
+    p.add_argument(
+        "--paper-target",
+        default="stop-slope",
+        help="target loss for --paper: stop-slope (default: where the large model's curve "
+        "flattens to -0.052), optimal (where it is the compute-optimal size), or a number",
+    )
     p.add_argument("--method", default="exact", help="planner: exact (default) or slsqp (reference formulation)")
     p.add_argument("--units", default="pf-days", help="compute units in the table: pf-days (default) or flops")
     p.add_argument("--threshold", type=float, help="--slope: grow when d log10 L / d log10 C rises above this")
@@ -69,11 +83,18 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--window", type=int, default=slope.DEFAULT_WINDOW, help="--slope: points in the trailing fit")
     p.add_argument("--ema", type=float, default=0.0, help="--slope: EMA weight on log10 loss (0 = off)")
     p.add_argument("--patience", type=int, default=1, help="--slope: consecutive points above the threshold")
-    p.add_argument("--spike-tol", type=float, default=slope.DEFAULT_SPIKE_TOL,
-                   help="--slope: drop points more than this fraction above the running minimum (default 0.01; "
-                        "a negative value turns the filter off)")
-    p.add_argument("--estimator", default="theil-sen", choices=slope.ESTIMATORS,
-                   help="--slope: slope of the window by the Theil-Sen median (default) or least squares")
+    p.add_argument(
+        "--spike-tol",
+        type=float,
+        default=slope.DEFAULT_SPIKE_TOL,
+        help="--slope: drop points more than this fraction above the running minimum (default 0.01; a negative value turns the filter off)",
+    )
+    p.add_argument(
+        "--estimator",
+        default="theil-sen",
+        choices=slope.ESTIMATORS,
+        help="--slope: slope of the window by the Theil-Sen median (default) or least squares",
+    )
     p.add_argument("--json", action="store_true", help="print JSON on stdout")
     return p
 
@@ -136,19 +157,30 @@ def _print_plan(d: dict, units: str) -> None:
     print(f"target loss: {d['target_loss']:.6g} ({d['target_from']})")
     rows = [["stage", "N", "start step", "steps", "tokens", u, "end loss", "grow slope", "c"]]
     for s in d["stages"]:
-        rows.append([
-            str(s["index"]), _fmt_n(s["N"]), f"{s['start_step']:.4g}", f"{s['steps']:.4g}",
-            f"{s['tokens']:.4e}", _fmt_c(s["compute"], units), f"{s['end_loss']:.6g}",
-            "-" if s["slope_at_growth"] is None else f"{s['slope_at_growth']:.4f}",
-            "-" if s["step_divisor"] is None else f"{s['step_divisor']:.4f}",
-        ])
+        rows.append(
+            [
+                str(s["index"]),
+                _fmt_n(s["N"]),
+                f"{s['start_step']:.4g}",
+                f"{s['steps']:.4g}",
+                f"{s['tokens']:.4e}",
+                _fmt_c(s["compute"], units),
+                f"{s['end_loss']:.6g}",
+                "-" if s["slope_at_growth"] is None else f"{s['slope_at_growth']:.4f}",
+                "-" if s["step_divisor"] is None else f"{s['step_divisor']:.4f}",
+            ]
+        )
     print(_table(rows))
     single, best = d["single"], d["best_single"]
     print(f"staged total: {_fmt_c(d['total_compute'], units)} {u}")
-    print(f"single model of the final size ({_fmt_n(single['N'])}, {single['steps']:.4g} steps): "
-          f"{_fmt_c(single['compute'], units)} {u}; saving {100 * d['saving']:.2f}%")
-    print(f"compute-optimal single size for this loss ({_fmt_n(best['N'])}): "
-          f"{_fmt_c(best['compute'], units)} {u}; saving vs it {100 * d['saving_vs_best_single']:.2f}%")
+    print(
+        f"single model of the final size ({_fmt_n(single['N'])}, {single['steps']:.4g} steps): "
+        f"{_fmt_c(single['compute'], units)} {u}; saving {100 * d['saving']:.2f}%"
+    )
+    print(
+        f"compute-optimal single size for this loss ({_fmt_n(best['N'])}): "
+        f"{_fmt_c(best['compute'], units)} {u}; saving vs it {100 * d['saving_vs_best_single']:.2f}%"
+    )
 
 
 def curves_from_runs(run_dirs, min_step: float | None = None) -> list[tuple]:
@@ -192,8 +224,9 @@ def _calibrate(args, base):
 
     curves = curves_from_runs(args.calibrate, min_step=args.min_step)
     law, info = calibrate.fit_law(curves, base=base)
-    info["runs"] = [{"dir": d, "N": n, "points": len(st), "steps": [float(st[0]), float(st[-1])]}
-                    for d, (n, st, _) in zip(args.calibrate, curves)]
+    info["runs"] = [
+        {"dir": d, "N": n, "points": len(st), "steps": [float(st[0]), float(st[-1])]} for d, (n, st, _) in zip(args.calibrate, curves)
+    ]
     info["min_step"] = args.min_step
     info["base_law"] = base.name
     return law, info
@@ -214,32 +247,49 @@ def _switches(args, law, sizes: list[float], target: float, info: dict) -> dict:
 def _print_calibration(info: dict) -> None:
     c, e = info["constants"], info["stderr_rel"]
     sizes = info["sizes"]
-    print(f"law calibrated on {len(info['runs'])} run(s): {len(sizes)} sizes {_fmt_n(sizes[0])}..{_fmt_n(sizes[-1])}, "
-          f"{info['n_points']} eval points, steps {info['steps'][0]:.4g}..{info['steps'][1]:.4g}; "
-          f"rmse {info['rmse']:.4g} nats ({100 * info['rmse_rel']:.3g}%)")
+    print(
+        f"law calibrated on {len(info['runs'])} run(s): {len(sizes)} sizes {_fmt_n(sizes[0])}..{_fmt_n(sizes[-1])}, "
+        f"{info['n_points']} eval points, steps {info['steps'][0]:.4g}..{info['steps'][1]:.4g}; "
+        f"rmse {info['rmse']:.4g} nats ({100 * info['rmse_rel']:.3g}%)"
+    )
 
     def pm(k):
         return "" if e.get(k) is None else f" (+-{100 * e[k]:.2g}%)"
 
-    print(f"  fitted: N_c {c['N_c']:.4g}{pm('N_c')}, alpha_N {c['alpha_N']:.4g}{pm('alpha_N')}, "
-          f"S_c {c['S_c']:.4g}{pm('S_c')}, alpha_S {c['alpha_S']:.4g}{pm('alpha_S')}  (steps at the runs' batch)")
+    print(
+        f"  fitted: N_c {c['N_c']:.4g}{pm('N_c')}, alpha_N {c['alpha_N']:.4g}{pm('alpha_N')}, "
+        f"S_c {c['S_c']:.4g}{pm('S_c')}, alpha_S {c['alpha_S']:.4g}{pm('alpha_S')}  (steps at the runs' batch)"
+    )
     k = info["kept"]
-    print(f"  kept from {info['base_law']}: B* {k['B_star']:.4g}, alpha_B {k['alpha_B']:.4g} "
-          f"(a fixed-batch run does not determine the critical batch)")
+    print(
+        f"  kept from {info['base_law']}: B* {k['B_star']:.4g}, alpha_B {k['alpha_B']:.4g} "
+        f"(a fixed-batch run does not determine the critical batch)"
+    )
     for w in info["warnings"]:
         print(f"  warning: {w}")
 
 
 def _print_switches(d: dict) -> None:
-    print("growth boundaries under the calibrated law; threshold = d log10 L / d log10 C of the small model's "
-          "curve at its fixed batch (what the trainer's slope rule measures):")
-    rows = [["from", "to", "switch loss", "small step", "grown start", "c", "threshold",
-             f"law slope ({d['law']['batch']})", "paper"]]
+    print(
+        "growth boundaries under the calibrated law; threshold = d log10 L / d log10 C of the small model's "
+        "curve at its fixed batch (what the trainer's slope rule measures):"
+    )
+    rows = [["from", "to", "switch loss", "small step", "grown start", "c", "threshold", f"law slope ({d['law']['batch']})", "paper"]]
     for s in d["switches"]:
         star = "*" if s["extrapolated"] else ""
-        rows.append([_fmt_n(s["from_N"]), _fmt_n(s["to_N"]), f"{s['switch_loss']:.6g}", f"{s['small_step']:.5g}{star}",
-                     f"{s['big_start_step']:.5g}", f"{s['step_divisor']:.4f}", f"{s['threshold']:.4f}",
-                     f"{s['plan_slope']:.4f}", f"{s['paper_threshold']} ({s['paper_kind']})"])
+        rows.append(
+            [
+                _fmt_n(s["from_N"]),
+                _fmt_n(s["to_N"]),
+                f"{s['switch_loss']:.6g}",
+                f"{s['small_step']:.5g}{star}",
+                f"{s['big_start_step']:.5g}",
+                f"{s['step_divisor']:.4f}",
+                f"{s['threshold']:.4f}",
+                f"{s['plan_slope']:.4f}",
+                f"{s['paper_threshold']} ({s['paper_kind']})",
+            ]
+        )
     if len(rows) > 1:
         print(_table(rows))
         if any(s["extrapolated"] for s in d["switches"]):
@@ -268,13 +318,19 @@ def _print_paper(d: dict) -> None:
     print(f"law: {d['law']['name']} (batch accounting: {d['law']['batch']}), target: {d['target']}")
     rows = [["pair", "small", "large", "target loss", "switch loss", "grow slope", "c", "predicted", "paper"]]
     for r in d["pairs"]:
-        rows.append([
-            r["pair"], r["small"], r["large"], f"{r['target_loss']:.5g}",
-            "-" if r["switch_loss"] is None else f"{r['switch_loss']:.5g}",
-            "-" if r["slope_at_growth"] is None else f"{r['slope_at_growth']:.4f}",
-            "-" if r["step_divisor"] is None else f"{r['step_divisor']:.4f}",
-            f"{100 * r['predicted_saving']:.1f}%", f"{100 * r['measured_saving']:.1f}%",
-        ])
+        rows.append(
+            [
+                r["pair"],
+                r["small"],
+                r["large"],
+                f"{r['target_loss']:.5g}",
+                "-" if r["switch_loss"] is None else f"{r['switch_loss']:.5g}",
+                "-" if r["slope_at_growth"] is None else f"{r['slope_at_growth']:.4f}",
+                "-" if r["step_divisor"] is None else f"{r['step_divisor']:.4f}",
+                f"{100 * r['predicted_saving']:.1f}%",
+                f"{100 * r['measured_saving']:.1f}%",
+            ]
+        )
     print(_table(rows))
 
 
@@ -338,10 +394,20 @@ def _slope(args) -> dict:
     opts = dict(window=args.window, ema=args.ema, spike_tol=tol, estimator=args.estimator)
     slopes = slope.smoothed_slopes(comp, loss, **opts)
     idx = slope.find_crossing(comp, loss, thr, patience=args.patience, **opts)
-    out = {"file": args.slope, "compute_column": used, "threshold": thr, "kind": args.kind,
-           "window": args.window, "ema": args.ema, "patience": args.patience, "spike_tol": tol,
-           "estimator": args.estimator, "points": len(comp),
-           "last_slope": None if math.isnan(slopes[-1]) else float(slopes[-1]), "crossing": None}
+    out = {
+        "file": args.slope,
+        "compute_column": used,
+        "threshold": thr,
+        "kind": args.kind,
+        "window": args.window,
+        "ema": args.ema,
+        "patience": args.patience,
+        "spike_tol": tol,
+        "estimator": args.estimator,
+        "points": len(comp),
+        "last_slope": None if math.isnan(slopes[-1]) else float(slopes[-1]),
+        "crossing": None,
+    }
     if idx is not None:
         cross = {"index": idx, "compute": comp[idx], "loss": loss[idx], "slope": float(slopes[idx])}
         if steps is not None:
@@ -353,9 +419,11 @@ def _slope(args) -> dict:
 
 
 def _print_slope(d: dict) -> None:
-    print(f"{d['file']}: {d['points']} points, compute from {d['compute_column']}; "
-          f"threshold {d['threshold']}, window {d['window']}, ema {d['ema']}, patience {d['patience']}, "
-          f"spike filter {d['spike_tol']}, {d['estimator']}")
+    print(
+        f"{d['file']}: {d['points']} points, compute from {d['compute_column']}; "
+        f"threshold {d['threshold']}, window {d['window']}, ema {d['ema']}, patience {d['patience']}, "
+        f"spike filter {d['spike_tol']}, {d['estimator']}"
+    )
     c = d["crossing"]
     if c is None:
         last = "n/a" if d["last_slope"] is None else f"{d['last_slope']:.4f}"

@@ -31,19 +31,26 @@ from megagrow.errors import UserError, cli_entry
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="megagrow regrow", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--src", help="source DeepSpeed checkpoint directory (holds 'latest' and tag folders); "
-                   "with --dry-run it may be left out: the source is then stage K-1 of the plan at its layout")
+    p.add_argument(
+        "--src",
+        help="source DeepSpeed checkpoint directory (holds 'latest' and tag folders); "
+        "with --dry-run it may be left out: the source is then stage K-1 of the plan at its layout",
+    )
     p.add_argument("--tag", help="source tag (default: the newest complete one)")
     p.add_argument("--plan", required=True, help="the stage plan YAML")
     p.add_argument("--to-stage", required=True, help="target stage index or name")
     p.add_argument("--out", help="output checkpoint directory (must not exist or be empty); not with --dry-run")
     p.add_argument("--grow", help="growth operator spec overriding the stage's `grow` field")
     p.add_argument("--json", action="store_true", help="print a JSON summary (rank 0)")
-    p.add_argument("--set", action="append", metavar="KEY=VALUE",
-                   help="override one plan value (repeatable), as `megagrow train --set` does")
-    p.add_argument("--dry-run", action="store_true",
-                   help="start no ranks, read no tensors: print what each target rank would open, read and fill "
-                   "(files_opened_per_rank, bytes_read_per_rank, state_bytes_per_rank), from the shard maps alone, at any scale")
+    p.add_argument(
+        "--set", action="append", metavar="KEY=VALUE", help="override one plan value (repeatable), as `megagrow train --set` does"
+    )
+    p.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="start no ranks, read no tensors: print what each target rank would open, read and fill "
+        "(files_opened_per_rank, bytes_read_per_rank, state_bytes_per_rank), from the shard maps alone, at any scale",
+    )
     return p
 
 
@@ -70,11 +77,13 @@ def _dry_run(args, plan, k: int) -> int:
     else:
         o, b, s = res["files_opened_per_rank"], res["bytes_read_per_rank"], res["state_bytes_per_rank"]
         v = res["verify_bytes_per_rank"]
-        print(f"regrow (dry run): -> {res['stage']} ({res['op']}) at {res['layout']}, from {res['source_layout']} "
-              f"({res['source_files']} optimizer files)\n  per rank: files opened max {max(o)} mean {sum(o) / len(o):.1f}; "
-              f"read max {max(b) / 1e9:.3f} GB mean {sum(b) / len(b) / 1e9:.3f} GB; state filled max {max(s) / 1e9:.3f} GB"
-              f"\n  verification (CRC-32 of the files a rank opens): max {max(v) / 1e9:.3f} GB (rank {v.index(max(v))}), "
-              f"mean {sum(v) / len(v) / 1e9:.3f} GB, {sum(v) / 1e9:.1f} GB in all")
+        print(
+            f"regrow (dry run): -> {res['stage']} ({res['op']}) at {res['layout']}, from {res['source_layout']} "
+            f"({res['source_files']} optimizer files)\n  per rank: files opened max {max(o)} mean {sum(o) / len(o):.1f}; "
+            f"read max {max(b) / 1e9:.3f} GB mean {sum(b) / len(b) / 1e9:.3f} GB; state filled max {max(s) / 1e9:.3f} GB"
+            f"\n  verification (CRC-32 of the files a rank opens): max {max(v) / 1e9:.3f} GB (rank {v.index(max(v))}), "
+            f"mean {sum(v) / len(v) / 1e9:.3f} GB, {sum(v) / 1e9:.1f} GB in all"
+        )
     return 0
 
 
@@ -151,8 +160,9 @@ def _spawn(args, argv, stage, job: _Job) -> int:
     from megagrow.procs import spawn_ranks, wait_ranks
 
     argv = [*(sys.argv[1:] if argv is None else argv), *(() if args.tag else ("--tag", job.tag))]
-    procs = spawn_ranks([sys.executable, "-m", "megagrow.cli.regrow", *argv],
-                        stage.layout.world_size, env={**os.environ, "MEGAGROW_REGROW_WORKER": "1"})
+    procs = spawn_ranks(
+        [sys.executable, "-m", "megagrow.cli.regrow", *argv], stage.layout.world_size, env={**os.environ, "MEGAGROW_REGROW_WORKER": "1"}
+    )
     try:
         res = wait_ranks(procs, grace_s=60.0)
     except KeyboardInterrupt:
@@ -194,19 +204,38 @@ def _run(args, plan, k: int, job: _Job) -> tuple:
     if dist:
         collectives.barrier()
     try:
-        info = (regrow_offline if offline else regrow)(plan, k, job.src, tmp, args.grow, progress=(rank == 0 and not args.json),
-                                                       verify=job.verify, growth=job.growth)
-        seal(tmp, info["tag"], checkpoint_meta(plan, k, info["step"], info["sample_offset"] + info["step"] * stage.layout.global_batch,
-                                               source=f"{job.src.dir}/{job.src.tag}"), tp=stage.layout.tp)
+        info = (regrow_offline if offline else regrow)(
+            plan, k, job.src, tmp, args.grow, progress=(rank == 0 and not args.json), verify=job.verify, growth=job.growth
+        )
+        seal(
+            tmp,
+            info["tag"],
+            checkpoint_meta(
+                plan,
+                k,
+                info["step"],
+                info["sample_offset"] + info["step"] * stage.layout.global_batch,
+                source=f"{job.src.dir}/{job.src.tag}",
+            ),
+            tp=stage.layout.tp,
+        )
         faults.point("regrow.sealed", info["step"])
     except BaseException:
         if rank == 0:
             shutil.rmtree(tmp, ignore_errors=True)
         raise
     peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024.0  # Linux: KiB
-    mine = torch.tensor([float(info["bytes_read"]), float(info["bytes_written_state"]), peak_rss, float(info["files_opened"]),
-                         float(info["files_verified"]), float(-1 if info["files_unverified"] is None else info["files_unverified"])],
-                        dtype=torch.float64)
+    mine = torch.tensor(
+        [
+            float(info["bytes_read"]),
+            float(info["bytes_written_state"]),
+            peak_rss,
+            float(info["files_opened"]),
+            float(info["files_verified"]),
+            float(-1 if info["files_unverified"] is None else info["files_unverified"]),
+        ],
+        dtype=torch.float64,
+    )
     allr = collectives.all_gather(mine) if dist else [mine]  # on the CPU: collectives runs it on the device under NCCL
     return info, rank, allr
 
@@ -219,9 +248,18 @@ def _report(args, stage, job: _Job, info: dict, allr: list) -> None:
     os.replace(f"{out}.regrow-tmp", out)
     written = sum(os.path.getsize(os.path.join(dp, f)) for dp, _, fs in os.walk(out) for f in fs)
     summary = {
-        "out": out, "stage": stage.name, "layout": stage.layout.to_dict(), "op": info["op"], "tag": info["tag"],
-        "source": {"dir": src.dir, "tag": src.tag, "stage": src.record.stage.name,
-                   "layout": src.record.stage.layout.to_dict(), "bytes": sum(os.path.getsize(f) for f in src.files())},
+        "out": out,
+        "stage": stage.name,
+        "layout": stage.layout.to_dict(),
+        "op": info["op"],
+        "tag": info["tag"],
+        "source": {
+            "dir": src.dir,
+            "tag": src.tag,
+            "stage": src.record.stage.name,
+            "layout": src.record.stage.layout.to_dict(),
+            "bytes": sum(os.path.getsize(f) for f in src.files()),
+        },
         "bytes_read_per_rank": [int(t[0]) for t in allr],
         "state_bytes_per_rank": [int(t[1]) for t in allr],
         "peak_rss_bytes_per_rank": [int(t[2]) for t in allr],
@@ -230,13 +268,18 @@ def _report(args, stage, job: _Job, info: dict, allr: list) -> None:
         # metadata file; started directly, the launcher checked every file and this is 0); opened unchecked (-1: not asked)
         "files_verified_per_rank": [int(t[4]) for t in allr],
         "files_unverified_per_rank": [int(t[5]) for t in allr],
-        "bytes_written": written, "seconds": time.perf_counter() - job.t0,
+        "bytes_written": written,
+        "seconds": time.perf_counter() - job.t0,
         "phase_seconds_rank0": {k: round(v, 3) for k, v in info["phase_seconds"].items()},
     }
-    print(json.dumps(summary) if args.json else
-          f"regrow: {summary['source']['stage']} -> {stage.name} ({info['op']}) at {stage.layout.to_dict()}\n"
-          f"  wrote {out} ({written / 1e6:.1f} MB) in {summary['seconds']:.1f} s; "
-          f"read per rank {[round(b / 1e6, 2) for b in summary['bytes_read_per_rank']]} MB", flush=True)
+    print(
+        json.dumps(summary)
+        if args.json
+        else f"regrow: {summary['source']['stage']} -> {stage.name} ({info['op']}) at {stage.layout.to_dict()}\n"
+        f"  wrote {out} ({written / 1e6:.1f} MB) in {summary['seconds']:.1f} s; "
+        f"read per rank {[round(b / 1e6, 2) for b in summary['bytes_read_per_rank']]} MB",
+        flush=True,
+    )
 
 
 if __name__ == "__main__":

@@ -122,8 +122,11 @@ class _Config:
     def to_dict(self) -> dict:
         # dataclasses.asdict, except that a field marked omit_if_none is left out while it is None (a field
         # added later, e.g. ModelConfig.rope_scaling, so the dicts recorded before it existed still compare equal)
-        return {f.name: _plain(getattr(self, f.name)) for f in dataclasses.fields(self)
-                if not (f.metadata.get("omit_if_none") and getattr(self, f.name) is None)}
+        return {
+            f.name: _plain(getattr(self, f.name))
+            for f in dataclasses.fields(self)
+            if not (f.metadata.get("omit_if_none") and getattr(self, f.name) is None)
+        }
 
     def replace(self, **kw):
         hints = _field_types(type(self))

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any
 
 from megagrow import params as _params
 from megagrow.config.base import _Config, _from_dict, _is_int, _need
@@ -18,9 +18,12 @@ ROPE_SCALING_TYPES = ("llama3", "linear", "dynamic", "yarn")  # RopeScaling.rope
 LLAMA3_ROPE_KEYS = ("low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
 YARN_OPTIONAL_KEYS = ("attention_factor", "beta_fast", "beta_slow", "mscale", "mscale_all_dim", "truncate")
 # the settings each type takes besides rope_type and factor: (required, optional)
-ROPE_TYPE_KEYS = {"linear": ((), ()), "llama3": (LLAMA3_ROPE_KEYS, ()),
-                  "dynamic": (("original_max_position_embeddings",), ()),
-                  "yarn": (("original_max_position_embeddings",), YARN_OPTIONAL_KEYS)}
+ROPE_TYPE_KEYS = {
+    "linear": ((), ()),
+    "llama3": (LLAMA3_ROPE_KEYS, ()),
+    "dynamic": (("original_max_position_embeddings",), ()),
+    "yarn": (("original_max_position_embeddings",), YARN_OPTIONAL_KEYS),
+}
 
 
 @dataclass(frozen=True)
@@ -40,17 +43,17 @@ class RopeScaling(_Config):
              0.1 ln(factor) + 1, or the ratio of the mscale terms when both are given).
     It depends on neither width nor depth: growth copies it to the grown model unchanged."""
 
-    rope_type: Optional[str] = None
-    factor: Optional[float] = None
-    low_freq_factor: Optional[float] = None
-    high_freq_factor: Optional[float] = None
-    original_max_position_embeddings: Optional[int] = None
-    attention_factor: Optional[float] = None
-    beta_fast: Optional[float] = None
-    beta_slow: Optional[float] = None
-    mscale: Optional[float] = None
-    mscale_all_dim: Optional[float] = None
-    truncate: Optional[bool] = None
+    rope_type: str | None = None
+    factor: float | None = None
+    low_freq_factor: float | None = None
+    high_freq_factor: float | None = None
+    original_max_position_embeddings: int | None = None
+    attention_factor: float | None = None
+    beta_fast: float | None = None
+    beta_slow: float | None = None
+    mscale: float | None = None
+    mscale_all_dim: float | None = None
+    truncate: bool | None = None
 
     @classmethod
     def from_dict(cls, d: Any, where: str | None = None):
@@ -61,8 +64,11 @@ class RopeScaling(_Config):
 
     def validate(self, where: str = "rope_scaling") -> None:
         what = "no rope_type" if self.rope_type is None else f"rope type {self.rope_type!r} is not supported"
-        _need(self.rope_type in ROPE_SCALING_TYPES, where,
-              f"{what} (supported: {', '.join(ROPE_SCALING_TYPES)}; leave rope_scaling out for plain RoPE)")
+        _need(
+            self.rope_type in ROPE_SCALING_TYPES,
+            where,
+            f"{what} (supported: {', '.join(ROPE_SCALING_TYPES)}; leave rope_scaling out for plain RoPE)",
+        )
         _need(self.factor is not None and self.factor > 0, where, f"{self.rope_type} needs a positive factor, got {self.factor!r}")
         required, optional = ROPE_TYPE_KEYS[self.rope_type]
         others = [f.name for f in dataclasses.fields(self) if f.name not in ("rope_type", "factor") + required + optional]
@@ -72,11 +78,17 @@ class RopeScaling(_Config):
         missing = [k for k in required if getattr(self, k) is None]
         _need(not missing, where, f"{self.rope_type} needs factor, {', '.join(required)} (missing: {', '.join(missing)})")
         if self.original_max_position_embeddings is not None:
-            _need(_is_int(self.original_max_position_embeddings) and self.original_max_position_embeddings > 0, where,
-                  f"original_max_position_embeddings must be a positive integer, got {self.original_max_position_embeddings!r}")
+            _need(
+                _is_int(self.original_max_position_embeddings) and self.original_max_position_embeddings > 0,
+                where,
+                f"original_max_position_embeddings must be a positive integer, got {self.original_max_position_embeddings!r}",
+            )
         if self.rope_type == "llama3":
-            _need(0 < self.low_freq_factor < self.high_freq_factor, where,
-                  f"llama3 needs 0 < low_freq_factor < high_freq_factor, got {self.low_freq_factor!r} and {self.high_freq_factor!r}")
+            _need(
+                0 < self.low_freq_factor < self.high_freq_factor,
+                where,
+                f"llama3 needs 0 < low_freq_factor < high_freq_factor, got {self.low_freq_factor!r} and {self.high_freq_factor!r}",
+            )
         if self.rope_type in ("dynamic", "yarn"):
             _need(self.factor >= 1, where, f"{self.rope_type} needs factor >= 1 (it extends the context), got {self.factor!r}")
         if self.rope_type == "yarn":
@@ -99,11 +111,11 @@ class ModelConfig(_Config):
     n_layers: int = 4
     d_model: int = 128
     n_heads: int = 4
-    head_dim: Optional[int] = None  # default d_model // n_heads; set it for an attention width != d_model
+    head_dim: int | None = None  # default d_model // n_heads; set it for an attention width != d_model
     # grouped-query attention (llama): key/value heads, each shared by n_heads / n_kv_heads query heads;
     # None (the default, and what n_kv_heads == n_heads is normalised to) = ordinary multi-head attention
-    n_kv_heads: Optional[int] = None
-    d_ff: Optional[int] = None  # default: 4*d_model (gpt2), 8/3*d_model rounded to 64 (llama)
+    n_kv_heads: int | None = None
+    d_ff: int | None = None  # default: 4*d_model (gpt2), 8/3*d_model rounded to 64 (llama)
     vocab_size: int = 8192  # the tokenizer's size; padded to VOCAB_MULTIPLE for the embedding
     seq_len: int = 128
     dropout: float = 0.0  # residual/embedding dropout (megagrow's own RNG); attention has none
@@ -112,16 +124,21 @@ class ModelConfig(_Config):
     rope_theta: float = 10000.0
     init_std: float = 0.02
     # llama: RoPE scaling (RopeScaling: llama3, linear, dynamic or yarn, as in transformers' rope_scaling); None = plain RoPE
-    rope_scaling: Optional[RopeScaling] = field(default=None, metadata={"omit_if_none": True})
+    rope_scaling: RopeScaling | None = field(default=None, metadata={"omit_if_none": True})
     # the positions the model takes (None: seq_len): gpt2 the rows of its learned position table (an imported
     # GPT-2 keeps all n_positions rows while training at a shorter seq_len), llama (RoPE, no table) the
     # max_position_embeddings its export writes. Never changed by growth.
-    max_positions: Optional[int] = field(default=None, metadata={"omit_if_none": True})
+    max_positions: int | None = field(default=None, metadata={"omit_if_none": True})
 
     def __post_init__(self):
         # resolve the default head_dim once, so configs compare equal with or without it spelled out
-        if self.head_dim is None and _is_int(self.d_model) and _is_int(self.n_heads) and self.n_heads > 0 \
-                and self.d_model % self.n_heads == 0:
+        if (
+            self.head_dim is None
+            and _is_int(self.d_model)
+            and _is_int(self.n_heads)
+            and self.n_heads > 0
+            and self.d_model % self.n_heads == 0
+        ):
             object.__setattr__(self, "head_dim", self.d_model // self.n_heads)
         if self.n_kv_heads is not None and self.n_kv_heads == self.n_heads:
             object.__setattr__(self, "n_kv_heads", None)  # one spelling of multi-head attention
@@ -140,15 +157,22 @@ class ModelConfig(_Config):
         _need(self.init_std > 0, where, "init_std must be positive")
         if self.flavour == "llama":
             _need(self.head_dim % 2 == 0, where, f"llama (RoPE) needs an even head_dim, got {self.head_dim}")
-        _need(self.max_positions is None or (_is_int(self.max_positions) and self.max_positions >= self.seq_len), where,
-              f"max_positions must be an integer >= seq_len {self.seq_len} (or null: seq_len), got {self.max_positions!r}")
-        _need(self.rope_scaling is None or self.flavour == "llama", where,
-              "rope_scaling is for the llama flavour only (gpt2 has learned positions)")
+        _need(
+            self.max_positions is None or (_is_int(self.max_positions) and self.max_positions >= self.seq_len),
+            where,
+            f"max_positions must be an integer >= seq_len {self.seq_len} (or null: seq_len), got {self.max_positions!r}",
+        )
+        _need(
+            self.rope_scaling is None or self.flavour == "llama",
+            where,
+            "rope_scaling is for the llama flavour only (gpt2 has learned positions)",
+        )
         if self.n_kv_heads is not None:
-            _need(_is_int(self.n_kv_heads) and self.n_kv_heads > 0, where, f"n_kv_heads must be a positive integer, got {self.n_kv_heads!r}")
+            _need(
+                _is_int(self.n_kv_heads) and self.n_kv_heads > 0, where, f"n_kv_heads must be a positive integer, got {self.n_kv_heads!r}"
+            )
             _need(self.flavour == "llama", where, "n_kv_heads (grouped-query attention) is for the llama flavour only")
-            _need(self.n_heads % self.n_kv_heads == 0, where,
-                  f"n_heads {self.n_heads} is not a multiple of n_kv_heads {self.n_kv_heads}")
+            _need(self.n_heads % self.n_kv_heads == 0, where, f"n_heads {self.n_heads} is not a multiple of n_kv_heads {self.n_kv_heads}")
 
     @property
     def attn_dim(self) -> int:

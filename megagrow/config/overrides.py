@@ -18,7 +18,7 @@ from megagrow.errors import UserError
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
-    """"a.b.c=VALUE" -> (["a", "b", "c"], VALUE read as YAML)."""
+    """ "a.b.c=VALUE" -> (["a", "b", "c"], VALUE read as YAML)."""
     import yaml
 
     key, eq, raw = text.partition("=")
@@ -38,11 +38,14 @@ def _check_key(cls, path: list[str], shown: str) -> None:
         names = [f.name for f in dataclasses.fields(cls)]
         if part not in names:
             top = cls is Plan
-            raise UserError(f"--set {shown}: unknown key {part!r} " + (f"in {'.'.join(path[:i])}" if i else "at the top level")
-                            + f" (allowed: {', '.join(names + ['defaults'] if top else names)})")
+            raise UserError(
+                f"--set {shown}: unknown key {part!r} "
+                + (f"in {'.'.join(path[:i])}" if i else "at the top level")
+                + f" (allowed: {', '.join(names + ['defaults'] if top else names)})"
+            )
         sub = _subconfig(cls, part)
         if sub is None and i < len(path) - 1:
-            raise UserError(f"--set {shown}: {'.'.join(path[:i + 1])} is a value, not a section")
+            raise UserError(f"--set {shown}: {'.'.join(path[: i + 1])} is a value, not a section")
         cls = sub
 
 
@@ -52,7 +55,7 @@ def _put(d: dict, path: list[str], value: Any, shown: str) -> None:
         if d.get(part) is None:
             d[part] = {}
         if not isinstance(d[part], dict):
-            raise UserError(f"--set {shown}: {'.'.join(path[:i + 1])} in the plan is not a mapping")
+            raise UserError(f"--set {shown}: {'.'.join(path[: i + 1])} in the plan is not a mapping")
         d = d[part]
     d[path[-1]] = value
 
@@ -103,8 +106,7 @@ def _pick_stages(d: dict, which: str, shown: str) -> list:
         return [stages[names.index(which)]]
     if which.isdigit() and int(which) < len(stages):
         return [stages[int(which)]]
-    raise UserError(f"--set {shown}: the plan has no stage {which!r} (stages: {', '.join(names)}; or an index 0.."
-                    f"{len(stages) - 1}, or *)")
+    raise UserError(f"--set {shown}: the plan has no stage {which!r} (stages: {', '.join(names)}; or an index 0..{len(stages) - 1}, or *)")
 
 
 def plan_with_overrides(d: Any, overrides: tuple | list, where: str) -> Plan:

@@ -61,7 +61,7 @@ class Plan(_Config):
     reliability: Reliability = field(default_factory=Reliability)
 
     @classmethod
-    def from_dict(cls, d: Any, where: str | None = None) -> "Plan":
+    def from_dict(cls, d: Any, where: str | None = None) -> Plan:
         where = where or "plan"
         if not isinstance(d, dict):
             raise UserError(f"{where}: expected a mapping at the top level")
@@ -81,8 +81,13 @@ class Plan(_Config):
         return plan
 
     def to_dict(self) -> dict:
-        return {"name": self.name, "seed": self.seed, "data": self.data.to_dict(), "stages": [s.to_dict() for s in self.stages],
-                "reliability": self.reliability.to_dict()}
+        return {
+            "name": self.name,
+            "seed": self.seed,
+            "data": self.data.to_dict(),
+            "stages": [s.to_dict() for s in self.stages],
+            "reliability": self.reliability.to_dict(),
+        }
 
     def validate(self, where: str = "plan") -> None:
         _need(_is_int(self.seed) and self.seed >= 0, where, "seed must be a non-negative integer")
@@ -91,9 +96,12 @@ class Plan(_Config):
         later = [s.name for s in self.stages[1:] if s.init_from is not None]
         _need(not later, where, f"only the first stage may have init_from (stage(s) {', '.join(later)} grow from the one before)")
         for s in self.stages[1:]:  # no growth operator changes the RoPE scaling (it depends on neither width nor depth)
-            _need(s.model.rope_scaling == self.stages[0].model.rope_scaling, where,
-                  f"stage {s.name}: rope_scaling {_plain(s.model.rope_scaling)} differs from stage {self.stages[0].name}'s "
-                  f"{_plain(self.stages[0].model.rope_scaling)} (growth keeps it: give every stage the same, e.g. in defaults)")
+            _need(
+                s.model.rope_scaling == self.stages[0].model.rope_scaling,
+                where,
+                f"stage {s.name}: rope_scaling {_plain(s.model.rope_scaling)} differs from stage {self.stages[0].name}'s "
+                f"{_plain(self.stages[0].model.rope_scaling)} (growth keeps it: give every stage the same, e.g. in defaults)",
+            )
 
     def stage(self, key: int | str) -> Stage:
         """A stage by 0-based index or by name."""

@@ -5,7 +5,7 @@ recomputation and compile options (Stage), and the layout advice load_plan print
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any
 
 from megagrow.config.base import _Config, _is_int, _need
 from megagrow.config.model import VOCAB_MULTIPLE, ModelConfig
@@ -32,7 +32,7 @@ class Layout(_Config):
     micro_batch: int = 4
     grad_accum: int = 1
     dtype: str = "fp32"
-    ds_config: Optional[str] = None  # extra DeepSpeed JSON (engine tuning), e.g. ds_configs/zero3.json
+    ds_config: str | None = None  # extra DeepSpeed JSON (engine tuning), e.g. ds_configs/zero3.json
 
     def validate(self, where: str = "layout") -> None:
         for k in ("tp", "dp", "micro_batch", "grad_accum"):
@@ -53,18 +53,17 @@ class Layout(_Config):
         """Cross-checks between a layout and the model it runs."""
         _need(model.n_heads % self.tp == 0, where, f"n_heads {model.n_heads} is not divisible by tp {self.tp}")
         kv = model.kv_heads  # split over TP ranks, or (tp > kv) each rank computes its group's K/V as Megatron does
-        _need(kv % self.tp == 0 or (self.tp % kv == 0 and model.kv_dim % self.tp == 0), where,
-              f"n_kv_heads {kv} and tp {self.tp}: tp must divide n_kv_heads, or be a multiple of it that divides "
-              f"n_kv_heads x head_dim = {model.kv_dim}")
+        _need(
+            kv % self.tp == 0 or (self.tp % kv == 0 and model.kv_dim % self.tp == 0),
+            where,
+            f"n_kv_heads {kv} and tp {self.tp}: tp must divide n_kv_heads, or be a multiple of it that divides "
+            f"n_kv_heads x head_dim = {model.kv_dim}",
+        )
         _need(model.ffn_dim % self.tp == 0, where, f"d_ff {model.ffn_dim} is not divisible by tp {self.tp}")
         _need(VOCAB_MULTIPLE % self.tp == 0, where, f"tp {self.tp} must divide {VOCAB_MULTIPLE} (vocab padding)")
 
     def check_world(self, world_size: int, where: str = "layout") -> None:
-        _need(
-            world_size == self.world_size,
-            where,
-            f"world size {world_size} != tp {self.tp} x dp {self.dp} = {self.world_size}",
-        )
+        _need(world_size == self.world_size, where, f"world size {world_size} != tp {self.tp} x dp {self.dp} = {self.world_size}")
 
 
 @dataclass(frozen=True)
@@ -75,7 +74,7 @@ class OptimConfig(_Config):
     min_lr: float = 1e-4
     warmup_steps: int = 20
     schedule: str = "cosine"
-    decay_steps: Optional[int] = None  # schedule position of min_lr; default: where the stage ends (offset + steps)
+    decay_steps: int | None = None  # schedule position of min_lr; default: where the stage ends (offset + steps)
     rewarmup_steps: int = 0  # after growth: linear ramp from 0 to the schedule over this many steps
     # after growth, where the grown stage sits on its schedule: "paper" = the source's position / c
     # (c = 1.776 width, 1.412 depth: the big model's equivalent step), "keep" = the source's position,
@@ -92,8 +91,11 @@ class OptimConfig(_Config):
         _need(self.lr > 0 and self.min_lr >= 0 and self.min_lr <= self.lr, where, "need 0 <= min_lr <= lr and lr > 0")
         _need(_is_int(self.warmup_steps) and self.warmup_steps >= 0, where, "warmup_steps must be >= 0")
         _need(_is_int(self.rewarmup_steps) and self.rewarmup_steps >= 0, where, "rewarmup_steps must be >= 0")
-        _need(self.lr_placement in ("auto", "paper", "keep", "restart"), where,
-              f"lr_placement must be auto, paper, keep or restart, got {self.lr_placement!r}")
+        _need(
+            self.lr_placement in ("auto", "paper", "keep", "restart"),
+            where,
+            f"lr_placement must be auto, paper, keep or restart, got {self.lr_placement!r}",
+        )
         _need(self.schedule in LR_SCHEDULES, where, f"schedule must be one of {LR_SCHEDULES}, got {self.schedule!r}")
         _need(self.decay_steps is None or (_is_int(self.decay_steps) and self.decay_steps > 0), where, "decay_steps must be positive")
         _need(0 <= self.beta1 < 1 and 0 <= self.beta2 < 1, where, "betas must be in [0, 1)")
@@ -117,25 +119,31 @@ class StopRule(_Config):
     its equivalent step (megagrow/schedule/stop.py)."""
 
     rule: str = "steps"
-    threshold: Optional[float] = None
+    threshold: float | None = None
     min_steps: int = 0
     window: int = 10
     ema: float = 0.0
     patience: int = 1
-    spike_tol: Optional[float] = 0.01  # drop points > 1% above the running minimum (None: keep all)
+    spike_tol: float | None = 0.01  # drop points > 1% above the running minimum (None: keep all)
     estimator: str = "theil-sen"  # or "lsq"
 
     def validate(self, where: str = "stop") -> None:
         _need(self.rule in STOP_RULES, where, f"rule must be one of {STOP_RULES}, got {self.rule!r}")
-        _need(self.threshold is None or (isinstance(self.threshold, (int, float)) and not isinstance(self.threshold, bool)),
-              where, f"threshold must be a number, got {self.threshold!r}")
+        _need(
+            self.threshold is None or (isinstance(self.threshold, (int, float)) and not isinstance(self.threshold, bool)),
+            where,
+            f"threshold must be a number, got {self.threshold!r}",
+        )
         _need(_is_int(self.min_steps) and self.min_steps >= 0, where, f"min_steps must be >= 0, got {self.min_steps!r}")
         _need(_is_int(self.window) and self.window >= 2, where, f"window must be an integer >= 2, got {self.window!r}")
         _need(isinstance(self.ema, (int, float)) and 0.0 <= self.ema < 1.0, where, f"ema must be in [0, 1), got {self.ema!r}")
         _need(_is_int(self.patience) and self.patience >= 1, where, f"patience must be an integer >= 1, got {self.patience!r}")
-        _need(self.spike_tol is None or (isinstance(self.spike_tol, (int, float)) and not isinstance(self.spike_tol, bool)
-                                         and 0.0 <= self.spike_tol < float("inf")),
-              where, f"spike_tol must be a number >= 0 or null (filter off), got {self.spike_tol!r}")
+        _need(
+            self.spike_tol is None
+            or (isinstance(self.spike_tol, (int, float)) and not isinstance(self.spike_tol, bool) and 0.0 <= self.spike_tol < float("inf")),
+            where,
+            f"spike_tol must be a number >= 0 or null (filter off), got {self.spike_tol!r}",
+        )
         _need(self.estimator in ("theil-sen", "lsq"), where, f"estimator must be theil-sen or lsq, got {self.estimator!r}")
 
 
@@ -156,8 +164,11 @@ class GrowthOptions(_Config):
 
     def validate(self, where: str = "growth") -> None:
         _need(self.symmetry_breaking >= 0, where, f"symmetry_breaking must be >= 0, got {self.symmetry_breaking!r}")
-        _need(self.optimizer_state in OPTIMIZER_STATE, where,
-              f"optimizer_state must be one of {', '.join(OPTIMIZER_STATE)}, got {self.optimizer_state!r}")
+        _need(
+            self.optimizer_state in OPTIMIZER_STATE,
+            where,
+            f"optimizer_state must be one of {', '.join(OPTIMIZER_STATE)}, got {self.optimizer_state!r}",
+        )
 
 
 @dataclass(frozen=True)
@@ -171,7 +182,7 @@ class Stage(_Config):
     steps: int = 100
     save_every: int = 50
     log_every: int = 10
-    grow: Optional[str] = None  # growth operator that produced this stage from the previous one
+    grow: str | None = None  # growth operator that produced this stage from the previous one
     growth: GrowthOptions = field(default_factory=GrowthOptions)  # symmetry breaking, optimizer state moved/reset
     stop: StopRule = field(default_factory=StopRule)  # end at `steps`, or earlier by the slope rule
     # eval loss on the held-out split (PREFIX.valid): every `eval_every` steps (0: only at the stage
@@ -193,10 +204,10 @@ class Stage(_Config):
     chunked_loss: bool = True
     # first stage only: start from a transformers model directory on disk ("hf:PATH") or a Megatron-LM checkpoint
     # ("megatron:PATH"): its weights, fresh optimizer state, at this stage's layout (megagrow.interop)
-    init_from: Optional[str] = None
+    init_from: str | None = None
     # a hint, for advice only: the memory of one device in GB (e.g. 80). With it, a stage at tp > 1 whose
     # training state fits half of one device gets a warning (plan_warnings); without it that check is skipped
-    device_memory_gb: Optional[float] = None
+    device_memory_gb: float | None = None
 
     def __post_init__(self):
         object.__setattr__(self, "activation_checkpointing", recompute_mode(self.activation_checkpointing))
@@ -204,28 +215,47 @@ class Stage(_Config):
             object.__setattr__(self, "compile", "on" if self.compile else "off")
 
     def validate(self, where: str = "stage") -> None:
-        _need(isinstance(self.name, str) and self.name.replace("_", "").replace("-", "").isalnum(), where, f"name must be alphanumeric (with - or _), got {self.name!r}")
+        _need(
+            isinstance(self.name, str) and self.name.replace("_", "").replace("-", "").isalnum(),
+            where,
+            f"name must be alphanumeric (with - or _), got {self.name!r}",
+        )
         for k in ("steps", "save_every", "log_every"):
             v = getattr(self, k)
             _need(_is_int(v) and v > 0, where, f"{k} must be a positive integer, got {v!r}")
         for k in ("eval_every", "eval_tokens"):
             v = getattr(self, k)
             _need(_is_int(v) and v >= 0, where, f"{k} must be an integer >= 0, got {v!r}")
-        _need(isinstance(self.activation_checkpointing, str) and self.activation_checkpointing in RECOMPUTE, where,
-              f"activation_checkpointing must be one of {', '.join(RECOMPUTE)} (or true / false), got {self.activation_checkpointing!r}")
-        _need(self.activation_checkpointing != "full" or self.model.dropout == 0.0, where,
-              "activation_checkpointing full needs model.dropout 0 (a recomputed block would draw other dropout masks; "
-              "attention and mlp keep the dropout outside what they recompute)")
+        _need(
+            isinstance(self.activation_checkpointing, str) and self.activation_checkpointing in RECOMPUTE,
+            where,
+            f"activation_checkpointing must be one of {', '.join(RECOMPUTE)} (or true / false), got {self.activation_checkpointing!r}",
+        )
+        _need(
+            self.activation_checkpointing != "full" or self.model.dropout == 0.0,
+            where,
+            "activation_checkpointing full needs model.dropout 0 (a recomputed block would draw other dropout masks; "
+            "attention and mlp keep the dropout outside what they recompute)",
+        )
         _need(self.compile in COMPILE, where, f"compile must be one of {', '.join(COMPILE)}, got {self.compile!r}")
-        _need(not (self.compile == "on" and self.layout.zero_stage == 3), where,
-              "compile on needs zero_stage 1 or 2 (ZeRO-3 gathers parameters in hooks inside each block); use auto or off")
+        _need(
+            not (self.compile == "on" and self.layout.zero_stage == 3),
+            where,
+            "compile on needs zero_stage 1 or 2 (ZeRO-3 gathers parameters in hooks inside each block); use auto or off",
+        )
         self.layout.check_model(self.model, f"{where}.layout")
         _need(self.stop.min_steps <= self.steps, f"{where}.stop", f"min_steps {self.stop.min_steps} > steps {self.steps}")
-        _need(self.init_from is None or (self.init_from.partition(":")[0] in ("hf", "megatron") and self.init_from.partition(":")[2]),
-              where, f"init_from must be hf:PATH (a transformers model directory) or megatron:PATH (a Megatron-LM "
-              f"checkpoint directory), got {self.init_from!r}")
-        _need(self.device_memory_gb is None or self.device_memory_gb > 0, where,
-              f"device_memory_gb must be a positive number of GB or null, got {self.device_memory_gb!r}")
+        _need(
+            self.init_from is None or (self.init_from.partition(":")[0] in ("hf", "megatron") and self.init_from.partition(":")[2]),
+            where,
+            f"init_from must be hf:PATH (a transformers model directory) or megatron:PATH (a Megatron-LM "
+            f"checkpoint directory), got {self.init_from!r}",
+        )
+        _need(
+            self.device_memory_gb is None or self.device_memory_gb > 0,
+            where,
+            f"device_memory_gb must be a positive number of GB or null, got {self.device_memory_gb!r}",
+        )
 
 
 # training-state bytes per parameter: fp32 weights (master) + fp32 Adam moments + fp32 gradients (bf16
@@ -237,12 +267,16 @@ def stage_warnings(stage: Stage) -> list[str]:
     """One-line advice on a stage's layout; nothing here is an error (load_plan prints them)."""
     L, out = stage.layout, []
     if L.zero_stage == 2 and L.dp == 1:
-        out.append("zero_stage 2 at dp 1 partitions nothing and pays per-gradient hooks (2.3x ZeRO-1's step time "
-                   "measured on an H100, bench/gpu/README.md): use zero_stage 1")
+        out.append(
+            "zero_stage 2 at dp 1 partitions nothing and pays per-gradient hooks (2.3x ZeRO-1's step time "
+            "measured on an H100, bench/gpu/README.md): use zero_stage 1"
+        )
     if L.tp > 1 and stage.device_memory_gb:
         gb = stage.model.num_params() * STATE_BYTES[L.dtype] / 1e9
         if gb <= 0.5 * stage.device_memory_gb:
-            out.append(f"tp {L.tp}: the model's training state ({gb:.1f} GB: {STATE_BYTES[L.dtype]} bytes/parameter, "
-                       f"{L.dtype}) fits in half of one {stage.device_memory_gb:g} GB device; tp 1 (more dp, or ZeRO) "
-                       "avoids tensor parallelism's all-reduces in every layer")
+            out.append(
+                f"tp {L.tp}: the model's training state ({gb:.1f} GB: {STATE_BYTES[L.dtype]} bytes/parameter, "
+                f"{L.dtype}) fits in half of one {stage.device_memory_gb:g} GB device; tp 1 (more dp, or ZeRO) "
+                "avoids tensor parallelism's all-reduces in every layer"
+            )
     return out

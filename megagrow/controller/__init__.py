@@ -47,6 +47,24 @@ from megagrow.controller.run import lock_run_dir, run_main
 from megagrow.controller.status import status_dict, status_main
 from megagrow.controller.validate import check_run_dir, validate_plan
 
-__all__ = ["Action", "Allocation", "Controller", "Placement", "STATES", "StageProgress", "check_run_dir",
-           "detect_allocation", "launch_port", "lock_run_dir", "master_port", "next_action", "place", "read_manifest", "read_progress",
-           "run_main", "status_dict", "status_main", "validate_plan"]
+__all__ = [
+    "Action",
+    "Allocation",
+    "Controller",
+    "Placement",
+    "STATES",
+    "StageProgress",
+    "check_run_dir",
+    "detect_allocation",
+    "launch_port",
+    "lock_run_dir",
+    "master_port",
+    "next_action",
+    "place",
+    "read_manifest",
+    "read_progress",
+    "run_main",
+    "status_dict",
+    "status_main",
+    "validate_plan",
+]

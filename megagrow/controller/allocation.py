@@ -7,11 +7,9 @@ import os
 import shutil
 import subprocess
 from dataclasses import dataclass
-from typing import Optional
 
 from megagrow.config import Stage
 from megagrow.errors import UserError
-
 
 
 @dataclass(frozen=True)
@@ -26,11 +24,11 @@ class Allocation:
     kind: str = "local"
     hosts: tuple = ("localhost",)
     tasks_per_node: int = 1
-    max_nodes: Optional[int] = None
-    job_id: Optional[str] = None
+    max_nodes: int | None = None
+    job_id: str | None = None
     restart_count: int = 0
-    gpus_per_node: Optional[str] = None
-    script: Optional[str] = None  # the batch script, for dependent jobs
+    gpus_per_node: str | None = None
+    script: str | None = None  # the batch script, for dependent jobs
 
     @property
     def nodes(self) -> int:
@@ -67,21 +65,27 @@ def place(stage: Stage, alloc: Allocation, where: str = "", avoid: tuple = ()) -
     where = where or f"stage {stage.name!r}"
     if alloc.kind == "local":
         if W > G:
-            raise UserError(f"{where}: layout tp {L.tp} x dp {L.dp} = {W} processes does not fit this machine "
-                            f"({G} allowed locally; --max-procs raises the limit)")
+            raise UserError(
+                f"{where}: layout tp {L.tp} x dp {L.dp} = {W} processes does not fit this machine "
+                f"({G} allowed locally; --max-procs raises the limit)"
+            )
         return Placement(1, W, W, alloc.hosts[:1])
     if W <= G:
         nodes, per = 1, W
     else:
         if W % G:
-            raise UserError(f"{where}: layout tp {L.tp} x dp {L.dp} = {W} ranks is not a whole number of nodes "
-                            f"of {G} ranks (the allocation's tasks per node)")
+            raise UserError(
+                f"{where}: layout tp {L.tp} x dp {L.dp} = {W} ranks is not a whole number of nodes "
+                f"of {G} ranks (the allocation's tasks per node)"
+            )
         if G % L.tp:
             raise UserError(f"{where}: tensor-parallel groups of tp {L.tp} would straddle nodes of {G} ranks")
         nodes, per = W // G, G
     if alloc.max_nodes is not None and nodes > alloc.max_nodes:
-        raise UserError(f"{where}: layout tp {L.tp} x dp {L.dp} = {W} ranks needs {nodes} nodes of {G} ranks, "
-                        f"more than the {alloc.max_nodes} the cluster has")
+        raise UserError(
+            f"{where}: layout tp {L.tp} x dp {L.dp} = {W} ranks needs {nodes} nodes of {G} ranks, "
+            f"more than the {alloc.max_nodes} the cluster has"
+        )
     order = [h for h in alloc.hosts if h not in avoid] + [h for h in alloc.hosts if h in avoid]
     hosts = tuple(order[:nodes]) if nodes <= alloc.nodes else ()
     return Placement(nodes, W, per, hosts)
@@ -103,7 +107,7 @@ def _tasks_per_node(env) -> int:
     return int(env.get("SLURM_CPUS_ON_NODE", "1"))
 
 
-def _partition_nodes(env) -> Optional[int]:
+def _partition_nodes(env) -> int | None:
     """Nodes in the job's partition (the most a dependent job can get), from sinfo; None if unknown."""
     try:
         cmd = ["sinfo", "-h", "-o", "%D"] + (["-p", env["SLURM_JOB_PARTITION"]] if env.get("SLURM_JOB_PARTITION") else [])
@@ -127,8 +131,7 @@ def _local_procs() -> int:
         return os.cpu_count() or 1
 
 
-def detect_allocation(local: bool = False, max_procs: int | None = None, max_nodes: int | None = None,
-                      env=None) -> Allocation:
+def detect_allocation(local: bool = False, max_procs: int | None = None, max_nodes: int | None = None, env=None) -> Allocation:
     """Slurm if we are inside a Slurm job (SLURM_JOB_ID) and not told `local`, else this machine.
 
     Local limit: one process per CPU core the process may use (one per GPU on a GPU machine),
@@ -140,9 +143,16 @@ def detect_allocation(local: bool = False, max_procs: int | None = None, max_nod
             max_nodes = int(env["MEGAGROW_MAX_NODES"])
         if max_nodes is None:
             max_nodes = _partition_nodes(env)
-        return Allocation("slurm", hosts, _tasks_per_node(env), max_nodes, env["SLURM_JOB_ID"],
-                          int(env.get("SLURM_RESTART_COUNT") or 0), env.get("SLURM_GPUS_PER_NODE") or None,
-                          env.get("MEGAGROW_SBATCH_SCRIPT") or None)
+        return Allocation(
+            "slurm",
+            hosts,
+            _tasks_per_node(env),
+            max_nodes,
+            env["SLURM_JOB_ID"],
+            int(env.get("SLURM_RESTART_COUNT") or 0),
+            env.get("SLURM_GPUS_PER_NODE") or None,
+            env.get("MEGAGROW_SBATCH_SCRIPT") or None,
+        )
     if max_procs is None and env.get("MEGAGROW_MAX_PROCS"):
         v = env["MEGAGROW_MAX_PROCS"].strip()
         if not v.isdigit() or int(v) < 1:

@@ -98,8 +98,18 @@ def _rewrite_in_place(path: str, m: dict) -> bool:
 
 
 class Controller:
-    def __init__(self, plan: Plan, plan_path: str, run_dir: str, alloc: Allocation, data: str | None = None,
-                 grace_s: float = 60.0, out=None, retries: int | None = None, overrides: tuple = ()):
+    def __init__(
+        self,
+        plan: Plan,
+        plan_path: str,
+        run_dir: str,
+        alloc: Allocation,
+        data: str | None = None,
+        grace_s: float = 60.0,
+        out=None,
+        retries: int | None = None,
+        overrides: tuple = (),
+    ):
         self.plan, self.plan_path, self.run_dir, self.alloc = plan, os.path.abspath(plan_path), run_dir, alloc
         self.data = data
         self.overrides = tuple(overrides)  # `--set KEY=VALUE` of the plan: every stage is launched with them
@@ -135,8 +145,13 @@ class Controller:
             "state": state,
             "current": current,
             "launches": self.launches,  # survives a requeue: MASTER_PORT differs from every earlier launch
-            "allocation": {"kind": self.alloc.kind, "hosts": list(self.alloc.hosts), "tasks_per_node": self.alloc.tasks_per_node,
-                           "job_id": self.alloc.job_id, "restart_count": self.alloc.restart_count},
+            "allocation": {
+                "kind": self.alloc.kind,
+                "hosts": list(self.alloc.hosts),
+                "tasks_per_node": self.alloc.tasks_per_node,
+                "job_id": self.alloc.job_id,
+                "restart_count": self.alloc.restart_count,
+            },
             "events": events[-200:],
             "updated": round(time.time(), 3),
         }
@@ -147,8 +162,10 @@ class Controller:
             if _rewrite_in_place(RunPaths(self.run_dir).manifest, m):  # disk full: the state still says failed
                 self.manifest = m
                 return m
-            raise UserError(f"cannot write {RunPaths(self.run_dir).manifest} ({e.strerror or e}); the stages' "
-                            f"checkpoints are the truth: free space and run again") from None
+            raise UserError(
+                f"cannot write {RunPaths(self.run_dir).manifest} ({e.strerror or e}); the stages' "
+                f"checkpoints are the truth: free space and run again"
+            ) from None
         self.manifest = m
         return m
 
@@ -204,9 +221,17 @@ class Controller:
     def _launch_srun(self, k: int, pl: Placement) -> int:
         env = _clean_env(drop_slurm_step=True)
         env.update(MASTER_ADDR=pl.hosts[0], MASTER_PORT=str(launch_port(self.alloc.job_id, self.launches, pl.hosts[0])))
-        cmd = ["srun", f"--nodes={pl.nodes}", f"--ntasks={pl.ntasks}", f"--ntasks-per-node={pl.tasks_per_node}",
-               f"--nodelist={','.join(pl.hosts)}", "--distribution=block", f"--wait={int(self.grace_s)}",
-               "--kill-on-bad-exit=0", f"--job-name={self.plan.stages[k].name}"]
+        cmd = [
+            "srun",
+            f"--nodes={pl.nodes}",
+            f"--ntasks={pl.ntasks}",
+            f"--ntasks-per-node={pl.tasks_per_node}",
+            f"--nodelist={','.join(pl.hosts)}",
+            "--distribution=block",
+            f"--wait={int(self.grace_s)}",
+            "--kill-on-bad-exit=0",
+            f"--job-name={self.plan.stages[k].name}",
+        ]
         if os.environ.get("SLURM_CPUS_PER_TASK"):  # srun does not inherit sbatch's --cpus-per-task (Slurm >= 22.05)
             cmd.append(f"--cpus-per-task={os.environ['SLURM_CPUS_PER_TASK']}")
         cmd += self.train_cmd(k)
@@ -225,8 +250,9 @@ class Controller:
         from megagrow.procs import wait_ranks
 
         hb = RunPaths(self.run_dir).stage(self.plan.stages[k].name).heartbeat
-        res = wait_ranks(self.procs, grace_s=self.grace_s, poll_s=0.1, heartbeat=hb,
-                         hang_s=self.plan.reliability.hang_timeout_s, stop_hung=stop_hung)
+        res = wait_ranks(
+            self.procs, grace_s=self.grace_s, poll_s=0.1, heartbeat=hb, hang_s=self.plan.reliability.hang_timeout_s, stop_hung=stop_hung
+        )
         self.procs = []
         local = res.failed_rank is not None and self.alloc.kind == "local"
         self.last_failure = res.describe() if local or res.hung_s is not None else None
@@ -236,17 +262,17 @@ class Controller:
     def submit_dependent(self, k: int, pl: Placement) -> str:
         a = self.alloc
         if not a.script:
-            raise UserError(f"stage {self.plan.stages[k].name!r} needs {pl.nodes} nodes, this job has {a.nodes}, and the "
-                            f"batch script is unknown (MEGAGROW_SBATCH_SCRIPT); submit it with --nodes={pl.nodes}")
+            raise UserError(
+                f"stage {self.plan.stages[k].name!r} needs {pl.nodes} nodes, this job has {a.nodes}, and the "
+                f"batch script is unknown (MEGAGROW_SBATCH_SCRIPT); submit it with --nodes={pl.nodes}"
+            )
         env = {k2: v for k2, v in os.environ.items() if not k2.startswith("SLURM_") or k2 == "SLURM_CONF"}
         env.update(MEGAGROW_PLAN=self.plan_path, MEGAGROW_RUN_DIR=os.path.abspath(self.run_dir))
         if self.data:
             env["MEGAGROW_DATA"] = os.path.abspath(self.data)
         if self.overrides:  # slurm/env.sh splits MEGAGROW_RUN_ARGS on white space
-            env["MEGAGROW_RUN_ARGS"] = " ".join([*shlex.split(env.get("MEGAGROW_RUN_ARGS", "")),
-                                                 *(f"--set={o}" for o in self.overrides)])
-        cmd = ["sbatch", "--parsable", f"--dependency=afterok:{a.job_id}", f"--nodes={pl.nodes}",
-               f"--ntasks-per-node={a.tasks_per_node}"]
+            env["MEGAGROW_RUN_ARGS"] = " ".join([*shlex.split(env.get("MEGAGROW_RUN_ARGS", "")), *(f"--set={o}" for o in self.overrides)])
+        cmd = ["sbatch", "--parsable", f"--dependency=afterok:{a.job_id}", f"--nodes={pl.nodes}", f"--ntasks-per-node={a.tasks_per_node}"]
         if a.gpus_per_node:
             cmd.append(f"--gpus-per-node={a.gpus_per_node}")
         if os.environ.get("SLURM_JOB_NAME"):
@@ -264,10 +290,15 @@ class Controller:
     def run(self) -> int:
         """Launch the plan's next action until the plan is done, hands off, stops or fails. Returns an exit code."""
         plan = self.plan
-        self.say(f"plan {plan.name}: {len(plan.stages)} stages, run dir {self.run_dir}, "
-                 + (f"slurm job {self.alloc.job_id} (restart {self.alloc.restart_count}) on {','.join(self.alloc.hosts)}, "
-                    f"{self.alloc.tasks_per_node} ranks/node" if self.alloc.kind == "slurm"
-                    else f"local, up to {self.alloc.tasks_per_node} processes"))
+        self.say(
+            f"plan {plan.name}: {len(plan.stages)} stages, run dir {self.run_dir}, "
+            + (
+                f"slurm job {self.alloc.job_id} (restart {self.alloc.restart_count}) on {','.join(self.alloc.hosts)}, "
+                f"{self.alloc.tasks_per_node} ranks/node"
+                if self.alloc.kind == "slurm"
+                else f"local, up to {self.alloc.tasks_per_node} processes"
+            )
+        )
         last = None
         self.retries_left = plan.reliability.retries if self.retries is None else self.retries
         while True:
@@ -280,8 +311,9 @@ class Controller:
             k = act.stage
             stage = plan.stages[k]
             if last == (k, act.resume_step, act.kind):
-                self.write_manifest("failed", {"stage_index": k, "stage": stage.name, "action": act.kind},
-                                    {"event": "no_progress", "stage": stage.name})
+                self.write_manifest(
+                    "failed", {"stage_index": k, "stage": stage.name, "action": act.kind}, {"event": "no_progress", "stage": stage.name}
+                )
                 self.say(f"stage {stage.name} made no progress in its last launch; giving up")
                 return EXIT_FAILED
             last = (k, act.resume_step, act.kind)
@@ -317,10 +349,15 @@ class Controller:
         """The stage needs more nodes than this job has: submit a dependent job for it and exit 0."""
         stage = self.plan.stages[act.stage]
         job = self.submit_dependent(act.stage, pl)
-        self.write_manifest("handed_off", {"stage_index": act.stage, "stage": stage.name, "action": act.kind, "next_job": job},
-                            {"event": "dependent_job", "stage": stage.name, "next_job": job, "nodes": pl.nodes})
-        self.say(f"stage {stage.name} needs {pl.nodes} nodes, this job has {self.alloc.nodes}: "
-                 f"submitted job {job} (--dependency=afterok:{self.alloc.job_id} --nodes={pl.nodes}); exit 0")
+        self.write_manifest(
+            "handed_off",
+            {"stage_index": act.stage, "stage": stage.name, "action": act.kind, "next_job": job},
+            {"event": "dependent_job", "stage": stage.name, "next_job": job, "nodes": pl.nodes},
+        )
+        self.say(
+            f"stage {stage.name} needs {pl.nodes} nodes, this job has {self.alloc.nodes}: "
+            f"submitted job {job} (--dependency=afterok:{self.alloc.job_id} --nodes={pl.nodes}); exit 0"
+        )
         return EXIT_OK
 
     def _launch_action(self, act, pl) -> tuple:
@@ -331,12 +368,24 @@ class Controller:
             self.say(f"discarding {'the incomplete checkpoints' if act.note else 'a half-written transition output'}: {path}")
             shutil.rmtree(path, ignore_errors=True)
         self.launches += 1  # persisted with the manifest below
-        current = {"stage_index": k, "stage": stage.name, "action": act.kind, "layout": stage.layout.to_dict(),
-                   "hosts": list(pl.hosts), "ntasks": pl.ntasks, "started": round(time.time(), 3)}
-        self.write_manifest("running", current, {"event": "launch", "stage": stage.name, "action": act.kind,
-                                                 "from_step": act.resume_step, "hosts": list(pl.hosts)})
-        self.say(f"{act.describe(plan)} at tp {stage.layout.tp} x dp {stage.layout.dp} zero {stage.layout.zero_stage} "
-                 f"({pl.ntasks} ranks on {pl.nodes} node{'s' if pl.nodes > 1 else ''})")
+        current = {
+            "stage_index": k,
+            "stage": stage.name,
+            "action": act.kind,
+            "layout": stage.layout.to_dict(),
+            "hosts": list(pl.hosts),
+            "ntasks": pl.ntasks,
+            "started": round(time.time(), 3),
+        }
+        self.write_manifest(
+            "running",
+            current,
+            {"event": "launch", "stage": stage.name, "action": act.kind, "from_step": act.resume_step, "hosts": list(pl.hosts)},
+        )
+        self.say(
+            f"{act.describe(plan)} at tp {stage.layout.tp} x dp {stage.layout.dp} zero {stage.layout.zero_stage} "
+            f"({pl.ntasks} ranks on {pl.nodes} node{'s' if pl.nodes > 1 else ''})"
+        )
         self.last_failure = None
         rc = self.launch(k, pl)
         st = read_json(RunPaths(self.run_dir).stage(stage.name).status) or {}
@@ -364,14 +413,15 @@ class Controller:
             self.retries_left -= 1
             self.write_manifest("running", None, {**ev, "event": "retry"})
             others = [h for h in self.alloc.hosts if h not in self.avoid] if self.avoid else []
-            self.say(f"stage {stage.name} failed ({why}); retrying from its newest complete checkpoint "
-                     f"(step {now.step}; {self.retries_left} retr{'y' if self.retries_left == 1 else 'ies'} left after this one)"
-                     + (f", on other hosts first ({','.join(others)})" if others else ""))
+            self.say(
+                f"stage {stage.name} failed ({why}); retrying from its newest complete checkpoint "
+                f"(step {now.step}; {self.retries_left} retr{'y' if self.retries_left == 1 else 'ies'} left after this one)"
+                + (f", on other hosts first ({','.join(others)})" if others else "")
+            )
             return "retry"
         self.write_manifest("failed", {"stage_index": k, "stage": stage.name, "action": act.kind}, ev)
         if rc == EXIT_USER_ERROR:
-            self.say(f"stage {stage.name} stopped on the error above (exit 2: bad input, or a checkpoint it "
-                     f"could not write): not retried")
+            self.say(f"stage {stage.name} stopped on the error above (exit 2: bad input, or a checkpoint it could not write): not retried")
         elif rc == EXIT_NONFINITE:
             self.say(f"stage {stage.name} diverged (non-finite loss or weights; exit {rc}): not retried")
         else:

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from typing import Optional
 
 from megagrow.config import Plan
 from megagrow.errors import UserError
@@ -35,16 +34,16 @@ class StageProgress:
     step: int
     steps: int
     tokens: int
-    loss: Optional[float]
+    loss: float | None
     layout: dict
-    checkpoint: Optional[str]  # RUN-relative path of the newest complete tag
-    grow: Optional[str]
+    checkpoint: str | None  # RUN-relative path of the newest complete tag
+    grow: str | None
     partial: list = field(default_factory=list)  # leftovers of an interrupted transition (discarded before a launch)
-    eval_loss: Optional[float] = None  # the latest eval loss in the stage's log.jsonl (None: no eval yet, or eval off)
-    note: Optional[str] = None  # one line naming a disagreement between the stage's records (state "torn")
+    eval_loss: float | None = None  # the latest eval loss in the stage's log.jsonl (None: no eval yet, or eval off)
+    note: str | None = None  # one line naming a disagreement between the stage's records (state "torn")
 
 
-def last_eval_loss(log_path: str) -> Optional[float]:
+def last_eval_loss(log_path: str) -> float | None:
     """The eval_loss of the last eval record of a stage's log.jsonl."""
     evals = [r["eval_loss"] for r in read_records(log_path) if "eval_loss" in r]
     return evals[-1] if evals else None
@@ -92,15 +91,27 @@ def read_progress(plan: Plan, run_dir: str) -> list[StageProgress]:
         else:
             state = "ready"  # a checkpoint without status: the transition wrote it, training has not saved yet
         L = stage.layout
-        out.append(StageProgress(k, stage.name, state, step, stage.steps, step * L.global_batch * stage.model.seq_len,
-                                 st.get("loss") if tag and at_status else None, L.to_dict(),
-                                 RunPaths(run_dir).tag_rel(stage.name, tag) if tag else None, stage.grow, partial,
-                                 last_eval_loss(sp.log) if tag else None, torn))
+        out.append(
+            StageProgress(
+                k,
+                stage.name,
+                state,
+                step,
+                stage.steps,
+                step * L.global_batch * stage.model.seq_len,
+                st.get("loss") if tag and at_status else None,
+                L.to_dict(),
+                RunPaths(run_dir).tag_rel(stage.name, tag) if tag else None,
+                stage.grow,
+                partial,
+                last_eval_loss(sp.log) if tag else None,
+                torn,
+            )
+        )
     return out
 
 
-def _torn(k: int, stage, ckpt: str, tag: Optional[str], step: int, skipped: list, st: dict,
-          latest: Optional[str]) -> Optional[str]:
+def _torn(k: int, stage, ckpt: str, tag: str | None, step: int, skipped: list, st: dict, latest: str | None) -> str | None:
     """The note of a torn stage, or None. status.json is written only after a save is sealed, and
     `latest` moved only then: a step either one names past the newest complete checkpoint is a
     sealed save that has since been damaged or removed."""
@@ -111,8 +122,13 @@ def _torn(k: int, stage, ckpt: str, tag: Optional[str], step: int, skipped: list
     have = step if tag else -1
     if isinstance(claimed, int) and not isinstance(claimed, bool) and claimed > have:
         t = tag_of(claimed)
-        what = (f"is incomplete ({why[t]})" if t in why else
-                f"is gone from {ckpt}" if not os.path.isdir(os.path.join(ckpt, t)) else "is incomplete")
+        what = (
+            f"is incomplete ({why[t]})"
+            if t in why
+            else f"is gone from {ckpt}"
+            if not os.path.isdir(os.path.join(ckpt, t))
+            else "is incomplete"
+        )
         head = f"status.json says {st.get('state', 'saved')} at step {claimed}, but checkpoint {t} {what}"
     elif latest and latest != tag and latest in why and _tag_step(latest) > have:
         head = f"`latest` names {latest}, but it is incomplete ({why[latest]})"
@@ -139,7 +155,7 @@ class Action:
     stage: int = -1
     resume_step: int = 0
     discard: tuple = ()  # half-written transition outputs to delete before the launch
-    note: Optional[str] = None  # the stage's note (a torn stage: why, and where it goes on from)
+    note: str | None = None  # the stage's note (a torn stage: why, and where it goes on from)
 
     def describe(self, plan: Plan) -> str:
         if self.kind == "done":
@@ -157,17 +173,21 @@ def next_action(plan: Plan, progress: list[StageProgress]) -> Action:
     """The first stage that is not done decides. Progress in a later stage while an earlier
     one is unfinished is an inconsistent run directory (a UserError), never guessed at; a torn
     stage that a later stage has already grown from is not needed any more (its note stays)."""
+
     def started(p):
         return p.checkpoint is not None or p.state not in ("pending", "torn")
 
-    k = next((p.index for p in progress if p.state != "done"
-              and not (p.state == "torn" and any(started(q) for q in progress[p.index + 1:]))), None)
+    k = next(
+        (p.index for p in progress if p.state != "done" and not (p.state == "torn" and any(started(q) for q in progress[p.index + 1 :]))),
+        None,
+    )
     if k is None:
         return Action("done")
-    later = [p.name for p in progress[k + 1:] if started(p)]
+    later = [p.name for p in progress[k + 1 :] if started(p)]
     if later:
-        raise UserError(f"run directory is inconsistent: stage {progress[k].name!r} is not finished but "
-                        f"{', '.join(later)} already has a checkpoint")
+        raise UserError(
+            f"run directory is inconsistent: stage {progress[k].name!r} is not finished but {', '.join(later)} already has a checkpoint"
+        )
     p = progress[k]
     if p.checkpoint is None:
         if k > 0:
@@ -180,7 +200,7 @@ def next_action(plan: Plan, progress: list[StageProgress]) -> Action:
 # manifest
 
 
-def read_manifest(run_dir: str) -> Optional[dict]:
+def read_manifest(run_dir: str) -> dict | None:
     """The run's manifest, or None if there is none; one that is not a JSON object (or not ours) is
     a UserError naming it, never a traceback."""
     path = RunPaths(run_dir).manifest
@@ -189,6 +209,7 @@ def read_manifest(run_dir: str) -> Optional[dict]:
     m = read_json(path)
     if not isinstance(m, dict) or not isinstance(m.get("plan"), dict):
         what = "not valid JSON" if m is None else f"a JSON {type(m).__name__}, not a run manifest object"
-        raise UserError(f"{path} is {what}; move it aside (the checkpoints and status files are the truth: "
-                        f"`megagrow run` writes a new one)")
+        raise UserError(
+            f"{path} is {what}; move it aside (the checkpoints and status files are the truth: `megagrow run` writes a new one)"
+        )
     return m

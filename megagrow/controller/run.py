@@ -24,8 +24,7 @@ def lock_run_dir(run_dir: str):
         os.makedirs(run_dir, exist_ok=True)
         f, why = try_exclusive_lock(path)
     except OSError as e:  # a read-only or full file system, no permission: nothing can be written there
-        raise UserError(f"cannot write to the run directory {run_dir} ({e.strerror or e}: "
-                        f"{e.filename or path})") from None
+        raise UserError(f"cannot write to the run directory {run_dir} ({e.strerror or e}: {e.filename or path})") from None
     if why == "held":
         raise UserError(f"another `megagrow run` is working on {run_dir} (it holds {path})")
     if why:
@@ -62,8 +61,9 @@ def run_main(args) -> int:
     alloc = detect_allocation(local=args.local, max_procs=args.max_procs, max_nodes=args.max_nodes)
     spaced = [o for o in overrides if any(c.isspace() for c in o)]
     if spaced and alloc.kind == "slurm":  # a dependent job gets them through MEGAGROW_RUN_ARGS, split on white space
-        raise UserError(f"--set {spaced[0]}: white space in an override cannot be handed on to a dependent Slurm job; "
-                        "write that value in the plan file")
+        raise UserError(
+            f"--set {spaced[0]}: white space in an override cannot be handed on to a dependent Slurm job; write that value in the plan file"
+        )
     validate_plan(plan, alloc, run_dir)
     _warn_if_overrides_changed(run_dir, overrides)
     progress = read_progress(plan, run_dir)
@@ -72,16 +72,19 @@ def run_main(args) -> int:
         pls = [place(s, alloc) for s in plan.stages]
         for s, pl, p in zip(plan.stages, pls, progress):
             where = ",".join(pl.hosts) if pl.fits else f"needs {pl.nodes} nodes: dependent job"
-            print(f"{s.name:12s} {p.state:11s} {p.step}/{p.steps:<7d} tp {s.layout.tp} x dp {s.layout.dp} zero "
-                  f"{s.layout.zero_stage} {s.layout.dtype}: {pl.ntasks} ranks, {pl.nodes} node(s) [{where}]")
+            print(
+                f"{s.name:12s} {p.state:11s} {p.step}/{p.steps:<7d} tp {s.layout.tp} x dp {s.layout.dp} zero "
+                f"{s.layout.zero_stage} {s.layout.dtype}: {pl.ntasks} ranks, {pl.nodes} node(s) [{where}]"
+            )
         for p in progress:
             if p.note:
                 print(f"note: {p.name}: {p.state}: {p.note}")
         print(f"next: {act.describe(plan)}")
         return EXIT_OK
     lock = lock_run_dir(run_dir)  # noqa: F841 - held until this process exits
-    ctl = Controller(plan, args.plan, run_dir, alloc, data=data, grace_s=args.grace, retries=getattr(args, "retries", None),
-                     overrides=overrides)
+    ctl = Controller(
+        plan, args.plan, run_dir, alloc, data=data, grace_s=args.grace, retries=getattr(args, "retries", None), overrides=overrides
+    )
     ctl.install_signals()
     if ctl_signals:
         ctl.stop = ctl_signals[0]

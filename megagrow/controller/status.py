@@ -49,12 +49,25 @@ def status_dict(run_dir: str) -> dict:
     state = m.get("state")
     if state == "done" and any(s["state"] != "done" for s in stages):  # the manifest's word against the checkpoints
         state = "torn" if any(s["state"] == "torn" for s in stages) else "incomplete"
-        notes.insert(0, f"run: {state}: RUN/{MANIFEST} says done, but "
-                     + ", ".join(f"{s['name']} is {s['state']}" for s in stages if s["state"] != "done")
-                     + " (the checkpoints decide: `megagrow run` goes on from them)")
-    return {"run_dir": os.path.abspath(run_dir), "plan": plan.name, "plan_file": m.get("plan_file"), "state": state,
-            "current": cur or None, "allocation": m.get("allocation"), "updated": m.get("updated"), "tokens": total,
-            "stages": stages, "notes": notes, "events": m.get("events", [])[-5:]}
+        notes.insert(
+            0,
+            f"run: {state}: RUN/{MANIFEST} says done, but "
+            + ", ".join(f"{s['name']} is {s['state']}" for s in stages if s["state"] != "done")
+            + " (the checkpoints decide: `megagrow run` goes on from them)",
+        )
+    return {
+        "run_dir": os.path.abspath(run_dir),
+        "plan": plan.name,
+        "plan_file": m.get("plan_file"),
+        "state": state,
+        "current": cur or None,
+        "allocation": m.get("allocation"),
+        "updated": m.get("updated"),
+        "tokens": total,
+        "stages": stages,
+        "notes": notes,
+        "events": m.get("events", [])[-5:],
+    }
 
 
 def status_main(args) -> int:
@@ -71,10 +84,19 @@ def status_main(args) -> int:
     rows = [("STAGE", "STATE", "STEP", "TOKENS", "LOSS", "EVAL", "LAYOUT", "GROW", "CHECKPOINT")]
     for s in d["stages"]:
         L = s["layout"]
-        rows.append((s["name"], s["state"], f"{s['step']}/{s['steps']}", _fmt_tokens(s["tokens"]),
-                     "-" if s["loss"] is None else f"{s['loss']:.4f}",
-                     "-" if s.get("eval_loss") is None else f"{s['eval_loss']:.4f}",
-                     f"tp{L['tp']} dp{L['dp']} zero{L['zero_stage']} {L['dtype']}", s["grow"] or "-", s["checkpoint"] or "-"))
+        rows.append(
+            (
+                s["name"],
+                s["state"],
+                f"{s['step']}/{s['steps']}",
+                _fmt_tokens(s["tokens"]),
+                "-" if s["loss"] is None else f"{s['loss']:.4f}",
+                "-" if s.get("eval_loss") is None else f"{s['eval_loss']:.4f}",
+                f"tp{L['tp']} dp{L['dp']} zero{L['zero_stage']} {L['dtype']}",
+                s["grow"] or "-",
+                s["checkpoint"] or "-",
+            )
+        )
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for r in rows:
         print("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())

@@ -29,8 +29,7 @@ def check_ds_config(path: str) -> None:
     if not isinstance(cfg, dict):
         raise UserError(f"ds_config {found}: expected a JSON object of DeepSpeed settings, got a JSON {type(cfg).__name__}")
     if not isinstance(cfg.get("zero_optimization", {}), dict):
-        raise UserError(f"ds_config {found}: zero_optimization must be a JSON object, "
-                        f"got a JSON {type(cfg['zero_optimization']).__name__}")
+        raise UserError(f"ds_config {found}: zero_optimization must be a JSON object, got a JSON {type(cfg['zero_optimization']).__name__}")
 
 
 def _data_files(prefix: str) -> list[str]:
@@ -51,8 +50,10 @@ def check_dataset(plan: Plan) -> None:
         ds = opened[m.vocab_size]
         where = f"stage {k} ({stage.name})"
         if ds.vocab_size is not None and ds.vocab_size > m.vocab_size:
-            raise UserError(f"{where}: dataset {plan.data.prefix} has vocab {ds.vocab_size} > the model's vocab_size "
-                            f"{m.vocab_size} (tokenizer and model do not match)")
+            raise UserError(
+                f"{where}: dataset {plan.data.prefix} has vocab {ds.vocab_size} > the model's vocab_size "
+                f"{m.vocab_size} (tokenizer and model do not match)"
+            )
         if ds.num_windows(m.seq_len) < 1:
             raise UserError(f"{where}: dataset {plan.data.prefix} is shorter than one sequence of {m.seq_len + 1} tokens")
 
@@ -63,8 +64,9 @@ def validate_plan(plan: Plan, alloc: Allocation, run_dir: str | None = None) -> 
 
     missing = [p for p in _data_files(plan.data.prefix) if not os.path.isfile(p)]
     if missing:
-        raise UserError(f"dataset {plan.data.prefix!r} not found ({', '.join(missing)} missing; "
-                        f"make it with tools/prepare_data.py or pass --data)")
+        raise UserError(
+            f"dataset {plan.data.prefix!r} not found ({', '.join(missing)} missing; make it with tools/prepare_data.py or pass --data)"
+        )
     placements = []
     for k, stage in enumerate(plan.stages):
         where = f"stage {k} ({stage.name})"
@@ -107,5 +109,7 @@ def check_run_dir(plan: Plan, run_dir: str) -> None:
     for i, (a, b) in enumerate(zip(old, new)):
         for key in ("name", "model", "grow"):
             if a.get(key) != b.get(key):
-                raise UserError(f"run directory {run_dir} holds a run of another plan (stage {i} {key} was "
-                                f"{a.get(key)!r}, now {b.get(key)!r}); use another --run-dir")
+                raise UserError(
+                    f"run directory {run_dir} holds a run of another plan (stage {i} {key} was "
+                    f"{a.get(key)!r}, now {b.get(key)!r}); use another --run-dir"
+                )

@@ -32,7 +32,7 @@ class Batches:
     dp_size: int
 
     @classmethod
-    def open(cls, plan: Plan, stage: Stage, dp_rank: int, dp_size: int) -> "Batches":
+    def open(cls, plan: Plan, stage: Stage, dp_rank: int, dp_size: int) -> Batches:
         from megagrow.data.megatron import open_dataset
         from megagrow.data.sampler import GlobalSampler
 

@@ -25,7 +25,7 @@ import subprocess
 import sysconfig
 import tokenize
 import zlib
-from typing import Iterable, Iterator
+from collections.abc import Iterable, Iterator
 
 from megagrow.errors import UserError
 
@@ -54,8 +54,7 @@ def default_corpus_files() -> list[str]:
     """The embedded default corpus: the stdlib's ``.py`` files, sorted, without site-packages."""
     root = stdlib_dir()
     if not os.path.isdir(root):
-        raise UserError(f"the Python standard library directory {root} does not exist; "
-                        "name an input with --input")
+        raise UserError(f"the Python standard library directory {root} does not exist; name an input with --input")
     return _walk(root, (".py",), _DEFAULT_SKIP_DIRS)
 
 
@@ -121,7 +120,7 @@ def read_documents(path: str) -> Iterator[str]:
             raise UserError(f"{path}:{lineno}: invalid JSON ({e.msg})") from None
         doc = record.get("text") if isinstance(record, dict) else None
         if not isinstance(doc, str):
-            raise UserError(f"{path}:{lineno}: expected a JSON object with a string \"text\" field")
+            raise UserError(f'{path}:{lineno}: expected a JSON object with a string "text" field')
         if doc:
             yield doc
 
@@ -192,8 +191,7 @@ def render_man_page(path: str, groff: str = "groff") -> str | None:
     man_dir = os.path.dirname(os.path.abspath(path))
     root = os.path.dirname(man_dir) if _MAN_SECTION_DIR.fullmatch(os.path.basename(man_dir)) else man_dir
     try:  # run in the man root, where ".so man7/x.7" resolves
-        r = subprocess.run([groff, *GROFF_ARGS], input=_ROFF_PRELUDE + data, capture_output=True, cwd=root,
-                           timeout=MAN_RENDER_TIMEOUT)
+        r = subprocess.run([groff, *GROFF_ARGS], input=_ROFF_PRELUDE + data, capture_output=True, cwd=root, timeout=MAN_RENDER_TIMEOUT)
     except subprocess.TimeoutExpired:
         raise ManPageError(f"groff took more than {MAN_RENDER_TIMEOUT} s") from None
     except OSError as e:

@@ -35,7 +35,7 @@ import os
 import struct
 import uuid
 from array import array
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -121,8 +121,7 @@ class DatasetWriter:
                 raise ValueError(f"token ids must be integers, got dtype {arr.dtype}")
             lo, hi = int(arr.min()), int(arr.max())
             if lo < 0 or hi >= self.vocab_size:
-                raise ValueError(f"token id out of range [0, {self.vocab_size}): "
-                                 f"min {lo}, max {hi}")
+                raise ValueError(f"token id out of range [0, {self.vocab_size}): min {lo}, max {hi}")
             self._bin.write(arr.astype(self.dtype, copy=False).tobytes())
         self._bin.write(self._eos.tobytes())
         self._num_tokens += arr.size + 1
@@ -137,8 +136,9 @@ class DatasetWriter:
             self._bin.flush()
             os.fsync(self._bin.fileno())
             self._bin.close()
-            header = _HEADER.pack(MAGIC, VERSION, _dtype_code(self.dtype), self.vocab_size,
-                                  self.eos_id, self._num_tokens, self.num_documents)
+            header = _HEADER.pack(
+                MAGIC, VERSION, _dtype_code(self.dtype), self.vocab_size, self.eos_id, self._num_tokens, self.num_documents
+            )
             with open(self._tmp_idx, "wb") as f:
                 f.write(header)
                 f.write(np.asarray(self._offsets, dtype="<i8").tobytes())
@@ -165,7 +165,7 @@ class DatasetWriter:
         unlink_quietly(self._tmp_bin)
         unlink_quietly(self._tmp_idx)
 
-    def __enter__(self) -> "DatasetWriter":
+    def __enter__(self) -> DatasetWriter:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
@@ -203,8 +203,7 @@ class TokenWindows:
         idx = np.asarray(indices, dtype=np.int64).reshape(-1)
         n = self.num_windows(seq_len)
         if idx.size and (idx.min() < 0 or idx.max() >= n):
-            raise IndexError(f"window ids must be in [0, {n}) for seq_len {seq_len}, "
-                             f"got min {idx.min()}, max {idx.max()}")
+            raise IndexError(f"window ids must be in [0, {n}) for seq_len {seq_len}, got min {idx.min()}, max {idx.max()}")
         pos = idx[:, None] * seq_len + np.arange(seq_len + 1, dtype=np.int64)[None, :]
         out = np.asarray(self._tokens[pos], dtype=np.int64)
         self._check_windows(out, idx)
@@ -239,26 +238,27 @@ class TokenDataset(TokenWindows):
             raise UserError(f"{idx_path} is not a megagrow token dataset index (bad magic)")
         _, version, code, vocab, eos, ntok, ndoc = _HEADER.unpack_from(raw)
         if version != VERSION:
-            raise UserError(f"{idx_path}: unsupported dataset version {version} (this megagrow "
-                            f"reads version {VERSION}); re-run tools/prepare_data.py")
+            raise UserError(
+                f"{idx_path}: unsupported dataset version {version} (this megagrow reads version {VERSION}); re-run tools/prepare_data.py"
+            )
         if code not in _DTYPES:
             raise UserError(f"{idx_path}: unknown token dtype code {code}")
         if vocab < 1 or ntok < 0 or ndoc < 0 or not 0 <= eos < vocab:
-            raise UserError(f"{idx_path}: corrupt header (vocab {vocab}, eos {eos}, "
-                            f"tokens {ntok}, documents {ndoc})")
+            raise UserError(f"{idx_path}: corrupt header (vocab {vocab}, eos {eos}, tokens {ntok}, documents {ndoc})")
         expected = HEADER_SIZE + 8 * (ndoc + 1)
         if len(raw) != expected:
-            raise UserError(f"{idx_path} is truncated or corrupt: {len(raw)} bytes, the header "
-                            f"({ndoc} documents) implies {expected}")
+            raise UserError(f"{idx_path} is truncated or corrupt: {len(raw)} bytes, the header ({ndoc} documents) implies {expected}")
         offsets = np.frombuffer(raw, dtype="<i8", offset=HEADER_SIZE).astype(np.int64)
         if offsets[0] != 0 or offsets[-1] != ntok or (ndoc and np.any(np.diff(offsets) < 1)):
             raise UserError(f"{idx_path}: corrupt document offsets")
         dtype = _DTYPES[code]
         bin_size = os.path.getsize(bin_path)
         if bin_size != ntok * dtype.itemsize:
-            raise UserError(f"{bin_path} has {bin_size} bytes but its index says {ntok} tokens x "
-                            f"{dtype.itemsize} bytes = {ntok * dtype.itemsize}: truncated, or not "
-                            f"from the same run as {idx_path}; re-run tools/prepare_data.py")
+            raise UserError(
+                f"{bin_path} has {bin_size} bytes but its index says {ntok} tokens x "
+                f"{dtype.itemsize} bytes = {ntok * dtype.itemsize}: truncated, or not "
+                f"from the same run as {idx_path}; re-run tools/prepare_data.py"
+            )
         self._dtype = dtype
         self._vocab_size = int(vocab)
         self._eos_id = int(eos)
@@ -298,7 +298,7 @@ class TokenDataset(TokenWindows):
         """Document ``d``'s ids as written to ``add_document`` (without its EOS), int64."""
         if not 0 <= d < self.num_documents:
             raise IndexError(f"document {d} out of range [0, {self.num_documents})")
-        return np.asarray(self._tokens[self._offsets[d]:self._offsets[d + 1] - 1], dtype=np.int64)
+        return np.asarray(self._tokens[self._offsets[d] : self._offsets[d + 1] - 1], dtype=np.int64)
 
     # ---- training windows ----------------------------------------------------------------
     def window(self, i: int, seq_len: int) -> np.ndarray:
@@ -307,9 +307,7 @@ class TokenDataset(TokenWindows):
         if not 0 <= i < n:
             raise IndexError(f"window {i} out of range [0, {n}) for seq_len {seq_len}")
         start = i * seq_len
-        return np.asarray(self._tokens[start:start + seq_len + 1], dtype=np.int64)
-
+        return np.asarray(self._tokens[start : start + seq_len + 1], dtype=np.int64)
 
     def __repr__(self) -> str:
-        return (f"TokenDataset({self.prefix!r}, tokens={self._num_tokens}, "
-                f"documents={self.num_documents}, vocab_size={self._vocab_size})")
+        return f"TokenDataset({self.prefix!r}, tokens={self._num_tokens}, documents={self.num_documents}, vocab_size={self._vocab_size})"

@@ -33,14 +33,16 @@ class EvalSet:
     window_ids: np.ndarray  # int64 [n], ascending
 
     @classmethod
-    def open(cls, prefix: str, seq_len: int, eval_tokens: int, vocab_size: int) -> tuple["EvalSet | None", str]:
+    def open(cls, prefix: str, seq_len: int, eval_tokens: int, vocab_size: int) -> tuple[EvalSet | None, str]:
         """(the eval set, "") or (None, why there is none): no split beside `prefix` (data prepared
         before splits existed, or with --valid-fraction 0), or eval_tokens == 0."""
         if eval_tokens <= 0:
             return None, "eval_tokens is 0"
         if not has_valid_split(prefix):
-            return None, (f"no validation split {valid_prefix(prefix)}.bin/.idx beside the dataset (re-run "
-                          "tools/prepare_data.py, default --valid-fraction 0.005)")
+            return None, (
+                f"no validation split {valid_prefix(prefix)}.bin/.idx beside the dataset (re-run "
+                "tools/prepare_data.py, default --valid-fraction 0.005)"
+            )
         from megagrow.data.megatron import open_dataset
 
         ds = open_dataset(valid_prefix(prefix), vocab_limit=vocab_size)  # megagrow's format or Megatron's
@@ -65,8 +67,12 @@ class EvalSet:
     @property
     def key(self) -> dict:
         """What identifies the list: two evals compare only if their keys are equal."""
-        return {"valid": os.path.basename(self.dataset.prefix), "seq_len": self.seq_len, "windows": self.num_windows,
-                "valid_tokens": self.dataset.num_tokens}
+        return {
+            "valid": os.path.basename(self.dataset.prefix),
+            "seq_len": self.seq_len,
+            "windows": self.num_windows,
+            "valid_tokens": self.dataset.num_tokens,
+        }
 
     def rounds(self, dp_rank: int, dp_size: int, batch: int) -> list[tuple[np.ndarray, bool]]:
         """This rank's reads: [(window ids, counted)], the same length on every rank."""

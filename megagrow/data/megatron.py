@@ -64,10 +64,17 @@ class MegatronTokens(TokenWindows):
         n = int(lengths.sum())
         expect = np.concatenate([[0], np.cumsum(lengths)[:-1]]) * size if len(lengths) else np.zeros(0, np.int64)
         if not np.array_equal(pointers, expect) or os.path.getsize(bin_path) != n * size:
-            raise UserError(f"{prefix}: the sequences of this Megatron dataset do not lie back to back in {bin_path} "
-                            f"({os.path.getsize(bin_path)} bytes, the index says {n} tokens x {size} bytes)")
-        if DType.code_from_dtype(index.dtype) not in (DType.uint8.value, DType.uint16.value, DType.int16.value,
-                                                      DType.int32.value, DType.int64.value):
+            raise UserError(
+                f"{prefix}: the sequences of this Megatron dataset do not lie back to back in {bin_path} "
+                f"({os.path.getsize(bin_path)} bytes, the index says {n} tokens x {size} bytes)"
+            )
+        if DType.code_from_dtype(index.dtype) not in (
+            DType.uint8.value,
+            DType.uint16.value,
+            DType.int16.value,
+            DType.int32.value,
+            DType.int64.value,
+        ):
             raise UserError(f"{prefix}: token dtype {self._dtype} is not an integer type")
         self._num_tokens = n
         self._tokens = self.ds.bin_reader.read(dtype=index.dtype, count=n, offset=0) if n else np.zeros(0, self._dtype)
@@ -75,8 +82,10 @@ class MegatronTokens(TokenWindows):
 
     def _check(self, ids: np.ndarray, where: str) -> None:
         if ids.size and (ids.min() < 0 or (self.vocab_limit is not None and ids.max() >= self.vocab_limit)):
-            raise UserError(f"Megatron dataset {self.prefix}: {where} hold token id {int(ids.max() if ids.min() >= 0 else ids.min())}, "
-                            f"outside the model's vocabulary [0, {self.vocab_limit})")
+            raise UserError(
+                f"Megatron dataset {self.prefix}: {where} hold token id {int(ids.max() if ids.min() >= 0 else ids.min())}, "
+                f"outside the model's vocabulary [0, {self.vocab_limit})"
+            )
 
     @property
     def num_documents(self) -> int:

@@ -39,10 +39,18 @@ import sys
 import tempfile
 import time
 
-from megagrow.data.corpus import (TEXT_SUFFIXES, ManPageError, default_corpus_files, find_input_files,
-                                  find_man_pages, read_documents, render_man_page, stdlib_dir)
+from megagrow.data.corpus import (
+    TEXT_SUFFIXES,
+    ManPageError,
+    default_corpus_files,
+    find_input_files,
+    find_man_pages,
+    read_documents,
+    render_man_page,
+    stdlib_dir,
+)
 from megagrow.data.dataset import DatasetWriter, TokenDataset, valid_prefix
-from megagrow.data.tokenizer import MIN_VOCAB_SIZE, MAX_VOCAB_SIZE, Tokenizer, load_tokenizer, train_tokenizer
+from megagrow.data.tokenizer import MAX_VOCAB_SIZE, MIN_VOCAB_SIZE, Tokenizer, load_tokenizer, train_tokenizer
 from megagrow.errors import UserError, cli_entry
 from megagrow.fsutil import unlink_quietly
 
@@ -55,30 +63,51 @@ _SPLIT_STREAM = 0x5EED_0FF  # second word of the split permutation's seed (the f
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="megagrow prepare-data",
-        description="Train (or reuse) a sentencepiece BPE tokenizer and write a memory-mapped "
-                    "token dataset PREFIX.bin/PREFIX.idx.")
-    p.add_argument("--out", required=True, metavar="PREFIX",
-                   help="output prefix: writes PREFIX.bin, PREFIX.idx (+ PREFIX.model if trained)")
-    p.add_argument("--input", action="extend", nargs="+", default=[], metavar="PATH",
-                   help=f"input files or directories (recursively: {', '.join(TEXT_SUFFIXES)}); "
-                        "default: the Python standard library's .py files")
-    p.add_argument("--input-kind", choices=("text", "man"), default="text",
-                   help="text: the files as they are (default); man: manual pages (NAME.N[.gz] in manN "
-                        "directories, e.g. /usr/share/man, translations skipped), each rendered to plain "
-                        "text by groff")
-    p.add_argument("--vocab-size", type=int, default=None,
-                   help=f"vocab size of a newly trained tokenizer (default {DEFAULT_VOCAB_SIZE})")
-    p.add_argument("--tokenizer", metavar="PATH", help="use this existing tokenizer: a sentencepiece .model or a "
-                   "Hugging Face tokenizer.json (copied to PREFIX.model / PREFIX.tokenizer.json)")
-    p.add_argument("--max-files", type=int, default=None, metavar="N",
-                   help="use only the first N input files (in sorted order)")
-    p.add_argument("--max-sentences", type=int, default=300_000, metavar="N",
-                   help="at most N text blocks (sampled) for tokenizer training (default 300000)")
-    p.add_argument("--valid-fraction", type=float, default=DEFAULT_VALID_FRACTION, metavar="F",
-                   help="hold out this fraction of the documents (whole documents, at least one) as "
-                        f"PREFIX.valid.bin/.idx for validation loss; 0: no split (default {DEFAULT_VALID_FRACTION})")
-    p.add_argument("--seed", type=int, default=0,
-                   help="seed of tokenizer training and of the validation split (default 0)")
+        description="Train (or reuse) a sentencepiece BPE tokenizer and write a memory-mapped token dataset PREFIX.bin/PREFIX.idx.",
+    )
+    p.add_argument(
+        "--out", required=True, metavar="PREFIX", help="output prefix: writes PREFIX.bin, PREFIX.idx (+ PREFIX.model if trained)"
+    )
+    p.add_argument(
+        "--input",
+        action="extend",
+        nargs="+",
+        default=[],
+        metavar="PATH",
+        help=f"input files or directories (recursively: {', '.join(TEXT_SUFFIXES)}); default: the Python standard library's .py files",
+    )
+    p.add_argument(
+        "--input-kind",
+        choices=("text", "man"),
+        default="text",
+        help="text: the files as they are (default); man: manual pages (NAME.N[.gz] in manN "
+        "directories, e.g. /usr/share/man, translations skipped), each rendered to plain "
+        "text by groff",
+    )
+    p.add_argument("--vocab-size", type=int, default=None, help=f"vocab size of a newly trained tokenizer (default {DEFAULT_VOCAB_SIZE})")
+    p.add_argument(
+        "--tokenizer",
+        metavar="PATH",
+        help="use this existing tokenizer: a sentencepiece .model or a "
+        "Hugging Face tokenizer.json (copied to PREFIX.model / PREFIX.tokenizer.json)",
+    )
+    p.add_argument("--max-files", type=int, default=None, metavar="N", help="use only the first N input files (in sorted order)")
+    p.add_argument(
+        "--max-sentences",
+        type=int,
+        default=300_000,
+        metavar="N",
+        help="at most N text blocks (sampled) for tokenizer training (default 300000)",
+    )
+    p.add_argument(
+        "--valid-fraction",
+        type=float,
+        default=DEFAULT_VALID_FRACTION,
+        metavar="F",
+        help="hold out this fraction of the documents (whole documents, at least one) as "
+        f"PREFIX.valid.bin/.idx for validation loss; 0: no split (default {DEFAULT_VALID_FRACTION})",
+    )
+    p.add_argument("--seed", type=int, default=0, help="seed of tokenizer training and of the validation split (default 0)")
     p.add_argument("--threads", type=int, default=2, help="threads for sentencepiece (default 2)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     p.add_argument("--json", action="store_true", help="print a JSON summary on stdout")
@@ -110,9 +139,11 @@ def held_out_documents(num_documents: int, fraction: float, seed: int):
         return np.zeros(0, dtype=np.int64)
     k = max(1, int(round(fraction * num_documents)))
     if num_documents - k < 1:
-        raise UserError(f"{num_documents} document(s) are too few for a validation split (--valid-fraction "
-                        f"{fraction} holds out {k} whole document(s) and leaves none to train on): give more "
-                        "documents, or --valid-fraction 0 for no split")
+        raise UserError(
+            f"{num_documents} document(s) are too few for a validation split (--valid-fraction "
+            f"{fraction} holds out {k} whole document(s) and leaves none to train on): give more "
+            "documents, or --valid-fraction 0 for no split"
+        )
     perm = np.random.Generator(np.random.PCG64([seed, _SPLIT_STREAM])).permutation(num_documents)
     return np.sort(perm[:k]).astype(np.int64)
 
@@ -131,7 +162,7 @@ def _split(all_prefix: str, prefix: str, fraction: float, seed: int) -> tuple[in
     train = DatasetWriter(prefix, ds.vocab_size, ds.eos_id)
     try:
         for d in range(ds.num_documents):
-            (valid if is_held[d] else train).add_document(ds.tokens[off[d]:off[d + 1] - 1])
+            (valid if is_held[d] else train).add_document(ds.tokens[off[d] : off[d + 1] - 1])
         n_valid_tokens = valid.num_tokens
         valid.close()
         train.close()  # committed last: a complete PREFIX.idx means both files are in place
@@ -145,9 +176,11 @@ def _split(all_prefix: str, prefix: str, fraction: float, seed: int) -> tuple[in
 def _load_tokenizer(path: str, requested_vocab: int | None, how: str):
     tok = load_tokenizer(path)
     if requested_vocab is not None and requested_vocab != tok.vocab_size:
-        raise UserError(f"{how} tokenizer {path} has vocab size {tok.vocab_size} but --vocab-size "
-                        f"{requested_vocab} was given (delete it to train a new one, or drop "
-                        "--vocab-size)")
+        raise UserError(
+            f"{how} tokenizer {path} has vocab size {tok.vocab_size} but --vocab-size "
+            f"{requested_vocab} was given (delete it to train a new one, or drop "
+            "--vocab-size)"
+        )
     return tok
 
 
@@ -170,11 +203,11 @@ def _adopt_tokenizer(path: str, prefix: str) -> str:
     return mine
 
 
-def _render_man_pages(pages: list[str], groff: str, out_dir: str, threads: int,
-                      progress: bool) -> tuple[list[str], dict]:
+def _render_man_pages(pages: list[str], groff: str, out_dir: str, threads: int, progress: bool) -> tuple[list[str], dict]:
     """Render man pages (`threads` at a time) to out_dir/NNNNNN.txt, in the order of `pages`.
     Returns those files and the counts of the summary."""
     from concurrent.futures import ThreadPoolExecutor
+
     from tqdm import tqdm
 
     def render(page: str):
@@ -187,8 +220,7 @@ def _render_man_pages(pages: list[str], groff: str, out_dir: str, threads: int,
     redirects, failed = 0, []
     pool = ThreadPoolExecutor(threads)
     try:
-        with tqdm(total=len(pages), unit="page", desc="rendering", file=sys.stderr, disable=not progress,
-                  mininterval=1.0) as bar:
+        with tqdm(total=len(pages), unit="page", desc="rendering", file=sys.stderr, disable=not progress, mininterval=1.0) as bar:
             for page, text in zip(pages, pool.map(render, pages)):
                 bar.update()
                 if text is None:
@@ -202,10 +234,8 @@ def _render_man_pages(pages: list[str], groff: str, out_dir: str, threads: int,
     finally:
         pool.shutdown(cancel_futures=True)
     if failed:
-        print(f"warning: skipped {len(failed)} man page(s) that failed to render, e.g. {failed[0]}",
-              file=sys.stderr)
-    return files, {"man_pages": len(files), "man_redirects_skipped": redirects,
-                   "man_render_failed": len(failed)}
+        print(f"warning: skipped {len(failed)} man page(s) that failed to render, e.g. {failed[0]}", file=sys.stderr)
+    return files, {"man_pages": len(files), "man_redirects_skipped": redirects, "man_render_failed": len(failed)}
 
 
 @cli_entry
@@ -221,9 +251,11 @@ def main(argv: list[str] | None = None) -> int:
 
 def _check_args(args) -> None:
     if args.vocab_size is not None and not MIN_VOCAB_SIZE <= args.vocab_size <= MAX_VOCAB_SIZE:
-        raise UserError(f"--vocab-size {args.vocab_size} is out of range: it must be between "
-                        f"{MIN_VOCAB_SIZE} (3 special + 256 byte pieces + characters) and "
-                        f"{MAX_VOCAB_SIZE}")
+        raise UserError(
+            f"--vocab-size {args.vocab_size} is out of range: it must be between "
+            f"{MIN_VOCAB_SIZE} (3 special + 256 byte pieces + characters) and "
+            f"{MAX_VOCAB_SIZE}"
+        )
     if args.max_files is not None and args.max_files < 1:
         raise UserError(f"--max-files must be >= 1, got {args.max_files}")
     if args.max_sentences < 1:
@@ -246,8 +278,7 @@ def _input_files(args, scratch: list[str], progress: bool) -> tuple[list[str], d
             raise UserError("--input-kind man needs --input: a man directory such as /usr/share/man")
         groff = shutil.which("groff")
         if groff is None:
-            raise UserError("--input-kind man needs groff, which is not on PATH (Debian/Ubuntu: "
-                            "apt-get install groff-base)")
+            raise UserError("--input-kind man needs groff, which is not on PATH (Debian/Ubuntu: apt-get install groff-base)")
         files = find_man_pages(args.input, args.max_files)
         source, looked_for = " ".join(args.input), "NAME.N or NAME.N.gz in manN directories"
     elif args.input:
@@ -256,15 +287,14 @@ def _input_files(args, scratch: list[str], progress: bool) -> tuple[list[str], d
     else:
         files = default_corpus_files()
         if args.max_files is not None:
-            files = files[:args.max_files]
+            files = files[: args.max_files]
         source = f"{stdlib_dir()} (.py, default corpus)"
     if not files:
         raise UserError(f"no input files found in {source} (looked for {looked_for})")
     man_summary = {}
     if groff:  # the rendered pages become the input files
         _prepare_out_dir(args.out)
-        scratch.append(tempfile.mkdtemp(dir=os.path.dirname(os.path.abspath(args.out)),
-                                        prefix=f".{os.path.basename(args.out)}.man-tmp"))
+        scratch.append(tempfile.mkdtemp(dir=os.path.dirname(os.path.abspath(args.out)), prefix=f".{os.path.basename(args.out)}.man-tmp"))
         files, man_summary = _render_man_pages(files, groff, scratch[-1], args.threads, progress)
         if not files:
             raise UserError(f"none of the man pages in {source} rendered to text")
@@ -279,15 +309,12 @@ def _tokenizer_for(args, files: list[str], progress: bool):
     if os.path.exists(own_model):
         tok = _load_tokenizer(own_model, args.vocab_size, "existing")
         if progress:
-            print(f"reusing tokenizer {own_model} (vocab {tok.vocab_size}); delete it to retrain",
-                  file=sys.stderr)
+            print(f"reusing tokenizer {own_model} (vocab {tok.vocab_size}); delete it to retrain", file=sys.stderr)
         return tok, False
     vocab = args.vocab_size or DEFAULT_VOCAB_SIZE
     if progress:
-        print(f"training tokenizer: vocab {vocab}, {len(files)} file(s) ...", file=sys.stderr,
-              flush=True)
-    train_tokenizer(files, args.out, vocab, max_sentences=args.max_sentences, seed=args.seed,
-                    num_threads=args.threads)
+        print(f"training tokenizer: vocab {vocab}, {len(files)} file(s) ...", file=sys.stderr, flush=True)
+    train_tokenizer(files, args.out, vocab, max_sentences=args.max_sentences, seed=args.seed, num_threads=args.threads)
     return Tokenizer(own_model), True
 
 
@@ -355,19 +382,25 @@ def _prepare(args, scratch: list[str]) -> int:
 def _describe(args, s: dict) -> str:
     """The human-readable summary of a prepared dataset."""
     how = f"trained in {s['tokenizer_seconds']:.1f} s" if s["tokenizer_trained"] else "reused"
-    lines = [f"tokenizer  {s['tokenizer']}: vocab {s['vocab_size']} ({how})",
-             f"dataset    {args.out}.bin/.idx: {s['documents']:,} documents, {s['tokens']:,} tokens "
-             f"from {s['input_files']:,} files, {s['input_bytes'] / 1e6:.1f} MB "
-             f"({s['input_bytes'] / max(s['tokens'] + s['valid_tokens'], 1):.2f} bytes/token), tokenized in "
-             f"{s['tokenize_seconds']:.1f} s"]
+    lines = [
+        f"tokenizer  {s['tokenizer']}: vocab {s['vocab_size']} ({how})",
+        f"dataset    {args.out}.bin/.idx: {s['documents']:,} documents, {s['tokens']:,} tokens "
+        f"from {s['input_files']:,} files, {s['input_bytes'] / 1e6:.1f} MB "
+        f"({s['input_bytes'] / max(s['tokens'] + s['valid_tokens'], 1):.2f} bytes/token), tokenized in "
+        f"{s['tokenize_seconds']:.1f} s",
+    ]
     if s["valid_prefix"]:
-        lines.append(f"validation {s['valid_prefix']}.bin/.idx: {s['valid_documents']:,} documents, "
-                     f"{s['valid_tokens']:,} tokens (--valid-fraction {args.valid_fraction}, seed {args.seed})")
+        lines.append(
+            f"validation {s['valid_prefix']}.bin/.idx: {s['valid_documents']:,} documents, "
+            f"{s['valid_tokens']:,} tokens (--valid-fraction {args.valid_fraction}, seed {args.seed})"
+        )
     else:
         lines.append("validation none (--valid-fraction 0): runs on this data log no eval loss")
     if "man_pages" in s:
-        lines.append(f"man pages  {s['man_pages']:,} rendered, {s['man_redirects_skipped']:,} "
-                     f".so redirects skipped, {s['man_render_failed']:,} failed to render")
+        lines.append(
+            f"man pages  {s['man_pages']:,} rendered, {s['man_redirects_skipped']:,} "
+            f".so redirects skipped, {s['man_render_failed']:,} failed to render"
+        )
     lines.append(f"total      {s['seconds']:.1f} s")
     return "\n".join(lines)
 
@@ -375,9 +408,12 @@ def _describe(args, s: dict) -> str:
 def _tokenize(args, files, tok, out_prefix: str, input_bytes: int, progress: bool) -> tuple[int, int, int, int]:
     from tqdm import tqdm
 
-    with DatasetWriter(out_prefix, tok.vocab_size, tok.eos_id) as writer, \
-            tqdm(total=input_bytes, unit="B", unit_scale=True, desc="tokenizing", file=sys.stderr,
-                 disable=not progress, mininterval=1.0) as bar:
+    with (
+        DatasetWriter(out_prefix, tok.vocab_size, tok.eos_id) as writer,
+        tqdm(
+            total=input_bytes, unit="B", unit_scale=True, desc="tokenizing", file=sys.stderr, disable=not progress, mininterval=1.0
+        ) as bar,
+    ):
         batch: list[str] = []
         batch_bytes = 0  # file bytes covered by `batch`, for the progress bar
         batch_chars = 0

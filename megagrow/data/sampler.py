@@ -58,8 +58,7 @@ class GlobalSampler:
         epoch = _check_int("epoch", epoch, 0)
         perm = self._cache.get(epoch)
         if perm is None:
-            perm = np.random.Generator(np.random.PCG64([self.seed, epoch])).permutation(
-                self.num_windows).astype(np.int64, copy=False)
+            perm = np.random.Generator(np.random.PCG64([self.seed, epoch])).permutation(self.num_windows).astype(np.int64, copy=False)
             perm.flags.writeable = False
             if len(self._cache) >= 2:  # a batch can straddle two epochs; keep both
                 self._cache.pop(min(self._cache))
@@ -81,7 +80,7 @@ class GlobalSampler:
         while g < stop:
             epoch, pos = divmod(g, n)
             take = min(stop - g, n - pos)
-            out[g - start:g - start + take] = self.permutation(epoch)[pos:pos + take]
+            out[g - start : g - start + take] = self.permutation(epoch)[pos : pos + take]
             g += take
         return out
 
@@ -95,8 +94,7 @@ class GlobalSampler:
         return f"GlobalSampler(num_windows={self.num_windows}, seed={self.seed})"
 
 
-def rank_slice(global_batch: int, dp_size: int, dp_rank: int, micro_batch: int,
-               grad_accum: int, micro_step: int) -> tuple[int, int]:
+def rank_slice(global_batch: int, dp_size: int, dp_rank: int, micro_batch: int, grad_accum: int, micro_step: int) -> tuple[int, int]:
     """Positions ``[start, stop)`` of the global batch that ``dp_rank`` takes at ``micro_step``.
 
     ``start = (micro_step * dp_size + dp_rank) * micro_batch``, ``stop = start + micro_batch``
@@ -110,9 +108,11 @@ def rank_slice(global_batch: int, dp_size: int, dp_rank: int, micro_batch: int,
     dp_rank = _check_int("dp_rank", dp_rank, 0)
     micro_step = _check_int("micro_step", micro_step, 0)
     if global_batch != dp_size * micro_batch * grad_accum:
-        raise ValueError(f"global_batch ({global_batch}) must equal dp_size ({dp_size}) x "
-                         f"micro_batch ({micro_batch}) x grad_accum ({grad_accum}) = "
-                         f"{dp_size * micro_batch * grad_accum}")
+        raise ValueError(
+            f"global_batch ({global_batch}) must equal dp_size ({dp_size}) x "
+            f"micro_batch ({micro_batch}) x grad_accum ({grad_accum}) = "
+            f"{dp_size * micro_batch * grad_accum}"
+        )
     if dp_rank >= dp_size:
         raise ValueError(f"dp_rank {dp_rank} out of range [0, {dp_size})")
     if micro_step >= grad_accum:
@@ -121,9 +121,18 @@ def rank_slice(global_batch: int, dp_size: int, dp_rank: int, micro_batch: int,
     return start, start + micro_batch
 
 
-def get_batch(dataset: "TokenDataset", sampler: GlobalSampler, seq_len: int, step: int,
-              global_batch: int, dp_size: int, dp_rank: int, micro_batch: int,
-              grad_accum: int, micro_step: int) -> tuple["torch.Tensor", "torch.Tensor", int]:
+def get_batch(
+    dataset: TokenDataset,
+    sampler: GlobalSampler,
+    seq_len: int,
+    step: int,
+    global_batch: int,
+    dp_size: int,
+    dp_rank: int,
+    micro_batch: int,
+    grad_accum: int,
+    micro_step: int,
+) -> tuple[torch.Tensor, torch.Tensor, int]:
     """One rank's micro-batch of step ``step``.
 
     Returns ``(tokens, targets, first_global_index)``: LongTensors [micro_batch, seq_len] with
@@ -138,8 +147,9 @@ def get_batch(dataset: "TokenDataset", sampler: GlobalSampler, seq_len: int, ste
     start, stop = rank_slice(global_batch, dp_size, dp_rank, micro_batch, grad_accum, micro_step)
     available = dataset.num_windows(seq_len)
     if sampler.num_windows > available:
-        raise ValueError(f"the sampler draws from {sampler.num_windows} windows but "
-                         f"{dataset.prefix} has only {available} windows of seq_len {seq_len}")
+        raise ValueError(
+            f"the sampler draws from {sampler.num_windows} windows but {dataset.prefix} has only {available} windows of seq_len {seq_len}"
+        )
     first = step * global_batch + start
     windows = dataset.windows(sampler.indices(first, first + (stop - start)), seq_len)
     tokens = torch.from_numpy(np.ascontiguousarray(windows[:, :-1]))

@@ -24,7 +24,7 @@ from __future__ import annotations
 import io
 import os
 import re
-from typing import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 
 import sentencepiece as spm
 
@@ -40,8 +40,7 @@ MAX_VOCAB_SIZE = 1 << 20
 DEFAULT_MAX_SENTENCE_LENGTH = 4192  # bytes (sentencepiece's own default)
 
 
-def training_sentences(files: Iterable[str], max_sentence_length: int = DEFAULT_MAX_SENTENCE_LENGTH
-                       ) -> Iterator[str]:
+def training_sentences(files: Iterable[str], max_sentence_length: int = DEFAULT_MAX_SENTENCE_LENGTH) -> Iterator[str]:
     """Blocks of lines of every document of ``files``, in order (see the module docstring)."""
     for path in files:
         for doc in read_documents(path):
@@ -90,16 +89,25 @@ class _Guarded:
 
 def _check_vocab_size(vocab_size: int) -> None:
     if not MIN_VOCAB_SIZE <= vocab_size <= MAX_VOCAB_SIZE:
-        raise UserError(f"vocab size {vocab_size} is out of range: it must be between "
-                        f"{MIN_VOCAB_SIZE} (3 special + {NUM_BYTE_PIECES} byte pieces + characters)"
-                        " "
-                        f"and {MAX_VOCAB_SIZE}")
+        raise UserError(
+            f"vocab size {vocab_size} is out of range: it must be between "
+            f"{MIN_VOCAB_SIZE} (3 special + {NUM_BYTE_PIECES} byte pieces + characters)"
+            " "
+            f"and {MAX_VOCAB_SIZE}"
+        )
 
 
-def train_tokenizer(files: Sequence[str], model_prefix: str, vocab_size: int,
-                    max_sentences: int = 300_000, seed: int = 0, *,
-                    max_sentence_length: int = DEFAULT_MAX_SENTENCE_LENGTH,
-                    num_threads: int = 2, verbose: bool = False) -> str:
+def train_tokenizer(
+    files: Sequence[str],
+    model_prefix: str,
+    vocab_size: int,
+    max_sentences: int = 300_000,
+    seed: int = 0,
+    *,
+    max_sentence_length: int = DEFAULT_MAX_SENTENCE_LENGTH,
+    num_threads: int = 2,
+    verbose: bool = False,
+) -> str:
     """Train BPE on ``files``, write ``model_prefix + ".model"`` atomically, return its path.
 
     Deterministic in (files, vocab_size, max_sentences, seed, max_sentence_length). A failure
@@ -118,7 +126,7 @@ def train_tokenizer(files: Sequence[str], model_prefix: str, vocab_size: int,
         first = next(sentences)
     except StopIteration:
         if sentences.error is not None:
-            raise sentences.error
+            raise sentences.error from None
         raise UserError("no text to train the tokenizer on (all inputs are empty)") from None
 
     def with_first() -> Iterator[str]:
@@ -140,7 +148,10 @@ def train_tokenizer(files: Sequence[str], model_prefix: str, vocab_size: int,
             add_dummy_prefix=False,
             allow_whitespace_only_pieces=True,
             split_digits=True,
-            unk_id=UNK_ID, bos_id=BOS_ID, eos_id=EOS_ID, pad_id=-1,
+            unk_id=UNK_ID,
+            bos_id=BOS_ID,
+            eos_id=EOS_ID,
+            pad_id=-1,
             input_sentence_size=int(max_sentences),
             shuffle_input_sentence=True,
             max_sentence_length=int(max_sentence_length),
@@ -155,9 +166,11 @@ def train_tokenizer(files: Sequence[str], model_prefix: str, vocab_size: int,
         hint = msg.rsplit("] ", 1)[-1]
         m = re.search(r"required_chars\. (\d+) vs (\d+)", hint)
         if m:
-            raise UserError(f"vocab size {vocab_size} is too small for this text: its characters "
-                            f"alone need {m.group(2)} pieces (special + byte + one per distinct "
-                            f"character); use a vocab size of at least {m.group(2)}") from None
+            raise UserError(
+                f"vocab size {vocab_size} is too small for this text: its characters "
+                f"alone need {m.group(2)} pieces (special + byte + one per distinct "
+                f"character); use a vocab size of at least {m.group(2)}"
+            ) from None
         raise UserError(f"tokenizer training failed (vocab size {vocab_size}): {hint}") from None
     if sentences.error is not None:
         raise sentences.error

@@ -22,7 +22,6 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass, field
-from typing import Optional, Union
 
 import torch
 
@@ -46,7 +45,7 @@ class GrowthState:
     lr_offset: int = 0  # schedule position of the current stage's step 0
     rewarmup: int = 0
     rewarmup_from: float = 0.0
-    peak_lr: Optional[float] = None
+    peak_lr: float | None = None
     history: list = field(default_factory=list)
 
     def check(self) -> None:
@@ -67,7 +66,7 @@ class GrowthState:
         return LRSchedule.from_optim(o.replace(decay_steps=decay_steps), 0, self.lr_offset, self.rewarmup, self.rewarmup_from)
 
 
-def placed_position(op: Operator, pos: int, how: str) -> Optional[int]:
+def placed_position(op: Operator, pos: int, how: str) -> int | None:
     """The LR-schedule position the model grown by `op` enters at, from the source's position `pos`:
     "keep" keeps it, "restart" starts again at 0, "paper" takes the big model's equivalent step
     floor(pos / c), c the operator's paper constant S_small / S_big (1.776 width x2, 1.412 depth x2),
@@ -99,12 +98,12 @@ class LRPlacement:
     rewarmup / rewarmup_from: linear re-warmup length (150-200 in the paper) and start LR.
     """
 
-    peak_lr: Union[float, str, None] = None
-    equivalent_step: Union[int, str] = "keep"
+    peak_lr: float | str | None = None
+    equivalent_step: int | str = "keep"
     rewarmup: int = 200
     rewarmup_from: float = 0.0
 
-    def resolve(self, state: GrowthState, op: Operator, new: ModelConfig) -> tuple[Optional[float], int]:
+    def resolve(self, state: GrowthState, op: Operator, new: ModelConfig) -> tuple[float | None, int]:
         if self.peak_lr == "kaplan":
             peak = kaplan_peak_lr(new)
         elif self.peak_lr is None or isinstance(self.peak_lr, (int, float)):
@@ -127,12 +126,14 @@ class LRPlacement:
 
 def apply_plan(gp: GrowthPlan, params: dict, exp_avg: dict, exp_avg_sq: dict, seed: int) -> tuple[dict, dict, dict]:
     """The declarative map applied to weights and both moments."""
-    return (apply_map(gp.tensors, params, "w", seed), apply_map(gp.tensors, exp_avg, "m", seed),
-            apply_map(gp.tensors, exp_avg_sq, "v", seed))
+    return (
+        apply_map(gp.tensors, params, "w", seed),
+        apply_map(gp.tensors, exp_avg, "m", seed),
+        apply_map(gp.tensors, exp_avg_sq, "v", seed),
+    )
 
 
-def grow(state: GrowthState, op: Operator, seed: int = 0, lr: LRPlacement | None = None,
-         target: ModelConfig | None = None) -> GrowthState:
+def grow(state: GrowthState, op: Operator, seed: int = 0, lr: LRPlacement | None = None, target: ModelConfig | None = None) -> GrowthState:
     """The training state after growth `op` (in process, logical tensors).
 
     `seed` keys the growth noise (symmetry breaking, fresh rows): pass the plan seed.
@@ -143,15 +144,23 @@ def grow(state: GrowthState, op: Operator, seed: int = 0, lr: LRPlacement | None
     state.check()
     gp = plan_growth(op, state.config, target)
     p, m, v = apply_plan(gp, state.params, state.exp_avg, state.exp_avg_sq, seed)
-    record = {"op": op.describe(), "at_sample": state.sample_index, "adam_step": state.step,
-              "lr_position_before": state.lr_position}
+    record = {"op": op.describe(), "at_sample": state.sample_index, "adam_step": state.step, "lr_position_before": state.lr_position}
     if lr is None and isinstance(op, Identity):  # pure resharding: the schedule goes on untouched
         return dataclasses.replace(state, params=p, exp_avg=m, exp_avg_sq=v, history=state.history + [record])
     lr = lr or LRPlacement()
     peak, R = lr.resolve(state, op, gp.new)
     return GrowthState(
-        config=gp.new, params=p, exp_avg=m, exp_avg_sq=v, step=state.step, sample_index=state.sample_index,
-        lr_position=R, lr_offset=R, rewarmup=lr.rewarmup, rewarmup_from=lr.rewarmup_from, peak_lr=peak,
+        config=gp.new,
+        params=p,
+        exp_avg=m,
+        exp_avg_sq=v,
+        step=state.step,
+        sample_index=state.sample_index,
+        lr_position=R,
+        lr_offset=R,
+        rewarmup=lr.rewarmup,
+        rewarmup_from=lr.rewarmup_from,
+        peak_lr=peak,
         history=state.history + [{**record, "equivalent_step": R, "rewarmup": lr.rewarmup}],
     )
 
@@ -160,8 +169,15 @@ def grow(state: GrowthState, op: Operator, seed: int = 0, lr: LRPlacement | None
 # TP=1 bridges to a torch model + torch.optim.AdamW
 
 
-def state_from_training(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None, *, sample_index: int = 0,
-                        lr_position: int = 0, lr_offset: int = 0, peak_lr: float | None = None) -> GrowthState:
+def state_from_training(
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer | None,
+    *,
+    sample_index: int = 0,
+    lr_position: int = 0,
+    lr_offset: int = 0,
+    peak_lr: float | None = None,
+) -> GrowthState:
     """Read a (model, AdamW) pair at TP=1 into a GrowthState (copies, fp32)."""
     cfg = model.config
     params, m, v, steps = {}, {}, {}, set()
@@ -183,8 +199,17 @@ def state_from_training(model: torch.nn.Module, optimizer: torch.optim.Optimizer
             steps.add(0)
     if len(steps) > 1:
         raise UserError(f"optimizer parameters are at different steps {sorted(steps)}; growth needs one step count")
-    s = GrowthState(cfg, params, m, v, step=steps.pop() if steps else 0, sample_index=sample_index,
-                    lr_position=lr_position, lr_offset=lr_offset, peak_lr=peak_lr)
+    s = GrowthState(
+        cfg,
+        params,
+        m,
+        v,
+        step=steps.pop() if steps else 0,
+        sample_index=sample_index,
+        lr_position=lr_position,
+        lr_offset=lr_offset,
+        peak_lr=peak_lr,
+    )
     s.check()
     return s
 
@@ -207,6 +232,9 @@ def load_training(state: GrowthState, optim=None, seed: int = 0, lr: float | Non
         opt = torch.optim.AdamW(model.parameters(), lr=lr0)
     if state.step > 0:
         for name, p in model.named_parameters():
-            opt.state[p] = {"step": torch.tensor(float(state.step)), "exp_avg": state.exp_avg[name].clone(),
-                            "exp_avg_sq": state.exp_avg_sq[name].clone()}
+            opt.state[p] = {
+                "step": torch.tensor(float(state.step)),
+                "exp_avg": state.exp_avg[name].clone(),
+                "exp_avg_sq": state.exp_avg_sq[name].clone(),
+            }
     return model, opt

@@ -4,7 +4,6 @@ grown config, check a growth factor. Identity (pure resharding) is the simplest 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
 
 from megagrow.config import ModelConfig
 from megagrow.errors import UserError
@@ -42,7 +41,7 @@ class Operator:
 
     name = "operator"
     exact = True  # loss preserving at the moment of growth
-    paper_c: Optional[float] = None  # the paper's S_small / S_big constant for this operator
+    paper_c: float | None = None  # the paper's S_small / S_big constant for this operator
 
     def new_config(self, old: ModelConfig) -> ModelConfig:
         raise NotImplementedError

@@ -32,8 +32,8 @@ The same map is applied to the weights (``state="w"``) and to both Adam moments
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
-from typing import Iterable, Mapping, Optional, Union
 
 import torch
 
@@ -62,7 +62,7 @@ def box_size(box: Box) -> int:
     return n
 
 
-def intersect(a: Box, b: Box) -> Optional[Box]:
+def intersect(a: Box, b: Box) -> Box | None:
     """The intersection of two boxes of the same rank, or None if it is empty."""
     out = tuple((max(x0, y0), min(x1, y1)) for (x0, x1), (y0, y1) in zip(a, b))
     return None if any(lo >= hi for lo, hi in out) else out
@@ -79,7 +79,7 @@ def shift(box: Box, delta: tuple[int, ...]) -> Box:
     return tuple((a + d, b + d) for (a, b), d in zip(box, delta))
 
 
-def uncovered(full: Box, boxes: list) -> Optional[Box]:
+def uncovered(full: Box, boxes: list) -> Box | None:
     """A cell of `full` that no box in `boxes` covers, or None (coordinate compression:
     cost grows with the number of boxes, not with the tensor's size)."""
     import itertools
@@ -132,8 +132,8 @@ class Copy:
     src: str
     src_box: Box
     w: float = 1.0
-    m: Optional[float] = None  # default: w
-    v: Optional[float] = None  # default: w**2
+    m: float | None = None  # default: w
+    v: float | None = None  # default: w**2
     add: bool = False
 
     def factor(self, state: str) -> float:
@@ -144,7 +144,7 @@ class Copy:
             return float(self.w if self.m is None else self.m)
         return float(self.w * self.w if self.v is None else self.v)
 
-    def restrict(self, box: Box) -> Optional["Copy"]:
+    def restrict(self, box: Box) -> Copy | None:
         """The part of this piece inside destination `box` (None if they do not meet)."""
         sub = intersect(self.dst, box)
         if sub is None:
@@ -153,8 +153,16 @@ class Copy:
         return replace(self, dst=sub, src_box=shift(sub, delta))
 
     def to_dict(self) -> dict:
-        return {"kind": "copy", "dst": self.dst, "src": self.src, "src_box": self.src_box, "w": self.w,
-                "m": self.factor("m"), "v": self.factor("v"), "add": self.add}
+        return {
+            "kind": "copy",
+            "dst": self.dst,
+            "src": self.src,
+            "src_box": self.src_box,
+            "w": self.w,
+            "m": self.factor("m"),
+            "v": self.factor("v"),
+            "add": self.add,
+        }
 
 
 @dataclass(frozen=True)
@@ -167,13 +175,13 @@ class Fill:
     v: float = 0.0
     kind: str = "const"
     add: bool = False
-    eye_origin: Optional[Box] = None  # the box whose diagonal "eye" means (set by restrict)
+    eye_origin: Box | None = None  # the box whose diagonal "eye" means (set by restrict)
 
     def factor(self, state: str) -> float:
         _check_state(state)
         return float(getattr(self, state))
 
-    def restrict(self, box: Box) -> Optional["Fill"]:
+    def restrict(self, box: Box) -> Fill | None:
         sub = intersect(self.dst, box)
         if sub is None:
             return None
@@ -209,7 +217,7 @@ class Noise:
     m: float = 0.0
     v: float = 0.0
     add: bool = False
-    key_box: Optional[Box] = None  # default: dst (the key grid; restrict keeps it)
+    key_box: Box | None = None  # default: dst (the key grid; restrict keeps it)
 
     def factor(self, state: str) -> float:
         _check_state(state)
@@ -218,7 +226,7 @@ class Noise:
     def grid(self) -> Box:
         return self.key_box if self.key_box is not None else self.dst
 
-    def restrict(self, box: Box) -> Optional["Noise"]:
+    def restrict(self, box: Box) -> Noise | None:
         sub = intersect(self.dst, box)
         if sub is None:
             return None
@@ -232,11 +240,20 @@ class Noise:
         return noise_values(seed, self.key, self.grid(), box, self.std) * f
 
     def to_dict(self) -> dict:
-        return {"kind": "noise", "dst": self.dst, "key": self.key, "key_box": self.grid(), "std": self.std,
-                "w": self.w, "m": self.m, "v": self.v, "add": self.add}
+        return {
+            "kind": "noise",
+            "dst": self.dst,
+            "key": self.key,
+            "key_box": self.grid(),
+            "std": self.std,
+            "w": self.w,
+            "m": self.m,
+            "v": self.v,
+            "add": self.add,
+        }
 
 
-Piece = Union[Copy, Fill, Noise]
+Piece = Copy | Fill | Noise
 
 
 @dataclass(frozen=True)
@@ -288,8 +305,9 @@ class TensorMap:
         return {"name": self.name, "shape": list(self.shape), "pieces": [p.to_dict() for p in self.pieces]}
 
 
-def apply_pieces(out: torch.Tensor, out_box: Box, pieces: Iterable[Piece], old: Mapping[str, torch.Tensor],
-                 state: str, seed: int) -> torch.Tensor:
+def apply_pieces(
+    out: torch.Tensor, out_box: Box, pieces: Iterable[Piece], old: Mapping[str, torch.Tensor], state: str, seed: int
+) -> torch.Tensor:
     """Write `pieces` (already restricted to `out_box`, or not) into `out`, whose element [0, ..]
     is the logical position out_box.start. `old` maps source names to their full logical
     tensors (or anything sliceable the same way). Pure box copies, scales and fills."""
@@ -317,8 +335,9 @@ def apply_pieces(out: torch.Tensor, out_box: Box, pieces: Iterable[Piece], old: 
     return out
 
 
-def apply_tensor(tmap: TensorMap, old: Mapping[str, torch.Tensor], state: str, seed: int,
-                 box: Box | None = None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+def apply_tensor(
+    tmap: TensorMap, old: Mapping[str, torch.Tensor], state: str, seed: int, box: Box | None = None, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
     """Build `box` (default: all) of the new tensor for `state` ("w", "m" or "v")."""
     box = full_box(tmap.shape) if box is None else _as_box(box)
     out = torch.zeros(box_shape(box), dtype=dtype)

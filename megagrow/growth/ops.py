@@ -27,6 +27,7 @@ from megagrow.growth.maps import Copy, Fill, Noise, TensorMap, full_box
 from megagrow.growth.width import Width
 from megagrow.params import block_tensors, kaplan_params, logical_tensors
 
+
 def _layer_of(name: str) -> tuple[int, str] | None:
     if not name.startswith("blocks."):
         return None
@@ -140,8 +141,7 @@ class FFN(Operator):
             rel = li[1] if li else ""
             if rel in ("mlp.fc1.weight", "mlp.gate.weight", "mlp.up.weight"):
                 ns = (F2, d)
-                pieces = (Copy(full_box(s), name, full_box(s), 1.0, 1.0, 1.0),
-                          Noise(((F, F2), (0, d)), f"{name}#ffn:{F2}", old.init_std))
+                pieces = (Copy(full_box(s), name, full_box(s), 1.0, 1.0, 1.0), Noise(((F, F2), (0, d)), f"{name}#ffn:{F2}", old.init_std))
             elif rel == "mlp.fc1.bias":
                 ns = (F2,)
                 pieces = (Copy(full_box(s), name, full_box(s), 1.0, 1.0, 1.0), Fill(((F, F2),), 0.0))
@@ -174,8 +174,9 @@ class Heads(Operator):
         if old.n_kv_heads is not None:
             group = old.n_heads // old.n_kv_heads
             if self.n_heads % group:
-                raise UserError(f"heads growth keeps the query-group size {group} (n_heads / n_kv_heads): "
-                                f"{self.n_heads} heads is not a multiple of it")
+                raise UserError(
+                    f"heads growth keeps the query-group size {group} (n_heads / n_kv_heads): {self.n_heads} heads is not a multiple of it"
+                )
             kv = self.n_heads // group
         return _cfg(old, n_heads=self.n_heads, head_dim=old.head_dim, n_kv_heads=kv)
 
@@ -200,8 +201,11 @@ def heads_tensors(old, n_heads: int) -> dict[str, TensorMap]:
         rel = li[1] if li else ""
         if rel in ("attn.q.weight", "attn.k.weight", "attn.v.weight"):
             a, a2 = (A, A2) if rel == "attn.q.weight" else (K, K2)
-            out[name] = TensorMap(name, (a2, d), (Copy(full_box(s), name, full_box(s), 1.0, 1.0, 1.0),
-                                                   Noise(((a, a2), (0, d)), f"{name}#heads:{n_heads}", old.init_std)))
+            out[name] = TensorMap(
+                name,
+                (a2, d),
+                (Copy(full_box(s), name, full_box(s), 1.0, 1.0, 1.0), Noise(((a, a2), (0, d)), f"{name}#heads:{n_heads}", old.init_std)),
+            )
         elif rel in ("attn.q.bias", "attn.k.bias", "attn.v.bias"):
             a, a2 = (A, A2) if rel == "attn.q.bias" else (K, K2)
             out[name] = TensorMap(name, (a2,), (Copy(full_box(s), name, full_box(s), 1.0, 1.0, 1.0), Fill(((a, a2),), 0.0)))
@@ -241,8 +245,12 @@ class GrowthPlan:
     tensors: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
-        return {"op": self.op.describe(), "old": self.old.to_dict(), "new": self.new.to_dict(),
-                "tensors": {n: t.to_dict() for n, t in self.tensors.items()}}
+        return {
+            "op": self.op.describe(),
+            "old": self.old.to_dict(),
+            "new": self.new.to_dict(),
+            "tensors": {n: t.to_dict() for n, t in self.tensors.items()},
+        }
 
 
 def plan_growth(op: Operator, old: ModelConfig, target: ModelConfig | None = None) -> GrowthPlan:
@@ -253,8 +261,10 @@ def plan_growth(op: Operator, old: ModelConfig, target: ModelConfig | None = Non
     new = op.new_config(old)
     if target is not None and _resolved(new) != _resolved(target):
         diff = {k: (v, _resolved(target)[k]) for k, v in _resolved(new).items() if _resolved(target)[k] != v}
-        raise UserError(f"{op.name} growth of {_summary(old)} gives {_summary(new)}, but the target model is "
-                        f"{_summary(target)} (differences, grown vs target: {diff})")
+        raise UserError(
+            f"{op.name} growth of {_summary(old)} gives {_summary(new)}, but the target model is "
+            f"{_summary(target)} (differences, grown vs target: {diff})"
+        )
     tensors = op.tensors(old, new)
     want = logical_tensors(new)
     if set(tensors) != set(want):  # a bug, not a user error
@@ -282,8 +292,7 @@ def operator_between(spec: str, old: ModelConfig, new: ModelConfig, symmetry_bre
     return growth_between(spec, old, new, symmetry_breaking)[0]
 
 
-def growth_between(spec: str, old: ModelConfig, new: ModelConfig,
-                   symmetry_breaking: float = 1.0) -> tuple[Operator, GrowthPlan]:
+def growth_between(spec: str, old: ModelConfig, new: ModelConfig, symmetry_breaking: float = 1.0) -> tuple[Operator, GrowthPlan]:
     """The operator named by a stage's `grow` field that takes config `old` to `new`, and its growth
     plan (`plan_growth(op, old, new)`, built once: it is also the check that op takes old to new).
 
@@ -314,7 +323,9 @@ def growth_between(spec: str, old: ModelConfig, new: ModelConfig,
     elif kind == "identity":
         op = Identity()
     else:
-        raise UserError(f"unknown growth operator {spec!r} (width[:copy|init], depth[:interleave|append[:copy|init]], stack, ffn, heads, identity)")
+        raise UserError(
+            f"unknown growth operator {spec!r} (width[:copy|init], depth[:interleave|append[:copy|init]], stack, ffn, heads, identity)"
+        )
     return op, plan_growth(op, old, new)  # validates that op really takes old to new
 
 

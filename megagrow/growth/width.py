@@ -61,8 +61,13 @@ class Width(Operator):
         d_ff = k * old.ffn_dim
         kv = None if old.n_kv_heads is None else k * old.n_kv_heads  # group size kept
         new_default = old.replace(d_model=k * old.d_model, n_heads=k * old.n_heads, n_kv_heads=kv, d_ff=None)
-        return _cfg(old, d_model=k * old.d_model, n_heads=k * old.n_heads, n_kv_heads=kv,
-                    d_ff=None if old.d_ff is None and new_default.ffn_dim == d_ff else d_ff)
+        return _cfg(
+            old,
+            d_model=k * old.d_model,
+            n_heads=k * old.n_heads,
+            n_kv_heads=kv,
+            d_ff=None if old.d_ff is None and new_default.ffn_dim == d_ff else d_ff,
+        )
 
     def tensors(self, old, new):
         k = self.factor
@@ -126,5 +131,6 @@ class Width(Operator):
             return [Copy(((0, s[0]),), name, full, 1.0, 1.0, 1.0), Fill(((s[0], k * s[0]),), 0.0)]
         o, i = s  # (units, d) -> (k units, k d): old units read the mean of the copies, fresh units all of them
         fresh = ((o, k * o), (0, k * i))
-        return ([Copy(((0, o), (c * i, (c + 1) * i)), name, full, 1.0 / k, 1.0, 1.0) for c in range(k)]
-                + [Noise(fresh, f"{name}#{tag}/fresh", init_std(new, name), key_box=fresh)])
+        return [Copy(((0, o), (c * i, (c + 1) * i)), name, full, 1.0 / k, 1.0, 1.0) for c in range(k)] + [
+            Noise(fresh, f"{name}#{tag}/fresh", init_std(new, name), key_box=fresh)
+        ]

@@ -6,12 +6,7 @@ from __future__ import annotations
 import json
 import os
 
-from megagrow.config import (
-    ROPE_SCALING_TYPES,
-    ROPE_TYPE_KEYS,
-    ModelConfig,
-    RopeScaling,
-)
+from megagrow.config import ROPE_SCALING_TYPES, ROPE_TYPE_KEYS, ModelConfig, RopeScaling
 from megagrow.errors import UserError
 
 ARCHITECTURES = {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM"}
@@ -24,8 +19,9 @@ def need_hf() -> None:
         import safetensors  # noqa: F401
         import transformers  # noqa: F401
     except ImportError as e:
-        raise UserError(f"Hugging Face interop needs transformers and safetensors ({e.name} is missing): "
-                        "pip install 'megagrow[hf]'") from None
+        raise UserError(
+            f"Hugging Face interop needs transformers and safetensors ({e.name} is missing): pip install 'megagrow[hf]'"
+        ) from None
 
 
 # ---------------------------------------------------------------------------------------
@@ -34,8 +30,10 @@ def need_hf() -> None:
 
 def check_exportable(m: ModelConfig) -> None:
     if m.flavour == "gpt2" and m.attn_dim != m.d_model:
-        raise UserError(f"GPT2LMHeadModel needs n_heads x head_dim == d_model; this model has {m.n_heads} x {m.head_dim} "
-                        f"!= {m.d_model} (after heads growth), which transformers' GPT-2 cannot represent")
+        raise UserError(
+            f"GPT2LMHeadModel needs n_heads x head_dim == d_model; this model has {m.n_heads} x {m.head_dim} "
+            f"!= {m.d_model} (after heads growth), which transformers' GPT-2 cannot represent"
+        )
 
 
 def hf_config(m: ModelConfig, bos_id: int | None = None, eos_id: int | None = None, n_positions: int | None = None):
@@ -48,19 +46,45 @@ def hf_config(m: ModelConfig, bos_id: int | None = None, eos_id: int | None = No
     if m.flavour == "gpt2":
         from transformers import GPT2Config
 
-        return GPT2Config(vocab_size=m.vocab_size, n_positions=n_positions, n_embd=m.d_model, n_layer=m.n_layers,
-                          n_head=m.n_heads, n_inner=m.ffn_dim, activation_function="gelu_new",
-                          resid_pdrop=m.dropout, embd_pdrop=m.dropout, attn_pdrop=0.0,
-                          layer_norm_epsilon=m.norm_eps, initializer_range=m.init_std,
-                          tie_word_embeddings=m.tie_embeddings, architectures=[ARCHITECTURES["gpt2"]], **ids)
+        return GPT2Config(
+            vocab_size=m.vocab_size,
+            n_positions=n_positions,
+            n_embd=m.d_model,
+            n_layer=m.n_layers,
+            n_head=m.n_heads,
+            n_inner=m.ffn_dim,
+            activation_function="gelu_new",
+            resid_pdrop=m.dropout,
+            embd_pdrop=m.dropout,
+            attn_pdrop=0.0,
+            layer_norm_epsilon=m.norm_eps,
+            initializer_range=m.init_std,
+            tie_word_embeddings=m.tie_embeddings,
+            architectures=[ARCHITECTURES["gpt2"]],
+            **ids,
+        )
     from transformers import LlamaConfig
 
-    return LlamaConfig(vocab_size=m.vocab_size, hidden_size=m.d_model, intermediate_size=m.ffn_dim,
-                       num_hidden_layers=m.n_layers, num_attention_heads=m.n_heads, num_key_value_heads=m.kv_heads,
-                       head_dim=m.head_dim, max_position_embeddings=hf_max_positions(m, n_positions), rms_norm_eps=m.norm_eps,
-                       rope_theta=m.rope_theta, hidden_act="silu", attention_bias=False, mlp_bias=False,
-                       initializer_range=m.init_std, tie_word_embeddings=m.tie_embeddings,
-                       architectures=[ARCHITECTURES["llama"]], **ids, **_rope_kwargs(m))
+    return LlamaConfig(
+        vocab_size=m.vocab_size,
+        hidden_size=m.d_model,
+        intermediate_size=m.ffn_dim,
+        num_hidden_layers=m.n_layers,
+        num_attention_heads=m.n_heads,
+        num_key_value_heads=m.kv_heads,
+        head_dim=m.head_dim,
+        max_position_embeddings=hf_max_positions(m, n_positions),
+        rms_norm_eps=m.norm_eps,
+        rope_theta=m.rope_theta,
+        hidden_act="silu",
+        attention_bias=False,
+        mlp_bias=False,
+        initializer_range=m.init_std,
+        tie_word_embeddings=m.tie_embeddings,
+        architectures=[ARCHITECTURES["llama"]],
+        **ids,
+        **_rope_kwargs(m),
+    )
 
 
 def hf_rope_scaling(m: ModelConfig) -> dict | None:
@@ -68,8 +92,10 @@ def hf_rope_scaling(m: ModelConfig) -> dict | None:
     rope_theta), None for plain RoPE."""
     if m.rope_scaling is None:
         return None
-    d = {k: float(v) if isinstance(v, int) and k != "original_max_position_embeddings" and not isinstance(v, bool) else v
-         for k, v in m.rope_scaling.to_dict().items()}
+    d = {
+        k: float(v) if isinstance(v, int) and k != "original_max_position_embeddings" and not isinstance(v, bool) else v
+        for k, v in m.rope_scaling.to_dict().items()
+    }
     if m.rope_scaling.rope_type == "dynamic":  # transformers' dynamic takes its original context from max_position_embeddings
         d.pop("original_max_position_embeddings")
     return d
@@ -171,10 +197,19 @@ def model_fields_from_hf(cfg: dict, where: str) -> dict:
         if cfg.get("scale_attn_by_inverse_layer_idx") or cfg.get("scale_attn_weights") is False:
             raise UserError(f"{where}: non-standard GPT-2 attention scaling is not supported")
         d, h = int(cfg["n_embd"]), int(cfg["n_head"])
-        return dict(flavour="gpt2", n_layers=int(cfg["n_layer"]), d_model=d, n_heads=h, head_dim=d // h, n_kv_heads=None,
-                    d_ff=int(cfg.get("n_inner") or 4 * d), vocab_size=int(cfg["vocab_size"]),
-                    tie_embeddings=bool(cfg.get("tie_word_embeddings", True)),
-                    norm_eps=float(cfg.get("layer_norm_epsilon", 1e-5)), _positions=int(cfg["n_positions"]))
+        return dict(
+            flavour="gpt2",
+            n_layers=int(cfg["n_layer"]),
+            d_model=d,
+            n_heads=h,
+            head_dim=d // h,
+            n_kv_heads=None,
+            d_ff=int(cfg.get("n_inner") or 4 * d),
+            vocab_size=int(cfg["vocab_size"]),
+            tie_embeddings=bool(cfg.get("tie_word_embeddings", True)),
+            norm_eps=float(cfg.get("layer_norm_epsilon", 1e-5)),
+            _positions=int(cfg["n_positions"]),
+        )
     if arch == ARCHITECTURES["llama"] or (arch is None and kind == "llama"):
         if cfg.get("hidden_act", "silu") != "silu":
             raise UserError(f"{where}: activation {cfg.get('hidden_act')!r} is not supported (SwiGLU with silu only)")
@@ -183,12 +218,21 @@ def model_fields_from_hf(cfg: dict, where: str) -> dict:
         d, h = int(cfg["hidden_size"]), int(cfg["num_attention_heads"])
         kv = int(cfg.get("num_key_value_heads") or h)
         theta, scaling = _rope(cfg, where)
-        return dict(flavour="llama", n_layers=int(cfg["num_hidden_layers"]), d_model=d, n_heads=h,
-                    head_dim=int(cfg.get("head_dim") or d // h), n_kv_heads=None if kv == h else kv,
-                    d_ff=int(cfg["intermediate_size"]), vocab_size=int(cfg["vocab_size"]),
-                    tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-                    norm_eps=float(cfg.get("rms_norm_eps", 1e-6)), rope_theta=theta, rope_scaling=scaling,
-                    _positions=int(cfg.get("max_position_embeddings") or 0))
+        return dict(
+            flavour="llama",
+            n_layers=int(cfg["num_hidden_layers"]),
+            d_model=d,
+            n_heads=h,
+            head_dim=int(cfg.get("head_dim") or d // h),
+            n_kv_heads=None if kv == h else kv,
+            d_ff=int(cfg["intermediate_size"]),
+            vocab_size=int(cfg["vocab_size"]),
+            tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+            norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
+            rope_theta=theta,
+            rope_scaling=scaling,
+            _positions=int(cfg.get("max_position_embeddings") or 0),
+        )
     raise UserError(f"{where}: architecture {arch or kind!r} is not supported (GPT2LMHeadModel or LlamaForCausalLM)")
 
 
@@ -196,14 +240,26 @@ def check_matches(hf: dict, m: ModelConfig, where: str, stage: str) -> None:
     """One-line UserError unless the stage's model is the transformers model (sizes, flavour, tied or not)."""
     if hf["vocab_size"] > m.vocab_size:
         raise UserError(f"{where} has a vocab of {hf['vocab_size']}, larger than the vocab_size {m.vocab_size} of stage {stage!r}")
-    mine = dict(flavour=m.flavour, n_layers=m.n_layers, d_model=m.d_model, n_heads=m.n_heads, head_dim=m.head_dim,
-                n_kv_heads=m.n_kv_heads, d_ff=m.ffn_dim, vocab_size=m.vocab_size, tie_embeddings=m.tie_embeddings,
-                norm_eps=m.norm_eps)
+    mine = dict(
+        flavour=m.flavour,
+        n_layers=m.n_layers,
+        d_model=m.d_model,
+        n_heads=m.n_heads,
+        head_dim=m.head_dim,
+        n_kv_heads=m.n_kv_heads,
+        d_ff=m.ffn_dim,
+        vocab_size=m.vocab_size,
+        tie_embeddings=m.tie_embeddings,
+        norm_eps=m.norm_eps,
+    )
     if m.flavour == "llama":
         mine["rope_theta"], mine["rope_scaling"] = m.rope_theta, m.rope_scaling
     shown = lambda v: v.to_dict() if isinstance(v, RopeScaling) else v  # noqa: E731
-    diff = [f"{k} {shown(hf[k])!r} (stage: {shown(v)!r})" for k, v in mine.items() if k in hf and hf[k] != v
-            and not (isinstance(v, float) and abs(hf[k] - v) <= 1e-12 * max(1.0, abs(v)))]
+    diff = [
+        f"{k} {shown(hf[k])!r} (stage: {shown(v)!r})"
+        for k, v in mine.items()
+        if k in hf and hf[k] != v and not (isinstance(v, float) and abs(hf[k] - v) <= 1e-12 * max(1.0, abs(v)))
+    ]
     if diff:
         raise UserError(f"{where} does not match the model of stage {stage!r}: " + ", ".join(diff))
     if m.flavour == "gpt2" and hf["_positions"] < m.n_positions:

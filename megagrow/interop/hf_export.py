@@ -23,7 +23,8 @@ import json
 import os
 import re
 import struct
-from typing import TYPE_CHECKING, Callable
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from megagrow.config import ModelConfig
 from megagrow.errors import UserError
@@ -33,8 +34,7 @@ if TYPE_CHECKING:
 
 DEFAULT_MAX_SHARD_SIZE = "5GB"  # transformers' save_pretrained default
 INDEX_NAME = "model.safetensors.index.json"
-_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
-          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
 _ST_DTYPES = {"float32": "F32", "bfloat16": "BF16", "float16": "F16"}
 
 
@@ -60,7 +60,7 @@ def _meta_reader(shapes: dict) -> Callable:
     return lambda name: torch.empty(shapes[name], dtype=torch.float32, device="meta")
 
 
-def shard_plan(m: ModelConfig, shapes: dict, dtype: "torch.dtype", max_bytes: int) -> list[list[tuple]]:
+def shard_plan(m: ModelConfig, shapes: dict, dtype: torch.dtype, max_bytes: int) -> list[list[tuple]]:
     """[[(transformers name, shape), ...] per shard] of model `m` (logical `shapes`) in `dtype`: tensors
     in to_hf's order, a new shard started when the next tensor would take the current one past
     max_bytes (a tensor larger than max_bytes alone in its shard), as transformers shards."""
@@ -84,7 +84,7 @@ def shard_names(n: int) -> list[str]:
     return ["model.safetensors"] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
 
 
-def _header(entries: list[tuple], dtype: "torch.dtype") -> bytes:
+def _header(entries: list[tuple], dtype: torch.dtype) -> bytes:
     """The safetensors header (length prefix included) of tensors `entries` [(name, shape)] in that order."""
     st, size = _ST_DTYPES[str(dtype).replace("torch.", "")], dtype.itemsize
     h: dict = {"__metadata__": {"format": "pt"}}
@@ -100,7 +100,7 @@ def _header(entries: list[tuple], dtype: "torch.dtype") -> bytes:
     return struct.pack("<Q", len(raw)) + raw
 
 
-def _write_tensor(f, t: "torch.Tensor") -> int:
+def _write_tensor(f, t: torch.Tensor) -> int:
     """Write t's bytes (C order, little-endian: the machine's) to f without another copy; returns their count."""
     import torch
 
@@ -110,8 +110,15 @@ def _write_tensor(f, t: "torch.Tensor") -> int:
     return arr.nbytes
 
 
-def write_safetensors(out_dir: str, m: ModelConfig, shapes: dict, read: Callable[[str], "torch.Tensor"],
-                      dtype: "torch.dtype", max_shard_bytes: int, after_shard: Callable[[], None] | None = None) -> dict:
+def write_safetensors(
+    out_dir: str,
+    m: ModelConfig,
+    shapes: dict,
+    read: Callable[[str], torch.Tensor],
+    dtype: torch.dtype,
+    max_shard_bytes: int,
+    after_shard: Callable[[], None] | None = None,
+) -> dict:
     """Write model `m`'s transformers weights into `out_dir` (an empty directory the caller renames into place):
     shards of at most max_shard_bytes (model.safetensors when one is enough, else model-0000i-of-0000N.safetensors
     and model.safetensors.index.json). `read(name)` gives megagrow's logical fp32 tensor `name` of logical shape
@@ -146,8 +153,7 @@ def write_safetensors(out_dir: str, m: ModelConfig, shapes: dict, read: Callable
         with open(os.path.join(out_dir, INDEX_NAME), "w") as f:
             json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2, sort_keys=True)
             f.write("\n")
-    return {"files": names, "params": params, "total_size": total, "largest_shard": largest_shard,
-            "largest_tensor": largest_tensor}
+    return {"files": names, "params": params, "total_size": total, "largest_shard": largest_shard, "largest_tensor": largest_tensor}
 
 
 def _numel(shape: tuple) -> int:

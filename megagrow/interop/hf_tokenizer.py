@@ -28,8 +28,10 @@ def load_tokenizer_object(path: str):
         except Exception as e:  # noqa: BLE001
             raise UserError(f"not a tokenizer.json: {path} ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
         vocab = tok.get_vocab(with_added_tokens=True)
-        special = {"eos_token": next((t for t in EOS_NAMES if t in vocab), None),
-                   "bos_token": next((t for t in BOS_NAMES if t in vocab), None)}
+        special = {
+            "eos_token": next((t for t in EOS_NAMES if t in vocab), None),
+            "bos_token": next((t for t in BOS_NAMES if t in vocab), None),
+        }
         return tok, {k: v for k, v in special.items() if v}
     from sentencepiece import sentencepiece_model_pb2 as pb
     from transformers.convert_slow_tokenizer import SpmConverter
@@ -50,8 +52,11 @@ def load_tokenizer_object(path: str):
     else:
         tok = SpmConverter.build_tokenizer_from_spm_proto(proto, vocab, legacy=False)
     ts = proto.trainer_spec
-    special = {"unk_token": ts.unk_piece if ts.unk_id >= 0 else None, "bos_token": ts.bos_piece if ts.bos_id >= 0 else None,
-               "eos_token": ts.eos_piece if ts.eos_id >= 0 else None}
+    special = {
+        "unk_token": ts.unk_piece if ts.unk_id >= 0 else None,
+        "bos_token": ts.bos_piece if ts.bos_id >= 0 else None,
+        "eos_token": ts.eos_piece if ts.eos_id >= 0 else None,
+    }
     return tok, {k: v for k, v in special.items() if v}
 
 
@@ -84,5 +89,4 @@ def write_tokenizer(path: str, out_dir: str, model_vocab: int, model_max_length:
         f.write("\n")
     if not path.endswith(".json"):
         shutil.copyfile(path, os.path.join(out_dir, "tokenizer.model"))
-    return {"source": os.path.abspath(path), "vocab_size": n, "bos_token_id": fast.bos_token_id,
-            "eos_token_id": fast.eos_token_id}
+    return {"source": os.path.abspath(path), "vocab_size": n, "bos_token_id": fast.bos_token_id, "eos_token_id": fast.eos_token_id}

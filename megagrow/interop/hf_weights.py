@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import json
 import os
-from typing import TYPE_CHECKING, Callable, Iterator
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING
 
 from megagrow.config import ModelConfig
 from megagrow.errors import UserError
@@ -63,20 +64,20 @@ def from_hf(m: ModelConfig, get: Callable[[str], torch.Tensor]) -> dict[str, tor
 
     def pad(t):
         out = torch.zeros(m.padded_vocab, t.shape[1], dtype=torch.float32)
-        out[:t.shape[0]] = t
+        out[: t.shape[0]] = t
         return out
 
     P: dict[str, torch.Tensor] = {}
     if m.flavour == "gpt2":
         P["tok_emb.weight"] = pad(get("transformer.wte.weight"))
-        P["pos_emb.weight"] = get("transformer.wpe.weight")[:m.n_positions]
+        P["pos_emb.weight"] = get("transformer.wpe.weight")[: m.n_positions]
         A = m.attn_dim
         for i in range(m.n_layers):
             b, h = f"blocks.{i}.", f"transformer.h.{i}."
             P[b + "ln1.weight"], P[b + "ln1.bias"] = get(h + "ln_1.weight"), get(h + "ln_1.bias")
             w, bias = get(h + "attn.c_attn.weight").t(), get(h + "attn.c_attn.bias")
             for j, p in enumerate("qkv"):
-                P[b + f"attn.{p}.weight"], P[b + f"attn.{p}.bias"] = w[j * A:(j + 1) * A], bias[j * A:(j + 1) * A]
+                P[b + f"attn.{p}.weight"], P[b + f"attn.{p}.bias"] = w[j * A : (j + 1) * A], bias[j * A : (j + 1) * A]
             P[b + "attn.o.weight"], P[b + "attn.o.bias"] = get(h + "attn.c_proj.weight").t(), get(h + "attn.c_proj.bias")
             P[b + "ln2.weight"], P[b + "ln2.bias"] = get(h + "ln_2.weight"), get(h + "ln_2.bias")
             P[b + "mlp.fc1.weight"], P[b + "mlp.fc1.bias"] = get(h + "mlp.c_fc.weight").t(), get(h + "mlp.c_fc.bias")
@@ -124,7 +125,9 @@ def read_hf_dir(path: str) -> tuple[dict, dict, dict]:
             except (ValueError, KeyError) as e:
                 raise UserError(f"{index}: not a readable weights index ({type(e).__name__}: {e})") from None
             return config, fields, {n: os.path.join(path, fn) for n, fn in wm.items()}
-    raise UserError(f"{path}: no model.safetensors, pytorch_model.bin or index of either (model.safetensors.index.json, pytorch_model.bin.index.json)")
+    raise UserError(
+        f"{path}: no model.safetensors, pytorch_model.bin or index of either (model.safetensors.index.json, pytorch_model.bin.index.json)"
+    )
 
 
 def check_init_from(stage) -> None:
@@ -246,8 +249,10 @@ def init_source(spec: str) -> tuple[str, str]:
     """(kind, directory) of an `init_from: hf:PATH` or `megatron:PATH` spec."""
     kind, _, path = spec.partition(":") if isinstance(spec, str) else ("", "", "")
     if kind not in INIT_KINDS or not path:
-        raise UserError(f"init_from must be hf:PATH (a transformers model directory) or megatron:PATH (a Megatron-LM "
-                        f"checkpoint directory), got {spec!r}")
+        raise UserError(
+            f"init_from must be hf:PATH (a transformers model directory) or megatron:PATH (a Megatron-LM "
+            f"checkpoint directory), got {spec!r}"
+        )
     return kind, os.path.expanduser(path)
 
 

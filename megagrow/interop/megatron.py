@@ -39,7 +39,8 @@ import json
 import os
 import shutil
 import time
-from typing import TYPE_CHECKING, Callable, Iterator
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING
 
 from megagrow.config import ModelConfig
 from megagrow.errors import UserError
@@ -55,22 +56,42 @@ _LINEARS = ("self_attention.linear_qkv", "self_attention.linear_proj", "mlp.line
 def check_megatron_exportable(m: ModelConfig) -> None:
     """One-line UserError for what megatron-core's GPTModel (local spec) does not compute like megagrow."""
     if m.rope_scaling is not None:
-        raise UserError(f"export-megatron: rope_scaling {m.rope_scaling.rope_type!r} is not exported (megatron-core's "
-                        "RoPE scaling options differ from transformers'; plain RoPE only)")
+        raise UserError(
+            f"export-megatron: rope_scaling {m.rope_scaling.rope_type!r} is not exported (megatron-core's "
+            "RoPE scaling options differ from transformers'; plain RoPE only)"
+        )
 
 
 def megatron_args(m: ModelConfig) -> dict:
     """Megatron-LM's command-line arguments (as a dict, flag name -> value; True: a bare flag) that build
     model `m`: pass them with the data/training arguments of your run."""
-    a = {"num-layers": m.n_layers, "hidden-size": m.d_model, "ffn-hidden-size": m.ffn_dim,
-         "num-attention-heads": m.n_heads, "kv-channels": m.head_dim, "seq-length": m.seq_len,
-         "max-position-embeddings": m.n_positions, "norm-epsilon": m.norm_eps,
-         "make-vocab-size-divisible-by": 128, "padded-vocab-size": m.padded_vocab, "vocab-size": m.vocab_size,
-         "transformer-impl": "local", "ckpt-format": "torch", "finetune": True}
+    a = {
+        "num-layers": m.n_layers,
+        "hidden-size": m.d_model,
+        "ffn-hidden-size": m.ffn_dim,
+        "num-attention-heads": m.n_heads,
+        "kv-channels": m.head_dim,
+        "seq-length": m.seq_len,
+        "max-position-embeddings": m.n_positions,
+        "norm-epsilon": m.norm_eps,
+        "make-vocab-size-divisible-by": 128,
+        "padded-vocab-size": m.padded_vocab,
+        "vocab-size": m.vocab_size,
+        "transformer-impl": "local",
+        "ckpt-format": "torch",
+        "finetune": True,
+    }
     if m.flavour == "llama":
-        a.update({"normalization": "RMSNorm", "swiglu": True, "disable-bias-linear": True,
-                  "position-embedding-type": "rope", "rotary-percent": 1.0,
-                  "rotary-base": int(m.rope_theta) if float(m.rope_theta).is_integer() else m.rope_theta})
+        a.update(
+            {
+                "normalization": "RMSNorm",
+                "swiglu": True,
+                "disable-bias-linear": True,
+                "position-embedding-type": "rope",
+                "rotary-percent": 1.0,
+                "rotary-base": int(m.rope_theta) if float(m.rope_theta).is_integer() else m.rope_theta,
+            }
+        )
         if m.n_kv_heads is not None:
             a.update({"group-query-attention": True, "num-query-groups": m.n_kv_heads})
     else:
@@ -102,7 +123,7 @@ def _split_qkv(m: ModelConfig, qkv):
     g, per, hd = _groups(m)
     rest = qkv.shape[1:]
     t = qkv.reshape(g, (per + 2) * hd, *rest)
-    q, k, v = t[:, :per * hd], t[:, per * hd:(per + 1) * hd], t[:, (per + 1) * hd:]
+    q, k, v = t[:, : per * hd], t[:, per * hd : (per + 1) * hd], t[:, (per + 1) * hd :]
     return q.reshape(g * per * hd, *rest), k.reshape(g * hd, *rest), v.reshape(g * hd, *rest)
 
 
@@ -200,8 +221,9 @@ def write_megatron(out: str, m: ModelConfig, read: Callable[[str], torch.Tensor]
         with open(os.path.join(tmp, TRACKER), "w") as f:
             f.write(f"{iteration}\n")
         with open(os.path.join(tmp, "megagrow.json"), "w") as f:
-            json.dump({**source, "model": m.to_dict(), "megatron_args": megatron_args(m),
-                       "checkpoint_version": CHECKPOINT_VERSION}, f, indent=1)
+            json.dump(
+                {**source, "model": m.to_dict(), "megatron_args": megatron_args(m), "checkpoint_version": CHECKPOINT_VERSION}, f, indent=1
+            )
         if os.path.isdir(out):
             os.rmdir(out)
         os.replace(tmp, out)
@@ -209,8 +231,13 @@ def write_megatron(out: str, m: ModelConfig, read: Callable[[str], torch.Tensor]
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     n = sum(t.numel() for t in sd.values() if t is not None)
-    return {"out": out, "file": checkpoint_file(out, iteration), "iteration": iteration, "params": n,
-            "bytes_written": os.path.getsize(checkpoint_file(out, iteration))}
+    return {
+        "out": out,
+        "file": checkpoint_file(out, iteration),
+        "iteration": iteration,
+        "params": n,
+        "bytes_written": os.path.getsize(checkpoint_file(out, iteration)),
+    }
 
 
 def export_megatron(d: str, tag: str, out: str, iteration: int | None = None) -> dict:
@@ -225,8 +252,9 @@ def export_megatron(d: str, tag: str, out: str, iteration: int | None = None) ->
     shapes = src.logical_shapes()
     step = int(src.client.get("step") or 0)
     source = {"checkpoint": os.path.abspath(d), "tag": src.tag, "stage": src.client["stage"]["name"], "step": step}
-    s = write_megatron(out, m, lambda n: src.read_box(n, "w", tuple((0, k) for k in shapes[n])),
-                       step if iteration is None else iteration, source)
+    s = write_megatron(
+        out, m, lambda n: src.read_box(n, "w", tuple((0, k) for k in shapes[n])), step if iteration is None else iteration, source
+    )
     return {**s, **source, "flavour": m.flavour, "seconds": round(time.perf_counter() - t0, 3)}
 
 
@@ -260,8 +288,20 @@ def read_megatron(path: str) -> tuple[int, dict]:
 # import: `init_from: megatron:PATH`
 
 # ModelConfig fields compared with a stage's model on import (megagrow.json, written by write_megatron)
-_COMPARED = ("flavour", "n_layers", "d_model", "n_heads", "head_dim", "kv_heads", "ffn_dim", "vocab_size",
-             "tie_embeddings", "norm_eps", "rope_theta", "rope_scaling")  # gpt2's table size: by shape, on import
+_COMPARED = (
+    "flavour",
+    "n_layers",
+    "d_model",
+    "n_heads",
+    "head_dim",
+    "kv_heads",
+    "ffn_dim",
+    "vocab_size",
+    "tie_embeddings",
+    "norm_eps",
+    "rope_theta",
+    "rope_scaling",
+)  # gpt2's table size: by shape, on import
 
 
 def check_megatron_dir(path: str, m: ModelConfig, stage: str) -> None:
@@ -277,8 +317,9 @@ def check_megatron_dir(path: str, m: ModelConfig, stage: str) -> None:
     if not text.isdigit():
         raise UserError(f"{tracker}: iteration {text!r} is not supported (release checkpoints are not read)")
     if not os.path.isfile(checkpoint_file(path, int(text))):
-        raise UserError(f"{path}: {os.path.relpath(checkpoint_file(path, int(text)), path)} not found "
-                        "(only tensor and pipeline parallel 1 is read)")
+        raise UserError(
+            f"{path}: {os.path.relpath(checkpoint_file(path, int(text)), path)} not found (only tensor and pipeline parallel 1 is read)"
+        )
     meta = os.path.join(path, "megagrow.json")
     if os.path.isfile(meta):
         try:
@@ -286,8 +327,11 @@ def check_megatron_dir(path: str, m: ModelConfig, stage: str) -> None:
                 theirs = ModelConfig.from_dict(json.load(f)["model"], f"{meta}: model")
         except (ValueError, KeyError, TypeError) as e:
             raise UserError(f"{meta}: not readable ({type(e).__name__}: {e})") from None
-        diff = [f"{k} {_shown(getattr(theirs, k))!r} (stage: {_shown(getattr(m, k))!r})" for k in _COMPARED
-                if getattr(theirs, k) != getattr(m, k)]
+        diff = [
+            f"{k} {_shown(getattr(theirs, k))!r} (stage: {_shown(getattr(m, k))!r})"
+            for k in _COMPARED
+            if getattr(theirs, k) != getattr(m, k)
+        ]
         if diff:
             raise UserError(f"{path} does not match the model of stage {stage!r}: " + ", ".join(diff))
 
@@ -322,8 +366,9 @@ class MegatronCheckpoint:
                 raise UserError(f"{self.path}: weight for {n} has shape {tuple(P[n].shape)}, stage {stage!r} needs {tuple(s)}")
         extra = sorted(set(k for k, v in self.sd.items() if v is not None) - set(dict(to_megatron(m, _shape_reader(m)))))
         if extra:
-            raise UserError(f"{self.path}: weights the stage's model has no place for: {', '.join(extra[:4])}"
-                            + (" ..." if len(extra) > 4 else ""))
+            raise UserError(
+                f"{self.path}: weights the stage's model has no place for: {', '.join(extra[:4])}" + (" ..." if len(extra) > 4 else "")
+            )
         return P
 
 

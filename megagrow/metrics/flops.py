@@ -109,7 +109,7 @@ class Ledger:
     flops_per_step: int
 
     @classmethod
-    def of(cls, stage: Stage, tokens0: int = 0, flops0: int = 0) -> "Ledger":
+    def of(cls, stage: Stage, tokens0: int = 0, flops0: int = 0) -> Ledger:
         t = stage.layout.global_batch * stage.model.seq_len
         return cls(int(tokens0), int(flops0), t, t * flops_per_token(stage.model))
 
@@ -137,5 +137,3 @@ def peak_memory_gb(device) -> float:
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # KiB on Linux
-
-

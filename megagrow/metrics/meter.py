@@ -20,9 +20,9 @@ import torch
 from megagrow.config import Plan
 from megagrow.metrics.flops import Ledger, peak_memory_gb, peak_tflops, throughput
 
+
 class StageMeter:
-    def __init__(self, plan: Plan, k: int, tokens0: int, flops0: int, device, rank: int, log_dir: str | None,
-                 quiet: bool = False):
+    def __init__(self, plan: Plan, k: int, tokens0: int, flops0: int, device, rank: int, log_dir: str | None, quiet: bool = False):
         from megagrow.data.evalset import EvalSet
         from megagrow.parallel.groups import dp_rank_size
 
@@ -49,9 +49,12 @@ class StageMeter:
 
     # ---- training records ----------------------------------------------------------------
     def train_fields(self, step: int, step_time_s: float) -> dict:
-        return {"tokens": self.ledger.tokens(step), "flops": self.ledger.flops(step),
-                **{k: v for k, v in throughput(self.stage, step_time_s, self.world, self.peak).items() if k != "tokens_per_s"},
-                "peak_mem_gb": peak_memory_gb(self.device)}
+        return {
+            "tokens": self.ledger.tokens(step),
+            "flops": self.ledger.flops(step),
+            **{k: v for k, v in throughput(self.stage, step_time_s, self.world, self.peak).items() if k != "tokens_per_s"},
+            "peak_mem_gb": peak_memory_gb(self.device),
+        }
 
     # ---- evals ----------------------------------------------------------------------------
     @property
@@ -69,14 +72,22 @@ class StageMeter:
         from megagrow.metrics.evaluate import evaluate
 
         t0 = time.perf_counter()
-        v = evaluate(engine, self.evalset, self.dp_rank, self.dp_size, ps.get_data_parallel_group(),
-                     self.stage.layout.micro_batch, self.device)
+        v = evaluate(
+            engine, self.evalset, self.dp_rank, self.dp_size, ps.get_data_parallel_group(), self.stage.layout.micro_batch, self.device
+        )
         self.eval_seconds += time.perf_counter() - t0
         return v
 
     def eval_record(self, step: int, value: float, at: str) -> dict:
-        return {"stage": self.stage.name, "step": step, "eval_loss": value, "tokens": self.ledger.tokens(step),
-                "flops": self.ledger.flops(step), "at": at, "time": time.time()}
+        return {
+            "stage": self.stage.name,
+            "step": step,
+            "eval_loss": value,
+            "tokens": self.ledger.tokens(step),
+            "flops": self.ledger.flops(step),
+            "at": at,
+            "time": time.time(),
+        }
 
     def comparable_before(self) -> bool:
         """The previous stage's final eval read the same window list as this stage's evals."""

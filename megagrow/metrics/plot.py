@@ -41,8 +41,15 @@ def read_run(run_dir: str) -> list[tuple[str, list[dict]]]:
     return sorted(stages, key=start)
 
 
-def plot_runs(runs: list[str], out: str, x: str = "flops", logx: bool = False, train: bool = True,
-              title: str | None = None, labels: list[str] | None = None) -> dict:
+def plot_runs(
+    runs: list[str],
+    out: str,
+    x: str = "flops",
+    logx: bool = False,
+    train: bool = True,
+    title: str | None = None,
+    labels: list[str] | None = None,
+) -> dict:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -60,8 +67,7 @@ def plot_runs(runs: list[str], out: str, x: str = "flops", logx: bool = False, t
         for name, recs in stages:
             missing = [r for r in recs if r.get(x) is None]
             if missing:
-                raise UserError(f"{run}/{name}/log.jsonl: records without {x!r} (written by an older megagrow?); "
-                                f"plot against another --x")
+                raise UserError(f"{run}/{name}/log.jsonl: records without {x!r} (written by an older megagrow?); plot against another --x")
             at0 = [r[x] for r in recs if r.get("step") == 0]  # a grown stage's step 0 (its growth evals)
             bounds.append((name, min(at0) if at0 else min(r[x] for r in recs)))
             for r in sorted(recs, key=lambda r: (r[x], r.get("step", 0))):
@@ -75,20 +81,39 @@ def plot_runs(runs: list[str], out: str, x: str = "flops", logx: bool = False, t
             ax.plot(tr_x, tr_y, color=c, alpha=0.35, linewidth=1.0, label=f"{label} train")
         if ev_x:
             order = sorted(range(len(ev_x)), key=lambda j: ev_x[j])
-            ax.plot([ev_x[j] for j in order], [ev_y[j] for j in order], color=c, marker="o", markersize=3.5,
-                    linewidth=1.8, label=f"{label} eval")
+            ax.plot(
+                [ev_x[j] for j in order],
+                [ev_y[j] for j in order],
+                color=c,
+                marker="o",
+                markersize=3.5,
+                linewidth=1.8,
+                label=f"{label} eval",
+            )
         if len(bounds) > 1:
             for name, bx in bounds[1:]:  # where each later stage begins
                 ax.axvline(bx, color=c, linestyle=":", linewidth=1.0, alpha=0.8)
-                ax.annotate(name, (bx, 1.0), xycoords=("data", "axes fraction"), xytext=(2, -12),
-                            textcoords="offset points", fontsize=8, color=c, rotation=90, va="top")
-        summary["runs"].append({"run": run, "stages": [n for n, _ in stages], "eval_points": len(ev_x),
-                                "train_points": len(tr_x)})
+                ax.annotate(
+                    name,
+                    (bx, 1.0),
+                    xycoords=("data", "axes fraction"),
+                    xytext=(2, -12),
+                    textcoords="offset points",
+                    fontsize=8,
+                    color=c,
+                    rotation=90,
+                    va="top",
+                )
+        summary["runs"].append({"run": run, "stages": [n for n, _ in stages], "eval_points": len(ev_x), "train_points": len(tr_x)})
     if not any(r["eval_points"] or (train and r["train_points"]) for r in summary["runs"]):
         plt.close(fig)
         raise UserError("nothing to plot: no loss or eval_loss records")
-    ax.set_xlabel({"flops": "training FLOPs (6N + 12LAs per token, cumulative over stages)",
-                   "tokens": "training tokens (cumulative over stages)"}.get(x, x))
+    ax.set_xlabel(
+        {
+            "flops": "training FLOPs (6N + 12LAs per token, cumulative over stages)",
+            "tokens": "training tokens (cumulative over stages)",
+        }.get(x, x)
+    )
     ax.set_ylabel("loss (nats/token)")
     if logx:
         ax.set_xscale("log")

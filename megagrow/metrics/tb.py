@@ -9,9 +9,17 @@ eval/loss, ledger/flops. Without the tensorboard package nothing is written (sai
 
 from __future__ import annotations
 
-_SCALARS = {"loss": "train/loss", "lr": "train/lr", "grad_norm": "train/grad_norm", "tokens_per_s": "perf/tokens_per_s",
-            "tflops_per_device": "perf/tflops_per_device", "mfu": "perf/mfu", "peak_mem_gb": "perf/peak_mem_gb",
-            "eval_loss": "eval/loss", "flops": "ledger/flops"}
+_SCALARS = {
+    "loss": "train/loss",
+    "lr": "train/lr",
+    "grad_norm": "train/grad_norm",
+    "tokens_per_s": "perf/tokens_per_s",
+    "tflops_per_device": "perf/tflops_per_device",
+    "mfu": "perf/mfu",
+    "peak_mem_gb": "perf/peak_mem_gb",
+    "eval_loss": "eval/loss",
+    "flops": "ledger/flops",
+}
 
 
 class TBWriter:

@@ -52,22 +52,6 @@ def dropout(x: torch.Tensor, p: float, gen: torch.Generator | None, training: bo
     return x * keep / (1.0 - p)
 
 
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
 class Attention(nn.Module):
     """Multi-head or grouped-query attention (n_kv_heads < n_heads: each K/V head serves
     n_heads / n_kv_heads consecutive query heads). Over TP, the query heads are split; the
@@ -98,14 +82,14 @@ class Attention(nn.Module):
             q, k, v = self.q(x)[0], self.k(x)[0], self.v(x)[0]
             if self.gather_kv:
                 hd, g = self.head_dim, self.kv_group
-                k, v = (GatherKV.apply(t)[..., g * hd:(g + 1) * hd] for t in (k, v))
+                k, v = (GatherKV.apply(t)[..., g * hd : (g + 1) * hd] for t in (k, v))
             return q, k, v
         q, k, v = fused_columns([self.q, self.k, self.v], x)
         if self.gather_kv:  # one all-gather for K and V: rank r's part is [k_r, v_r]
             kv = GatherKV.apply(torch.cat([k, v], dim=-1))
             kv = kv.view(*kv.shape[:-1], -1, 2, k.shape[-1])  # (B, T, tp, 2, kv_dim / tp)
             hd, g = self.head_dim, self.kv_group
-            k, v = (kv[..., i, :].flatten(-2)[..., g * hd:(g + 1) * hd] for i in (0, 1))
+            k, v = (kv[..., i, :].flatten(-2)[..., g * hd : (g + 1) * hd] for i in (0, 1))
         return q, k, v
 
     def forward(self, x: torch.Tensor, rope: tuple | None) -> torch.Tensor:
@@ -250,8 +234,12 @@ class GPT(nn.Module):
         NTK depends on the sequence length; transformers computes them for the forward's length too)."""
         c = self.config
         rs = c.rope_scaling
-        if rs is None or rs.rope_type != "dynamic" or T == self.rope_cos.shape[0] \
-                or max(T, self.rope_cos.shape[0]) <= rs.original_max_position_embeddings:
+        if (
+            rs is None
+            or rs.rope_type != "dynamic"
+            or T == self.rope_cos.shape[0]
+            or max(T, self.rope_cos.shape[0]) <= rs.original_max_position_embeddings
+        ):
             return self.rope_cos, self.rope_sin
         cos, sin = rope_tables(T, c.head_dim, c.rope_theta, rs)
         return cos.to(self.rope_cos.device), sin.to(self.rope_sin.device)
@@ -284,10 +272,6 @@ class GPT(nn.Module):
 
 # ---------------------------------------------------------------------------------------
 # Layout-independent initialisation, drawn shard by shard, and the logical view of parameters
-
-
-
-
 
 
 def _draw(out: torch.Tensor, name: str, c: ModelConfig, seed: int, shape: tuple, box: tuple, start: int) -> None:

@@ -50,14 +50,14 @@ class _LinearCrossEntropy(torch.autograd.Function):
         gw = torch.zeros(w.shape, dtype=torch.float32, device=w.device)  # summed over chunks in fp32
         total = torch.zeros((), dtype=torch.float32, device=x.device)
         for s in range(0, x.shape[0], chunk):
-            xs, ts = x[s:s + chunk], targets[s:s + chunk]
+            xs, ts = x[s : s + chunk], targets[s : s + chunk]
             z = _chunk_logits(xs, w, vocab_size)
             lse = torch.logsumexp(z, dim=1)
             total += (lse - z.gather(1, ts[:, None]).squeeze(1)).sum()
             g = z.sub_(lse[:, None]).exp_()  # softmax, in place
             g[torch.arange(len(ts), device=g.device), ts] -= 1.0
             g = g.mul_(scale).to(w.dtype)  # d(scale * loss sum) / d logits
-            gx[s:s + chunk] = g @ w
+            gx[s : s + chunk] = g @ w
             gw += g.t() @ xs
         ctx.save_for_backward(gx, gw.to(w.dtype))
         return total * scale
@@ -68,8 +68,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
         return gx * grad.to(gx.dtype), gw * grad.to(gw.dtype), None, None, None, None
 
 
-def linear_cross_entropy(x: torch.Tensor, w: torch.Tensor, targets: torch.Tensor, vocab_size: int,
-                         chunk: int | None = None) -> torch.Tensor:
+def linear_cross_entropy(
+    x: torch.Tensor, w: torch.Tensor, targets: torch.Tensor, vocab_size: int, chunk: int | None = None
+) -> torch.Tensor:
     """Mean cross entropy of the logits x @ w.T (x: (..., d) hidden states, w: (V_padded, d) the
     head) against targets (...), rows of w past vocab_size left out of the softmax; never more than
     one chunk of logits at a time (tp = 1)."""
@@ -80,7 +81,7 @@ def linear_cross_entropy(x: torch.Tensor, w: torch.Tensor, targets: torch.Tensor
         return _LinearCrossEntropy.apply(x, w, targets, vocab_size, chunk, 1.0 / n)
     total = torch.zeros((), dtype=torch.float32, device=x.device)
     for s in range(0, n, chunk):
-        z, ts = _chunk_logits(x[s:s + chunk], w, vocab_size), targets[s:s + chunk]
+        z, ts = _chunk_logits(x[s : s + chunk], w, vocab_size), targets[s : s + chunk]
         total += (torch.logsumexp(z, dim=1) - z.gather(1, ts[:, None]).squeeze(1)).sum()
     return total / n
 
@@ -93,8 +94,9 @@ def _masked_vocab_parallel_ce(logits: torch.Tensor, targets: torch.Tensor, real:
     return tensor_parallel.vocab_parallel_cross_entropy(z, targets).sum()
 
 
-def vocab_parallel_loss(logits: torch.Tensor, targets: torch.Tensor, vocab_size: int,
-                        chunk: int | None = None, d_model: int | None = None) -> torch.Tensor:
+def vocab_parallel_loss(
+    logits: torch.Tensor, targets: torch.Tensor, vocab_size: int, chunk: int | None = None, d_model: int | None = None
+) -> torch.Tensor:
     """Mean cross entropy of vocab-parallel logits (..., V_padded / tp) against targets (...), the
     padded columns of each rank's shard masked, one chunk of tokens in fp32 at a time (tp > 1)."""
     local = logits.shape[-1]
@@ -106,7 +108,7 @@ def vocab_parallel_loss(logits: torch.Tensor, targets: torch.Tensor, vocab_size:
     grad = torch.is_grad_enabled() and logits.requires_grad
     total = torch.zeros((), dtype=torch.float32, device=logits.device)
     for s in range(0, n, chunk):
-        args = (logits[s:s + chunk], targets[s:s + chunk], real)
+        args = (logits[s : s + chunk], targets[s : s + chunk], real)
         if grad:  # keep nothing of the chunk's fp32 softmax: recompute it in backward
             total = total + torch.utils.checkpoint.checkpoint(_masked_vocab_parallel_ce, *args, use_reentrant=False)
         else:

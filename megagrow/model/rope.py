@@ -11,8 +11,7 @@ import torch
 from megagrow.config import RopeScaling
 
 
-def rope_inv_freq(head_dim: int, theta: float, scaling: RopeScaling | None = None,
-                  seq_len: int | None = None) -> torch.Tensor:
+def rope_inv_freq(head_dim: int, theta: float, scaling: RopeScaling | None = None, seq_len: int | None = None) -> torch.Tensor:
     """RoPE's inverse frequencies (hd/2,), float64: theta^(-2i/hd), rescaled by `scaling`
     (ModelConfig.rope_scaling) as transformers' modeling_rope_utils does for the same rope_type:
       linear  every frequency divided by factor;
@@ -85,8 +84,7 @@ def rope_attention_factor(scaling: RopeScaling | None) -> float:
     return mscale(scaling.factor)
 
 
-def rope_tables(seq_len: int, head_dim: int, theta: float,
-                scaling: RopeScaling | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def rope_tables(seq_len: int, head_dim: int, theta: float, scaling: RopeScaling | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """cos and sin (seq_len, hd), float32, of positions 0 .. seq_len - 1, for a sequence of seq_len
     positions (dynamic scaling depends on it), multiplied by rope_attention_factor (yarn)."""
     inv = rope_inv_freq(head_dim, theta, scaling, seq_len)

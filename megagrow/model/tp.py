@@ -51,9 +51,7 @@ class _RowParallelLinear(tensor_parallel.RowParallelLinear):
 
 
 def row(cfg: ModelParallelConfig, d_in: int, d_out: int, bias: bool) -> nn.Module:
-    layer = _RowParallelLinear(
-        d_in, d_out, config=cfg, init_method=no_init, bias=bias, input_is_parallel=True, skip_bias_add=False
-    )
+    layer = _RowParallelLinear(d_in, d_out, config=cfg, init_method=no_init, bias=bias, input_is_parallel=True, skip_bias_add=False)
     return sharded(layer, 1)
 
 
@@ -74,7 +72,7 @@ class GatherKV(torch.autograd.Function):
     def backward(ctx, g):
         g = g.contiguous()
         collectives.all_reduce(g, group=parallel_state.get_tensor_model_parallel_group())
-        return g[..., ctx.rank * ctx.size:(ctx.rank + 1) * ctx.size].contiguous()
+        return g[..., ctx.rank * ctx.size : (ctx.rank + 1) * ctx.size].contiguous()
 
 
 class _FusedColumn(torch.autograd.Function):

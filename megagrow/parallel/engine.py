@@ -78,12 +78,14 @@ def ds_config(stage: Stage, overlap: bool | None = None) -> dict:
             raise UserError(f"{path}: expected a JSON object of DeepSpeed settings (zero_optimization an object too)", all_ranks=True)
         for k, v in owned.items():
             if k in cfg and k != "bf16" and cfg[k] != v:
-                raise UserError(f"{path}: key {k!r} is set by the stage config (layout/optim); remove it from the JSON",
-                                all_ranks=True)  # every rank reads the same file: rank 0 says it
+                raise UserError(
+                    f"{path}: key {k!r} is set by the stage config (layout/optim); remove it from the JSON", all_ranks=True
+                )  # every rank reads the same file: rank 0 says it
         stage_in_json = cfg.get("zero_optimization", {}).get("stage")
         if stage_in_json is not None and stage_in_json != L.zero_stage:
-            raise UserError(f"{path}: zero_optimization.stage {stage_in_json} disagrees with layout.zero_stage {L.zero_stage}",
-                            all_ranks=True)
+            raise UserError(
+                f"{path}: zero_optimization.stage {stage_in_json} disagrees with layout.zero_stage {L.zero_stage}", all_ranks=True
+            )
     cfg.update({k: v for k, v in owned.items() if k != "bf16"})
     cfg["bf16"] = {**cfg.get("bf16", {}), "enabled": L.dtype == "bf16"}
     cfg.setdefault("zero_optimization", {})["stage"] = L.zero_stage
@@ -147,8 +149,12 @@ def _zero3_init(cfg: dict):
     cfg = copy.deepcopy(cfg)
     cfg["zero_optimization"]["memory_efficient_linear"] = False
     mpu = MPU()
-    return deepspeed.zero.Init(config_dict_or_path=cfg, mpu=mpu, data_parallel_group=mpu.get_data_parallel_group(),
-                               tensor_overrides=[DeepSpeedTensorOverride.device])
+    return deepspeed.zero.Init(
+        config_dict_or_path=cfg,
+        mpu=mpu,
+        data_parallel_group=mpu.get_data_parallel_group(),
+        tensor_overrides=[DeepSpeedTensorOverride.device],
+    )
 
 
 def build_stage(plan: Plan, k: int, init: bool = True, overlap: bool | None = None):

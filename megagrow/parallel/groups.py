@@ -91,8 +91,9 @@ def init_distributed(layout: Layout, timeout_s: float | None = None) -> None:
     _destroy_groups(_LAYOUT_GROUPS)
     before = _registered_groups()
     # megatron-core takes minutes and builds timedelta(minutes=...): a float keeps sub-minute timeouts
-    parallel_state.initialize_model_parallel(tensor_model_parallel_size=layout.tp, create_gloo_process_groups=False,
-                                             distributed_timeout_minutes=timeout / 60.0)
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=layout.tp, create_gloo_process_groups=False, distributed_timeout_minutes=timeout / 60.0
+    )
     _LAYOUT_GROUPS[:] = [g for g in _registered_groups() if g not in before]
 
 

@@ -23,7 +23,6 @@ import signal
 import subprocess
 import sys
 import time
-from typing import Optional
 
 from megagrow.errors import UserError, cli_entry
 from megagrow.fsutil import read_json, write_file_atomic
@@ -41,15 +40,25 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="megagrow savings", description=__doc__.split("\n\n")[0],
-                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
+    p = _Parser(
+        prog="megagrow savings",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=__doc__.split("\n\n", 1)[1],
+    )
     sub = p.add_subparsers(dest="cmd", required=True, parser_class=_Parser)
-    for name, help_ in (("run", "train every run not done yet"), ("list", "print the runs and their plans"),
-                        ("report", "write the markdown report and the plot from the logs")):
+    for name, help_ in (
+        ("run", "train every run not done yet"),
+        ("list", "print the runs and their plans"),
+        ("report", "write the markdown report and the plot from the logs"),
+    ):
         s = sub.add_parser(name, help=help_)
         s.add_argument("--spec", default=DEFAULT_SPEC, help=f"experiment spec (default {DEFAULT_SPEC})")
-        s.add_argument("--data", default="data_cache/stdlib", help="prepared corpus prefix, with a validation split "
-                                                                   "(default data_cache/stdlib, from `make data`)")
+        s.add_argument(
+            "--data",
+            default="data_cache/stdlib",
+            help="prepared corpus prefix, with a validation split (default data_cache/stdlib, from `make data`)",
+        )
         s.add_argument("--out", default="runs/savings", help="experiment directory: plans/, runs/, logs/ (default runs/savings)")
         s.add_argument("--json", action="store_true", help="print JSON on stdout")
         if name == "run":
@@ -64,8 +73,9 @@ def build_parser() -> argparse.ArgumentParser:
 def _check_data(prefix: str) -> None:
     for ext in (".bin", ".idx"):
         if not os.path.isfile(prefix + ext):
-            raise UserError(f"no prepared corpus at {prefix} ({prefix}{ext} missing): run `make data` or "
-                            "tools/prepare_data.py --out PREFIX")
+            raise UserError(
+                f"no prepared corpus at {prefix} ({prefix}{ext} missing): run `make data` or tools/prepare_data.py --out PREFIX"
+            )
 
 
 def _write_yaml_atomic(path: str, d: dict) -> None:
@@ -132,16 +142,21 @@ class Driver:
                     self.say(f"sweep  {key}: best LR at the edge of {sorted(losses)}: adding {step['lr']:g}")
                     changed = True
             elif step["state"] == "done":
-                ch["lr"][key] = {"lr": step["lr"], "bracketed": step["bracketed"],
-                                 "losses": {f"{k:g}": v for k, v in sorted(losses.items())}}
+                ch["lr"][key] = {
+                    "lr": step["lr"],
+                    "bracketed": step["bracketed"],
+                    "losses": {f"{k:g}": v for k, v in sorted(losses.items())},
+                }
                 self.say(f"LR     {key}: {step['lr']:g} ({'interior' if step['bracketed'] else 'NOT bracketed'})")
                 changed = True
         if "calibration" not in ch:
             cal = calibrate(states, self.spec, ch)
             if cal is not None:
                 ch["calibration"] = cal
-                self.say("calibrated the law: " + (cal["error"] if "error" in cal else
-                                                   ", ".join(f"{k} {v}" for k, v in cal["thresholds"].items())))
+                self.say(
+                    "calibrated the law: "
+                    + (cal["error"] if "error" in cal else ", ".join(f"{k} {v}" for k, v in cal["thresholds"].items()))
+                )
                 changed = True
         if changed:
             os.makedirs(self.out, exist_ok=True)
@@ -160,7 +175,7 @@ class Driver:
                 return False
         return True
 
-    def blocked(self, r, ch: dict) -> Optional[str]:
+    def blocked(self, r, ch: dict) -> str | None:
         """Why `r` can never start in this session, or None."""
         if ("calibration",) in r.needs and "error" in ch.get("calibration", {}):
             return "the law could not be calibrated: " + ch["calibration"]["error"]
@@ -176,8 +191,19 @@ class Driver:
         _write_yaml_atomic(path, plan)
         os.makedirs(os.path.join(self.out, "logs"), exist_ok=True)
         log = open(os.path.join(self.out, "logs", f"{r.name}.log"), "a")
-        cmd = [sys.executable, "-m", "megagrow.cli", "run", path, "--run-dir", run_dir(self.out, r.name),
-               "--data", self.data, "--max-procs", "1"]
+        cmd = [
+            sys.executable,
+            "-m",
+            "megagrow.cli",
+            "run",
+            path,
+            "--run-dir",
+            run_dir(self.out, r.name),
+            "--data",
+            self.data,
+            "--max-procs",
+            "1",
+        ]
         log.write(f"$ {' '.join(cmd)}\n")
         log.flush()
         p = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=_env(), cwd=REPO, start_new_session=True)
@@ -221,8 +247,7 @@ class Driver:
         self.choices(states)
         if only and not only <= set(states):
             raise UserError(f"--only: unknown run(s) {', '.join(sorted(only - set(states)))} (runs: {', '.join(states)})")
-        bar = tqdm(total=len(states), desc="savings runs", unit="run", file=sys.stderr,
-                   initial=sum(s.done for s in states.values()))
+        bar = tqdm(total=len(states), desc="savings runs", unit="run", file=sys.stderr, initial=sum(s.done for s in states.values()))
         skipped = [n for n, s in states.items() if s.done and (only is None or n in only)]
         if skipped:
             self.say(f"done already (skipped): {', '.join(skipped)}")
@@ -287,28 +312,41 @@ def cmd_run(args, spec) -> int:
 
 
 def cmd_list(args, spec) -> int:
-    from megagrow.results.experiment import plan_of, runs
-
-    from megagrow.results.experiment import KINDS, sweep_sizes
+    from megagrow.results.experiment import KINDS, plan_of, runs, sweep_sizes
     from megagrow.schedule.slope import THRESHOLDS
 
     lr0 = float(spec["lr_sweep"]["lrs"][1])  # a placeholder: the sweeps decide
-    ctx = {"lr": {k: {"lr": lr0} for k in sweep_sizes(spec)},
-           "calibration": {"thresholds": {k: [THRESHOLDS["width" if k == "width" else "depth"]] * 2 for k in KINDS}}}
+    ctx = {
+        "lr": {k: {"lr": lr0} for k in sweep_sizes(spec)},
+        "calibration": {"thresholds": {k: [THRESHOLDS["width" if k == "width" else "depth"]] * 2 for k in KINDS}},
+    }
     rows = []
     for r in runs(spec, args.data):
         plan = plan_of(r.build(ctx))
-        rows.append({"run": r.name, "kind": r.kind, "after": r.deps,
-                     "stages": [{"name": s.name, "model": f"{s.model.n_layers}x{s.model.d_model}", "steps": s.steps,
-                                 "grow": s.grow, "stop": s.stop.rule} for s in plan.stages]})
+        rows.append(
+            {
+                "run": r.name,
+                "kind": r.kind,
+                "after": r.deps,
+                "stages": [
+                    {
+                        "name": s.name,
+                        "model": f"{s.model.n_layers}x{s.model.d_model}",
+                        "steps": s.steps,
+                        "grow": s.grow,
+                        "stop": s.stop.rule,
+                    }
+                    for s in plan.stages
+                ],
+            }
+        )
     if args.json:
         print(json.dumps(rows, indent=1))
     else:
         for x in rows:
             st = " -> ".join(f"{s['model']} x{s['steps']}{' (slope)' if s['stop'] == 'slope' else ''}" for s in x["stages"])
             print(f"{x['run']:24s} {x['kind']:15s} {st}")
-        print("(the LR of each size, extra sweep runs and the slope thresholds are decided from the logs while the "
-              "experiment runs)")
+        print("(the LR of each size, extra sweep runs and the slope thresholds are decided from the logs while the experiment runs)")
     return 0
 
 
@@ -317,25 +355,35 @@ def commands(args) -> list[str]:
     (a Makefile target where there is one), the run and the report with this invocation's paths.
     A path outside the checkout is named by its file name under data_cache/ (the report must not
     carry paths of the machine that made it)."""
+
     def rel(path: str, default_dir: str) -> str:
         r = os.path.relpath(os.path.abspath(path), REPO)
         return os.path.join(default_dir, os.path.basename(path)) if r.startswith("..") else r
 
     data = rel(args.data, "data_cache")
     out = rel(args.out, "runs")
-    prep = {"data_cache/stdlib": "make data            # prepares data_cache/stdlib (the Python standard library's sources)",
-            "data_cache/manpages": "python tools/prepare_data.py --out data_cache/manpages --input /usr/share/man --input-kind man "
-                                   "--vocab-size 4096 --valid-fraction 0.01   # every installed English man page: which pages "
-                                   "depends on the Debian packages installed (compare the content hash; `make data-manpages` "
-                                   "prepares the same kind of corpus)"}
+    prep = {
+        "data_cache/stdlib": "make data            # prepares data_cache/stdlib (the Python standard library's sources)",
+        "data_cache/manpages": "python tools/prepare_data.py --out data_cache/manpages --input /usr/share/man --input-kind man "
+        "--vocab-size 4096 --valid-fraction 0.01   # every installed English man page: which pages "
+        "depends on the Debian packages installed (compare the content hash; `make data-manpages` "
+        "prepares the same kind of corpus)",
+    }
     first = prep.get(data, f"python tools/prepare_data.py --out {data} --input YOUR_CORPUS --vocab-size 4096   # the corpus named above")
     lines = ["make install", first]
     spec = "" if os.path.abspath(args.spec) == os.path.join(REPO, DEFAULT_SPEC) else f" --spec {rel(args.spec, 'recipes')}"
-    if not spec and data == "data_cache/stdlib" and out == "runs/savings" and args.md == os.path.join("docs", "results", "savings.md") \
-            and args.png == os.path.join("docs", "results", "savings.png"):
+    if (
+        not spec
+        and data == "data_cache/stdlib"
+        and out == "runs/savings"
+        and args.md == os.path.join("docs", "results", "savings.md")
+        and args.png == os.path.join("docs", "results", "savings.png")
+    ):
         lines.append("make savings         # = the two commands below")
-    lines += [f"python tools/savings.py run{spec} --data {data} --out {out} --jobs 2",
-              f"python tools/savings.py report{spec} --data {data} --out {out} --md {args.md} --png {args.png}"]
+    lines += [
+        f"python tools/savings.py run{spec} --data {data} --out {out} --jobs 2",
+        f"python tools/savings.py report{spec} --data {data} --out {out} --md {args.md} --png {args.png}",
+    ]
     return lines
 
 

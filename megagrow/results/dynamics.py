@@ -40,12 +40,34 @@ def prepare(work: str, vocab: int) -> tuple[str, str]:
     tr, ev = os.path.join(work, "train"), os.path.join(work, "eval")
     env = dict(os.environ, PYTHONPATH=REPO)
     if not os.path.exists(tr + ".bin"):
-        cmd = [sys.executable, "-m", "megagrow.cli", "prepare-data", "--out", tr, "--vocab-size", str(vocab),
-               "--no-progress", "--input", *train_in]
+        cmd = [
+            sys.executable,
+            "-m",
+            "megagrow.cli",
+            "prepare-data",
+            "--out",
+            tr,
+            "--vocab-size",
+            str(vocab),
+            "--no-progress",
+            "--input",
+            *train_in,
+        ]
         subprocess.run(cmd, check=True, env=env, capture_output=True)
     if not os.path.exists(ev + ".bin"):
-        cmd = [sys.executable, "-m", "megagrow.cli", "prepare-data", "--out", ev, "--tokenizer", tr + ".model",
-               "--no-progress", "--input", *eval_in]
+        cmd = [
+            sys.executable,
+            "-m",
+            "megagrow.cli",
+            "prepare-data",
+            "--out",
+            ev,
+            "--tokenizer",
+            tr + ".model",
+            "--no-progress",
+            "--input",
+            *eval_in,
+        ]
         subprocess.run(cmd, check=True, env=env, capture_output=True)
     return tr, ev
 
@@ -74,8 +96,18 @@ class Data:
         return loss
 
 
-def run(model, opt, data: Data, sched, first_step: int, n: int, every: int, sched_offset: int = 0,
-        stop_below: float | None = None, extra_after_stop: int = 0) -> list[tuple[int, float]]:
+def run(
+    model,
+    opt,
+    data: Data,
+    sched,
+    first_step: int,
+    n: int,
+    every: int,
+    sched_offset: int = 0,
+    stop_below: float | None = None,
+    extra_after_stop: int = 0,
+) -> list[tuple[int, float]]:
     """Train n steps (data steps first_step..), eval every `every`: [(steps done, eval loss)]."""
     curve = [(0, data.eval(model))]
     stop_at = None
@@ -119,8 +151,7 @@ def slope(curve, lo: float, hi: float) -> float:
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="megagrow growth-dynamics", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="megagrow growth-dynamics", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--op", choices=("width", "depth"), default="width")
     p.add_argument("--flavour", choices=("gpt2", "llama"), default="gpt2")
     p.add_argument("--d-model", type=int, default=32)
@@ -166,8 +197,9 @@ def experiment(a) -> dict:
     small = ModelConfig(flavour=a.flavour, n_layers=a.layers, d_model=a.d_model, n_heads=4, vocab_size=512, seq_len=a.seq)
     op = Width(2, a.symmetry_breaking, a.offdiag_moments) if a.op == "width" else Depth(2)
     big = op.new_config(small)
-    o = OptimConfig(lr=a.lr, min_lr=a.lr / 10, warmup_steps=50, decay_steps=a.max_scratch * 2, beta1=0.9, beta2=0.95,
-                    weight_decay=0.1, grad_clip=0.0)
+    o = OptimConfig(
+        lr=a.lr, min_lr=a.lr / 10, warmup_steps=50, decay_steps=a.max_scratch * 2, beta1=0.9, beta2=0.95, weight_decay=0.1, grad_clip=0.0
+    )
     sched = LRSchedule.from_optim(o, o.decay_steps)
     t0 = time.time()
 
@@ -184,9 +216,18 @@ def experiment(a) -> dict:
     c_big = run(mb, ob, data, sched, 0, a.max_scratch, a.every, stop_below=L_g, extra_after_stop=a.after + a.every)
     R = crossing(c_big, L_g)
     R_int = int(round(R))
-    res = {"op": op.describe(), "rewarmup": a.rewarmup, "flavour": a.flavour, "small": small.to_dict(), "big": big.to_dict(),
-           "small_steps": a.small_steps, "loss_at_growth": L_g, "equivalent_step_R": R,
-           "measured_c": a.small_steps / R, "paper_c": op.paper_c}
+    res = {
+        "op": op.describe(),
+        "rewarmup": a.rewarmup,
+        "flavour": a.flavour,
+        "small": small.to_dict(),
+        "big": big.to_dict(),
+        "small_steps": a.small_steps,
+        "loss_at_growth": L_g,
+        "equivalent_step_R": R,
+        "measured_c": a.small_steps / R,
+        "paper_c": op.paper_c,
+    }
     scratch_curve = [(s - R, l) for s, l in c_big if s >= R - 1e-9]
     scratch_curve = [(0.0, L_g)] + scratch_curve
     res["scratch"] = {"delta": at(c_big, R + a.after) - L_g, "slope": slope(c_big, R, R + a.after)}
@@ -202,17 +243,24 @@ def experiment(a) -> dict:
         gs = g.schedule(o, o.decay_steps)
         c = run(mg, og, data, gs, a.small_steps, a.after, a.every)
         gap = [abs(l - at(c_big, R + s)) for s, l in c]
-        res[name] = {"loss_after_growth": c[0][1], "delta": c[-1][1] - c[0][1], "slope": slope(c, 0, a.after),
-                     "max_above_growth": max(l for _, l in c) - c[0][1], "mean_gap_to_scratch": sum(gap) / len(gap),
-                     "curve": [round(l, 4) for _, l in c]}
+        res[name] = {
+            "loss_after_growth": c[0][1],
+            "delta": c[-1][1] - c[0][1],
+            "slope": slope(c, 0, a.after),
+            "max_above_growth": max(l for _, l in c) - c[0][1],
+            "mean_gap_to_scratch": sum(gap) / len(gap),
+            "curve": [round(l, 4) for _, l in c],
+        }
     res["scratch"]["curve"] = [round(at(c_big, R + s), 4) for s, _ in c]
     res["seconds"] = time.time() - t0
     return res
 
 
 def describe(a, res: dict) -> str:
-    lines = [f"{a.flavour} {a.op} x2: small {a.small_steps} steps -> loss {res['loss_at_growth']:.4f}; scratch big reaches "
-             f"it at R={res['equivalent_step_R']:.0f} (measured c = S_small/R = {res['measured_c']:.3f}, paper {res['paper_c']})"]
+    lines = [
+        f"{a.flavour} {a.op} x2: small {a.small_steps} steps -> loss {res['loss_at_growth']:.4f}; scratch big reaches "
+        f"it at R={res['equivalent_step_R']:.0f} (measured c = S_small/R = {res['measured_c']:.3f}, paper {res['paper_c']})"
+    ]
     for k in ("scratch", "grown", "grown_opt_reset"):
         r = res[k]
         extra = "" if k == "scratch" else f"  max rise {r['max_above_growth']:+.4f}  mean |gap to scratch| {r['mean_gap_to_scratch']:.4f}"
@@ -220,6 +268,7 @@ def describe(a, res: dict) -> str:
         lines.append(f"  {'':16s} curve {r['curve']}")
     lines.append(f"  ({res['seconds']:.0f} s)")
     return "\n".join(lines)
+
 
 if __name__ == "__main__":
     sys.exit(main())

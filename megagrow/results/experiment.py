@@ -31,14 +31,16 @@ import copy
 import json
 import math
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable, Optional
 
 from megagrow.config import Plan, Stage
 from megagrow.errors import UserError
 
 KINDS = ("width", "depth", "both")
 FINAL = "final"  # the sweep key of the final size
+
+
 # knob -> what it changes, stage overrides of the grown stages, the first stage's share of its
 # planned steps, the chain it changes (None: the spec's ablation_base), and whether every stage
 # runs at the final size's LR instead of its own size's
@@ -47,7 +49,7 @@ class Knob:
     what: str
     over: dict = field(default_factory=dict)
     first_factor: float = 1.0
-    chain: Optional[str] = None
+    chain: str | None = None
     final_lr: bool = False
 
 
@@ -57,11 +59,13 @@ ABLATIONS = {
     "early": Knob("growth at half the planned first-stage steps (the rest to the grown stage)", first_factor=0.5),
     "fresh": Knob("fresh units (`width:init`): new heads and neurons initialised, output weights 0", {"grow": "width:init"}),
     "freshrestart": Knob("fresh units and LR placement restart", {"grow": "width:init", "optim": {"lr_placement": "restart"}}),
-    "lrhalf": Knob("the grown stage at half the final size's LR (its copies act as the small model at k x its LR)",
-                   {"optim": {"lr_scale": 0.5}}),
+    "lrhalf": Knob(
+        "the grown stage at half the final size's LR (its copies act as the small model at k x its LR)", {"optim": {"lr_scale": 0.5}}
+    ),
     "freshlrhalf": Knob("fresh units and the grown stage at half the LR", {"grow": "width:init", "optim": {"lr_scale": 0.5}}),
-    "lr2restart": Knob("the grown stage at twice the final size's LR, its schedule restarted",
-                       {"optim": {"lr_scale": 2.0, "lr_placement": "restart"}}),
+    "lr2restart": Knob(
+        "the grown stage at twice the final size's LR, its schedule restarted", {"optim": {"lr_scale": 2.0, "lr_placement": "restart"}}
+    ),
     "lrfinal": Knob("every stage at the final size's LR (the small 3x96 stage untuned)", chain="both", final_lr=True),
     "wlrfinal": Knob("both stages at the final size's LR (the small 6x96 stage untuned)", chain="width", final_lr=True),
     "dlrfinal": Knob("both stages at the final size's LR (the small 3x192 stage untuned)", chain="depth", final_lr=True),
@@ -86,8 +90,22 @@ def load_spec(path: str) -> dict:
     unknown = set((spec or {}).get("ablations") or {}) - set(ABLATIONS)
     if unknown:
         raise UserError(f"{path}: unknown ablation knob(s) {', '.join(sorted(unknown))} (known: {', '.join(ABLATIONS)})")
-    need = ("name", "seeds", "reference_tokens", "model", "final", "smaller", "layout", "optim", "eval",
-            "baseline_budgets", "lr_sweep", "staged_tokens", "slope", "ablation_base")
+    need = (
+        "name",
+        "seeds",
+        "reference_tokens",
+        "model",
+        "final",
+        "smaller",
+        "layout",
+        "optim",
+        "eval",
+        "baseline_budgets",
+        "lr_sweep",
+        "staged_tokens",
+        "slope",
+        "ablation_base",
+    )
     missing = [k for k in need if k not in (spec or {})]
     if missing:
         raise UserError(f"{path}: missing key(s) {', '.join(missing)}")
@@ -129,8 +147,12 @@ def bracket(losses: dict, factor: float, max_runs: int) -> dict:
 
 # ----------------------------------------------------------------------------- plan pieces
 def batch_tokens(spec: dict) -> int:
-    return int(spec["layout"].get("micro_batch", 4)) * int(spec["layout"].get("grad_accum", 1)) \
-        * int(spec["layout"].get("dp", 1)) * int(spec["model"]["seq_len"])
+    return (
+        int(spec["layout"].get("micro_batch", 4))
+        * int(spec["layout"].get("grad_accum", 1))
+        * int(spec["layout"].get("dp", 1))
+        * int(spec["model"]["seq_len"])
+    )
 
 
 def steps_for(spec: dict, budget: float) -> int:
@@ -158,8 +180,12 @@ def _optim(spec: dict, lr: float) -> dict:
 
 
 def _defaults(spec: dict, lr: float) -> dict:
-    d = {"layout": dict(spec["layout"]), "optim": _optim(spec, lr),
-         "log_every": int(spec.get("log_every", 10)), "save_every": int(spec.get("save_every", 100))}
+    d = {
+        "layout": dict(spec["layout"]),
+        "optim": _optim(spec, lr),
+        "log_every": int(spec.get("log_every", 10)),
+        "save_every": int(spec.get("save_every", 100)),
+    }
     fields = _stage_fields()
     for k, v in spec["eval"].items():  # eval_every / eval_tokens, where this version of the trainer has them
         if k in fields:
@@ -194,8 +220,11 @@ def planner_split(spec: dict, kind: str) -> dict:
     if len(plan.stages) != len(sizes):
         raise UserError(f"megagrow plan skips a stage of the {kind} chain (the law says grow straight through it)")
     tokens = [s.tokens for s in plan.stages]
-    return {"fractions": [t / sum(tokens) for t in tokens], "predicted_saving": plan.saving,
-            "command": "megagrow plan --sizes " + ",".join(f"{s['n_layers']}x{s['d_model']}" for s in shapes)}
+    return {
+        "fractions": [t / sum(tokens) for t in tokens],
+        "predicted_saving": plan.saving,
+        "command": "megagrow plan --sizes " + ",".join(f"{s['n_layers']}x{s['d_model']}" for s in shapes),
+    }
 
 
 def planned_steps(spec: dict, kind: str) -> list[int]:
@@ -220,8 +249,17 @@ def sweep_sizes(spec: dict) -> dict:
 STAGE_NAMES = {2: ["small", "final"], 3: ["small", "mid", "final"]}
 
 
-def staged_plan(spec: dict, name: str, kind: str, lrs: dict, seed: int, data: str,
-                thresholds: list | None = None, over: dict | None = None, first_factor: float = 1.0) -> dict:
+def staged_plan(
+    spec: dict,
+    name: str,
+    kind: str,
+    lrs: dict,
+    seed: int,
+    data: str,
+    thresholds: list | None = None,
+    over: dict | None = None,
+    first_factor: float = 1.0,
+) -> dict:
     """A staged run: `lrs` maps each size label (and FINAL) to its peak LR; `thresholds`: the
     slope rule's threshold of each growing stage (a slope-rule run; None for a stage: its planned
     steps, no rule), else None; `over`: stage
@@ -237,15 +275,23 @@ def staged_plan(spec: dict, name: str, kind: str, lrs: dict, seed: int, data: st
     stages = []
     for i, (link, n) in enumerate(zip(c, steps)):
         last = i == len(c) - 1
-        st = {"name": names[i], "model": _model(spec, link["shape"]), "steps": n,
-              "optim": _optim(spec, lrs[FINAL if last else label(link["shape"])])}
+        st = {
+            "name": names[i],
+            "model": _model(spec, link["shape"]),
+            "steps": n,
+            "optim": _optim(spec, lrs[FINAL if last else label(link["shape"])]),
+        }
         if link.get("grow"):
             st["grow"] = link["grow"]
         if thresholds is not None and not last and thresholds[i] is not None:
             sl = spec["slope"]
             st["steps"] = int(math.ceil(sl["upper"] * n))
-            st["stop"] = {"rule": "slope", "threshold": float(thresholds[i]), "window": int(sl["window"]),
-                          "min_steps": min(int(sl["min_steps"]), st["steps"])}
+            st["stop"] = {
+                "rule": "slope",
+                "threshold": float(thresholds[i]),
+                "window": int(sl["window"]),
+                "min_steps": min(int(sl["min_steps"]), st["steps"]),
+            }
         if thresholds is not None and "eval_every" in spec["slope"]:
             st["eval_every"] = int(spec["slope"]["eval_every"])
         if over and i > 0:
@@ -269,7 +315,7 @@ class RunSpec:
     name: str
     kind: str  # sweep | small-sweep | baseline | staged | slope | ablation
     deps: list = field(default_factory=list)
-    build: Optional[Callable] = None  # choices -> plan dict
+    build: Callable | None = None  # choices -> plan dict
     info: dict = field(default_factory=dict)  # seed (index and value), budget, lr, size, chain, knob...
     needs: tuple = ()  # choices this run waits for: ("lr", size label) or ("calibration",)
 
@@ -301,10 +347,22 @@ def runs(spec: dict, data: str, choices: dict | None = None) -> list[RunSpec]:
     for key, (shape, steps) in sizes.items():
         for lr in sweep_lrs(spec, ch, key):
             n = sweep_name(key, lr)
-            out.append(RunSpec(n, "sweep" if key == FINAL else "small-sweep", [],
-                               lambda c, n=n, shape=shape, steps=steps, lr=lr: scratch_plan(spec, n, shape, steps, lr, seeds[0], data),
-                               {"size": key, "lr": lr, "seed": seeds[0], "seed_index": 0, "steps": steps,
-                                "budget": spec["lr_sweep"]["budget"] if key == FINAL else None}))
+            out.append(
+                RunSpec(
+                    n,
+                    "sweep" if key == FINAL else "small-sweep",
+                    [],
+                    lambda c, n=n, shape=shape, steps=steps, lr=lr: scratch_plan(spec, n, shape, steps, lr, seeds[0], data),
+                    {
+                        "size": key,
+                        "lr": lr,
+                        "seed": seeds[0],
+                        "seed_index": 0,
+                        "steps": steps,
+                        "budget": spec["lr_sweep"]["budget"] if key == FINAL else None,
+                    },
+                )
+            )
 
     def chain_needs(kind):
         return tuple(("lr", label(link["shape"])) for link in chain(spec, kind)[:-1]) + (("lr", FINAL),)
@@ -315,16 +373,39 @@ def runs(spec: dict, data: str, choices: dict | None = None) -> list[RunSpec]:
             if i == 0 and b == spec["lr_sweep"]["budget"]:
                 continue  # the sweep's best run
             n = f"base-{b:g}{seed_suffix(i)}"
-            baselines.append(RunSpec(n, "baseline", [], lambda c, n=n, b=b, s=s: scratch_plan(
-                spec, n, spec["final"], steps_for(spec, b), c["lr"][FINAL]["lr"], s, data),
-                {"budget": b, "seed": s, "seed_index": i}, (("lr", FINAL),)))
+            baselines.append(
+                RunSpec(
+                    n,
+                    "baseline",
+                    [],
+                    lambda c, n=n, b=b, s=s: scratch_plan(spec, n, spec["final"], steps_for(spec, b), c["lr"][FINAL]["lr"], s, data),
+                    {"budget": b, "seed": s, "seed_index": i},
+                    (("lr", FINAL),),
+                )
+            )
         for k in KINDS:
             n = f"staged-{k}{seed_suffix(i)}"
-            staged.append(RunSpec(n, "staged", [], lambda c, n=n, k=k, s=s: staged_plan(spec, n, k, _lrs(c), s, data),
-                                  {"chain": k, "seed": s, "seed_index": i}, chain_needs(k)))
-    slope = [RunSpec(f"slope-{k}", "slope", [], lambda c, k=k: staged_plan(
-        spec, f"slope-{k}", k, _lrs(c), seeds[0], data, thresholds=c["calibration"]["thresholds"][k]),
-        {"chain": k, "seed": seeds[0], "seed_index": 0}, chain_needs(k) + (("calibration",),)) for k in KINDS]
+            staged.append(
+                RunSpec(
+                    n,
+                    "staged",
+                    [],
+                    lambda c, n=n, k=k, s=s: staged_plan(spec, n, k, _lrs(c), s, data),
+                    {"chain": k, "seed": s, "seed_index": i},
+                    chain_needs(k),
+                )
+            )
+    slope = [
+        RunSpec(
+            f"slope-{k}",
+            "slope",
+            [],
+            lambda c, k=k: staged_plan(spec, f"slope-{k}", k, _lrs(c), seeds[0], data, thresholds=c["calibration"]["thresholds"][k]),
+            {"chain": k, "seed": seeds[0], "seed_index": 0},
+            chain_needs(k) + (("calibration",),),
+        )
+        for k in KINDS
+    ]
     abl = []
     n_abl = {k: int(spec.get("ablation_seeds", 1)) for k in ABLATIONS}
     if spec.get("ablations") is not None:  # knob -> how many seeds it runs with (knobs not named: none)
@@ -335,11 +416,25 @@ def runs(spec: dict, data: str, choices: dict | None = None) -> list[RunSpec]:
                 continue
             base = kb.chain or spec["ablation_base"]
             n = f"abl-{base}-{key}{seed_suffix(i)}"
-            abl.append(RunSpec(n, "ablation", [], lambda c, n=n, kb=kb, s=s, base=base: staged_plan(
-                spec, n, base, {k: _lrs(c)[FINAL] for k in _lrs(c)} if kb.final_lr else _lrs(c), s, data,
-                over=kb.over or None, first_factor=kb.first_factor),
-                {"chain": base, "knob": key, "what": kb.what, "of": f"staged-{base}{seed_suffix(i)}", "seed": s,
-                 "seed_index": i}, chain_needs(base)))
+            abl.append(
+                RunSpec(
+                    n,
+                    "ablation",
+                    [],
+                    lambda c, n=n, kb=kb, s=s, base=base: staged_plan(
+                        spec,
+                        n,
+                        base,
+                        {k: _lrs(c)[FINAL] for k in _lrs(c)} if kb.final_lr else _lrs(c),
+                        s,
+                        data,
+                        over=kb.over or None,
+                        first_factor=kb.first_factor,
+                    ),
+                    {"chain": base, "knob": key, "what": kb.what, "of": f"staged-{base}{seed_suffix(i)}", "seed": s, "seed_index": i},
+                    chain_needs(base),
+                )
+            )
     # priority: sweeps; the first seed's reference baseline and staged runs (the first readings);
     # its other baselines; the other seeds (the intervals); the first seed's ablations; the slope
     # runs (once calibrated); the other seeds' ablations

@@ -14,12 +14,11 @@ import json
 import math
 import os
 from dataclasses import dataclass, field
-from typing import Optional
 
-from megagrow.results.experiment import ABLATIONS, KINDS, RunSpec, planner_split, runs
 from megagrow.config import ModelConfig
 from megagrow.fsutil import read_json
 from megagrow.metrics.flops import flops_per_token, logit_flops_per_token
+from megagrow.results.experiment import ABLATIONS, KINDS, RunSpec, planner_split, runs
 from megagrow.results.savings import Curve, Frontier, compare, mean_ci, oracle_switch, read_curve
 
 
@@ -28,10 +27,10 @@ from megagrow.results.savings import Curve, Frontier, compare, mean_ci, oracle_s
 class RunState:
     spec: RunSpec
     dir: str = ""  # OUT/runs/<name>
-    plan: Optional[dict] = None  # the plan it trains (OUT/plans/<name>.yaml), None before it is built
+    plan: dict | None = None  # the plan it trains (OUT/plans/<name>.yaml), None before it is built
     stages: list = field(default_factory=list)  # status.json of each stage (None where absent)
-    curve: Optional[Curve] = None  # FLOPs on the trainer's ledger
-    curve_total: Optional[Curve] = None  # the same points, FLOPs with the logit GEMM added
+    curve: Curve | None = None  # FLOPs on the trainer's ledger
+    curve_total: Curve | None = None  # the same points, FLOPs with the logit GEMM added
 
     @property
     def name(self) -> str:
@@ -98,8 +97,9 @@ def sweep_losses(states: dict, key: str, failed: set) -> dict:
 def scratch_runs(states: dict, seed_index: int) -> list:
     """The from-scratch runs of the final size with this seed (the first seed's LR sweep
     included: every LR it tried is a from-scratch run someone could have made)."""
-    return [s for s in states.values() if s.spec.info.get("seed_index") == seed_index
-            and (s.spec.kind == "baseline" or s.spec.kind == "sweep")]
+    return [
+        s for s in states.values() if s.spec.info.get("seed_index") == seed_index and (s.spec.kind == "baseline" or s.spec.kind == "sweep")
+    ]
 
 
 def frontier(states: dict, seed_index: int, strongest: bool = True, total: bool = False) -> Frontier:
@@ -126,7 +126,7 @@ def shape_label(m: dict) -> str:
     return f"{m['n_layers']}x{m['d_model']}"
 
 
-def _wall(out: str, st: RunState) -> Optional[float]:
+def _wall(out: str, st: RunState) -> float | None:
     """Wall seconds of the run: from the driver's OUT/timing/<run>.json (start-up, growth and
     evals included), else the span of each stage's log records, summed. The machine is shared:
     indicative only."""
@@ -137,8 +137,9 @@ def _wall(out: str, st: RunState) -> Optional[float]:
         return None
     total = 0.0
     for s in st.plan["stages"]:
-        times = [float(r["time"]) for r in _records(os.path.join(run_dir(out, st.name), s["name"], "log.jsonl"))
-                 if r.get("time") is not None]
+        times = [
+            float(r["time"]) for r in _records(os.path.join(run_dir(out, st.name), s["name"], "log.jsonl")) if r.get("time") is not None
+        ]
         if times:
             total += max(times) - min(times)
     return total or None
@@ -160,13 +161,21 @@ def transitions(st: RunState) -> list[dict]:
                 found.setdefault(r["at"], r)
         status = st.stages[k - 1] or {}
         before, after = found.get("before_growth"), found.get("after_growth")
-        out.append({"from": prev, "to": cur, "step": status.get("step"), "stopped_by": status.get("stopped_by"),
-                    "flops": (before or after or {}).get("flops", dict(st.curve.stage_ends).get(prev)),
-                    "before": before["eval_loss"] if before else None, "after": after["eval_loss"] if after else None})
+        out.append(
+            {
+                "from": prev,
+                "to": cur,
+                "step": status.get("step"),
+                "stopped_by": status.get("stopped_by"),
+                "flops": (before or after or {}).get("flops", dict(st.curve.stage_ends).get(prev)),
+                "before": before["eval_loss"] if before else None,
+                "after": after["eval_loss"] if after else None,
+            }
+        )
     return out
 
 
-def speed_after_growth(st: RunState, scratch: Optional[RunState]) -> Optional[float]:
+def speed_after_growth(st: RunState, scratch: RunState | None) -> float | None:
     """How fast the model learns after the run's last growth, against a from-scratch run of the
     final size at the same loss: (steps the scratch run took from the loss at growth to the run's
     final loss) / (steps the grown stage took). 1.0: as fast as from scratch; read on the running
@@ -176,8 +185,11 @@ def speed_after_growth(st: RunState, scratch: Optional[RunState]) -> Optional[fl
     if not (st.done and st.curve and st.plan and len(st.plan["stages"]) > 1 and scratch and scratch.curve):
         return None
     last = st.plan["stages"][-1]["name"]
-    pts = [(step, loss) for step, loss, stg in zip(st.curve.eval_step, st.curve.eval_loss, st.curve.eval_stage)
-           if stg == last and step is not None]
+    pts = [
+        (step, loss)
+        for step, loss, stg in zip(st.curve.eval_step, st.curve.eval_loss, st.curve.eval_stage)
+        if stg == last and step is not None
+    ]
     trs = transitions(st)
     if not pts or not trs or trs[-1]["before"] is None:
         return None
@@ -234,11 +246,10 @@ def _row(st: RunState, fronts: dict) -> dict:
     """A run against its own seed's curves, one reading each."""
     i = st.spec.info.get("seed_index", 0)
     out = {}
-    for key, (strong, total) in READINGS.items():
+    for key, (_, total) in READINGS.items():
         c = st.curve_total if total else st.curve
         done = st.done and c is not None
-        out[key] = compare(st.name, st.spec.kind, c.flops if done else None, c.final_loss if done else None,
-                           fronts[(i, key)]).to_dict()
+        out[key] = compare(st.name, st.spec.kind, c.flops if done else None, c.final_loss if done else None, fronts[(i, key)]).to_dict()
     return out
 
 
@@ -253,8 +264,7 @@ def build(out: str, spec: dict, spec_path: str, data: str) -> dict:
     choices = read_json(os.path.join(out, "choices.json")) or {}
     states = load_all(out, spec, data, choices)
     n_seeds = len(spec["seeds"])
-    fronts = {(i, key): frontier(states, i, strong, total) for i in range(n_seeds)
-              for key, (strong, total) in READINGS.items()}
+    fronts = {(i, key): frontier(states, i, strong, total) for i in range(n_seeds) for key, (strong, total) in READINGS.items()}
     longest = {}  # seed index -> its longest finished from-scratch run of the final size
     for i in range(n_seeds):
         done = [s for s in scratch_runs(states, i) if s.done and s.curve and s.curve.flops]
@@ -265,27 +275,53 @@ def build(out: str, spec: dict, spec_path: str, data: str) -> dict:
         stages = []
         if st.plan:
             for s, status in zip(st.plan["stages"], st.stages):
-                stages.append({"name": s["name"], "shape": shape_label(s["model"]), "steps": s["steps"],
-                               "lr": (s.get("optim") or st.plan["defaults"]["optim"])["lr"],
-                               "ran": (status or {}).get("step"), "state": (status or {}).get("state", "pending"),
-                               "stopped_by": (status or {}).get("stopped_by")})
-        rows.append({"name": st.name, "group": group_of(st.name), "kind": st.spec.kind, "info": st.spec.info,
-                     "readings": _row(st, fronts), "done": st.done, "started": st.started, "stages": stages,
-                     "seed": st.spec.info.get("seed"), "seed_index": st.spec.info.get("seed_index"),
-                     "flops": c.flops if c else None, "final_loss": c.final_loss if c and st.done else None,
-                     "wall_s": _wall(out, st), "tokens": c.tokens if c else None,
-                     "transitions": transitions(st) if st.done else [],
-                     "speed": speed_after_growth(st, longest.get(st.spec.info.get("seed_index", 0)))})
-    result = {"spec": spec_path, "out": out, "data": data, "corpus": corpus_info(data), "choices": choices,
-              "rows": rows, "complete": [r["name"] for r in rows if r["done"]],
-              "incomplete": [r["name"] for r in rows if not r["done"]],
-              "frontiers": {f"{i}/{key}": [list(p) for p in f.points] for (i, key), f in fronts.items()},
-              "splits": {k: planner_split(spec, k) for k in KINDS}}
+                stages.append(
+                    {
+                        "name": s["name"],
+                        "shape": shape_label(s["model"]),
+                        "steps": s["steps"],
+                        "lr": (s.get("optim") or st.plan["defaults"]["optim"])["lr"],
+                        "ran": (status or {}).get("step"),
+                        "state": (status or {}).get("state", "pending"),
+                        "stopped_by": (status or {}).get("stopped_by"),
+                    }
+                )
+        rows.append(
+            {
+                "name": st.name,
+                "group": group_of(st.name),
+                "kind": st.spec.kind,
+                "info": st.spec.info,
+                "readings": _row(st, fronts),
+                "done": st.done,
+                "started": st.started,
+                "stages": stages,
+                "seed": st.spec.info.get("seed"),
+                "seed_index": st.spec.info.get("seed_index"),
+                "flops": c.flops if c else None,
+                "final_loss": c.final_loss if c and st.done else None,
+                "wall_s": _wall(out, st),
+                "tokens": c.tokens if c else None,
+                "transitions": transitions(st) if st.done else [],
+                "speed": speed_after_growth(st, longest.get(st.spec.info.get("seed_index", 0))),
+            }
+        )
+    result = {
+        "spec": spec_path,
+        "out": out,
+        "data": data,
+        "corpus": corpus_info(data),
+        "choices": choices,
+        "rows": rows,
+        "complete": [r["name"] for r in rows if r["done"]],
+        "incomplete": [r["name"] for r in rows if not r["done"]],
+        "frontiers": {f"{i}/{key}": [list(p) for p in f.points] for (i, key), f in fronts.items()},
+        "splits": {k: planner_split(spec, k) for k in KINDS},
+    }
     rd = os.path.join(out, "runs")
     result["not_in_spec"] = sorted(d for d in (os.listdir(rd) if os.path.isdir(rd) else []) if d not in states)
     failed = set(choices.get("failed", []))
-    result["sweeps"] = {k: {f"{lr:g}": v for lr, v in sorted(sweep_losses(states, k, failed).items())}
-                        for k in choices.get("lr", {})}
+    result["sweeps"] = {k: {f"{lr:g}": v for lr, v in sorted(sweep_losses(states, k, failed).items())} for k in choices.get("lr", {})}
     result["groups"] = _groups(rows, spec)
     result["baseline_seeds"] = _baseline_seeds(rows, spec, choices)
     result["slope"] = _slope_vs_oracle(states, spec, choices, result["groups"])
@@ -304,9 +340,17 @@ def _groups(rows: list, spec: dict) -> dict:
         g = out.setdefault(r["group"], {"kind": r["kind"], "chain": r["info"].get("chain"), "runs": [], "seeds": []})
         g["runs"].append(r["name"])
         if r["done"]:
-            g["seeds"].append({"run": r["name"], "seed": r["seed"], "final_loss": r["final_loss"], "flops": r["flops"],
-                               **{k: r["readings"][k]["saving"] for k in READINGS}, "speed": r["speed"],
-                               "delta_loss": r["readings"]["strongest"]["delta_loss"]})
+            g["seeds"].append(
+                {
+                    "run": r["name"],
+                    "seed": r["seed"],
+                    "final_loss": r["final_loss"],
+                    "flops": r["flops"],
+                    **{k: r["readings"][k]["saving"] for k in READINGS},
+                    "speed": r["speed"],
+                    "delta_loss": r["readings"]["strongest"]["delta_loss"],
+                }
+            )
     for g in out.values():
         for k in list(READINGS) + ["delta_loss", "speed"]:
             g[k] = mean_ci([x[k] for x in g["seeds"]])
@@ -328,8 +372,14 @@ def _baseline_seeds(rows: list, spec: dict, choices: dict) -> list:
                     continue
                 per[r["seed_index"]] = r["final_loss"]
         vals = [per[i] for i in sorted(per)]
-        out.append({"budget": b, "losses": {str(i): v for i, v in sorted(per.items())},
-                    "spread": (max(vals) - min(vals)) if len(vals) >= 2 else None, **{"ci": mean_ci(vals)}})
+        out.append(
+            {
+                "budget": b,
+                "losses": {str(i): v for i, v in sorted(per.items())},
+                "spread": (max(vals) - min(vals)) if len(vals) >= 2 else None,
+                **{"ci": mean_ci(vals)},
+            }
+        )
     return out
 
 
@@ -338,8 +388,11 @@ def _slope_vs_oracle(states: dict, spec: dict, choices: dict, groups: dict) -> l
     of the first seed) and the oracle switch (the best point in hindsight on the slope run's
     small-model curve, the first seed's longest baseline as the big model's curve), with the
     saving of each (the oracle's as its analysis predicts it)."""
-    big = max((s for s in scratch_runs(states, 0) if s.spec.kind == "baseline" and s.done and s.curve),
-              key=lambda s: s.curve.flops or 0, default=None)
+    big = max(
+        (s for s in scratch_runs(states, 0) if s.spec.kind == "baseline" and s.done and s.curve),
+        key=lambda s: s.curve.flops or 0,
+        default=None,
+    )
     cal = choices.get("calibration") or {}
     out = []
     for k in KINDS:
@@ -348,15 +401,24 @@ def _slope_vs_oracle(states: dict, spec: dict, choices: dict, groups: dict) -> l
             continue
         thr = (cal.get("thresholds") or {}).get(k)
         sw = (cal.get("switches") or {}).get(k) or []
-        row = {"run": st.name, "chain": k, "threshold": thr[0] if thr else None,
-               "law_switch_step": sw[0].get("step") if sw and sw[0] else None,
-               "planned_steps": planned.plan["stages"][0]["steps"] if planned and planned.plan else None,
-               "upper_steps": st.plan["stages"][0]["steps"] if st.plan else None,
-               "ended_at": None, "state": None, "fired": False, "oracle": None, "slope_at_end": None,
-               "saving_rule": (groups.get(st.name) or {}).get("strongest", {}).get("mean"),
-               "saving_planned": (groups.get(f"staged-{k}") or {}).get("strongest", {}).get("mean"),
-               "saving_planned_seed1": next((x["strongest"] for x in (groups.get(f"staged-{k}") or {}).get("seeds", [])
-                                             if x["run"] == f"staged-{k}"), None)}
+        row = {
+            "run": st.name,
+            "chain": k,
+            "threshold": thr[0] if thr else None,
+            "law_switch_step": sw[0].get("step") if sw and sw[0] else None,
+            "planned_steps": planned.plan["stages"][0]["steps"] if planned and planned.plan else None,
+            "upper_steps": st.plan["stages"][0]["steps"] if st.plan else None,
+            "ended_at": None,
+            "state": None,
+            "fired": False,
+            "oracle": None,
+            "slope_at_end": None,
+            "saving_rule": (groups.get(st.name) or {}).get("strongest", {}).get("mean"),
+            "saving_planned": (groups.get(f"staged-{k}") or {}).get("strongest", {}).get("mean"),
+            "saving_planned_seed1": next(
+                (x["strongest"] for x in (groups.get(f"staged-{k}") or {}).get("seeds", []) if x["run"] == f"staged-{k}"), None
+            ),
+        }
         if st.plan:
             first = st.plan["stages"][0]["name"]
             status = st.stages[0] or {}
@@ -375,9 +437,14 @@ def _slope_vs_oracle(states: dict, spec: dict, choices: dict, groups: dict) -> l
                     o = oracle_switch(fl, lo, big.curve.eval_flops, big.curve.eval_loss, big.curve.final_loss)
                     if o:
                         end = big.curve.flops
-                        row["oracle"] = {"step": steps[o["index"]], "flops": o["flops"], "loss": o["loss"],
-                                         "at_end": o["at_end"], "big": big.name,
-                                         "saving": 1.0 - o["total"] / end if end else None}
+                        row["oracle"] = {
+                            "step": steps[o["index"]],
+                            "flops": o["flops"],
+                            "loss": o["loss"],
+                            "at_end": o["at_end"],
+                            "big": big.name,
+                            "saving": 1.0 - o["total"] / end if end else None,
+                        }
         out.append(row)
     return out
 
@@ -407,25 +474,33 @@ def _ablations(rows: list, spec: dict) -> list[dict]:
                 b = by.get(r["info"]["of"])
                 if r["done"] and b and b["done"]:
                     diffs.append(r["final_loss"] - b["final_loss"])
-        out.append({"knob": key, "what": what, "base": f"staged-{base}", "group": f"abl-{base}-{key}", "runs": names,
-                    "delta_vs_base": mean_ci(diffs), "diffs": diffs})
+        out.append(
+            {
+                "knob": key,
+                "what": what,
+                "base": f"staged-{base}",
+                "group": f"abl-{base}-{key}",
+                "runs": names,
+                "delta_vs_base": mean_ci(diffs),
+                "diffs": diffs,
+            }
+        )
     return out
 
 
 # ----------------------------------------------------------------------------- the calibrated law
-def calibrate(states: dict, spec: dict, choices: dict) -> Optional[dict]:
+def calibrate(states: dict, spec: dict, choices: dict) -> dict | None:
     """The law fitted to the first seed's from-scratch runs of every size (each at its chosen
     LR, mid-run eval points included), and per chain the switch loss, the small model's step
     there and the slope rule's threshold it implies, for the target = the first seed's
     reference-budget baseline's final loss. None until those runs are done; {"error": ...} when
     the fit is impossible (the slope-rule runs then cannot run)."""
-    from megagrow.errors import UserError
-    from megagrow.results.experiment import FINAL, chain, label, sweep_sizes
-    from megagrow.schedule.law import non_embedding_params
-
     import numpy as np
 
+    from megagrow.errors import UserError
+    from megagrow.results.experiment import FINAL, chain, label, sweep_sizes
     from megagrow.schedule.calibrate import MIN_STEP_FRACTION, calibrated_switches, fit_law
+    from megagrow.schedule.law import non_embedding_params
 
     lrs = choices.get("lr", {})
     sizes = sweep_sizes(spec)
@@ -433,9 +508,15 @@ def calibrate(states: dict, spec: dict, choices: dict) -> Optional[dict]:
         return None
     curves, used = [], []
     for key, (shape, _) in sizes.items():
-        runs_ = [s for s in states.values() if s.spec.info.get("seed_index") == 0 and (
-            (s.spec.kind in ("sweep", "small-sweep") and s.spec.info["size"] == key and float(s.spec.info["lr"]) == lrs[key]["lr"])
-            or (key == FINAL and s.spec.kind == "baseline"))]
+        runs_ = [
+            s
+            for s in states.values()
+            if s.spec.info.get("seed_index") == 0
+            and (
+                (s.spec.kind in ("sweep", "small-sweep") and s.spec.info["size"] == key and float(s.spec.info["lr"]) == lrs[key]["lr"])
+                or (key == FINAL and s.spec.kind == "baseline")
+            )
+        ]
         if not runs_ or not all(s.done and s.curve for s in runs_):
             return None
         N = non_embedding_params(shape["n_layers"], shape["d_model"])
@@ -445,8 +526,14 @@ def calibrate(states: dict, spec: dict, choices: dict) -> Optional[dict]:
             keep = steps >= max(warm, MIN_STEP_FRACTION * steps.max())  # past warm-up, as `megagrow plan --calibrate`
             curves.append((N, steps[keep], losses[keep]))
             used.append(s.name)
-    ref = next((s for s in states.values() if s.spec.kind == "baseline" and s.spec.info.get("seed_index") == 0
-                and s.spec.info["budget"] == spec["staged_tokens"]), None)
+    ref = next(
+        (
+            s
+            for s in states.values()
+            if s.spec.kind == "baseline" and s.spec.info.get("seed_index") == 0 and s.spec.info["budget"] == spec["staged_tokens"]
+        ),
+        None,
+    )
     if ref is None or not (ref.done and ref.curve):
         return None
     target = float(ref.curve.final_loss)
@@ -460,9 +547,17 @@ def calibrate(states: dict, spec: dict, choices: dict) -> Optional[dict]:
             # straight through that size (the stage then runs its planned steps, no slope rule)
             by_n = {float(x["from_N"]): x for x in sw}
             per_stage = [by_n.get(non_embedding_params(s["n_layers"], s["d_model"])) for s in shapes[:-1]]
-            out["switches"][k] = [None if x is None else {
-                "threshold": x["threshold"], "step": x["small_step"], "switch_loss": x["switch_loss"],
-                "paper_threshold": x.get("paper_threshold")} for x in per_stage]
+            out["switches"][k] = [
+                None
+                if x is None
+                else {
+                    "threshold": x["threshold"],
+                    "step": x["small_step"],
+                    "switch_loss": x["switch_loss"],
+                    "paper_threshold": x.get("paper_threshold"),
+                }
+                for x in per_stage
+            ]
             out["thresholds"][k] = [None if x is None else float(x["threshold"]) for x in per_stage]
             out["sizes_" + k] = [label(s) for s in shapes]
         return json.loads(json.dumps(out, default=float))

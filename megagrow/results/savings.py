@@ -28,7 +28,6 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass, field
-from typing import Optional
 
 from megagrow.errors import UserError
 
@@ -48,12 +47,12 @@ class Curve:
     eval_at: list = field(default_factory=list)
     train_flops: list = field(default_factory=list)
     train_loss: list = field(default_factory=list)
-    flops: Optional[float] = None  # cumulative FLOPs at the last training record
-    tokens: Optional[float] = None
+    flops: float | None = None  # cumulative FLOPs at the last training record
+    tokens: float | None = None
     stage_ends: list = field(default_factory=list)  # (stage name, FLOPs at its last training record)
 
     @property
-    def final_loss(self) -> Optional[float]:
+    def final_loss(self) -> float | None:
         return self.eval_loss[-1] if self.eval_loss else None
 
 
@@ -63,8 +62,7 @@ def _records(path: str) -> list[dict]:
     return read_records(path)
 
 
-def read_curve(run_dir: str, stage_names: list[str], name: str | None = None,
-               extra_per_token: list[float] | None = None) -> Curve:
+def read_curve(run_dir: str, stage_names: list[str], name: str | None = None, extra_per_token: list[float] | None = None) -> Curve:
     """The eval and training points of a run's stages, in stage order. An eval record repeated
     at the same FLOPs (a stage-end eval after a periodic one at the same step; the eval after a
     growth, equal to the one before it for an exact operator) is kept once, the last one.
@@ -115,7 +113,7 @@ def read_curve(run_dir: str, stage_names: list[str], name: str | None = None,
 
 
 # ----------------------------------------------------------------------------- the baseline curve
-def _interp(x: float, xs: list[float], ys: list[float]) -> Optional[float]:
+def _interp(x: float, xs: list[float], ys: list[float]) -> float | None:
     """Linear interpolation of y at x on increasing xs; None outside [xs[0], xs[-1]]."""
     if not xs or x < xs[0] or x > xs[-1]:
         return None
@@ -140,7 +138,7 @@ class Frontier:
     points: tuple
 
     @classmethod
-    def of(cls, points) -> "Frontier":
+    def of(cls, points) -> Frontier:
         pts = sorted((float(c), float(l)) for c, l in points if c is not None and l is not None)
         for c, l in pts:
             if not (math.isfinite(c) and c > 0 and math.isfinite(l)):
@@ -155,24 +153,24 @@ class Frontier:
     def usable(self) -> bool:
         return len(self.points) >= 2
 
-    def loss_at(self, flops: float) -> Optional[float]:
+    def loss_at(self, flops: float) -> float | None:
         """The baseline curve's loss at `flops` (None outside its FLOP range)."""
         if not self.points or not flops > 0:
             return None
         xs = [math.log10(c) for c, _ in self.points]
         return _interp(math.log10(flops), xs, [l for _, l in self.points])
 
-    def flops_to(self, loss: float) -> Optional[float]:
+    def flops_to(self, loss: float) -> float | None:
         """FLOPs the baseline curve needs to reach `loss` (None: not reached without extrapolating)."""
         if not self.points:
             return None
         ls = [l for _, l in self.points][::-1]  # increasing
         xs = [math.log10(c) for c, _ in self.points][::-1]
         x = _interp(loss, ls, xs)
-        return None if x is None else 10.0 ** x
+        return None if x is None else 10.0**x
 
 
-def saving(flops: float, baseline_flops: Optional[float]) -> Optional[float]:
+def saving(flops: float, baseline_flops: float | None) -> float | None:
     """1 - C_run / C_baseline: the fraction of the baseline's FLOPs the run did not need."""
     if baseline_flops is None or not baseline_flops > 0:
         return None
@@ -183,18 +181,18 @@ def saving(flops: float, baseline_flops: Optional[float]) -> Optional[float]:
 class Row:
     name: str
     kind: str
-    flops: Optional[float]
-    final_loss: Optional[float]
-    baseline_flops_to_loss: Optional[float]
-    saving: Optional[float]
-    baseline_loss_at_flops: Optional[float]
-    delta_loss: Optional[float]
+    flops: float | None
+    final_loss: float | None
+    baseline_flops_to_loss: float | None
+    saving: float | None
+    baseline_loss_at_flops: float | None
+    delta_loss: float | None
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)
 
 
-def compare(name: str, kind: str, flops: Optional[float], final_loss: Optional[float], frontier: Frontier) -> Row:
+def compare(name: str, kind: str, flops: float | None, final_loss: float | None, frontier: Frontier) -> Row:
     """A run's row against the baseline curve (see the module docstring)."""
     if flops is None or final_loss is None:
         return Row(name, kind, flops, final_loss, None, None, None, None)
@@ -222,7 +220,7 @@ def mean_ci(values, level: float = 0.95) -> dict:
 
 
 # ----------------------------------------------------------------------------- where to switch
-def oracle_switch(small_flops, small_loss, big_flops, big_loss, target_loss: float) -> Optional[dict]:
+def oracle_switch(small_flops, small_loss, big_flops, big_loss, target_loss: float) -> dict | None:
     """The best switch point in hindsight, the paper's oracle analysis: growing at the small
     model's eval point i and then following the big model's from-scratch curve from the point
     where it has the same loss costs C_small(i) + C_big(target) - C_big(L_i); the oracle is the
@@ -239,7 +237,7 @@ def oracle_switch(small_flops, small_loss, big_flops, big_loss, target_loss: flo
 
     def big_c(loss):
         x = _interp(loss, ls, xs)
-        return None if x is None else 10.0 ** x
+        return None if x is None else 10.0**x
 
     end = big_c(target_loss)
     if end is None:

@@ -118,8 +118,14 @@ class _Model:
         return np.array([[1 / aN, -u / aN, 0, 0], [0, 1, 0, 0], [0, 0, 1 / aS, -v / aS], [0, 0, 0, 1]])
 
     def params_of(self, law: KaplanLaw) -> np.ndarray:
-        return np.array([law.alpha_N * math.log(law.N_c / self.N0), math.log(law.alpha_N),
-                         law.alpha_S * math.log(2.0 * law.S_c / self.S0), math.log(law.alpha_S)])
+        return np.array(
+            [
+                law.alpha_N * math.log(law.N_c / self.N0),
+                math.log(law.alpha_N),
+                law.alpha_S * math.log(2.0 * law.S_c / self.S0),
+                math.log(law.alpha_S),
+            ]
+        )
 
 
 def _grid_starts(m: _Model, n_best: int = 4) -> list[np.ndarray]:
@@ -144,8 +150,18 @@ def _least_squares(m, starts: list, lo: list, hi: list):
     for x0 in starts:
         try:
             with np.errstate(over="ignore", invalid="ignore"):  # a trial step far off: inf cost, rejected
-                r = optimize.least_squares(m.residuals, x0, jac=m.jac, bounds=(lo, hi), method="trf",
-                                           x_scale="jac", ftol=1e-15, xtol=1e-15, gtol=1e-15, max_nfev=5000)
+                r = optimize.least_squares(
+                    m.residuals,
+                    x0,
+                    jac=m.jac,
+                    bounds=(lo, hi),
+                    method="trf",
+                    x_scale="jac",
+                    ftol=1e-15,
+                    xtol=1e-15,
+                    gtol=1e-15,
+                    max_nfev=5000,
+                )
         except (ValueError, FloatingPointError):
             continue
         if np.all(np.isfinite(r.fun)) and (best is None or r.cost < best.cost):
@@ -176,8 +192,9 @@ def _fit_warnings(m, p, const: dict, sizes: list, S) -> tuple[dict, float, bool,
     loose = [k for k, v in stderr.items() if v is not None and v > _MAX_REL_STDERR]
     if loose:
         ill = True
-        warnings.append("poorly determined: " + ", ".join(
-            f"{k} (+-{100 * stderr[k]:.0f}%)" if stderr[k] < 3 else f"{k} (not at all)" for k in loose))
+        warnings.append(
+            "poorly determined: " + ", ".join(f"{k} (+-{100 * stderr[k]:.0f}%)" if stderr[k] < 3 else f"{k} (not at all)" for k in loose)
+        )
     for k, (a, b) in (("alpha_N", _ALPHA_N_BOUNDS), ("alpha_S", _ALPHA_S_BOUNDS)):
         if not a * (1 + 1e-6) < const[k] < b * (1 - 1e-6):
             ill = True
@@ -223,8 +240,7 @@ def fit_law(curves, base: KaplanLaw | None = None, min_step: float = 0.0) -> tup
     p = best.x
     const = m.constants(p)
     if not all(math.isfinite(v) and v > 0 for v in const.values()):
-        raise UserError("the fit diverged (N_c or S_c out of range): the curves do not determine the law; "
-                        "add sizes or longer runs")
+        raise UserError("the fit diverged (N_c or S_c out of range): the curves do not determine the law; add sizes or longer runs")
     law = dataclasses.replace(base, name="calibrated", **const)
 
     stderr, cond, ill, warnings = _fit_warnings(m, p, const, sizes, S)
@@ -236,7 +252,7 @@ def fit_law(curves, base: KaplanLaw | None = None, min_step: float = 0.0) -> tup
         "kept": {**{k: getattr(base, k) for k in KEPT}, "batch": base.batch},
         "stderr_rel": stderr,
         "rmse": float(np.sqrt(np.mean((model_L - L) ** 2))),
-        "rmse_rel": float(np.sqrt(np.mean(res ** 2))),
+        "rmse_rel": float(np.sqrt(np.mean(res**2))),
         "n_points": int(n),
         "n_curves": len(curves),
         "sizes": sizes,
@@ -310,10 +326,18 @@ def calibrated_switches(law: KaplanLaw, sizes, L_target: float, method: str = "e
         L = st.start_loss
         small = law.steps_to_loss(prev.N, L)
         kind = paper_kind(prev.N, st.N)
-        out.append({
-            "from_N": prev.N, "to_N": st.N, "switch_loss": L,
-            "small_step": small, "big_start_step": st.start_step, "step_divisor": st.step_divisor,
-            "threshold": fixed_batch_slope(law, prev.N, L), "plan_slope": float(law.curve_slope(prev.N, L)),
-            "paper_kind": kind, "paper_threshold": threshold_for(kind),
-        })
+        out.append(
+            {
+                "from_N": prev.N,
+                "to_N": st.N,
+                "switch_loss": L,
+                "small_step": small,
+                "big_start_step": st.start_step,
+                "step_divisor": st.step_divisor,
+                "threshold": fixed_batch_slope(law, prev.N, L),
+                "plan_slope": float(law.curve_slope(prev.N, L)),
+                "paper_kind": kind,
+                "paper_threshold": threshold_for(kind),
+            }
+        )
     return out

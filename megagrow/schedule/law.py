@@ -78,10 +78,7 @@ def parse_size(text: str | float | int) -> float:
         try:
             value = float(text.strip())
         except ValueError:
-            raise UserError(
-                f"bad model size {text!r}: expected a parameter count like 85e6 "
-                "or LAYERSxD_MODEL like 12x768"
-            ) from None
+            raise UserError(f"bad model size {text!r}: expected a parameter count like 85e6 or LAYERSxD_MODEL like 12x768") from None
     if not math.isfinite(value) or value <= 0:
         raise UserError(f"model size must be a positive finite number, got {text!r}")
     return value
@@ -187,7 +184,7 @@ class KaplanLaw:
         a, b = -q, p + q
         if x <= 0.3 and abs(a - round(a)) > 1e-9:
             beta = special.gamma(a) * special.gamma(b) / special.gamma(a + b)
-            val = beta - x ** a / a * special.hyp2f1(a, 1.0 - b, a + 1.0, x)
+            val = beta - x**a / a * special.hyp2f1(a, 1.0 - b, a + 1.0, x)
         else:
             val = (1.0 - x) ** b / b * special.hyp2f1(b, 1.0 - a, b + 1.0, 1.0 - x)
         return (2.0 * self.S_c * self.B_star / self.alpha_S) * linf ** (-p - q) * val
@@ -257,8 +254,7 @@ def check_target(law: KaplanLaw, N: float, L_target: float) -> float:
     limit = law.loss_limit(N)
     if L_target <= limit:
         raise UserError(
-            f"target loss {L_target:g} is at or below the irreducible loss {limit:.6g} "
-            f"of a model of {N:.4g} parameters: unreachable"
+            f"target loss {L_target:g} is at or below the irreducible loss {limit:.6g} of a model of {N:.4g} parameters: unreachable"
         )
     return L_target
 
@@ -292,8 +288,9 @@ def single_model_compute(N: float, L_target: float, law: KaplanLaw | None = None
 
 def single_model(law: KaplanLaw, N: float, L_target: float) -> SingleModel:
     tokens = law.tokens_to_loss(N, L_target, batch_loss=L_target)
-    return SingleModel(N=float(N), steps=law.steps_to_loss(N, L_target), tokens=tokens,
-                       compute=6.0 * N * tokens, target_loss=float(L_target))
+    return SingleModel(
+        N=float(N), steps=law.steps_to_loss(N, L_target), tokens=tokens, compute=6.0 * N * tokens, target_loss=float(L_target)
+    )
 
 
 def compute_optimal_size(L_target: float, law: KaplanLaw | None = None) -> float:
@@ -305,6 +302,7 @@ def compute_optimal_size(L_target: float, law: KaplanLaw | None = None) -> float
         raise UserError(f"target loss must be a positive finite number, got {L_target!r}")
     n_min = law.N_c / L_target ** (1.0 / law.alpha_N)  # limit(n_min) == L_target
     lo, hi = math.log(n_min) + 1e-9, math.log(n_min) + 60.0
+
     def f(x: float) -> float:  # log compute; inf where a (calibrated) law's numbers leave float range
         try:
             with np.errstate(all="ignore"):
@@ -317,8 +315,7 @@ def compute_optimal_size(L_target: float, law: KaplanLaw | None = None) -> float
     vals = [f(x) for x in xs]
     i = int(np.argmin(vals))
     a, b = xs[max(i - 1, 0)], xs[min(i + 1, len(xs) - 1)]
-    res = optimize.minimize_scalar(f, bounds=(a, b), method="bounded",
-                                   options={"xatol": 1e-12, "maxiter": 500})
+    res = optimize.minimize_scalar(f, bounds=(a, b), method="bounded", options={"xatol": 1e-12, "maxiter": 500})
     return math.exp(res.x if res.fun <= vals[i] else xs[i])
 
 

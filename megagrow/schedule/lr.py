@@ -25,10 +25,9 @@ class LRSchedule:
     rewarmup_from: float = 0.0
 
     @classmethod
-    def from_optim(cls, o: OptimConfig, stage_steps: int, offset: int = 0, rewarmup: int = 0, rewarmup_from: float = 0.0) -> "LRSchedule":
+    def from_optim(cls, o: OptimConfig, stage_steps: int, offset: int = 0, rewarmup: int = 0, rewarmup_from: float = 0.0) -> LRSchedule:
         # decay_steps is a schedule position; by default the schedule ends with the stage
-        return cls(o.lr, o.min_lr, o.warmup_steps, o.decay_steps or offset + stage_steps, o.schedule, offset, rewarmup,
-                   rewarmup_from)
+        return cls(o.lr, o.min_lr, o.warmup_steps, o.decay_steps or offset + stage_steps, o.schedule, offset, rewarmup, rewarmup_from)
 
     def base(self, pos: int) -> float:
         """The schedule at absolute position `pos` (no re-warmup)."""

@@ -29,8 +29,18 @@ import numpy as np
 from scipy import optimize
 
 from megagrow.errors import UserError
-from megagrow.schedule.law import (PF_DAY_FLOPS, KaplanLaw, SingleModel, best_single_model, check_size, check_target,
-                                   compute_optimal_size, non_embedding_params, parse_size, single_model)
+from megagrow.schedule.law import (
+    PF_DAY_FLOPS,
+    KaplanLaw,
+    SingleModel,
+    best_single_model,
+    check_size,
+    check_target,
+    compute_optimal_size,
+    non_embedding_params,
+    parse_size,
+    single_model,
+)
 from megagrow.schedule.slope import STOP_SLOPE
 
 MAX_EXACT_STAGES = 8  # 2^(K-1) sub-chains are solved exactly; more stages -> SLSQP polish
@@ -157,6 +167,7 @@ class _Boundary:
         u_lo = self.lower - self.limit
         x_lo = math.log(u_lo) if u_lo > 0 else math.log(self.upper - self.limit) - 60.0
         x_hi = math.log(self.upper - self.limit)
+
         def f(x: float) -> float:
             v = self.cost(self.limit + math.exp(x)) / self.scale
             return v if not math.isnan(v) else math.inf  # at a's irreducible loss: inf - finite
@@ -174,8 +185,7 @@ class _Boundary:
             if f(x) <= best_v:
                 best_x, best_v = x, f(x)
         elif b > a:
-            res = optimize.minimize_scalar(f, bounds=(a, b), method="bounded",
-                                           options={"xatol": 1e-13, "maxiter": 1000})
+            res = optimize.minimize_scalar(f, bounds=(a, b), method="bounded", options={"xatol": 1e-13, "maxiter": 1000})
             if res.fun < best_v:
                 best_x, best_v = float(res.x), float(res.fun)
         L = self.lower if best_x == x_lo and u_lo > 0 else self.limit + math.exp(best_x)
@@ -196,19 +206,34 @@ def _assemble(law, sizes, switch_losses, L_target, method) -> StagePlan:
         if prev_N is not None:
             c = law.steps_to_loss(prev_N, prev) / start_step
             slope = law.curve_slope(prev_N, prev)
-        stages.append(PlannedStage(
-            index=len(stages) + 1, N=N, start_loss=prev, end_loss=L_end, start_step=start_step,
-            steps=max(steps, 0.0), tokens=max(tokens, 0.0), compute=6.0 * N * max(tokens, 0.0),
-            step_divisor=c, slope_at_growth=slope,
-        ))
+        stages.append(
+            PlannedStage(
+                index=len(stages) + 1,
+                N=N,
+                start_loss=prev,
+                end_loss=L_end,
+                start_step=start_step,
+                steps=max(steps, 0.0),
+                tokens=max(tokens, 0.0),
+                compute=6.0 * N * max(tokens, 0.0),
+                step_divisor=c,
+                slope_at_growth=slope,
+            )
+        )
         prev, prev_N = L_end, N
     # the reported end losses come from the forward model, not from the optimiser's variables
     sim = simulate_stages([s.N for s in stages], [s.steps for s in stages], law)
     stages = [replace(s, end_loss=l) for s, l in zip(stages, sim)]
     total = sum(s.compute for s in stages)
-    return StagePlan(law=law, target_loss=L_target, stages=tuple(stages), total_compute=total,
-                     single=single_model(law, sizes[-1], L_target),
-                     best_single=best_single_model(L_target, None, law), method=method)
+    return StagePlan(
+        law=law,
+        target_loss=L_target,
+        stages=tuple(stages),
+        total_compute=total,
+        single=single_model(law, sizes[-1], L_target),
+        best_single=best_single_model(L_target, None, law),
+        method=method,
+    )
 
 
 def plan_stages(sizes, L_target: float, law: KaplanLaw | None = None, method: str = "exact") -> StagePlan:
@@ -283,9 +308,14 @@ def _plan_slsqp(law: KaplanLaw, sizes: list[float], L_target: float) -> StagePla
         L_end = min(L_end, prev)
         x0.append((law.steps_to_loss(N, L_end) - law.steps_to_loss(N, prev)) / S_ref)
         prev = L_end
-    res = optimize.minimize(total, np.array(x0), method="SLSQP", bounds=[(0.0, None)] * K,
-                            constraints=[{"type": "eq", "fun": con}],
-                            options={"ftol": 1e-12, "maxiter": 1000})
+    res = optimize.minimize(
+        total,
+        np.array(x0),
+        method="SLSQP",
+        bounds=[(0.0, None)] * K,
+        constraints=[{"type": "eq", "fun": con}],
+        options={"ftol": 1e-12, "maxiter": 1000},
+    )
     x = np.maximum(res.x, 0.0)
     Ls = losses(x)
     # re-impose the target exactly on the last stage (the constraint holds to SLSQP's tolerance)
@@ -346,16 +376,24 @@ def paper_predictions(law: KaplanLaw | None = None, target: str | float = "stop-
             Lt = float(target)
         plan = plan_stages([p.N_small, p.N_large], Lt, law)
         grow = plan.stages[1] if len(plan.stages) > 1 else None
-        out.append({
-            "pair": p.name, "kind": p.kind,
-            "small": f"{p.small[0]}x{p.small[1]}", "large": f"{p.large[0]}x{p.large[1]}",
-            "N_small": p.N_small, "N_large": p.N_large, "target_loss": Lt,
-            "predicted_saving": plan.saving, "measured_saving": p.measured_saving,
-            "switch_loss": grow.start_loss if grow else None,
-            "slope_at_growth": grow.slope_at_growth if grow else None,
-            "step_divisor": grow.step_divisor if grow else None,
-            "total_pf_days": plan.total_pf_days, "single_pf_days": plan.single.pf_days,
-        })
+        out.append(
+            {
+                "pair": p.name,
+                "kind": p.kind,
+                "small": f"{p.small[0]}x{p.small[1]}",
+                "large": f"{p.large[0]}x{p.large[1]}",
+                "N_small": p.N_small,
+                "N_large": p.N_large,
+                "target_loss": Lt,
+                "predicted_saving": plan.saving,
+                "measured_saving": p.measured_saving,
+                "switch_loss": grow.start_loss if grow else None,
+                "slope_at_growth": grow.slope_at_growth if grow else None,
+                "step_divisor": grow.step_divisor if grow else None,
+                "total_pf_days": plan.total_pf_days,
+                "single_pf_days": plan.single.pf_days,
+            }
+        )
     return out
 
 

@@ -121,8 +121,9 @@ def check_options(window, ema, patience, spike_tol, estimator) -> None:
         raise UserError(f"ema must be in [0, 1), got {ema!r}")
     if not isinstance(patience, (int, float)) or int(patience) != patience or patience < 1:
         raise UserError(f"patience must be an integer >= 1, got {patience!r}")
-    if spike_tol is not None and not (isinstance(spike_tol, (int, float)) and not isinstance(spike_tol, bool)
-                                      and math.isfinite(spike_tol) and spike_tol >= 0):
+    if spike_tol is not None and not (
+        isinstance(spike_tol, (int, float)) and not isinstance(spike_tol, bool) and math.isfinite(spike_tol) and spike_tol >= 0
+    ):
         raise UserError(f"spike_tol must be a number >= 0 or null (filter off), got {spike_tol!r}")
     if estimator not in ESTIMATORS:
         raise UserError(f"estimator must be one of {', '.join(ESTIMATORS)}, got {estimator!r}")
@@ -164,7 +165,7 @@ class SlopeRule:
         self.reset()
 
     @classmethod
-    def for_kind(cls, kind: str, **kwargs) -> "SlopeRule":
+    def for_kind(cls, kind: str, **kwargs) -> SlopeRule:
         """The paper's rule for "width", "depth" (grow) or "stop"."""
         return cls(threshold=threshold_for(kind), **kwargs)
 
@@ -206,8 +207,9 @@ class SlopeRule:
         return self.fired
 
 
-def smoothed_slopes(compute, loss, window: int = DEFAULT_WINDOW, ema: float = 0.0,
-                    spike_tol: float | None = DEFAULT_SPIKE_TOL, estimator: str = "theil-sen") -> np.ndarray:
+def smoothed_slopes(
+    compute, loss, window: int = DEFAULT_WINDOW, ema: float = 0.0, spike_tol: float | None = DEFAULT_SPIKE_TOL, estimator: str = "theil-sen"
+) -> np.ndarray:
     """The rule's slope after every point (NaN until ``window`` points have been kept; a
     dropped point repeats the slope of the last kept one)."""
     rule = SlopeRule(threshold=0.0, window=window, ema=ema, spike_tol=spike_tol, estimator=estimator)
@@ -225,14 +227,20 @@ def _check_lengths(compute, loss) -> None:
         raise UserError(f"compute and loss differ in length ({len(compute)} vs {len(loss)})")
 
 
-def find_crossing(compute, loss, threshold: float, window: int = DEFAULT_WINDOW, ema: float = 0.0,
-                  patience: int = 1, spike_tol: float | None = DEFAULT_SPIKE_TOL,
-                  estimator: str = "theil-sen") -> int | None:
+def find_crossing(
+    compute,
+    loss,
+    threshold: float,
+    window: int = DEFAULT_WINDOW,
+    ema: float = 0.0,
+    patience: int = 1,
+    spike_tol: float | None = DEFAULT_SPIKE_TOL,
+    estimator: str = "theil-sen",
+) -> int | None:
     """Index of the first point at which the smoothed slope has risen above ``threshold``
     (``patience`` kept points in a row), or None if it never does."""
     _check_lengths(compute, loss)
-    rule = SlopeRule(threshold=threshold, window=window, ema=ema, patience=patience,
-                     spike_tol=spike_tol, estimator=estimator)
+    rule = SlopeRule(threshold=threshold, window=window, ema=ema, patience=patience, spike_tol=spike_tol, estimator=estimator)
     for c, l in zip(compute, loss):
         if rule.update(c, l):
             return rule.fired_at

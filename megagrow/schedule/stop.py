@@ -55,8 +55,7 @@ class StageStop:
         self.use_eval = bool(use_eval)
         self.threshold = slope_threshold(plan, k)
         s = stage.stop
-        self.rule = SlopeRule(self.threshold, window=s.window, ema=s.ema, patience=s.patience,
-                              spike_tol=s.spike_tol, estimator=s.estimator)
+        self.rule = SlopeRule(self.threshold, window=s.window, ema=s.ema, patience=s.patience, spike_tol=s.spike_tol, estimator=s.estimator)
         self.flops_per_step = 6.0 * stage.model.num_params(embeddings=False) * stage.layout.global_batch * stage.model.seq_len
         self.last_step: int | None = None
 
@@ -66,8 +65,9 @@ class StageStop:
         return "eval_loss" if self.use_eval else "loss"
 
     @classmethod
-    def of(cls, plan: Plan, k: int, lr_offset: int = 0, log_path: str | None = None, upto: int = 0,
-           use_eval: bool = False) -> "StageStop | None":
+    def of(
+        cls, plan: Plan, k: int, lr_offset: int = 0, log_path: str | None = None, upto: int = 0, use_eval: bool = False
+    ) -> StageStop | None:
         """The stage's rule (None for rule "steps"), with the logged points up to step `upto` replayed."""
         if plan.stages[k].stop.rule != "slope":
             return None
@@ -120,8 +120,12 @@ class StageStop:
         points: dict[int, float] = {}
         key = self.source
         for r in read_records(log_path):
-            if r.get("stage", self.stage.name) == self.stage.name and key in r and 0 <= r["step"] <= upto \
-                    and (key == "loss" or r.get("at", "periodic") == "periodic"):
+            if (
+                r.get("stage", self.stage.name) == self.stage.name
+                and key in r
+                and 0 <= r["step"] <= upto
+                and (key == "loss" or r.get("at", "periodic") == "periodic")
+            ):
                 points[int(r["step"])] = float(r[key])
         for step in sorted(points):
             self._feed(step, points[step])

@@ -94,7 +94,7 @@ class ShardMap:
     _by_rank: dict | None = field(default=None, repr=False, compare=False)  # dp_rank -> [(name, start, numel)], built once
 
     @classmethod
-    def of(cls, groups: list, dp: int, zero_stage: int) -> "ShardMap":
+    def of(cls, groups: list, dp: int, zero_stage: int) -> ShardMap:
         frags: dict = {}
         sizes = []
         for g, shapes in enumerate(groups):
@@ -170,14 +170,17 @@ class ShardMap:
             else:
                 for g, mapping in enumerate(sd.get("param_slice_mappings", [])):
                     have = {n: (int(a.start), int(a.numel)) for n, a in mapping.items() if int(a.numel) > 0}
-                    want = {n: (f.flat_start, f.numel) for n, lst in self.frags.items() for f in lst
-                            if f.dp_rank == dp_rank and f.group == g}
+                    want = {
+                        n: (f.flat_start, f.numel) for n, lst in self.frags.items() for f in lst if f.dp_rank == dp_rank and f.group == g
+                    }
                     if have != want:
                         bad = f"group {g} fragments {sorted(set(have.items()) ^ set(want.items()))[:4]} differ"
                         break
         if bad:
-            raise UserError(f"{path}: not partitioned as DeepSpeed's ZeRO-{self.zero_stage} default layout for its "
-                            f"param_shapes ({bad}); unsupported (e.g. zero_optimization.parameter_alignment)")
+            raise UserError(
+                f"{path}: not partitioned as DeepSpeed's ZeRO-{self.zero_stage} default layout for its "
+                f"param_shapes ({bad}); unsupported (e.g. zero_optimization.parameter_alignment)"
+            )
 
 
 @dataclass
@@ -196,11 +199,11 @@ class SourceCheckpoint:
     bytes_read: int = 0
     opened: list = field(default_factory=list)  # paths of the files opened, in order
     boxes: set = field(default_factory=set)  # (name, logical box) of every read_box: what this reader needed
-    map: "ShardMap | None" = None
+    map: ShardMap | None = None
 
     # ---------------------------------------------------------------- opening
     @classmethod
-    def open(cls, ckpt_dir: str, tag: str | None = None) -> "SourceCheckpoint":
+    def open(cls, ckpt_dir: str, tag: str | None = None) -> SourceCheckpoint:
         if not os.path.isdir(ckpt_dir):
             raise UserError(f"checkpoint directory not found: {ckpt_dir}")
         # no tag asked for: the newest complete checkpoint (manifest.current), not what `latest` says
@@ -223,7 +226,7 @@ class SourceCheckpoint:
         return ck
 
     @classmethod
-    def planned(cls, model: ModelConfig, tp: int, dp: int, zero_stage: int, record: StageRecord | None = None) -> "SourceCheckpoint":
+    def planned(cls, model: ModelConfig, tp: int, dp: int, zero_stage: int, record: StageRecord | None = None) -> SourceCheckpoint:
         """A checkpoint of `model` at layout (tp, dp, zero_stage) as DeepSpeed would write it, with
         no files: its shard map answers `files_for` (which files a box's read opens) at any scale,
         for planning and docs/scale.md. Param groups as megagrow.parallel.engine makes them
@@ -242,7 +245,7 @@ class SourceCheckpoint:
         ck._set_map(ShardMap.of(groups, dp, zero_stage))
         return ck
 
-    def _set_map(self, smap: "ShardMap") -> None:
+    def _set_map(self, smap: ShardMap) -> None:
         self.map = smap
         self.local_shapes = smap.local_shapes()
 
@@ -314,8 +317,7 @@ class SourceCheckpoint:
             else:
                 (r0, r1), (c0, c1) = b
                 cols = local[1]
-                out |= {(t, f.dp_rank) for f in self.map.overlapping(name, r0 * cols, r1 * cols)
-                        if _touches(f, r0, r1, c0, c1, cols)}
+                out |= {(t, f.dp_rank) for f in self.map.overlapping(name, r0 * cols, r1 * cols) if _touches(f, r0, r1, c0, c1, cols)}
         return out
 
     def needed_files(self) -> set:
@@ -383,7 +385,7 @@ class SourceCheckpoint:
             lo, hi = max(start, f.param_offset), min(stop, f.param_offset + f.numel)
             flat = self._flat(tp_rank, f.dp_rank, f.group, state)
             a = f.flat_start + lo - f.param_offset
-            out[lo - start:hi - start] = flat[a:a + hi - lo]
+            out[lo - start : hi - start] = flat[a : a + hi - lo]
             self.bytes_read += (hi - lo) * flat.element_size()
         return out
 
@@ -431,19 +433,19 @@ class SourceCheckpoint:
             full = [r for r in range(fr0, fr1) if lo_all <= r * cols + c0 and r * cols + c1 <= hi_all]
             if full:  # rows whose wanted columns lie inside this fragment: one strided view
                 a, z = full[0], full[-1] + 1
-                view = flat[base + a * cols: base + z * cols].view(z - a, cols)[:, c0:c1]
-                out[a - r0:z - r0] = view
+                view = flat[base + a * cols : base + z * cols].view(z - a, cols)[:, c0:c1]
+                out[a - r0 : z - r0] = view
                 self.bytes_read += view.numel() * flat.element_size()
             for r in range(fr0, fr1):  # rows cut by the fragment's ends
                 if full and full[0] <= r < full[-1] + 1:
                     continue
                 lo, hi = max(r * cols + c0, lo_all), min(r * cols + c1, hi_all)
                 if lo < hi:
-                    out[r - r0, lo - r * cols - c0: hi - r * cols - c0] = flat[base + lo: base + hi]
+                    out[r - r0, lo - r * cols - c0 : hi - r * cols - c0] = flat[base + lo : base + hi]
                     self.bytes_read += (hi - lo) * flat.element_size()
         return out
 
-    def lazy(self, state: str) -> "LazyTensors":
+    def lazy(self, state: str) -> LazyTensors:
         return LazyTensors(self, state)
 
 
@@ -466,4 +468,3 @@ class LazyTensors:
                 return ck.read_box(name, state, box)
 
         return _View()
-

@@ -63,8 +63,10 @@ def check_source(plan: Plan, k: int, src) -> bool:
     if k > 0 and name == plan.stages[k - 1].name and model == plan.stages[k - 1].model:
         return False
     prev = f" or stage {k - 1} ({plan.stages[k - 1].name!r})" if k > 0 else ""
-    raise UserError(f"source checkpoint is of stage {name!r} ({_short(model)}); stage {k} ({stage.name!r}) of plan "
-                    f"{plan.name!r} takes a checkpoint of stage {k} itself{prev} with the model the plan gives it")
+    raise UserError(
+        f"source checkpoint is of stage {name!r} ({_short(model)}); stage {k} ({stage.name!r}) of plan "
+        f"{plan.name!r} takes a checkpoint of stage {k} itself{prev} with the model the plan gives it"
+    )
 
 
 def _short(m) -> str:

@@ -47,8 +47,11 @@ def init_optimizer_state(engine, optimizer) -> None:
     base = optimizer.optimizer
     for p in _fp32_partitions(optimizer):
         if not base.state.get(p):
-            base.state[p] = {"step": torch.zeros((), dtype=torch.float32),
-                             "exp_avg": torch.zeros_like(p), "exp_avg_sq": torch.zeros_like(p)}
+            base.state[p] = {
+                "step": torch.zeros((), dtype=torch.float32),
+                "exp_avg": torch.zeros_like(p),
+                "exp_avg_sq": torch.zeros_like(p),
+            }
     lazy = getattr(optimizer, "_lazy_init_hp_params_optimizer_state", None)
     if lazy is not None:
         lazy()
@@ -116,12 +119,12 @@ def fragment_box(name: str, local_shape: tuple, start: int, numel: int, tp: int,
     return tuple(box), skip
 
 
-def fill_engine(engine, tensors: dict, src: SourceCheckpoint, seed: int, progress: bool = False,
-                reset_optimizer: bool = False) -> dict:
+def fill_engine(engine, tensors: dict, src: SourceCheckpoint, seed: int, progress: bool = False, reset_optimizer: bool = False) -> dict:
     """Write every fragment this rank owns: fp32 master, exp_avg, exp_avg_sq; then Adam's step.
     reset_optimizer: the moments are written as zeros and the step as 0 (a fresh Adam on the
     grown weights; the source's moments are not read)."""
     from megatron.core import parallel_state
+
     from megagrow.growth.maps import apply_tensor
 
     tp = parallel_state.get_tensor_model_parallel_world_size()
@@ -141,7 +144,7 @@ def fill_engine(engine, tensors: dict, src: SourceCheckpoint, seed: int, progres
             if reset_optimizer and state != "w":
                 vals = torch.zeros(numel, dtype=torch.float32)
             else:
-                vals = apply_tensor(tensors[name], lazies[state], state, seed, box=box).reshape(-1)[skip:skip + numel]
+                vals = apply_tensor(tensors[name], lazies[state], state, seed, box=box).reshape(-1)[skip : skip + numel]
             setter(state, vals)
             written += numel * 4
     step = 0 if reset_optimizer else src.adam_step()
@@ -163,8 +166,17 @@ def sync_module_weights(engine) -> None:
             opt._reassign_or_swap_out_partitioned_parameters(i)
 
 
-def regrow(plan: Plan, k: int, src: SourceCheckpoint, out_dir: str, spec: str | None = None, progress: bool = False,
-           keep_engine: bool = False, verify: bool = False, growth: Growth | None = None) -> dict:
+def regrow(
+    plan: Plan,
+    k: int,
+    src: SourceCheckpoint,
+    out_dir: str,
+    spec: str | None = None,
+    progress: bool = False,
+    keep_engine: bool = False,
+    verify: bool = False,
+    growth: Growth | None = None,
+) -> dict:
     """Build stage k's engine at its layout from checkpoint `src` (of stage k-1 with growth
     `spec`, or of stage k itself: pure resharding), and save it in `out_dir` with DeepSpeed.
     Process groups must be initialised for stage k's layout. growth: the decision
@@ -200,8 +212,7 @@ def regrow(plan: Plan, k: int, src: SourceCheckpoint, out_dir: str, spec: str | 
     else:
         engine.destroy()
         del engine, optimizer
-    info.update(_read_info(g, rec, src, checked, verified),
-                phase_seconds={"engine": t[1] - t[0], "fill": t[2] - t[1], "save": t[3] - t[2]})
+    info.update(_read_info(g, rec, src, checked, verified), phase_seconds={"engine": t[1] - t[0], "fill": t[2] - t[1], "save": t[3] - t[2]})
     return info
 
 
@@ -209,9 +220,16 @@ def _read_info(g: Growth, rec, src: SourceCheckpoint, checked, verified) -> dict
     """The fields `regrow` and `regrow_offline` report alike: the operator, the new record's step,
     what was read and what was verified (see `regrow`)."""
     opened = {os.path.basename(p) for p in src.opened[1:]}
-    return {"op": g.describe(), "step": rec.step, "sample_offset": rec.sample_offset, "bytes_read": src.bytes_read,
-            "files_opened": len(src.opened), "tag": tag_of(rec.step), "files_verified": len(checked or []),
-            "files_unverified": None if verified is None else len(opened - set(verified))}
+    return {
+        "op": g.describe(),
+        "step": rec.step,
+        "sample_offset": rec.sample_offset,
+        "bytes_read": src.bytes_read,
+        "files_opened": len(src.opened),
+        "tag": tag_of(rec.step),
+        "files_verified": len(checked or []),
+        "files_unverified": None if verified is None else len(opened - set(verified)),
+    }
 
 
 def _grown_record(plan: Plan, k: int, src: SourceCheckpoint, g: Growth):
@@ -223,8 +241,16 @@ def _grown_record(plan: Plan, k: int, src: SourceCheckpoint, g: Growth):
     return src.record.grown(plan, k, *lr_placement(g.op, src.record.lr_offset + src.record.step, stage))
 
 
-def regrow_offline(plan: Plan, k: int, src: SourceCheckpoint, out_dir: str, spec: str | None = None,
-                   progress: bool = False, verify: bool = False, growth: Growth | None = None) -> dict:
+def regrow_offline(
+    plan: Plan,
+    k: int,
+    src: SourceCheckpoint,
+    out_dir: str,
+    spec: str | None = None,
+    progress: bool = False,
+    verify: bool = False,
+    growth: Growth | None = None,
+) -> dict:
     """`regrow` without a DeepSpeed engine or a model: each rank of stage k's layout (global rank r:
     TP rank r % tp, DP rank r // tp, as megatron numbers them) writes its own native DeepSpeed files
     with `writer.RankWriter` (the same values, keys and dtypes as `regrow`'s engine saves); rank 0
@@ -250,8 +276,9 @@ def regrow_offline(plan: Plan, k: int, src: SourceCheckpoint, out_dir: str, spec
     if dist and L.dp > 1 and L.zero_stage in (1, 2):  # DP rank 0 of each TP rank gathers the module weights
         dp_groups = [torch.distributed.new_group([t + L.tp * d for d in range(L.dp)]) for t in range(L.tp)]
     w = RankWriter(plan, k, g.tensors, src, rank % L.tp, rank // L.tp, reset=g.reset, dp_group=dp_groups[rank % L.tp])
-    info = w.write(tag_dir, rec.step, rec.to_client_state(), ds_config(stage), progress,
-                   adam_step=lambda: 0 if g.reset else src.adam_step())
+    info = w.write(
+        tag_dir, rec.step, rec.to_client_state(), ds_config(stage), progress, adam_step=lambda: 0 if g.reset else src.adam_step()
+    )
     t0 = time.perf_counter()
     if dist:
         collectives.barrier()

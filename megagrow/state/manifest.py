@@ -226,9 +226,8 @@ def sealed_dir(ckpt_dir: str) -> bool:
 
 def _older_offer(ckpt_dir: str, tag: str) -> str:
     order = tags(ckpt_dir)  # newest first, by the manifest's step or the tag name's number
-    older = [t for t in order[order.index(tag) + 1 if tag in order else 0:] if not problems(os.path.join(ckpt_dir, t), deep=False)]
-    return f"the next older complete checkpoint is {older[0]} (--tag {older[0]})" if older else \
-        "no older complete checkpoint exists"
+    older = [t for t in order[order.index(tag) + 1 if tag in order else 0 :] if not problems(os.path.join(ckpt_dir, t), deep=False)]
+    return f"the next older complete checkpoint is {older[0]} (--tag {older[0]})" if older else "no older complete checkpoint exists"
 
 
 def current(ckpt_dir: str, tag: str | None = None, verify: bool = False, say=None) -> str:
@@ -241,9 +240,11 @@ def current(ckpt_dir: str, tag: str | None = None, verify: bool = False, say=Non
     the next older complete tag. A directory megagrow never sealed (no manifest in any tag) is read
     where `tag`, else `latest`, points, as it is."""
     if say is None:
+
         def say(line):
             if _rank() == 0:  # under torchrun or srun every rank decides alike: one note, not one per rank
                 print(f"note: {line}", file=sys.stderr, flush=True)
+
     if not sealed_dir(ckpt_dir):
         tag = tag or read_latest(ckpt_dir)
         if tag is None:
@@ -256,17 +257,23 @@ def current(ckpt_dir: str, tag: str | None = None, verify: bool = False, say=Non
             why = "; ".join(f"{t}: {w}" for t, w in skipped[:3]) or "no tags"
             raise UserError(f"{ckpt_dir}: no complete checkpoint ({why}); `megagrow verify {ckpt_dir}` lists them")
         for t, why in skipped:
-            say(f"skipping incomplete checkpoint {os.path.join(ckpt_dir, t)} ({why})"
-                + (f"; `latest` names it, reading the older complete checkpoint {tag}" if t == latest else ""))
+            say(
+                f"skipping incomplete checkpoint {os.path.join(ckpt_dir, t)} ({why})"
+                + (f"; `latest` names it, reading the older complete checkpoint {tag}" if t == latest else "")
+            )
     tag_dir = os.path.join(ckpt_dir, tag)
     if not os.path.isdir(tag_dir):
         have = complete_tags(ckpt_dir)
         raise UserError(f"tag {tag!r} not found in {ckpt_dir} (complete checkpoints: {', '.join(have) or 'none'})")
     bad = problems(tag_dir, deep=verify)
     if bad:
-        raise UserError(f"checkpoint {tag_dir} " + ("failed verification" if os.path.exists(os.path.join(tag_dir, MANIFEST))
-                                                     else "is incomplete") + f": {bad[0]}"
-                        + (f" (+{len(bad) - 1} more)" if len(bad) > 1 else "") + f"; {_older_offer(ckpt_dir, tag)}")
+        raise UserError(
+            f"checkpoint {tag_dir} "
+            + ("failed verification" if os.path.exists(os.path.join(tag_dir, MANIFEST)) else "is incomplete")
+            + f": {bad[0]}"
+            + (f" (+{len(bad) - 1} more)" if len(bad) > 1 else "")
+            + f"; {_older_offer(ckpt_dir, tag)}"
+        )
     return tag
 
 
@@ -298,8 +305,16 @@ def _rank_world(coll) -> tuple[int, int]:
 def checkpoint_meta(plan, k: int, step: int, sample_index: int, **extra) -> dict:
     """What a manifest records about the checkpoint besides its files."""
     stage = plan.stages[k]
-    return {"plan": plan.name, "stage": stage.name, "stage_index": k, "step": int(step), "sample_index": int(sample_index),
-            "layout": stage.layout.to_dict(), "model": stage.model.to_dict(), **extra}
+    return {
+        "plan": plan.name,
+        "stage": stage.name,
+        "stage_index": k,
+        "step": int(step),
+        "sample_index": int(sample_index),
+        "layout": stage.layout.to_dict(),
+        "model": stage.model.to_dict(),
+        **extra,
+    }
 
 
 def seal(ckpt_dir: str, tag: str, meta: dict, tp: int = 1, keep_last: int = 0) -> dict:
@@ -328,9 +343,17 @@ def seal(ckpt_dir: str, tag: str, meta: dict, tp: int = 1, keep_last: int = 0) -
             for n in names:  # a file the owner did not see (should not happen): rank 0 does it
                 if n not in files:
                     files[n] = _file_entry(tag_dir, n)
-            m = {"format": FORMAT, "kind": "megagrow-checkpoint", "tag": tag, **meta, "world_size": world,
-                 "checksum": "crc32", "written": round(time.time(), 3), "seal_seconds_rank0": round(t_sum, 4),
-                 "files": dict(sorted(files.items()))}
+            m = {
+                "format": FORMAT,
+                "kind": "megagrow-checkpoint",
+                "tag": tag,
+                **meta,
+                "world_size": world,
+                "checksum": "crc32",
+                "written": round(time.time(), 3),
+                "seal_seconds_rank0": round(t_sum, 4),
+                "files": dict(sorted(files.items())),
+            }
             fsync_dir(tag_dir)
             write_file_atomic(os.path.join(tag_dir, MANIFEST), json.dumps(m, indent=1, sort_keys=True), durable=True)
             faults.point("seal.manifest", meta.get("step"))
@@ -370,7 +393,7 @@ def prune(ckpt_dir: str, keep_last: int) -> list[str]:
     keep = set(complete[:keep_last]) | {read_latest(ckpt_dir)}
     newest = complete[0]
     order = tags(ckpt_dir)
-    older = order[order.index(newest) + 1:]
+    older = order[order.index(newest) + 1 :]
     gone = [t for t in older if t not in keep]
     for t in gone:
         shutil.rmtree(os.path.join(ckpt_dir, t), ignore_errors=True)

@@ -28,8 +28,9 @@ def target_map(plan: Plan, k: int) -> SourceCheckpoint:
     return SourceCheckpoint.planned(stage.model, L.tp, L.dp, L.zero_stage)
 
 
-def _rank_reads(tensors: dict, states: tuple, target: SourceCheckpoint, src: SourceCheckpoint, frags: list, tp: int,
-                tp_rank: int) -> tuple[set, int, int]:
+def _rank_reads(
+    tensors: dict, states: tuple, target: SourceCheckpoint, src: SourceCheckpoint, frags: list, tp: int, tp_rank: int
+) -> tuple[set, int, int]:
     """(source optimizer files opened, bytes read, state bytes filled) of the target rank holding
     `frags` at TP rank `tp_rank`: fill_engine's box arithmetic on metadata alone (the offline writer,
     `regrow_offline`, reads the same boxes)."""
@@ -109,8 +110,10 @@ def verify_reads(plan: Plan, k: int, src: SourceCheckpoint, growth: Growth) -> t
     if torch.distributed.is_initialized():
         bad = sorted({p for part in collectives.all_gather_object(bad) for p in part})
     if bad:
-        raise UserError(f"source checkpoint {tag_dir} failed verification: {bad[0]}"
-                        + (f" (+{len(bad) - 1} more)" if len(bad) > 1 else ""), all_ranks=True)
+        raise UserError(
+            f"source checkpoint {tag_dir} failed verification: {bad[0]}" + (f" (+{len(bad) - 1} more)" if len(bad) > 1 else ""),
+            all_ranks=True,
+        )
     return mine, covered
 
 
@@ -151,11 +154,17 @@ def read_plan(plan: Plan, k: int, src: SourceCheckpoint, growth: Growth) -> dict
         vfiles[r] += 1
     vbytes[0] += src.file_bytes("model", 0, 0)  # the metadata file every rank opens: rank 0 checks it
     vfiles[0] += 1
-    return {"op": growth.describe(), "layout": L.to_dict(),
-            "source_layout": {"tp": src.tp, "dp": src.dp, "zero_stage": src.zero_stage},
-            "source_files": src.tp * src.dp, "files_opened_per_rank": opened,
-            "bytes_read_per_rank": read, "state_bytes_per_rank": filled,
-            "verify_bytes_per_rank": vbytes, "verify_files_per_rank": vfiles}
+    return {
+        "op": growth.describe(),
+        "layout": L.to_dict(),
+        "source_layout": {"tp": src.tp, "dp": src.dp, "zero_stage": src.zero_stage},
+        "source_files": src.tp * src.dp,
+        "files_opened_per_rank": opened,
+        "bytes_read_per_rank": read,
+        "state_bytes_per_rank": filled,
+        "verify_bytes_per_rank": vbytes,
+        "verify_files_per_rank": vfiles,
+    }
 
 
 def resume_read_plan(model, tp: int, dp: int, zero_stage: int, dtype: str) -> dict:
@@ -176,6 +185,8 @@ def resume_read_plan(model, tp: int, dp: int, zero_stage: int, dtype: str) -> di
     verify = [optim for _ in range(tp * dp)]
     old_read = [optim + module for _ in range(tp * dp)]
     old_verify = [optim + (module if r < tp else 0) for r in range(tp * dp)]
-    return {"layout": {"tp": tp, "dp": dp, "zero_stage": zero_stage, "dtype": dtype},
-            "shard_reader": {"bytes_read_per_rank": own, "verify_bytes_per_rank": verify},
-            "load_checkpoint": {"bytes_read_per_rank": old_read, "verify_bytes_per_rank": old_verify}}
+    return {
+        "layout": {"tp": tp, "dp": dp, "zero_stage": zero_stage, "dtype": dtype},
+        "shard_reader": {"bytes_read_per_rank": own, "verify_bytes_per_rank": verify},
+        "load_checkpoint": {"bytes_read_per_rank": old_read, "verify_bytes_per_rank": old_verify},
+    }

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Optional
 
 from megagrow import __version__
 from megagrow.config import Plan, Stage
@@ -27,13 +26,13 @@ class StageRecord:
     sample_offset: int = 0  # global sample index of this stage's step 0 (carried over growth)
     lr_offset: int = 0  # schedule position of step 0 (the grown model's equivalent step)
     rewarmup: int = 0  # re-warmup steps after growth
-    final_step: Optional[int] = None  # the step a stop rule ended the stage at (None: it ends at `steps`)
-    loss: Optional[float] = None  # the last training loss (for display)
+    final_step: int | None = None  # the step a stop rule ended the stage at (None: it ends at `steps`)
+    loss: float | None = None  # the last training loss (for display)
     # the FLOP ledger: cumulative training tokens and FLOPs of the whole run at this stage's step 0
     # (earlier stages included; carried over growth, like sample_offset)
     tokens_offset: int = 0
     flops_offset: int = 0
-    eval_loss: Optional[float] = None  # the latest eval loss (at a grown stage's step 0: the source's final one)
+    eval_loss: float | None = None  # the latest eval loss (at a grown stage's step 0: the source's final one)
 
     @property
     def stage(self) -> Stage:
@@ -67,18 +66,28 @@ class StageRecord:
     def finished(self) -> bool:
         return self.step >= self.end_step
 
-    def replace(self, **kw) -> "StageRecord":
+    def replace(self, **kw) -> StageRecord:
         return dataclasses.replace(self, **kw)
 
     # ---------------------------------------------------------------- transitions
-    def resharded(self, plan: Plan, index: int) -> "StageRecord":
+    def resharded(self, plan: Plan, index: int) -> StageRecord:
         """The same stage at the layout `plan` gives it: every field kept."""
         return self.replace(plan=plan, index=index)
 
-    def grown(self, plan: Plan, index: int, lr_offset: int, rewarmup: int) -> "StageRecord":
+    def grown(self, plan: Plan, index: int, lr_offset: int, rewarmup: int) -> StageRecord:
         """Step 0 of the next stage: it continues the data stream and the FLOP ledger where this one ended."""
-        return StageRecord(plan, index, step=0, sample_offset=self.sample_index, lr_offset=lr_offset, rewarmup=rewarmup,
-                           loss=self.loss, tokens_offset=self.tokens, flops_offset=self.flops, eval_loss=self.eval_loss)
+        return StageRecord(
+            plan,
+            index,
+            step=0,
+            sample_offset=self.sample_index,
+            lr_offset=lr_offset,
+            rewarmup=rewarmup,
+            loss=self.loss,
+            tokens_offset=self.tokens,
+            flops_offset=self.flops,
+            eval_loss=self.eval_loss,
+        )
 
     # ---------------------------------------------------------------- storage
     def to_client_state(self) -> dict:
@@ -103,24 +112,33 @@ class StageRecord:
         }
 
     @classmethod
-    def from_client_state(cls, cs: dict, where: str = "checkpoint") -> "StageRecord":
+    def from_client_state(cls, cs: dict, where: str = "checkpoint") -> StageRecord:
         if not isinstance(cs, dict) or "stage" not in cs or "plan" not in cs:
             raise UserError(f"{where}: not a megagrow checkpoint (no stage record)")
         version = cs.get("record_version", 1)
         if not isinstance(version, int) or version > RECORD_VERSION:
-            raise UserError(f"{where}: stage record format {version!r} is newer than this megagrow reads "
-                            f"({RECORD_VERSION}); upgrade megagrow")
+            raise UserError(
+                f"{where}: stage record format {version!r} is newer than this megagrow reads ({RECORD_VERSION}); upgrade megagrow"
+            )
         try:
             plan = Plan.from_dict(cs["plan"], f"{where} plan")
             index = int(cs["stage_index"])
             if not 0 <= index < len(plan.stages):
                 raise ValueError(f"stage_index {index} outside the plan's {len(plan.stages)} stages")
-            return cls(plan, index, step=int(cs["step"]), sample_offset=int(cs["sample_offset"]),
-                       lr_offset=int(cs["lr_offset"]), rewarmup=int(cs["rewarmup"]),
-                       final_step=None if cs.get("final_step") is None else int(cs["final_step"]), loss=cs.get("loss"),
-                       # absent in checkpoints written before the ledger: the run's count starts at 0 there
-                       tokens_offset=int(cs.get("tokens_offset", 0)), flops_offset=int(cs.get("flops_offset", 0)),
-                       eval_loss=cs.get("eval_loss"))
+            return cls(
+                plan,
+                index,
+                step=int(cs["step"]),
+                sample_offset=int(cs["sample_offset"]),
+                lr_offset=int(cs["lr_offset"]),
+                rewarmup=int(cs["rewarmup"]),
+                final_step=None if cs.get("final_step") is None else int(cs["final_step"]),
+                loss=cs.get("loss"),
+                # absent in checkpoints written before the ledger: the run's count starts at 0 there
+                tokens_offset=int(cs.get("tokens_offset", 0)),
+                flops_offset=int(cs.get("flops_offset", 0)),
+                eval_loss=cs.get("eval_loss"),
+            )
         except (KeyError, TypeError, ValueError) as e:
             raise UserError(f"{where}: stage record is incomplete or malformed ({type(e).__name__}: {e})") from None
 

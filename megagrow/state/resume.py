@@ -46,8 +46,10 @@ def fill_own(engine, src: SourceCheckpoint) -> dict:
     frags = [f for f in target_fragments(engine) if f[3] > 0]
     for name, shape, *_ in frags:
         if tuple(src.local_shapes.get(name, ())) != tuple(shape):
-            raise UserError(f"{src.dir}/{src.tag}: parameter {name} has TP-local shape {src.local_shapes.get(name)}, "
-                            f"this stage builds {tuple(shape)}; refusing to resume")
+            raise UserError(
+                f"{src.dir}/{src.tag}: parameter {name} has TP-local shape {src.local_shapes.get(name)}, "
+                f"this stage builds {tuple(shape)}; refusing to resume"
+            )
     step = None
     for state in ("w", "m", "v"):
         for name, _, start, numel, setter in frags:
@@ -100,7 +102,7 @@ def _own_fragment(src: SourceCheckpoint, tp_rank: int, name: str, state: str, st
     flat = src._flat(tp_rank, f.dp_rank, f.group, state)
     a = f.flat_start + start - f.param_offset
     src.bytes_read += numel * flat.element_size()
-    return flat[a:a + numel]
+    return flat[a : a + numel]
 
 
 def resume_engine(plan: Plan, k: int, src: SourceCheckpoint) -> tuple:

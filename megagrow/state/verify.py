@@ -51,10 +51,18 @@ def verification_failed(ckpt_dir: str, tag: str, bad: list, all_ranks: bool) -> 
     more, and the next older complete checkpoint."""
     tag_dir = os.path.join(ckpt_dir, tag)
     older = [t for t in complete_tags(ckpt_dir) if t != tag and _step(ckpt_dir, t) < _step(ckpt_dir, tag)]
-    offer = (f"the next older complete checkpoint is {older[0]}: to resume from it, move {tag_dir} aside "
-             f"(`megagrow verify {ckpt_dir}` lists every tag)") if older else "no older complete checkpoint exists"
-    raise UserError(f"checkpoint {tag_dir} failed verification: {bad[0]}"
-                    + (f" (+{len(bad) - 1} more)" if len(bad) > 1 else "") + f"; {offer}", all_ranks=all_ranks)
+    offer = (
+        (
+            f"the next older complete checkpoint is {older[0]}: to resume from it, move {tag_dir} aside "
+            f"(`megagrow verify {ckpt_dir}` lists every tag)"
+        )
+        if older
+        else "no older complete checkpoint exists"
+    )
+    raise UserError(
+        f"checkpoint {tag_dir} failed verification: {bad[0]}" + (f" (+{len(bad) - 1} more)" if len(bad) > 1 else "") + f"; {offer}",
+        all_ranks=all_ranks,
+    )
 
 
 _STORAGE = re.compile(r"/data/\d+$")  # a tensor storage inside a torch.save zip archive
@@ -131,10 +139,20 @@ def verify_paths(path: str) -> list[dict]:
         m = read_manifest(d) or {}
         t0 = time.perf_counter()
         p = problems(d, deep=True)
-        out.append({"tag": os.path.basename(os.path.normpath(d)), "path": d, "complete": not p, "problems": p,
-                    "step": m.get("step"), "stage": m.get("stage"), "files": len(m.get("files", {})),
-                    "bytes": sum(f.get("size", 0) for f in m.get("files", {}).values()),
-                    "latest": os.path.basename(d) == latest, "seconds": round(time.perf_counter() - t0, 3)})
+        out.append(
+            {
+                "tag": os.path.basename(os.path.normpath(d)),
+                "path": d,
+                "complete": not p,
+                "problems": p,
+                "step": m.get("step"),
+                "stage": m.get("stage"),
+                "files": len(m.get("files", {})),
+                "bytes": sum(f.get("size", 0) for f in m.get("files", {}).values()),
+                "latest": os.path.basename(d) == latest,
+                "seconds": round(time.perf_counter() - t0, 3),
+            }
+        )
     return out
 
 
@@ -175,5 +193,4 @@ def checkpoint_dir_problem(path: str) -> str | None:
         hint = f" (a stage directory: verify {os.path.join(path, 'checkpoints')})"
     elif any(os.path.isdir(os.path.join(path, n, "checkpoints")) for n in subs):
         hint = f" (a run directory: verify {os.path.join(path, '<stage>', 'checkpoints')})"
-    return (f"not a checkpoint directory: {path} (no {MANIFEST}, DeepSpeed files, `{LATEST}` or {TAG_PREFIX}N tags "
-            f"in it){hint}")
+    return f"not a checkpoint directory: {path} (no {MANIFEST}, DeepSpeed files, `{LATEST}` or {TAG_PREFIX}N tags in it){hint}"

@@ -79,8 +79,7 @@ def file_names(layout, t: int, d: int) -> tuple[str, str | None]:
 class RankWriter:
     """The files of target rank (t, d) of stage k of `plan`, from `src` through the growth `tensors`."""
 
-    def __init__(self, plan, k: int, tensors: dict, src: SourceCheckpoint, t: int, d: int, reset: bool = False,
-                 dp_group=None):
+    def __init__(self, plan, k: int, tensors: dict, src: SourceCheckpoint, t: int, d: int, reset: bool = False, dp_group=None):
         """dp_group: the torch.distributed group of this TP rank's DP ranks (global ranks t + tp x d, in
         DP order), needed when dp > 1 at ZeRO-1/2: DP rank 0 gathers the module weights over it."""
         self.plan, self.stage, self.tensors, self.src = plan, plan.stages[k], tensors, src
@@ -99,7 +98,7 @@ class RankWriter:
         if self.reset and state != "w":
             return torch.zeros(numel, dtype=torch.float32)
         box, skip = fragment_box(name, self.shapes[name], start, numel, self.L.tp, self.t)
-        return apply_tensor(self.tensors[name], self.lazies[state], state, self.plan.seed, box=box).reshape(-1)[skip:skip + numel]
+        return apply_tensor(self.tensors[name], self.lazies[state], state, self.plan.seed, box=box).reshape(-1)[skip : skip + numel]
 
     def my_fragments(self) -> list:
         """(name, fragment) of every fragment this DP rank owns, in flat order."""
@@ -115,7 +114,7 @@ class RankWriter:
             frags = tqdm(frags, desc="regrow", unit="tensor", file=sys.stderr)
         for name, f in frags:
             for s in ("w", "m", "v"):
-                flats[s][f.group][f.flat_start:f.flat_start + f.numel] = self.values(name, s, f.param_offset, f.numel)
+                flats[s][f.group][f.flat_start : f.flat_start + f.numel] = self.values(name, s, f.param_offset, f.numel)
             self.bytes_filled += f.numel * 4 * 3
         return flats
 
@@ -145,7 +144,7 @@ class RankWriter:
                 out[name] = torch.zeros(shape, dtype=dtype)
                 continue
             start = lst[0].dp_rank * self.map.partition_numel[lst[0].group] + lst[0].flat_start  # its offset in the flat group
-            out[name] = flats[lst[0].group][start:start + math.prod(shape)].view(shape)
+            out[name] = flats[lst[0].group][start : start + math.prod(shape)].view(shape)
         return out
 
     # ------------------------------------------------------------------ file contents
@@ -167,7 +166,7 @@ class RankWriter:
         for g in range(len(self.map.groups)):
             m, v = flats["m"][g], flats["v"][g]
             if lean is not None:
-                m, v = m[:lean[g]], v[:lean[g]]
+                m, v = m[: lean[g]], v[: lean[g]]
             state[g] = {"step": torch.tensor(float(step)), "exp_avg": m, "exp_avg_sq": v}
         return {"state": state, "param_groups": self.param_groups()}
 
@@ -200,22 +199,42 @@ class RankWriter:
         kind, G = optimizer_kind(self.L), len(self.map.groups)
         master = [w.detach().requires_grad_(True) for w in flats["w"]]  # as DeepSpeed holds it (a leaf)
         if kind == "zero3":
-            return {"zero_stage": ZeroStageEnum.weights, "loss_scaler": LossScaler(1.0), "dynamic_loss_scale": False,
-                    "overflow": False, "partition_count": self.L.dp, "optimizer_state_dict": self.base_state(flats, step),
-                    "fp32_flat_groups": master}
+            return {
+                "zero_stage": ZeroStageEnum.weights,
+                "loss_scaler": LossScaler(1.0),
+                "dynamic_loss_scale": False,
+                "overflow": False,
+                "partition_count": self.L.dp,
+                "optimizer_state_dict": self.base_state(flats, step),
+                "fp32_flat_groups": master,
+            }
         clip = self.stage.optim.grad_clip
         pads = self.paddings()
         if kind == "bf16":
-            return {"clip_grad": clip, "base_optimizer_state": self.base_state(flats, step),
-                    "single_partition_of_fp32_groups": master, "group_paddings": pads, "partition_count": [self.L.dp] * G,
-                    "ds_version": version, "param_slice_mappings": self.slice_mappings()}
-        lean = [w.numel() - p for w, p in zip(master, pads)]
-        return {"loss_scaler": LossScaler(1.0), "dynamic_loss_scale": False, "overflow": False, "clip_grad": clip,
+            return {
+                "clip_grad": clip,
                 "base_optimizer_state": self.base_state(flats, step),
-                "single_partition_of_fp32_groups": [w.detach()[:n].requires_grad_(True) for w, n in zip(master, lean)],
-                "zero_stage": ZeroStageEnum.gradients if self.L.zero_stage == 2 else ZeroStageEnum.optimizer_states,
-                "group_paddings": pads, "param_alignment_paddings": [[0] * len(s) for s in self.map.groups],
-                "partition_count": [self.L.dp] * G, "ds_version": version, "param_slice_mappings": self.slice_mappings()}
+                "single_partition_of_fp32_groups": master,
+                "group_paddings": pads,
+                "partition_count": [self.L.dp] * G,
+                "ds_version": version,
+                "param_slice_mappings": self.slice_mappings(),
+            }
+        lean = [w.numel() - p for w, p in zip(master, pads)]
+        return {
+            "loss_scaler": LossScaler(1.0),
+            "dynamic_loss_scale": False,
+            "overflow": False,
+            "clip_grad": clip,
+            "base_optimizer_state": self.base_state(flats, step),
+            "single_partition_of_fp32_groups": [w.detach()[:n].requires_grad_(True) for w, n in zip(master, lean)],
+            "zero_stage": ZeroStageEnum.gradients if self.L.zero_stage == 2 else ZeroStageEnum.optimizer_states,
+            "group_paddings": pads,
+            "param_alignment_paddings": [[0] * len(s) for s in self.map.groups],
+            "partition_count": [self.L.dp] * G,
+            "ds_version": version,
+            "param_slice_mappings": self.slice_mappings(),
+        }
 
     def model_state(self, module: OrderedDict, step: int, client_state: dict, ds_config: dict) -> dict:
         from deepspeed import __version__ as version
@@ -224,15 +243,28 @@ class RankWriter:
         z3 = L.zero_stage == 3
         if z3:  # every weight lives in the optimizer files: the module holds empty placeholders
             module = {n: torch.empty(0, dtype=DTYPE[L.dtype]) for n in self.shapes}
-        sd = OrderedDict((key, None if key.endswith("._extra_state") else module[key])
-                         for key in module_keys(self.shapes_in_model_order()))
+        sd = OrderedDict((key, None if key.endswith("._extra_state") else module[key]) for key in module_keys(self.shapes_in_model_order()))
         frozen = OrderedDict() if L.zero_stage >= 2 else None
-        state = {"module": sd, "buffer_names": [], "optimizer": None,
-                 "param_shapes": [OrderedDict((n, torch.Size(s)) for n, s in g.items()) for g in self.map.groups],
-                 "frozen_param_shapes": frozen, "shared_params": {}, "frozen_param_fragments": None if frozen is None else OrderedDict(),
-                 "lr_scheduler": None, "data_sampler": None, "random_ltd": None, "skipped_steps": 0, "global_steps": step,
-                 "global_samples": 0, "dp_world_size": L.dp, "mp_world_size": L.tp,
-                 "checkpoint_parallel_dimensions": {"pp_degree": 1, "tp_degree": L.tp}, "ds_config": ds_config, "ds_version": version}
+        state = {
+            "module": sd,
+            "buffer_names": [],
+            "optimizer": None,
+            "param_shapes": [OrderedDict((n, torch.Size(s)) for n, s in g.items()) for g in self.map.groups],
+            "frozen_param_shapes": frozen,
+            "shared_params": {},
+            "frozen_param_fragments": None if frozen is None else OrderedDict(),
+            "lr_scheduler": None,
+            "data_sampler": None,
+            "random_ltd": None,
+            "skipped_steps": 0,
+            "global_steps": step,
+            "global_samples": 0,
+            "dp_world_size": L.dp,
+            "mp_world_size": L.tp,
+            "checkpoint_parallel_dimensions": {"pp_degree": 1, "tp_degree": L.tp},
+            "ds_config": ds_config,
+            "ds_version": version,
+        }
         state.update(client_state)
         return state
 
@@ -243,8 +275,7 @@ class RankWriter:
 
     # ------------------------------------------------------------------ writing
     @torch.no_grad()  # the source's fp32 master is saved as a leaf that requires grad: copies must not track it
-    def write(self, tag_dir: str, step: int, client_state: dict, ds_config: dict, progress: bool = False,
-              adam_step=lambda: 0) -> dict:
+    def write(self, tag_dir: str, step: int, client_state: dict, ds_config: dict, progress: bool = False, adam_step=lambda: 0) -> dict:
         """Write this rank's files into `tag_dir`: `step` DeepSpeed's global step, `adam_step()` Adam's
         (asked after the fill, which opened the source files it reads). Returns timings and byte counts."""
         t0 = time.perf_counter()
@@ -252,16 +283,22 @@ class RankWriter:
         flats = self.fill(progress)
         t1 = time.perf_counter()
         astep = adam_step()
-        save({"optimizer_state_dict": self.optimizer_state(flats, astep), "ds_config": ds_config, "ds_version": _version()},
-             os.path.join(tag_dir, optim_name))
+        save(
+            {"optimizer_state_dict": self.optimizer_state(flats, astep), "ds_config": ds_config, "ds_version": _version()},
+            os.path.join(tag_dir, optim_name),
+        )
         w = flats["w"]
         del flats
         module = {} if self.L.zero_stage == 3 else self.module_weights(w)  # every DP rank takes part
         del w
         if model_name:
             save(self.model_state(module, step, client_state, ds_config), os.path.join(tag_dir, model_name))
-        return {"bytes_written_state": self.bytes_filled, "fill_seconds": t1 - t0, "save_seconds": time.perf_counter() - t1,
-                "adam_step": astep}
+        return {
+            "bytes_written_state": self.bytes_filled,
+            "fill_seconds": t1 - t0,
+            "save_seconds": time.perf_counter() - t1,
+            "adam_step": astep,
+        }
 
 
 def save(obj, path: str) -> None:
@@ -316,6 +353,7 @@ def init_ranks(layout) -> int:
         raise UserError("MASTER_ADDR and MASTER_PORT must be set for a multi-process run (torchrun or the launcher sets them)")
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(local_rank))
     if not torch.distributed.is_initialized():
-        torch.distributed.init_process_group("gloo", rank=rank, world_size=world,
-                                             timeout=datetime.timedelta(seconds=collective_timeout_s()))
+        torch.distributed.init_process_group(
+            "gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=collective_timeout_s())
+        )
     return rank

@@ -136,8 +136,9 @@ def _resume(plan: Plan, k: int, ckpt_dir: str, tag: str) -> tuple:
         try:
             _, cs = engine.load_checkpoint(ckpt_dir, tag=tag)
         except (RuntimeError, OSError, ValueError, KeyError, EOFError) as e:
-            raise UserError(f"cannot load checkpoint {where}: {type(e).__name__}: "
-                            f"{str(e).splitlines()[0] if str(e) else ''}", all_ranks=True) from None
+            raise UserError(
+                f"cannot load checkpoint {where}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}", all_ranks=True
+            ) from None
         rec = StageRecord.from_client_state(cs, ckpt_dir)
     else:
         try:
@@ -167,18 +168,30 @@ class Checkpointer:
         (the last complete one stays the newest)."""
         s, rec, stage = self.s, self.s.rec, self.s.stage
         if not fp32_finite(s.optimizer):
-            raise NonFinite(f"stage {stage.name}: the weights are not finite at step {rec.step}; not saving it "
-                            f"({_kept_msg(s.paths.ckpt)})")
+            raise NonFinite(f"stage {stage.name}: the weights are not finite at step {rec.step}; not saving it ({_kept_msg(s.paths.ckpt)})")
         faults.set_step(rec.step)
         faults.point("save.before")
         manifest.save_record(s.engine, s.paths.ckpt, rec, keep_last=s.plan.reliability.keep_last)
         faults.point("save.after")
         if s.rank == 0:
-            write_json_atomic(s.paths.status, {"state": state, "stage": stage.name, "step": rec.step, "steps": stage.steps,
-                                               "sample_index": rec.sample_index, "loss": rec.loss, "tag": tag_of(rec.step),
-                                               "eval_loss": rec.eval_loss, "tokens": rec.tokens, "flops": rec.flops,
-                                               "layout": stage.layout.to_dict(), "time": time.time(),
-                                               **({"stopped_by": stage.stop.rule} if rec.final_step is not None else {})})
+            write_json_atomic(
+                s.paths.status,
+                {
+                    "state": state,
+                    "stage": stage.name,
+                    "step": rec.step,
+                    "steps": stage.steps,
+                    "sample_index": rec.sample_index,
+                    "loss": rec.loss,
+                    "tag": tag_of(rec.step),
+                    "eval_loss": rec.eval_loss,
+                    "tokens": rec.tokens,
+                    "flops": rec.flops,
+                    "layout": stage.layout.to_dict(),
+                    "time": time.time(),
+                    **({"stopped_by": stage.stop.rule} if rec.final_step is not None else {}),
+                },
+            )
 
     def preempted(self, meter: Meter, state: str, said: bool = True) -> int:
         """Save now (a signal was agreed) with status `state`, close, and return EXIT_PREEMPTED."""
@@ -231,8 +244,10 @@ class Meter:
         s.say(growth_report(s.plan, s.k, before, s.rec.eval_loss))
         if not math.isfinite(s.rec.eval_loss):  # the same value on every rank (all-reduced): all stop alike
             was = "" if before is None else f", {before:.4f} before it"
-            raise NonFinite(f"stage {stage.name}: eval loss {s.rec.eval_loss} right after growth {s.plan.stages[s.k - 1].name} -> "
-                            f"{stage.name} ({stage.grow or 'identity'}{was}); stopped before training ({_kept_msg(s.paths.ckpt)})")
+            raise NonFinite(
+                f"stage {stage.name}: eval loss {s.rec.eval_loss} right after growth {s.plan.stages[s.k - 1].name} -> "
+                f"{stage.name} ({stage.grow or 'identity'}{was}); stopped before training ({_kept_msg(s.paths.ckpt)})"
+            )
 
     def logged(self, lr: float) -> None:
         """The log line of the current step (rank 0)."""
@@ -241,13 +256,24 @@ class Meter:
             return
         now = time.perf_counter()
         dt = (now - self.t_last - (self.meter.eval_seconds - self.eval_s)) / self.steps_since  # training time only
-        entry = {"stage": stage.name, "step": rec.step, "loss": rec.loss, "lr": lr, "sample_index": rec.sample_index,
-                 "tokens_per_s": L.global_batch * stage.model.seq_len / dt, "step_time_s": dt,
-                 "grad_norm": _grad_norm(s.engine), **self.meter.train_fields(rec.step, dt), "time": time.time()}
+        entry = {
+            "stage": stage.name,
+            "step": rec.step,
+            "loss": rec.loss,
+            "lr": lr,
+            "sample_index": rec.sample_index,
+            "tokens_per_s": L.global_batch * stage.model.seq_len / dt,
+            "step_time_s": dt,
+            "grad_norm": _grad_norm(s.engine),
+            **self.meter.train_fields(rec.step, dt),
+            "time": time.time(),
+        }
         self.write(entry)
         mfu = "" if entry["mfu"] is None else f" MFU {100 * entry['mfu']:.1f}%"
-        s.say(f"[megagrow] {stage.name} step {rec.step}/{stage.steps} loss {rec.loss:.4f} lr {lr:.2e} "
-              f"{entry['tokens_per_s']:.0f} tok/s {entry['tflops_per_device']:.3g} TFLOP/s/dev{mfu}")
+        s.say(
+            f"[megagrow] {stage.name} step {rec.step}/{stage.steps} loss {rec.loss:.4f} lr {lr:.2e} "
+            f"{entry['tokens_per_s']:.0f} tok/s {entry['tflops_per_device']:.3g} TFLOP/s/dev{mfu}"
+        )
         self.t_last, self.steps_since, self.eval_s = now, 0, self.meter.eval_seconds
 
     def evals_due(self, stopper: Stopper) -> None:
@@ -274,23 +300,28 @@ class Stopper:
         from megagrow.schedule.stop import StageStop
 
         self.s = s
-        self.rule = StageStop.of(s.plan, s.k, s.rec.lr_offset, s.paths.log, s.rec.step,
-                                 use_eval=meter.meter.enabled and s.stage.eval_every > 0)
+        self.rule = StageStop.of(
+            s.plan, s.k, s.rec.lr_offset, s.paths.log, s.rec.step, use_eval=meter.meter.enabled and s.stage.eval_every > 0
+        )
 
     def on_logged(self) -> None:
         s = self.s
         if self.rule and self.rule.update(s.rec.step, s.rec.loss):
             s.ends_here()
-            s.say(f"[megagrow] {s.stage.name}: slope rule (d log L / d log C {self.rule.rule.slope:.4f} > "
-                  f"{self.rule.threshold}) ends the stage at step {s.rec.step}")
+            s.say(
+                f"[megagrow] {s.stage.name}: slope rule (d log L / d log C {self.rule.rule.slope:.4f} > "
+                f"{self.rule.threshold}) ends the stage at step {s.rec.step}"
+            )
 
     def on_eval(self, v: float) -> bool:
         s = self.s
         if not (self.rule and self.rule.update_eval(s.rec.step, v)):
             return False
         s.ends_here()
-        s.say(f"[megagrow] {s.stage.name}: slope rule on the eval loss (d log L / d log C {self.rule.rule.slope:.4f} > "
-              f"{self.rule.threshold}) ends the stage at step {s.rec.step}")
+        s.say(
+            f"[megagrow] {s.stage.name}: slope rule on the eval loss (d log L / d log C {self.rule.rule.slope:.4f} > "
+            f"{self.rule.threshold}) ends the stage at step {s.rec.step}"
+        )
         return True
 
 
@@ -312,12 +343,16 @@ def step(s: Started, lr: float, nonfinite: list) -> float:
         n, allowed = nonfinite[0], rel.skip_nonfinite_steps
         what = f"loss {s.rec.loss}" if not math.isfinite(loss_sum) else "gradient norm not finite"
         if n > allowed or not fp32_finite(s.optimizer):
-            raise NonFinite(f"stage {stage.name}: {what} at step {s.rec.step} (lr {lr:.3g})"
-                            + (f", {n} such steps (skip_nonfinite_steps {allowed})" if n > 1 else "")
-                            + f"; stopped without saving ({_kept_msg(s.paths.ckpt)}); lower optim.lr or check the data")
+            raise NonFinite(
+                f"stage {stage.name}: {what} at step {s.rec.step} (lr {lr:.3g})"
+                + (f", {n} such steps (skip_nonfinite_steps {allowed})" if n > 1 else "")
+                + f"; stopped without saving ({_kept_msg(s.paths.ckpt)}); lower optim.lr or check the data"
+            )
         if s.rank == 0:
-            print(f"[megagrow] {stage.name}: {what} at step {s.rec.step}: update skipped, weights finite "
-                  f"({n} of {allowed} allowed)", flush=True)
+            print(
+                f"[megagrow] {stage.name}: {what} at step {s.rec.step}: update skipped, weights finite ({n} of {allowed} allowed)",
+                flush=True,
+            )
     return stop_votes
 
 
@@ -395,8 +430,13 @@ def _resume_tag(ckpt_dir: str, rank: int, quiet: bool) -> str | None:
         latest = manifest.read_latest(ckpt_dir)
         if tag is None and latest is not None:
             why = "; ".join(f"{t}: {w}" for t, w in skipped[:3]) or "no tags"
-            box = [None, [f"error: {ckpt_dir}: `latest` names {latest!r} but no checkpoint there is complete ({why}); "
-                          f"`megagrow verify {ckpt_dir}` lists them"]]
+            box = [
+                None,
+                [
+                    f"error: {ckpt_dir}: `latest` names {latest!r} but no checkpoint there is complete ({why}); "
+                    f"`megagrow verify {ckpt_dir}` lists them"
+                ],
+            ]
         else:
             box = [tag, skipped]
             if tag is not None and latest != tag:
@@ -404,7 +444,7 @@ def _resume_tag(ckpt_dir: str, rank: int, quiet: bool) -> str | None:
     collectives.broadcast_object_list(box, src=0)
     tag, skipped = box
     if tag is None and skipped and isinstance(skipped[0], str):
-        raise UserError(skipped[0][len("error: "):], all_ranks=True)
+        raise UserError(skipped[0][len("error: ") :], all_ranks=True)
     if rank == 0 and not quiet:
         for t, why in skipped:
             print(f"[megagrow] skipping incomplete checkpoint {t} ({why})", flush=True)
@@ -417,14 +457,22 @@ def _check_manifest_fits(ckpt_dir: str, tag: str, plan: Plan, k: int) -> None:
     stage = plan.stages[k]
     where = os.path.join(ckpt_dir, tag)
     if m.get("stage") != stage.name:
-        raise UserError(f"{where} is a checkpoint of stage {m.get('stage')!r} (plan {m.get('plan')!r}), not of stage "
-                        f"{stage.name!r}; refusing to resume", all_ranks=True)
+        raise UserError(
+            f"{where} is a checkpoint of stage {m.get('stage')!r} (plan {m.get('plan')!r}), not of stage "
+            f"{stage.name!r}; refusing to resume",
+            all_ranks=True,
+        )
     if "model" in m and m["model"] != stage.model.to_dict():
-        raise UserError(f"{where} was written for another model config (plan {m.get('plan')!r}) than stage "
-                        f"{stage.name!r} of plan {plan.name!r} has; refusing to resume", all_ranks=True)
+        raise UserError(
+            f"{where} was written for another model config (plan {m.get('plan')!r}) than stage "
+            f"{stage.name!r} of plan {plan.name!r} has; refusing to resume",
+            all_ranks=True,
+        )
     if "layout" in m and m["layout"] != stage.layout.to_dict():
-        raise UserError(f"{where} was written at layout {m['layout']}, this run uses {stage.layout.to_dict()}: "
-                        f"reshard it with tools/regrow.py", all_ranks=True)
+        raise UserError(
+            f"{where} was written at layout {m['layout']}, this run uses {stage.layout.to_dict()}: reshard it with tools/regrow.py",
+            all_ranks=True,
+        )
 
 
 def _stage_lock(stage_root: str):
@@ -440,8 +488,11 @@ def _stage_lock(stage_root: str):
         if why == "held":
             err = f"another set of ranks is training {stage_root} (it holds {path})"
         elif why:
-            print(f"warning: {why}; nothing stops a second set of ranks from training this stage at the same time",
-                  file=sys.stderr, flush=True)
+            print(
+                f"warning: {why}; nothing stops a second set of ranks from training this stage at the same time",
+                file=sys.stderr,
+                flush=True,
+            )
     box = [err]
     collectives.broadcast_object_list(box, src=0)
     if box[0]:
@@ -475,6 +526,8 @@ def growth_report(plan: Plan, k: int, before: float | None, after: float) -> str
     if exact and abs(delta) > EXACT_TOLERANCE and stage.layout.dtype == "fp32":
         old, new = logical_tensors(prev.model), logical_tensors(stage.model)
         kinds = sorted({n.split(".", 2)[2] if n.startswith("blocks.") else n for n, s in new.items() if old.get(n) != s})
-        line += (f"\n[megagrow] WARNING: {stage.grow or 'identity'} is loss preserving but the eval loss moved by "
-                 f"{delta:+.2e} (> {EXACT_TOLERANCE:.0e}); grown tensor kinds: {', '.join(kinds)}")
+        line += (
+            f"\n[megagrow] WARNING: {stage.grow or 'identity'} is loss preserving but the eval loss moved by "
+            f"{delta:+.2e} (> {EXACT_TOLERANCE:.0e}); grown tensor kinds: {', '.join(kinds)}"
+        )
     return line

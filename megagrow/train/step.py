@@ -3,13 +3,14 @@
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
 
-def train_step(engine, optimizer, batches, seed: int, grad_accum: int, first_sample: int, lr: float, device,
-               phase: Callable[[str], None] | None = None) -> torch.Tensor:
+def train_step(
+    engine, optimizer, batches, seed: int, grad_accum: int, first_sample: int, lr: float, device, phase: Callable[[str], None] | None = None
+) -> torch.Tensor:
     """One optimizer step of a DeepSpeed engine at learning rate `lr`: for each of the `grad_accum`
     micro-batches of the global batch that starts at sample `first_sample` (this rank's slice of it),
     the dropout seed of its first sample, forward, backward and engine.step (DeepSpeed steps the

@@ -16,16 +16,20 @@ import torch
 
 from megagrow import collectives, faults
 from megagrow.config import Plan
-from megagrow.state import manifest
 from megagrow.errors import UserError
 from megagrow.paths import RunPaths
+from megagrow.state import manifest
 
 
 def _seal(tmp: str, plan: Plan, k: int, info: dict, **extra) -> None:
     """A transition's (or import's) output counts only once sealed, like a training save."""
     stage = plan.stages[k]
-    manifest.seal(tmp, info["tag"], manifest.checkpoint_meta(plan, k, info["step"], info["sample_offset"] + info["step"] * stage.layout.global_batch,
-                                                             **extra), tp=stage.layout.tp)
+    manifest.seal(
+        tmp,
+        info["tag"],
+        manifest.checkpoint_meta(plan, k, info["step"], info["sample_offset"] + info["step"] * stage.layout.global_batch, **extra),
+        tp=stage.layout.tp,
+    )
 
 
 def gather_persistent(engine) -> None:
@@ -54,8 +58,9 @@ def transition(plan: Plan, k: int, run_dir: str, quiet: bool = False, keep_engin
     prev_paths, paths = run.stage(prev.name), run.stage(stage.name)
     src_tag, _ = manifest.choose_once(prev_paths.ckpt)  # rank 0 chooses, every rank gets its choice
     if src_tag is None:
-        raise UserError(f"stage {stage.name!r} starts from stage {prev.name!r}, which has no complete checkpoint in "
-                        f"{prev_paths.ckpt}", all_ranks=True)
+        raise UserError(
+            f"stage {stage.name!r} starts from stage {prev.name!r}, which has no complete checkpoint in {prev_paths.ckpt}", all_ranks=True
+        )
     src = SourceCheckpoint.open(prev_paths.ckpt, src_tag)
     rec = src.record
     if not rec.finished:
@@ -82,9 +87,12 @@ def transition(plan: Plan, k: int, run_dir: str, quiet: bool = False, keep_engin
         os.replace(tmp, paths.ckpt)
     collectives.barrier()
     if rank == 0 and not quiet:
-        print(f"[megagrow] transition {prev.name} -> {stage.name} ({info['op']}) at {stage.layout.to_dict()} "
-              f"in {time.perf_counter() - t0:.1f} s, read {info['bytes_read'] / 1e6:.2f} MB from {info['files_opened']} files "
-              f"on rank 0", flush=True)
+        print(
+            f"[megagrow] transition {prev.name} -> {stage.name} ({info['op']}) at {stage.layout.to_dict()} "
+            f"in {time.perf_counter() - t0:.1f} s, read {info['bytes_read'] / 1e6:.2f} MB from {info['files_opened']} files "
+            f"on rank 0",
+            flush=True,
+        )
     return info
 
 
@@ -109,6 +117,9 @@ def initial(plan: Plan, k: int, run_dir: str, quiet: bool = False) -> dict:
         os.replace(tmp, paths.ckpt)
     collectives.barrier()
     if rank == 0 and not quiet:
-        print(f"[megagrow] {stage.name}: initialised from {info['init_from']} at {stage.layout.to_dict()} "
-              f"in {time.perf_counter() - t0:.1f} s", flush=True)
+        print(
+            f"[megagrow] {stage.name}: initialised from {info['init_from']} at {stage.layout.to_dict()} "
+            f"in {time.perf_counter() - t0:.1f} s",
+            flush=True,
+        )
     return info

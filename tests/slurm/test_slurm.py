@@ -19,7 +19,6 @@ import time
 
 import pytest
 import yaml
-
 from conftest import REPO
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -50,14 +49,23 @@ def slurm():
     have = all(shutil.which(b) for b in ("slurmctld", "slurmd", "sbatch", "srun", "munged"))
     if not have and not shutil.which("apt-get"):
         _skip_or_fail("Slurm is not installed and apt-get is not available to install it")
-    env = dict(os.environ, SLURM_LOCAL_DIR=SLURM_DIR, SLURM_LOCAL_NODES="2", SLURM_LOCAL_CPUS="2",
-               SLURM_LOCAL_CTLD_PORT="6917", SLURM_LOCAL_SLURMD_PORT="6918", SLURM_LOCAL_CRED_EXPIRE="5",
-               SLURM_LOCAL_PROCTRACK="pgid")
+    env = dict(
+        os.environ,
+        SLURM_LOCAL_DIR=SLURM_DIR,
+        SLURM_LOCAL_NODES="2",
+        SLURM_LOCAL_CPUS="2",
+        SLURM_LOCAL_CTLD_PORT="6917",
+        SLURM_LOCAL_SLURMD_PORT="6918",
+        SLURM_LOCAL_CRED_EXPIRE="5",
+        SLURM_LOCAL_PROCTRACK="pgid",
+    )
     was_up = _alive(os.path.join(SLURM_DIR, "run", "slurmctld.pid"), "slurmctld")
     r = subprocess.run(["bash", os.path.join(HERE, "local_slurm.sh")], env=env, capture_output=True, text=True, timeout=600)
     if r.returncode != 0:
-        _skip_or_fail(f"local Slurm cluster did not start (tests/slurm/local_slurm.sh exit {r.returncode}): "
-                      f"{r.stderr.strip().splitlines()[-1] if r.stderr.strip() else ''}")
+        _skip_or_fail(
+            f"local Slurm cluster did not start (tests/slurm/local_slurm.sh exit {r.returncode}): "
+            f"{r.stderr.strip().splitlines()[-1] if r.stderr.strip() else ''}"
+        )
     old = os.environ.get("SLURM_CONF")
     os.environ["SLURM_CONF"] = os.path.join(SLURM_DIR, "etc", "slurm.conf")
     yield SLURM_DIR
@@ -90,8 +98,14 @@ def sbatch(out_dir, *args, script="slurm/tiny_cpu.sh", **env) -> str:
     dependent jobs the controller submits write there too (MEGAGROW_SBATCH_ARGS)."""
     pattern = os.path.join(str(out_dir), "job-%j.out")
     env.setdefault("MEGAGROW_SBATCH_ARGS", f"--output={pattern}")
-    r = subprocess.run(["sbatch", "--parsable", f"--output={pattern}", *args, script], cwd=REPO,
-                       env=_job_env(**env), capture_output=True, text=True, timeout=60)
+    r = subprocess.run(
+        ["sbatch", "--parsable", f"--output={pattern}", *args, script],
+        cwd=REPO,
+        env=_job_env(**env),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert r.returncode == 0, r.stderr
     return r.stdout.strip().split(";")[0]
 
@@ -240,8 +254,7 @@ def test_preempt_mid_stage_and_during_transition(slurm, tmp_path, data_prefix):
     # 1. mid-stage
     wait_for(lambda: len(log_steps(run, "small")) >= 10, "stage small to train", job, tmp_path)
     subprocess.run(["scancel", "--batch", "--signal=USR1", job], check=True)
-    wait_for(lambda: "restart 1 " in output(tmp_path, job) or job_info(job).get("Restarts") == "1",
-             "the job to be requeued", job, tmp_path)
+    wait_for(lambda: "restart 1 " in output(tmp_path, job) or job_info(job).get("Restarts") == "1", "the job to be requeued", job, tmp_path)
     st = read_json(os.path.join(run, "small", "status.json"))
     s1 = st["step"]
     assert st["state"] == "preempted" and 10 <= s1 < steps, st
@@ -251,8 +264,9 @@ def test_preempt_mid_stage_and_during_transition(slurm, tmp_path, data_prefix):
         open(os.path.join(run, "wide", junk, "step_00000000", "mp_rank_00_model_states.pt"), "w").close()
 
     # 2. during the transition small -> wide (after it started, before wide's first step)
-    wait_for(lambda: "transition small -> wide (width): start" in output(tmp_path, job),
-             "the transition to start", job, tmp_path, every=0.05)
+    wait_for(
+        lambda: "transition small -> wide (width): start" in output(tmp_path, job), "the transition to start", job, tmp_path, every=0.05
+    )
     assert log_steps(run, "wide") == []
     subprocess.run(["scancel", "--batch", "--signal=USR1", job], check=True)
 
@@ -275,7 +289,7 @@ def test_preempt_mid_stage_and_during_transition(slurm, tmp_path, data_prefix):
     assert exits[2][:3] == ("wide", 75, 0) and exits[2][3] == 1, exits  # saved right after growing
     assert exits[3] == ("wide", 0, 12, 2), exits
     assert out.count("transition small -> wide (width): start") == 1  # the grown checkpoint was kept, not grown twice
-    assert "resumed stage small at step %d" % s1 in out and "resumed stage wide at step 0" in out
+    assert f"resumed stage small at step {s1}" in out and "resumed stage wide at step 0" in out
 
 
 # --------------------------------------------------------------------------------------
@@ -286,12 +300,14 @@ def test_two_nodes_via_dependent_job(slurm, tmp_path, data_prefix):
     """The job gets 1 node x 1 task: stage `one` (1 rank) runs there; stage `two` (DP=2 at 1 rank
     per node) needs 2 nodes, so the controller submits itself again with --nodes=2 and
     --dependency=afterok; that job runs `two` across node1 and node2."""
-    plan = write_plan(tmp_path / "twonode.yaml", keep=2,
-                      small={"name": "one", "steps": 8, "layout": {"dp": 1, "zero_stage": 1, "ds_config": None}},
-                      wide={"name": "two", "steps": 8, "layout": {"tp": 1, "dp": 2, "zero_stage": 2, "grad_accum": 1}})
+    plan = write_plan(
+        tmp_path / "twonode.yaml",
+        keep=2,
+        small={"name": "one", "steps": 8, "layout": {"dp": 1, "zero_stage": 1, "ds_config": None}},
+        wide={"name": "two", "steps": 8, "layout": {"tp": 1, "dp": 2, "zero_stage": 2, "grad_accum": 1}},
+    )
     run = str(tmp_path / "run")
-    job = sbatch(tmp_path, "--nodes=1", "--ntasks-per-node=1", MEGAGROW_PLAN=plan, MEGAGROW_DATA=data_prefix,
-                 MEGAGROW_RUN_DIR=run)
+    job = sbatch(tmp_path, "--nodes=1", "--ntasks-per-node=1", MEGAGROW_PLAN=plan, MEGAGROW_DATA=data_prefix, MEGAGROW_RUN_DIR=run)
     info = wait_job(job)
     out = output(tmp_path, job)
     assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", out[-4000:]
@@ -322,10 +338,12 @@ def test_bad_input_refused_before_launch(slurm, tmp_path, data_prefix):
         "operator": write_plan(tmp_path / "operator.yaml", keep=2, wide={"grow": "widen"}),
         "chain": write_plan(tmp_path / "chain.yaml", wide={"grow": "depth"}),  # d_model changes: not a depth growth
     }
-    needles = {"fit": "is not a whole number of nodes", "operator": "unknown growth operator 'widen'",
-               "chain": "stage 1 (wide): grow 'depth' from stage 'small'"}
-    jobs = {k: sbatch(tmp_path, MEGAGROW_PLAN=p, MEGAGROW_DATA=data_prefix, MEGAGROW_RUN_DIR=str(tmp_path / k))
-            for k, p in cases.items()}
+    needles = {
+        "fit": "is not a whole number of nodes",
+        "operator": "unknown growth operator 'widen'",
+        "chain": "stage 1 (wide): grow 'depth' from stage 'small'",
+    }
+    jobs = {k: sbatch(tmp_path, MEGAGROW_PLAN=p, MEGAGROW_DATA=data_prefix, MEGAGROW_RUN_DIR=str(tmp_path / k)) for k, p in cases.items()}
     for k, job in jobs.items():
         info = wait_job(job, timeout=120)
         out = output(tmp_path, job)

@@ -23,11 +23,25 @@ def _dataset(prefix: str, tokens: int, vocab: int = 512) -> str:
 
 def _plan(tmp_path, data: str, **stage1) -> str:
     """A 2-stage plan (a -> b by depth), valid unless edited; returns its path."""
-    d = {"name": "bad", "seed": 1, "data": {"prefix": data}, "defaults": {"steps": 4, "optim": {"lr": "3e-4", "min_lr": 1.0e-5}},
-         "stages": [{"name": "a", "model": {"n_layers": 1, "d_model": 32, "n_heads": 2, "vocab_size": 512, "seq_len": 16},
-                     "layout": {"tp": 1, "dp": 2, "zero_stage": 2, "micro_batch": 2}},
-                    {"name": "b", "grow": "depth", "model": {"n_layers": 2, "d_model": 32, "n_heads": 2, "vocab_size": 512, "seq_len": 16},
-                     "layout": {"tp": 2, "dp": 1, "zero_stage": 1, "micro_batch": 2}}]}
+    d = {
+        "name": "bad",
+        "seed": 1,
+        "data": {"prefix": data},
+        "defaults": {"steps": 4, "optim": {"lr": "3e-4", "min_lr": 1.0e-5}},
+        "stages": [
+            {
+                "name": "a",
+                "model": {"n_layers": 1, "d_model": 32, "n_heads": 2, "vocab_size": 512, "seq_len": 16},
+                "layout": {"tp": 1, "dp": 2, "zero_stage": 2, "micro_batch": 2},
+            },
+            {
+                "name": "b",
+                "grow": "depth",
+                "model": {"n_layers": 2, "d_model": 32, "n_heads": 2, "vocab_size": 512, "seq_len": 16},
+                "layout": {"tp": 2, "dp": 1, "zero_stage": 1, "micro_batch": 2},
+            },
+        ],
+    }
     for k, v in stage1.items():
         if isinstance(v, dict) and isinstance(d["stages"][1].get(k), dict):
             d["stages"][1][k] = {**d["stages"][1][k], **v}
@@ -109,8 +123,7 @@ def test_status_on_a_manifest_that_is_not_an_object(tmp_path, capsys):
     """`megagrow status` on a manifest that is a JSON string, or not JSON: one line, exit 2, file untouched."""
     run = tmp_path / "run"
     run.mkdir()
-    for content, needle in ((json.dumps("just a string"), "is a JSON str, not a run manifest object"),
-                            ("{not json", "is not valid JSON")):
+    for content, needle in ((json.dumps("just a string"), "is a JSON str, not a run manifest object"), ("{not json", "is not valid JSON")):
         (run / "manifest.json").write_text(content)
         _one_error(capsys, megagrow(["status", str(run)]), needle)
         assert (run / "manifest.json").read_text() == content
@@ -129,12 +142,15 @@ def test_prepare_data_dangling_symlink(tmp_path, capsys):
     assert not (tmp_path / "out" / "x.bin").exists()
 
 
-@pytest.mark.parametrize("content,needle", [
-    ("[1, 2]", "expected a JSON object of DeepSpeed settings, got a JSON list"),
-    ('"zero3"', "expected a JSON object of DeepSpeed settings, got a JSON str"),
-    ('{"zero_optimization": [3]}', "zero_optimization must be a JSON object, got a JSON list"),
-    ("{not json", "not readable as JSON"),
-])
+@pytest.mark.parametrize(
+    "content,needle",
+    [
+        ("[1, 2]", "expected a JSON object of DeepSpeed settings, got a JSON list"),
+        ('"zero3"', "expected a JSON object of DeepSpeed settings, got a JSON str"),
+        ('{"zero_optimization": [3]}', "zero_optimization must be a JSON object, got a JSON list"),
+        ("{not json", "not readable as JSON"),
+    ],
+)
 def test_ds_config_that_is_not_an_object_is_refused_before_launch(tmp_path, capsys, data, content, needle):
     """A ds_config file that is not a JSON object (or whose zero_optimization is not one): one line at
     validation, exit 2, no run directory (every rank would otherwise fail on it in DeepSpeed's config)."""
@@ -159,6 +175,7 @@ def test_read_only_run_directory(tmp_path, capsys, data):
 
 
 # ---- failures that need a trained stage (one `megagrow train` of a tiny stage, shared)
+
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):

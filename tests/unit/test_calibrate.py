@@ -21,10 +21,10 @@ try:
 except ImportError:  # running from a checkout that is not installed
     sys.path.insert(0, str(ROOT))
 
+from megagrow.cli.plan import curves_from_runs  # noqa: E402
 from megagrow.config import Plan  # noqa: E402
 from megagrow.errors import UserError  # noqa: E402
 from megagrow.metrics.flops import Ledger  # noqa: E402
-from megagrow.cli.plan import curves_from_runs  # noqa: E402
 from megagrow.schedule import calibrate as CAL  # noqa: E402
 from megagrow.schedule import planner as P  # noqa: E402
 from megagrow.schedule.law import KaplanLaw, non_embedding_params  # noqa: E402
@@ -61,8 +61,7 @@ def test_fit_recovers_kaplans_own_constants_from_curves_of_kaplans_law():
     """Noise-free curves of KaplanLaw() at 1e6..1e9 params, steps 1e3..1e5: its four constants
     come back to 1e-6; the base law's batch accounting is kept."""
     steps = np.geomspace(1e3, 1e5, 40)
-    law, info = CAL.fit_law(_curves(KaplanLaw(), np.geomspace(1e6, 1e9, 4), steps),
-                            base=KaplanLaw(batch="target"))
+    law, info = CAL.fit_law(_curves(KaplanLaw(), np.geomspace(1e6, 1e9, 4), steps), base=KaplanLaw(batch="target"))
     for k in CAL.FITTED:
         assert getattr(law, k) == pytest.approx(getattr(KaplanLaw(), k), rel=1e-6), k
     assert law.batch == "target" and law.name == "calibrated" and info["rmse"] < 1e-9
@@ -154,20 +153,19 @@ def test_kaplan_thresholds_at_fixed_batch_are_steeper_than_the_papers_which_matc
 
 
 # ============================================================================ run directories and the CLI
-def _fake_run(root: Path, name: str, n_layers: int, d_model: int, law: KaplanLaw, steps=400, every=20,
-              stages: list | None = None) -> Path:
+def _fake_run(root: Path, name: str, n_layers: int, d_model: int, law: KaplanLaw, steps=400, every=20, stages: list | None = None) -> Path:
     """A run directory as `megagrow run` leaves it: RUN/manifest.json with the plan, and
     RUN/<stage>/log.jsonl with training and eval records as the stage loop writes them
     (megagrow.metrics.meter.StageMeter: train_fields and eval_record on the run's Ledger, tokens
     and flops cumulative over the run; a later stage logs "before_growth" / "after_growth" evals
     at its step 0).  The losses follow ``law`` at the model's step counted over the whole run."""
     model = {"n_layers": n_layers, "d_model": d_model, "n_heads": 4}
-    plan = Plan.from_dict({"name": name, "stages": stages or [
-        {"name": "base", "model": model, "steps": steps, "eval_every": every}]})
+    plan = Plan.from_dict({"name": name, "stages": stages or [{"name": "base", "model": model, "steps": steps, "eval_every": every}]})
     run = root / name
     run.mkdir()
-    (run / "manifest.json").write_text(json.dumps({"format": 1, "plan_file": str(root / f"{name}.yaml"),
-                                                   "plan": plan.to_dict(), "run_dir": str(run), "state": "done"}))
+    (run / "manifest.json").write_text(
+        json.dumps({"format": 1, "plan_file": str(root / f"{name}.yaml"), "plan": plan.to_dict(), "run_dir": str(run), "state": "done"})
+    )
     done, tokens0, flops0 = 0, 0, 0
     for k, stage in enumerate(plan.stages):
         N = non_embedding_params(stage.model.n_layers, stage.model.d_model)
@@ -175,13 +173,29 @@ def _fake_run(root: Path, name: str, n_layers: int, d_model: int, law: KaplanLaw
         every = stage.eval_every or stage.steps
 
         def ev(step, at):
-            return {"stage": stage.name, "step": step, "eval_loss": law.loss(N, done + step),
-                    "tokens": ledger.tokens(step), "flops": ledger.flops(step), "at": at, "time": time.time()}
+            return {
+                "stage": stage.name,
+                "step": step,
+                "eval_loss": law.loss(N, done + step),
+                "tokens": ledger.tokens(step),
+                "flops": ledger.flops(step),
+                "at": at,
+                "time": time.time(),
+            }
 
         lines = [ev(0, "before_growth"), ev(0, "after_growth")] if k else []
         for s in range(10, stage.steps + 1, 10):
-            lines.append({"stage": stage.name, "step": s, "loss": law.loss(N, done + s) * 1.01, "lr": 1e-3,
-                          "tokens": ledger.tokens(s), "flops": ledger.flops(s), "time": time.time()})
+            lines.append(
+                {
+                    "stage": stage.name,
+                    "step": s,
+                    "loss": law.loss(N, done + s) * 1.01,
+                    "lr": 1e-3,
+                    "tokens": ledger.tokens(s),
+                    "flops": ledger.flops(s),
+                    "time": time.time(),
+                }
+            )
             if s % every == 0 or s == stage.steps:
                 lines.append(ev(s, "stage_end" if s == stage.steps else "periodic"))
         (run / stage.name).mkdir()
@@ -193,7 +207,7 @@ def _fake_run(root: Path, name: str, n_layers: int, d_model: int, law: KaplanLaw
 def test_curves_from_runs_reads_n_steps_and_eval_losses_after_the_warmup_cut(tmp_path):
     run = _fake_run(tmp_path, "a", 2, 64, TRUE)
     ((N, steps, loss),) = curves_from_runs([str(run)])
-    assert N == 12 * 2 * 64 ** 2
+    assert N == 12 * 2 * 64**2
     assert steps[0] == 80 and steps[-1] == 400  # default cut: max(warmup 20, 20% of 400)
     assert np.all(np.diff(steps) == 20)
     assert loss == pytest.approx([TRUE.loss(N, s) for s in steps], rel=1e-15)
@@ -203,15 +217,31 @@ def test_curves_from_runs_reads_n_steps_and_eval_losses_after_the_warmup_cut(tmp
 
 def test_a_run_continuing_one_model_over_two_stages_counts_steps_over_the_whole_run(tmp_path):
     model = {"n_layers": 2, "d_model": 64, "n_heads": 4}
-    run = _fake_run(tmp_path, "two", 2, 64, TRUE, stages=[
-        {"name": "a", "model": model, "steps": 200, "eval_every": 20},
-        {"name": "b", "model": model, "steps": 200, "eval_every": 20, "layout": {"micro_batch": 2, "grad_accum": 2}}])
+    run = _fake_run(
+        tmp_path,
+        "two",
+        2,
+        64,
+        TRUE,
+        stages=[
+            {"name": "a", "model": model, "steps": 200, "eval_every": 20},
+            {"name": "b", "model": model, "steps": 200, "eval_every": 20, "layout": {"micro_batch": 2, "grad_accum": 2}},
+        ],
+    )
     ((N, steps, loss),) = curves_from_runs([str(run)], min_step=0)
     assert list(steps) == list(range(20, 401, 20))  # b's step 0 evals repeat a's end: kept once
     assert loss == pytest.approx([TRUE.loss(N, s) for s in steps], rel=1e-15)
-    other = _fake_run(tmp_path, "rebatched", 2, 64, TRUE, stages=[
-        {"name": "a", "model": model, "steps": 200, "eval_every": 20},
-        {"name": "b", "model": model, "steps": 200, "eval_every": 20, "layout": {"micro_batch": 8}}])
+    other = _fake_run(
+        tmp_path,
+        "rebatched",
+        2,
+        64,
+        TRUE,
+        stages=[
+            {"name": "a", "model": model, "steps": 200, "eval_every": 20},
+            {"name": "b", "model": model, "steps": 200, "eval_every": 20, "layout": {"micro_batch": 8}},
+        ],
+    )
     with pytest.raises(UserError, match="rebatched.*different batch sizes"):
         curves_from_runs([str(other)])
 
@@ -222,9 +252,17 @@ def test_curves_from_runs_rejects_missing_staged_and_evalless_runs_naming_them(t
     (tmp_path / "empty").mkdir()
     with pytest.raises(UserError, match="empty.*manifest"):
         curves_from_runs([str(tmp_path / "empty")])
-    staged = _fake_run(tmp_path, "staged", 2, 64, TRUE, stages=[
-        {"name": "small", "model": {"n_layers": 2, "d_model": 64, "n_heads": 4}, "steps": 100},
-        {"name": "deep", "model": {"n_layers": 4, "d_model": 64, "n_heads": 4}, "steps": 100, "grow": "depth"}])
+    staged = _fake_run(
+        tmp_path,
+        "staged",
+        2,
+        64,
+        TRUE,
+        stages=[
+            {"name": "small", "model": {"n_layers": 2, "d_model": 64, "n_heads": 4}, "steps": 100},
+            {"name": "deep", "model": {"n_layers": 4, "d_model": 64, "n_heads": 4}, "steps": 100, "grow": "depth"},
+        ],
+    )
     with pytest.raises(UserError, match="staged.*grows"):
         curves_from_runs([str(staged)])
     quiet = _fake_run(tmp_path, "quiet", 2, 64, TRUE)
@@ -241,8 +279,7 @@ def test_cli_plan_calibrate_json_carries_the_fit_the_plan_and_the_thresholds(tmp
     runs = [_fake_run(tmp_path, f"r{i}", n, 64 * m, law) for i, (n, m) in enumerate(((2, 1), (4, 1), (4, 2)))]
     sizes = "2x64,4x128"
     target = law.loss(non_embedding_params(4, 128), 4000.0)
-    rc = main(["--calibrate", *map(str, runs), "--min-step", "40", "--sizes", sizes,
-               "--target-loss", repr(target), "--json"])
+    rc = main(["--calibrate", *map(str, runs), "--min-step", "40", "--sizes", sizes, "--target-loss", repr(target), "--json"])
     out = capsys.readouterr()
     assert rc == 0, out.err
     d = json.loads(out.out)
@@ -253,19 +290,29 @@ def test_cli_plan_calibrate_json_carries_the_fit_the_plan_and_the_thresholds(tmp
     assert d["law"]["name"] == "calibrated" and d["law"]["B_star"] == KaplanLaw().B_star
     assert cal["kept"] == {"B_star": KaplanLaw().B_star, "alpha_B": KaplanLaw().alpha_B, "batch": "integrated"}
     assert [r["dir"] for r in cal["runs"]] == [str(r) for r in runs] and cal["n_points"] == 3 * 19
-    assert cal["sizes"] == [12 * 2 * 64 ** 2, 12 * 4 * 64 ** 2, 12 * 4 * 128 ** 2]
+    assert cal["sizes"] == [12 * 2 * 64**2, 12 * 4 * 64**2, 12 * 4 * 128**2]
     assert len(d["stages"]) == 2 and d["stages"][-1]["end_loss"] == pytest.approx(target, rel=1e-9)
     (sw,) = d["switches"]
-    for k in ("from_N", "to_N", "switch_loss", "small_step", "big_start_step", "step_divisor", "threshold",
-              "plan_slope", "paper_kind", "paper_threshold", "extrapolated"):
+    for k in (
+        "from_N",
+        "to_N",
+        "switch_loss",
+        "small_step",
+        "big_start_step",
+        "step_divisor",
+        "threshold",
+        "plan_slope",
+        "paper_kind",
+        "paper_threshold",
+        "extrapolated",
+    ):
         assert k in sw
     assert sw["switch_loss"] == pytest.approx(d["stages"][1]["start_loss"], rel=1e-12)
     assert sw["extrapolated"] == (not 40 <= sw["small_step"] <= 400)
     assert sw["threshold"] == pytest.approx(_fd_fixed_batch_slope(law, sw["from_N"], sw["switch_loss"]), rel=1e-5)
     assert d["target_slope"] == pytest.approx(CAL.fixed_batch_slope(law, sw["to_N"], target), rel=1e-6)
     # the table form prints the same things
-    assert main(["--calibrate", *map(str, runs), "--min-step", "40", "--sizes", sizes,
-                 "--target-loss", repr(target)]) == 0
+    assert main(["--calibrate", *map(str, runs), "--min-step", "40", "--sizes", sizes, "--target-loss", repr(target)]) == 0
     text = capsys.readouterr().out
     assert "law calibrated on 3 run(s)" in text and "threshold" in text and "-0.0475 (width)" in text
 
@@ -275,10 +322,12 @@ def test_cli_calibrate_bad_input_is_one_error_line_and_exit_2(tmp_path, capsys):
 
     one = _fake_run(tmp_path, "one", 2, 64, TRUE)
     twin = _fake_run(tmp_path, "twin", 2, 64, TRUE)
-    for argv in (["--calibrate", str(tmp_path / "missing"), "--sizes", "2x64,4x64"],
-                 ["--calibrate", str(one), str(twin)],  # one size only
-                 ["--calibrate", str(one), "--slope", "x.csv"],
-                 ["--min-step", "10", "--sizes", "2x64", "--target-loss", "9"]):
+    for argv in (
+        ["--calibrate", str(tmp_path / "missing"), "--sizes", "2x64,4x64"],
+        ["--calibrate", str(one), str(twin)],  # one size only
+        ["--calibrate", str(one), "--slope", "x.csv"],
+        ["--min-step", "10", "--sizes", "2x64", "--target-loss", "9"],
+    ):
         assert main(argv) == 2, argv
         err = capsys.readouterr()
         lines = err.err.strip().splitlines()
@@ -292,4 +341,3 @@ def test_cli_without_calibrate_is_unchanged(capsys):
     d = json.loads(capsys.readouterr().out)
     assert "calibration" not in d and "switches" not in d and d["law"]["name"] == "kaplan"
     assert d["law"]["N_c"] == KaplanLaw().N_c
-

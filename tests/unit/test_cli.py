@@ -30,12 +30,15 @@ stages:
 """
 
 
-@pytest.mark.parametrize("case,needle", [
-    ("heads", "n_heads 3 is not divisible by tp 2"),
-    ("world", "world size 1 != tp 1 x dp 2"),
-    ("data", "not found"),
-    ("unknown", "unknown key(s) n_layer"),
-])
+@pytest.mark.parametrize(
+    "case,needle",
+    [
+        ("heads", "n_heads 3 is not divisible by tp 2"),
+        ("world", "world size 1 != tp 1 x dp 2"),
+        ("data", "not found"),
+        ("unknown", "unknown key(s) n_layer"),
+    ],
+)
 def test_bad_input_one_line_nonzero_exit(tmp_path, data_prefix, case, needle):
     kw = dict(prefix=data_prefix, heads=4, tp=1, dp=1, extra="")
     if case == "heads":
@@ -65,8 +68,20 @@ def test_every_command_is_a_subcommand():
     each answers its own --help under its subcommand's name (exit 0)."""
     r = run_cli("--help", timeout=120)
     assert r.returncode == 0, r.stderr
-    for cmd in ("train", "run", "status", "verify", "plan", "bench", "plot", "export-hf", "regrow", "prepare-data",
-                "savings", "growth-dynamics"):
+    for cmd in (
+        "train",
+        "run",
+        "status",
+        "verify",
+        "plan",
+        "bench",
+        "plot",
+        "export-hf",
+        "regrow",
+        "prepare-data",
+        "savings",
+        "growth-dynamics",
+    ):
         assert cmd in r.stdout, cmd
     for cmd in ("regrow", "prepare-data", "export-hf", "savings", "growth-dynamics"):
         r = run_cli(cmd, "--help", timeout=120)
@@ -81,19 +96,28 @@ def test_tools_are_aliases_of_the_installed_package(tmp_path):
             src = open(os.path.join(REPO, "tools", f)).read()
             assert "sys.path" not in src and "E402" not in src, f
     env = {k: v for k, v in _env().items() if k != "PYTHONPATH"}
-    r = subprocess.run([sys.executable, os.path.join(REPO, "tools", "regrow.py"), "--help"], capture_output=True,
-                       text=True, env=env, cwd=tmp_path, timeout=120)
+    r = subprocess.run(
+        [sys.executable, os.path.join(REPO, "tools", "regrow.py"), "--help"],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+        timeout=120,
+    )
     assert r.returncode == 0 and r.stdout.startswith("usage: megagrow regrow"), r.stderr
 
 
-@pytest.mark.parametrize("args,needle", [
-    (["train", "PLAN", "--stop-at", "-1"], "--stop-at must be an integer >= 0, got -1"),
-    (["run", "PLAN", "--max-procs", "0"], "--max-procs must be an integer >= 1, got 0"),
-    (["run", "PLAN", "--retries", "-1"], "--retries must be an integer >= 0, got -1"),
-    (["run", "PLAN", "--grace", "-5"], "--grace must be a number of seconds >= 0, got -5"),
-    (["run", "PLAN", "--grace", "nan"], "--grace must be a number of seconds >= 0, got nan"),
-    (["run", "PLAN", "--max-nodes", "0"], "--max-nodes must be an integer >= 1, got 0"),
-])
+@pytest.mark.parametrize(
+    "args,needle",
+    [
+        (["train", "PLAN", "--stop-at", "-1"], "--stop-at must be an integer >= 0, got -1"),
+        (["run", "PLAN", "--max-procs", "0"], "--max-procs must be an integer >= 1, got 0"),
+        (["run", "PLAN", "--retries", "-1"], "--retries must be an integer >= 0, got -1"),
+        (["run", "PLAN", "--grace", "-5"], "--grace must be a number of seconds >= 0, got -5"),
+        (["run", "PLAN", "--grace", "nan"], "--grace must be a number of seconds >= 0, got nan"),
+        (["run", "PLAN", "--max-nodes", "0"], "--max-nodes must be an integer >= 1, got 0"),
+    ],
+)
 def test_out_of_range_numbers_are_refused(tmp_path, capsys, args, needle):
     """Out-of-range numeric options: one `error:` line, exit 2, before anything is created."""
     from megagrow.cli import main
@@ -118,12 +142,15 @@ def test_verify_refuses_a_directory_that_is_not_a_checkpoint(tmp_path):
         assert hint in line, line
 
 
-@pytest.mark.parametrize("override,needle", [
-    ("stages.a.optim.lrr=1", "--set stages.a.optim.lrr=1: unknown key 'lrr' in optim"),
-    ("reliability.keep_last=-1", "--set reliability.keep_last=-1: t.yaml.reliability: keep_last must be >= 0"),
-    ("stages.z.steps=3", "--set stages.z.steps=3: the plan has no stage 'z'"),
-    ("stages.a.layout.tp=3", "--set stages.a.layout.tp=3:"),
-])
+@pytest.mark.parametrize(
+    "override,needle",
+    [
+        ("stages.a.optim.lrr=1", "--set stages.a.optim.lrr=1: unknown key 'lrr' in optim"),
+        ("reliability.keep_last=-1", "--set reliability.keep_last=-1: t.yaml.reliability: keep_last must be >= 0"),
+        ("stages.z.steps=3", "--set stages.z.steps=3: the plan has no stage 'z'"),
+        ("stages.a.layout.tp=3", "--set stages.a.layout.tp=3:"),
+    ],
+)
 def test_a_bad_override_is_one_line_naming_it(tmp_path, override, needle):
     """`megagrow train --set` with an unknown key, a bad value or a stage the plan lacks: one line
     naming the override, exit 2, nothing written."""
@@ -161,8 +188,9 @@ def test_overrides_reach_the_checkpoint_and_the_manifest(tmp_path):
     assert again.returncode == 0 and f"warning: {run} was last run with --set {sets[0]}" in again.stderr, again.stderr
 
 
-@pytest.mark.parametrize("cmd", [["run", "PLAN", "--dry-run"], ["regrow", "--plan", "PLAN", "--to-stage", "b", "--dry-run"],
-                                 ["bench", "PLAN", "--stage", "b"]])
+@pytest.mark.parametrize(
+    "cmd", [["run", "PLAN", "--dry-run"], ["regrow", "--plan", "PLAN", "--to-stage", "b", "--dry-run"], ["bench", "PLAN", "--stage", "b"]]
+)
 def test_every_command_that_loads_a_plan_takes_overrides(tmp_path, cmd):
     """`--set` on run, regrow and bench is applied and validated like train's: a bad value is one line
     naming the override, exit 2."""

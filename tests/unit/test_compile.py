@@ -39,11 +39,31 @@ def _losses(compile_mode: str, recompute: str) -> tuple[list[float], list]:
     from megagrow.bench.loops import MegagrowLoop, PhaseTimer
     from megagrow.parallel.groups import init_distributed
 
-    plan = Plan.from_dict({"name": "c", "seed": 3, "data": {"prefix": "/nonexistent"}, "stages": [{
-        "name": "s", "steps": 10, "compile": compile_mode, "activation_checkpointing": recompute,
-        "model": {"flavour": "llama", "n_layers": 2, "d_model": 32, "n_heads": 4, "n_kv_heads": 2, "vocab_size": 300,
-                  "seq_len": 16},
-        "layout": {"tp": 1, "dp": 1, "zero_stage": 1, "micro_batch": 2, "grad_accum": 2}}]})
+    plan = Plan.from_dict(
+        {
+            "name": "c",
+            "seed": 3,
+            "data": {"prefix": "/nonexistent"},
+            "stages": [
+                {
+                    "name": "s",
+                    "steps": 10,
+                    "compile": compile_mode,
+                    "activation_checkpointing": recompute,
+                    "model": {
+                        "flavour": "llama",
+                        "n_layers": 2,
+                        "d_model": 32,
+                        "n_heads": 4,
+                        "n_kv_heads": 2,
+                        "vocab_size": 300,
+                        "seq_len": 16,
+                    },
+                    "layout": {"tp": 1, "dp": 1, "zero_stage": 1, "micro_batch": 2, "grad_accum": 2},
+                }
+            ],
+        }
+    )
     init_distributed(plan.stages[0].layout)
     lp = MegagrowLoop(plan, 0, True, PhaseTimer(lambda: None, False))
     compiled = [getattr(b, "_compiled_call_impl", None) is not None for b in lp.engine.module.blocks]

@@ -13,11 +13,10 @@ import sys
 
 import pytest
 import yaml
-
 from conftest import REPO, _env
+
 from megagrow.config import Plan, load_plan
-from megagrow.controller import (Allocation, Controller, next_action, place, read_manifest, read_progress, status_dict,
-                                 validate_plan)
+from megagrow.controller import Allocation, Controller, next_action, place, read_manifest, read_progress, status_dict, validate_plan
 from megagrow.errors import UserError
 from megagrow.growth.ops import operator_between
 
@@ -30,14 +29,33 @@ def _plan(tmp_path, **edits) -> Plan:
     prefix = tmp_path / "data"
     if not (tmp_path / "data.idx").exists():
         _dataset(str(prefix), 500)
-    d = {"name": "p", "data": {"prefix": str(prefix)}, "defaults": {"log_every": 1}, "stages": [
-        {"name": "a", "model": {"n_layers": 1, "d_model": 32, "n_heads": 2, "vocab_size": 512, "seq_len": 16},
-         "layout": {"tp": 1, "dp": 2, "zero_stage": 2, "micro_batch": 2}, "steps": 10},
-        {"name": "b", "grow": "width", "model": {"n_layers": 1, "d_model": 64, "n_heads": 4, "vocab_size": 512, "seq_len": 16},
-         "layout": {"tp": 2, "dp": 1, "zero_stage": 1, "micro_batch": 2}, "steps": 8},
-        {"name": "c", "grow": "depth", "model": {"n_layers": 2, "d_model": 64, "n_heads": 4, "vocab_size": 512, "seq_len": 16},
-         "layout": {"tp": 1, "dp": 2, "zero_stage": 3, "micro_batch": 2}, "steps": 6},
-    ]}
+    d = {
+        "name": "p",
+        "data": {"prefix": str(prefix)},
+        "defaults": {"log_every": 1},
+        "stages": [
+            {
+                "name": "a",
+                "model": {"n_layers": 1, "d_model": 32, "n_heads": 2, "vocab_size": 512, "seq_len": 16},
+                "layout": {"tp": 1, "dp": 2, "zero_stage": 2, "micro_batch": 2},
+                "steps": 10,
+            },
+            {
+                "name": "b",
+                "grow": "width",
+                "model": {"n_layers": 1, "d_model": 64, "n_heads": 4, "vocab_size": 512, "seq_len": 16},
+                "layout": {"tp": 2, "dp": 1, "zero_stage": 1, "micro_batch": 2},
+                "steps": 8,
+            },
+            {
+                "name": "c",
+                "grow": "depth",
+                "model": {"n_layers": 2, "d_model": 64, "n_heads": 4, "vocab_size": 512, "seq_len": 16},
+                "layout": {"tp": 1, "dp": 2, "zero_stage": 3, "micro_batch": 2},
+                "steps": 6,
+            },
+        ],
+    }
     for i, e in edits.items():
         d["stages"][int(i[1:])].update(e)
     return Plan.from_dict(d)
@@ -211,14 +229,17 @@ def test_inconsistent_run_dir_is_refused(tmp_path):
 # validation
 
 
-@pytest.mark.parametrize("edits,needle", [
-    ({"s1": {"grow": "widen"}}, "unknown growth operator 'widen'"),
-    ({"s1": {"grow": "depth"}}, "stage 1 (b): grow 'depth' from stage 'a'"),
-    ({"s1": {"grow": None}}, "the model differs from stage 'a' but no `grow` operator is given"),
-    ({"s0": {"grow": "width"}}, "the first stage has no previous stage to grow from"),
-    ({"s2": {"layout": {"tp": 1, "dp": 4, "zero_stage": 3, "micro_batch": 2}}}, "4 processes does not fit this machine"),
-    ({"s2": {"layout": {"tp": 1, "dp": 2, "ds_config": "nope.json"}}}, "ds_config 'nope.json' not found"),
-])
+@pytest.mark.parametrize(
+    "edits,needle",
+    [
+        ({"s1": {"grow": "widen"}}, "unknown growth operator 'widen'"),
+        ({"s1": {"grow": "depth"}}, "stage 1 (b): grow 'depth' from stage 'a'"),
+        ({"s1": {"grow": None}}, "the model differs from stage 'a' but no `grow` operator is given"),
+        ({"s0": {"grow": "width"}}, "the first stage has no previous stage to grow from"),
+        ({"s2": {"layout": {"tp": 1, "dp": 4, "zero_stage": 3, "micro_batch": 2}}}, "4 processes does not fit this machine"),
+        ({"s2": {"layout": {"tp": 1, "dp": 2, "ds_config": "nope.json"}}}, "ds_config 'nope.json' not found"),
+    ],
+)
 def test_validate_plan_errors(tmp_path, edits, needle):
     plan = _plan(tmp_path, **edits)
     with pytest.raises(UserError) as e:
@@ -280,8 +301,9 @@ def test_loop_runs_every_stage_then_resumes_after_preemption(tmp_path, monkeypat
 
 def test_loop_submits_a_dependent_job_for_more_nodes(tmp_path, monkeypatch):
     plan, run = _plan(tmp_path), str(tmp_path / "run")
-    plan = dataclasses.replace(plan, stages=plan.stages[:1] + (dataclasses.replace(
-        plan.stages[1], layout=plan.stages[1].layout.replace(tp=2, dp=2)),))
+    plan = dataclasses.replace(
+        plan, stages=plan.stages[:1] + (dataclasses.replace(plan.stages[1], layout=plan.stages[1].layout.replace(tp=2, dp=2)),)
+    )
     alloc = Allocation("slurm", ("node1",), 2, max_nodes=2, job_id="41", script="/x/job.sh")
     fake = FakeStages(plan, run)
     monkeypatch.setattr(Controller, "launch", lambda self, k, pl: fake(self, k, pl))
@@ -332,8 +354,7 @@ def test_loop_stops_when_a_stage_makes_no_progress(tmp_path, monkeypatch):
 
 
 def _cli(*args, cwd=REPO):
-    return subprocess.run([sys.executable, "-m", "megagrow.cli", *args], capture_output=True, text=True,
-                          env=_env(), cwd=cwd, timeout=300)
+    return subprocess.run([sys.executable, "-m", "megagrow.cli", *args], capture_output=True, text=True, env=_env(), cwd=cwd, timeout=300)
 
 
 def test_run_bad_input_is_one_line_and_launches_nothing(tmp_path):
@@ -348,8 +369,16 @@ def test_run_bad_input_is_one_line_and_launches_nothing(tmp_path):
     assert r.stderr.strip().splitlines() == [r.stderr.strip()] and r.stderr.startswith("error: stage 2 (deep)")
     assert "unknown growth operator 'deepen'" in r.stderr
     assert not os.path.exists(tmp_path / "run")
-    r = _cli("run", os.path.join(RECIPES, "tiny_test.yaml"), "--run-dir", str(tmp_path / "run"),
-             "--data", str(tmp_path / "data"), "--max-procs", "1")
+    r = _cli(
+        "run",
+        os.path.join(RECIPES, "tiny_test.yaml"),
+        "--run-dir",
+        str(tmp_path / "run"),
+        "--data",
+        str(tmp_path / "data"),
+        "--max-procs",
+        "1",
+    )
     assert r.returncode == 2 and "does not fit this machine (1 allowed locally" in r.stderr
     assert not os.path.exists(tmp_path / "run")
 
@@ -357,8 +386,9 @@ def test_run_bad_input_is_one_line_and_launches_nothing(tmp_path):
 def test_run_dry_run_and_status(tmp_path):
     _dataset(str(tmp_path / "data"), 500)
     run = str(tmp_path / "run")
-    r = _cli("run", os.path.join(RECIPES, "tiny_test.yaml"), "--run-dir", run, "--data", str(tmp_path / "data"),
-             "--max-procs", "2", "--dry-run")
+    r = _cli(
+        "run", os.path.join(RECIPES, "tiny_test.yaml"), "--run-dir", run, "--data", str(tmp_path / "data"), "--max-procs", "2", "--dry-run"
+    )
     assert r.returncode == 0, r.stderr
     assert "next: train small 0/16" in r.stdout and "tp 2 x dp 1 zero 1" in r.stdout
     r = _cli("status", run)
@@ -481,6 +511,7 @@ def test_truncated_final_optimizer_file_makes_the_stage_torn_and_run_resumes_fro
     def launch(self, k, pl):
         launched.append((plan.stages[k].name, read_progress(plan, run)[k].step))
         return 2  # stop after the first launch
+
     monkeypatch.setattr(Controller, "launch", launch)
     Controller(plan, "p.yaml", run, LOCAL2, out=out).run()
     said = out.getvalue()
@@ -564,8 +595,10 @@ def test_hang_watchdog_reads_file_system_time_not_the_controller_clock(tmp_path,
     assert res.hung_s is not None and res.hung_s < 10, res
 
 
-@pytest.mark.parametrize("env,writes", [({"SLURM_PROCID": "1"}, False), ({"SLURM_PROCID": "0"}, True),
-                                        ({"RANK": "3"}, False), ({"RANK": "0", "SLURM_PROCID": "0"}, True)])
+@pytest.mark.parametrize(
+    "env,writes",
+    [({"SLURM_PROCID": "1"}, False), ({"SLURM_PROCID": "0"}, True), ({"RANK": "3"}, False), ({"RANK": "0", "SLURM_PROCID": "0"}, True)],
+)
 def test_only_the_launchers_rank_0_marks_a_stage_failed(tmp_path, monkeypatch, env, writes):
     """Property: when a stage fails before torch.distributed starts, only global rank 0 as its launcher
     numbers it (RANK under torchrun, SLURM_PROCID under srun) rewrites status.json; under srun no
@@ -593,7 +626,7 @@ def test_overrides_go_to_every_stage_launch_the_manifest_and_a_dependent_job(tmp
     sets = ("stages.b.optim.lr=2e-3", "reliability.keep_last=3")
     ctl = Controller(plan, "p.yaml", run, LOCAL2, overrides=sets)
     cmd = ctl.train_cmd(1)
-    assert cmd[cmd.index("--set"):] == ["--set", sets[0], "--set", sets[1]]
+    assert cmd[cmd.index("--set") :] == ["--set", sets[0], "--set", sets[1]]
     assert ctl.write_manifest("running")["overrides"] == list(sets) and read_manifest(run)["overrides"] == list(sets)
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()

@@ -24,14 +24,17 @@ def _tag(ckpt, step, seal=True):
     for name, n in (("mp_rank_00_model_states.pt", 3000), ("zero_pp_rank_0_mp_rank_00_optim_states.pt", 5000), (OPTIM, 5000)):
         (d / name).write_bytes(os.urandom(n))
     if seal:
-        mf.seal(str(ckpt), tag, {"plan": "p", "stage": "s", "stage_index": 0, "step": step, "sample_index": 8 * step,
-                                 "layout": {"tp": 1, "dp": 2}})
+        mf.seal(
+            str(ckpt),
+            tag,
+            {"plan": "p", "stage": "s", "stage_index": 0, "step": step, "sample_index": 8 * step, "layout": {"tp": 1, "dp": 2}},
+        )
     return tag
 
 
 def _flip(path, at=100):
     b = bytearray(open(path, "rb").read())
-    b[at:at + 4] = bytes(x ^ 0xFF for x in b[at:at + 4])
+    b[at : at + 4] = bytes(x ^ 0xFF for x in b[at : at + 4])
     open(path, "wb").write(bytes(b))
 
 
@@ -100,10 +103,16 @@ def _plan(tmp_path) -> str:
     with DatasetWriter(prefix, 512) as w:
         w.add_document(np.arange(2000, dtype=np.int64) % 509 + 3)
     m = {"n_layers": 1, "d_model": 32, "n_heads": 2, "vocab_size": 512, "seq_len": 16}
-    d = {"name": "rg", "seed": 1, "data": {"prefix": prefix}, "defaults": {"steps": 4, "optim": {"lr": "3e-4"}},
-         "stages": [{"name": "s", "model": m, "layout": {"tp": 1, "dp": 2, "zero_stage": 2, "micro_batch": 2}},
-                    {"name": "b", "grow": "depth", "model": {**m, "n_layers": 2},
-                     "layout": {"tp": 1, "dp": 1, "zero_stage": 1, "micro_batch": 2}}]}
+    d = {
+        "name": "rg",
+        "seed": 1,
+        "data": {"prefix": prefix},
+        "defaults": {"steps": 4, "optim": {"lr": "3e-4"}},
+        "stages": [
+            {"name": "s", "model": m, "layout": {"tp": 1, "dp": 2, "zero_stage": 2, "micro_batch": 2}},
+            {"name": "b", "grow": "depth", "model": {**m, "n_layers": 2}, "layout": {"tp": 1, "dp": 1, "zero_stage": 1, "micro_batch": 2}},
+        ],
+    }
     p = tmp_path / "plan.yaml"
     p.write_text(yaml.safe_dump(d))
     return str(p)

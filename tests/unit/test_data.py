@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+import fnmatch
 import gzip
 import json
-import fnmatch
 import os
 import shutil
 import string
@@ -19,8 +19,16 @@ REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 if REPO not in sys.path:  # so that plain `pytest` works from a checkout without installing
     sys.path.insert(0, REPO)
 
-from megagrow.data import (DatasetWriter, GlobalSampler, TokenDataset, Tokenizer,  # noqa: E402
-                           default_corpus_files, get_batch, rank_slice, train_tokenizer)
+from megagrow.data import (  # noqa: E402
+    DatasetWriter,
+    GlobalSampler,
+    TokenDataset,
+    Tokenizer,
+    default_corpus_files,
+    get_batch,
+    rank_slice,
+    train_tokenizer,
+)
 from megagrow.errors import UserError  # noqa: E402
 
 VOCAB = 400
@@ -36,13 +44,18 @@ def tok_path(tmp_path_factory) -> str:
 
 # ---- tokenizer -----------------------------------------------------------------------------
 
+
 def test_tokenizer_roundtrip_decode_encode_is_identity(tok_path):
     """decode(encode(text)) == text exactly: code, whitespace runs, unseen unicode, NUL, CRLF."""
     tok = Tokenizer(tok_path)
     assert tok.vocab_size == VOCAB and tok.eos_id == 2
-    samples = [open(SMALL_FILES[0], encoding="utf-8").read(),
-               "def f(x):\n\n        return x  \t# trailing  \r\n",
-               "  leading spaces, ünïcödé ✓ 𝔘 漢字 \x00 end", "", "\n\n\n"]
+    samples = [
+        open(SMALL_FILES[0], encoding="utf-8").read(),
+        "def f(x):\n\n        return x  \t# trailing  \r\n",
+        "  leading spaces, ünïcödé ✓ 𝔘 漢字 \x00 end",
+        "",
+        "\n\n\n",
+    ]
     for text in samples:
         ids = tok.encode(text)
         assert all(0 <= i < VOCAB for i in ids)
@@ -72,13 +85,13 @@ def test_tokenizer_rejects_too_small_vocab_and_missing_model(tmp_path):
 
 # ---- dataset -------------------------------------------------------------------------------
 
+
 def _random_docs(vocab: int, eos: int, n: int = 20, seed: int = 0) -> list[np.ndarray]:
     rng = np.random.default_rng(seed)
     return [rng.integers(0, vocab, size=int(rng.integers(0, 50))) for _ in range(n)]
 
 
-@pytest.mark.parametrize("vocab,dtype",
-                         [(VOCAB, np.uint16), (65536, np.uint16), (70000, np.uint32)])
+@pytest.mark.parametrize("vocab,dtype", [(VOCAB, np.uint16), (65536, np.uint16), (70000, np.uint32)])
 def test_dataset_reads_back_exactly_the_tokens_written(tmp_path, vocab, dtype):
     """Every document + EOS comes back bitwise, with the right dtype, counts and offsets."""
     prefix = str(tmp_path / "ds")
@@ -111,9 +124,8 @@ def test_dataset_windows_are_stride_seq_len_spans_of_seq_len_plus_one(tmp_path):
         for i in range(n):
             win = ds.window(i, seq_len)
             assert win.dtype == np.int64 and win.shape == (seq_len + 1,)
-            assert np.array_equal(win, tokens[i * seq_len:i * seq_len + seq_len + 1])
-        assert np.array_equal(ds.windows(list(range(n))[::-1], seq_len),
-                              np.stack([ds.window(i, seq_len) for i in range(n)][::-1]))
+            assert np.array_equal(win, tokens[i * seq_len : i * seq_len + seq_len + 1])
+        assert np.array_equal(ds.windows(list(range(n))[::-1], seq_len), np.stack([ds.window(i, seq_len) for i in range(n)][::-1]))
         with pytest.raises(IndexError):
             ds.window(n, seq_len)
 
@@ -164,6 +176,7 @@ def test_dataset_writer_error_leaves_old_dataset_and_no_temporaries(tmp_path):
 
 # ---- sampler -------------------------------------------------------------------------------
 
+
 def test_sampler_is_deterministic_and_covers_every_window_once_per_epoch():
     """Same seed -> same indices; each epoch is a permutation; epochs and seeds differ."""
     n = 37
@@ -172,10 +185,10 @@ def test_sampler_is_deterministic_and_covers_every_window_once_per_epoch():
     assert np.array_equal(first, b.indices(0, 3 * n))
     assert not np.array_equal(first[:n], c.indices(0, n))
     for e in range(3):
-        epoch = first[e * n:(e + 1) * n]
+        epoch = first[e * n : (e + 1) * n]
         assert sorted(epoch.tolist()) == list(range(n))
         assert np.array_equal(epoch, np.random.Generator(np.random.PCG64([1, e])).permutation(n))
-    assert not np.array_equal(first[:n], first[n:2 * n])
+    assert not np.array_equal(first[:n], first[n : 2 * n])
     # window_of, batch_indices (straddling an epoch boundary) and a fresh sampler all agree
     assert [a.window_of(g) for g in range(3 * n)] == first.tolist()
     assert np.array_equal(GlobalSampler(n, 1).batch_indices(4, 8), first[32:40])
@@ -230,9 +243,11 @@ def test_global_batch_is_the_same_samples_whatever_the_dp_layout(tmp_path):
 
 # ---- prepare_data CLI ----------------------------------------------------------------------
 
+
 def _run_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, os.path.join(REPO, "tools", "prepare_data.py"), *args],
-                          capture_output=True, text=True, timeout=120, cwd=REPO)
+    return subprocess.run(
+        [sys.executable, os.path.join(REPO, "tools", "prepare_data.py"), *args], capture_output=True, text=True, timeout=120, cwd=REPO
+    )
 
 
 def test_prepare_cli_end_to_end_json_and_readback(tmp_path):
@@ -240,17 +255,17 @@ def test_prepare_cli_end_to_end_json_and_readback(tmp_path):
     a second run reuses PREFIX.model and produces identical files."""
     src = tmp_path / "src"
     (src / "sub").mkdir(parents=True)
-    texts = {src / "a.py": open(SMALL_FILES[0], encoding="utf-8").read(),
-             src / "sub" / "b.md": open(SMALL_FILES[1], encoding="utf-8").read(),
-             src / "c.jsonl": "".join(json.dumps({"text": t}) + "\n"
-                                      for t in ["first record ✓", "second\nrecord"])}
+    texts = {
+        src / "a.py": open(SMALL_FILES[0], encoding="utf-8").read(),
+        src / "sub" / "b.md": open(SMALL_FILES[1], encoding="utf-8").read(),
+        src / "c.jsonl": "".join(json.dumps({"text": t}) + "\n" for t in ["first record ✓", "second\nrecord"]),
+    }
     for path, text in texts.items():
         path.write_text(text, encoding="utf-8")
     (src / "ignored.bin").write_bytes(b"\x00\x01")
     prefix = str(tmp_path / "out" / "ds")  # the output directory is created
 
-    r = _run_cli("--out", prefix, "--input", str(src), "--vocab-size", str(VOCAB), "--json",
-                 "--no-progress", "--valid-fraction", "0")
+    r = _run_cli("--out", prefix, "--input", str(src), "--vocab-size", str(VOCAB), "--json", "--no-progress", "--valid-fraction", "0")
     assert r.returncode == 0, r.stderr
     info = json.loads(r.stdout)
     assert {"prefix", "tokenizer", "vocab_size", "documents", "tokens", "seconds"} <= set(info)
@@ -260,8 +275,7 @@ def test_prepare_cli_end_to_end_json_and_readback(tmp_path):
     assert ds.num_tokens == info["tokens"] and ds.num_documents == 4 and ds.vocab_size == VOCAB
     tok = Tokenizer(info["tokenizer"])
     docs = [tok.decode(ds.document(i)) for i in range(ds.num_documents)]
-    assert docs == [texts[src / "a.py"], "first record ✓", "second\nrecord",
-                    texts[src / "sub" / "b.md"]]
+    assert docs == [texts[src / "a.py"], "first record ✓", "second\nrecord", texts[src / "sub" / "b.md"]]
     assert sorted(os.listdir(tmp_path / "out")) == ["ds.bin", "ds.idx", "ds.model"]
 
     bin_before = open(prefix + ".bin", "rb").read()
@@ -285,8 +299,10 @@ def test_prepare_cli_missing_input_is_one_line_error_exit_2(tmp_path):
 def test_prepare_cli_other_user_errors(tmp_path):
     """Too-small vocab and a directory with no text files: one-line errors, exit 2."""
     (tmp_path / "empty").mkdir()
-    for args, needle in [(["--vocab-size", "100", "--input", SMALL_FILES[0]], "vocab-size"),
-                         (["--input", str(tmp_path / "empty")], "no input files")]:
+    for args, needle in [
+        (["--vocab-size", "100", "--input", SMALL_FILES[0]], "vocab-size"),
+        (["--input", str(tmp_path / "empty")], "no input files"),
+    ]:
         r = _run_cli("--out", str(tmp_path / "ds"), *args)
         assert r.returncode == 2 and "Traceback" not in r.stderr
         assert r.stderr.startswith("error:") and needle in r.stderr
@@ -342,8 +358,20 @@ def test_prepare_cli_man_pages_render_to_plain_text_one_document_each(tmp_path, 
     (man / "de" / "man1" / "frobnicate.1").write_text(_MAN_PAGE.replace("shiny gadget", "glänzendes Ding"))
     prefix = str(tmp_path / "out" / "ds")
 
-    r = _run_cli("--out", prefix, "--input", str(man), "--input-kind", "man", "--tokenizer", tok_path,
-                 "--json", "--no-progress", "--valid-fraction", "0")
+    r = _run_cli(
+        "--out",
+        prefix,
+        "--input",
+        str(man),
+        "--input-kind",
+        "man",
+        "--tokenizer",
+        tok_path,
+        "--json",
+        "--no-progress",
+        "--valid-fraction",
+        "0",
+    )
     assert r.returncode == 0, r.stderr
     info = json.loads(r.stdout)
     counts = [info[k] for k in ("documents", "man_pages", "man_redirects_skipped", "man_render_failed")]
@@ -351,9 +379,17 @@ def test_prepare_cli_man_pages_render_to_plain_text_one_document_each(tmp_path, 
     assert "broken.1.gz" in r.stderr and "Traceback" not in r.stderr
     ds = TokenDataset(prefix)
     text = Tokenizer(prefix + ".model").decode(ds.document(0))
-    for words in ["FROBNICATE(1)", "NAME", "frobnicate - turn widgets into gadgets", "DESCRIPTION",
-                  "frobnicate converts every widget it is given into a shiny gadget.",
-                  "fast", "Skip the careful polishing step.", "SEE ALSO", "gadget(5)"]:
+    for words in [
+        "FROBNICATE(1)",
+        "NAME",
+        "frobnicate - turn widgets into gadgets",
+        "DESCRIPTION",
+        "frobnicate converts every widget it is given into a shiny gadget.",
+        "fast",
+        "Skip the careful polishing step.",
+        "SEE ALSO",
+        "gadget(5)",
+    ]:
         assert words in text, (words, text)
     assert "\b" not in text and "\x1b" not in text and "\\f" not in text and "Copyright" not in text
     assert not any(line.startswith((".", "'")) for line in text.splitlines()), text
@@ -365,11 +401,23 @@ def test_prepare_cli_man_pages_without_groff_is_one_line_error(tmp_path):
     """--input-kind man with no groff on PATH: exit 2, one line naming groff, nothing written."""
     (tmp_path / "man" / "man1").mkdir(parents=True)
     (tmp_path / "man" / "man1" / "x.1").write_text(_MAN_PAGE)
-    r = subprocess.run([sys.executable, os.path.join(REPO, "tools", "prepare_data.py"), "--out",
-                        str(tmp_path / "out" / "ds"), "--input", str(tmp_path / "man"),
-                        "--input-kind", "man"],
-                       capture_output=True, text=True, timeout=120, cwd=REPO,
-                       env={**os.environ, "PATH": str(tmp_path / "no-bin")})
+    r = subprocess.run(
+        [
+            sys.executable,
+            os.path.join(REPO, "tools", "prepare_data.py"),
+            "--out",
+            str(tmp_path / "out" / "ds"),
+            "--input",
+            str(tmp_path / "man"),
+            "--input-kind",
+            "man",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=REPO,
+        env={**os.environ, "PATH": str(tmp_path / "no-bin")},
+    )
     assert r.returncode == 2 and "Traceback" not in r.stderr and r.stdout == ""
     assert len(r.stderr.splitlines()) == 1 and r.stderr.startswith("error:") and "groff" in r.stderr
     assert sorted(os.listdir(tmp_path)) == ["man"]

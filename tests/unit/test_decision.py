@@ -4,8 +4,8 @@ and what the read plan, each rank's opened files and the regrow take from it."""
 from __future__ import annotations
 
 import pytest
-
 from conftest import REPO
+
 from megagrow.config import load_plan
 from megagrow.errors import UserError
 from megagrow.growth import ops

@@ -9,7 +9,7 @@ import os
 
 import pytest
 
-from megagrow.fsutil import try_exclusive_lock, write_json_atomic, write_file_atomic
+from megagrow.fsutil import try_exclusive_lock, write_file_atomic, write_json_atomic
 
 
 def test_write_file_atomic_keeps_the_old_file_when_the_write_fails(tmp_path, monkeypatch):

@@ -16,8 +16,9 @@ CASES = [("gpt2", True, None), ("gpt2", False, None), ("llama", False, None), ("
 
 
 def _cfg(flavour, tie, kv, **kw) -> ModelConfig:
-    return ModelConfig(flavour=flavour, n_layers=2, d_model=32, n_heads=4, vocab_size=300, seq_len=16,
-                       tie_embeddings=tie, n_kv_heads=kv, **kw)
+    return ModelConfig(
+        flavour=flavour, n_layers=2, d_model=32, n_heads=4, vocab_size=300, seq_len=16, tie_embeddings=tie, n_kv_heads=kv, **kw
+    )
 
 
 def _run(model, fused: bool, x, y):

@@ -15,10 +15,32 @@ import torch
 
 from megagrow.config import Layout, ModelConfig, OptimConfig
 from megagrow.errors import UserError
-from megagrow.growth import (FFN, Copy, Depth, Fill, GrowthState, Heads, Identity, LRPlacement, Noise, Stack,
-                             TensorMap, Width, apply_map, apply_tensor, grow, heads_tensors, kaplan_peak_lr,
-                             load_training, logical_tensors, noise_values, operator_between, operator_from_dict,
-                             plan_growth, state_from_training)
+from megagrow.growth import (
+    FFN,
+    Copy,
+    Depth,
+    Fill,
+    GrowthState,
+    Heads,
+    Identity,
+    LRPlacement,
+    Noise,
+    Stack,
+    TensorMap,
+    Width,
+    apply_map,
+    apply_tensor,
+    grow,
+    heads_tensors,
+    kaplan_peak_lr,
+    load_training,
+    logical_tensors,
+    noise_values,
+    operator_between,
+    operator_from_dict,
+    plan_growth,
+    state_from_training,
+)
 
 SEQ, B, D, H = 32, 8, 32, 4
 PRE_STEPS = 15
@@ -44,8 +66,7 @@ class Env:
     def cfg(self, flavour="gpt2", tie=True, **kw) -> ModelConfig:
         if flavour == "llama_gqa":  # grouped-query attention: 4 query heads in 2 groups
             flavour, kw = "llama", {"n_kv_heads": 2, **kw}
-        return ModelConfig(flavour=flavour, n_layers=2, d_model=D, n_heads=H, vocab_size=512, seq_len=SEQ,
-                           tie_embeddings=tie, **kw)
+        return ModelConfig(flavour=flavour, n_layers=2, d_model=D, n_heads=H, vocab_size=512, seq_len=SEQ, tie_embeddings=tie, **kw)
 
     def train(self, model, opt, start: int, n: int, sched=None, offset: int = 0) -> list[float]:
         out = []
@@ -185,7 +206,7 @@ def test_width_gradients_match_the_moment_rule(env, flavour, tie, k):
         torch.testing.assert_close(g_new[n], pred[n], rtol=2e-4, atol=2e-6 * scale, msg=lambda m: f"{n}: {m}")
     # the rule is not vacuous: the off-diagonal blocks' gradient is g/k, not 0
     q = g_new["blocks.0.attn.q.weight"]
-    torch.testing.assert_close(q[:D, D:2 * D], g_old["blocks.0.attn.q.weight"] / k, rtol=2e-4, atol=2e-6 * scale)
+    torch.testing.assert_close(q[:D, D : 2 * D], g_old["blocks.0.attn.q.weight"] / k, rtol=2e-4, atol=2e-6 * scale)
     print(f"\n[grad] {flavour} tied={tie} width x{k}: max |g_new - rule(g_old)| / max|g| = {worst:.1e}")
 
 
@@ -213,9 +234,9 @@ def test_width_fresh_units_gradients(env, flavour, tie, k):
             torch.testing.assert_close(g_new[n], pred[n], rtol=2e-4, atol=2e-6 * scale, msg=lambda m: f"{n}: {m}")
     q_old = g_old["blocks.0.attn.q.weight"]
     q = g_new["blocks.0.attn.q.weight"]
-    assert q[q_old.shape[0]:].abs().max().item() == 0.0
+    assert q[q_old.shape[0] :].abs().max().item() == 0.0
     for c in range(k):  # each copy's input block of the old units: exactly the old gradient
-        torch.testing.assert_close(q[:q_old.shape[0], c * D:(c + 1) * D], q_old, rtol=2e-4, atol=2e-6 * scale)
+        torch.testing.assert_close(q[: q_old.shape[0], c * D : (c + 1) * D], q_old, rtol=2e-4, atol=2e-6 * scale)
 
 
 def test_width_fresh_units_spec():
@@ -258,9 +279,10 @@ def test_moments_follow_the_declared_rule_exactly(env):
         q, q2 = m["blocks.0.attn.q.weight"], g.exp_avg["blocks.0.attn.q.weight"]
         for r in range(2):
             for c in range(2):  # diagonal and off-diagonal blocks alike: m/2, v/4 (power-of-2 scales: exact)
-                assert torch.equal(q2[r * D:(r + 1) * D, c * D:(c + 1) * D], q * 0.5)
-                assert torch.equal(g.exp_avg_sq["blocks.0.attn.q.weight"][r * D:(r + 1) * D, c * D:(c + 1) * D],
-                                   v["blocks.0.attn.q.weight"] * 0.25)
+                assert torch.equal(q2[r * D : (r + 1) * D, c * D : (c + 1) * D], q * 0.5)
+                assert torch.equal(
+                    g.exp_avg_sq["blocks.0.attn.q.weight"][r * D : (r + 1) * D, c * D : (c + 1) * D], v["blocks.0.attn.q.weight"] * 0.25
+                )
         assert torch.equal(g.exp_avg["tok_emb.weight"], torch.cat([m["tok_emb.weight"] * 0.5] * 2, 1))
         if tie:  # final norm halved in the weights, moments unscaled
             assert torch.equal(g.params["ln_f.weight"], torch.cat([st.params["ln_f.weight"] * 0.5] * 2))
@@ -274,8 +296,8 @@ def test_moments_follow_the_declared_rule_exactly(env):
     g3 = grow(st, Width(3, offdiag_moments="zero"))
     q3 = g3.exp_avg["blocks.1.mlp.fc1.weight"]
     F = st.config.ffn_dim
-    assert torch.equal(q3[F:2 * F, D:2 * D], st.exp_avg["blocks.1.mlp.fc1.weight"] * (1 / 3))
-    assert torch.equal(g3.exp_avg_sq["blocks.1.mlp.fc1.weight"][2 * F:, 2 * D:], st.exp_avg_sq["blocks.1.mlp.fc1.weight"] * (1 / 9))
+    assert torch.equal(q3[F : 2 * F, D : 2 * D], st.exp_avg["blocks.1.mlp.fc1.weight"] * (1 / 3))
+    assert torch.equal(g3.exp_avg_sq["blocks.1.mlp.fc1.weight"][2 * F :, 2 * D :], st.exp_avg_sq["blocks.1.mlp.fc1.weight"] * (1 / 9))
     assert torch.count_nonzero(q3[:F, D:]) == 0  # "zero" variant: off-diagonal moments 0
     dp = grow(st, Depth(2, "interleave"))
     for n in ("attn.q.weight", "mlp.fc2.bias", "ln1.weight"):
@@ -294,10 +316,17 @@ def test_moments_follow_the_declared_rule_exactly(env):
 
 def _halves(P: dict, d: int):
     """(copy A, copy B) views of width-x2 tensors, for the divergence measures."""
-    return {n: ((t[:, :d], t[:, d:]) if "emb" in n or "lm_head" in n else
-                (t[: t.shape[0] // 2, : t.shape[1] // 2], t[t.shape[0] // 2:, t.shape[1] // 2:]) if t.dim() == 2 else
-                (t[: t.shape[0] // 2], t[t.shape[0] // 2:]))
-            for n, t in P.items() if not n.startswith("ln_f")}
+    return {
+        n: (
+            (t[:, :d], t[:, d:])
+            if "emb" in n or "lm_head" in n
+            else (t[: t.shape[0] // 2, : t.shape[1] // 2], t[t.shape[0] // 2 :, t.shape[1] // 2 :])
+            if t.dim() == 2
+            else (t[: t.shape[0] // 2], t[t.shape[0] // 2 :])
+        )
+        for n, t in P.items()
+        if not n.startswith("ln_f")
+    }
 
 
 def _divergence(env, flavour: str, sb: float, steps: int = 20):
@@ -337,8 +366,10 @@ def test_symmetry_breaking_makes_the_halves_diverge(env):
         for sb in (0.0, Width().symmetry_breaking):
             rows[(flavour, sb)] = _divergence(env, flavour, sb)
             cq, cf, re, rh = rows[(flavour, sb)]
-            print(f"\n[sym] {flavour:5s} breaking={sb}: cos(dQ_A, dQ_B) {cq:.6f}  cos(dFFN_A, dFFN_B) {cf:.6f}  "
-                  f"|E_A-E_B|/|E_A| {re:.2e}  |h_A-h_B|/|h_A| {rh:.2e}")
+            print(
+                f"\n[sym] {flavour:5s} breaking={sb}: cos(dQ_A, dQ_B) {cq:.6f}  cos(dFFN_A, dFFN_B) {cf:.6f}  "
+                f"|E_A-E_B|/|E_A| {re:.2e}  |h_A-h_B|/|h_A| {rh:.2e}"
+            )
     on_sb = Width().symmetry_breaking
     off, on = rows[("gpt2", 0.0)], rows[("gpt2", on_sb)]
     assert off[0] > 1 - 1e-6 and off[1] > 1 - 1e-6 and off[2] < 1e-6 and off[3] < 1e-5
@@ -376,8 +407,9 @@ def test_training_continues_after_growth(env, flavour, opname):
     for i in range(5):
         env.train(model, opt, 30 + 10 * i, 10, sched, offset=30)
         curve.append(env.eval(model))
-    print(f"\n[post-growth] {flavour} {opname}: pre {pre:.4f} at-growth {at:.4f} every 10 steps: "
-          + " ".join(f"{c:.4f}" for c in curve[1:]))
+    print(
+        f"\n[post-growth] {flavour} {opname}: pre {pre:.4f} at-growth {at:.4f} every 10 steps: " + " ".join(f"{c:.4f}" for c in curve[1:])
+    )
     assert abs(at - pre) < 1e-5
     assert curve[-1] < at
     assert max(curve) < pre + 0.05
@@ -400,10 +432,19 @@ def test_user_errors_for_violated_preconditions(env):
         (lambda: operator_between("grow", c, c), "unknown growth operator"),
         (lambda: plan_growth(Heads(2), c), "needs more than the current"),
         (lambda: plan_growth(Width(2, symmetry_breaking=-1), c), "symmetry_breaking"),
-        (lambda: grow(env.trained(), Width(2), lr=LRPlacement(equivalent_step="paper")) and
-         grow(env.trained(), Width(3), lr=LRPlacement(equivalent_step="paper")), "no equivalent-step constant"),
-        (lambda: grow(GrowthState(c.replace(n_layers=3), env.trained().params, env.trained().exp_avg,
-                                  env.trained().exp_avg_sq), Depth(2)), "do not match the model config"),
+        (
+            lambda: (
+                grow(env.trained(), Width(2), lr=LRPlacement(equivalent_step="paper"))
+                and grow(env.trained(), Width(3), lr=LRPlacement(equivalent_step="paper"))
+            ),
+            "no equivalent-step constant",
+        ),
+        (
+            lambda: grow(
+                GrowthState(c.replace(n_layers=3), env.trained().params, env.trained().exp_avg, env.trained().exp_avg_sq), Depth(2)
+            ),
+            "do not match the model config",
+        ),
     ]
     for fn, needle in cases:
         with pytest.raises(UserError, match=needle.replace("(", r"\(")):
@@ -454,9 +495,16 @@ def test_noise_is_keyed_by_seed_key_and_index():
     # the same key and key-box shape elsewhere gives the same values (what the zero-sum breaking relies on)
     kb2 = ((64, 128), (48, 96))
     assert torch.equal(noise_values(1, "k", kb2, kb2, 0.02), a)
-    t = TensorMap("x", (4, 6), (Fill(((0, 4), (0, 6)), 1.0), Noise(((0, 4), (0, 3)), "n", 0.1, add=True),
-                                Noise(((0, 4), (3, 6)), "n", 0.1, w=-1.0, add=True, key_box=((0, 4), (3, 6))),
-                                Fill(((0, 4), (0, 4)), 2.0, kind="eye", add=True)))
+    t = TensorMap(
+        "x",
+        (4, 6),
+        (
+            Fill(((0, 4), (0, 6)), 1.0),
+            Noise(((0, 4), (0, 3)), "n", 0.1, add=True),
+            Noise(((0, 4), (3, 6)), "n", 0.1, w=-1.0, add=True, key_box=((0, 4), (3, 6))),
+            Fill(((0, 4), (0, 4)), 2.0, kind="eye", add=True),
+        ),
+    )
     t.check({})
     w = apply_tensor(t, {}, "w", 0)
     assert torch.allclose(w.sum(1), torch.full((4,), 6.0) + 2.0, atol=1e-6)  # noise +n / -n cancel per row
@@ -485,7 +533,7 @@ def test_lr_placement_and_carried_positions(env):
     data position carried over (dropout seeds derive from it, so that is all the RNG there is)."""
     st = env.trained("gpt2", True)
     g = grow(st, Width(2), lr=LRPlacement(peak_lr="kaplan", equivalent_step="paper", rewarmup=8, rewarmup_from=1e-5))
-    N = 12 * 2 * 64 ** 2
+    N = 12 * 2 * 64**2
     assert g.peak_lr == pytest.approx(0.003239 - 0.0001395 * math.log10(N)) == kaplan_peak_lr(g.config)
     assert g.lr_offset == g.lr_position == math.floor(PRE_STEPS / 1.776) and g.rewarmup == 8
     assert g.step == st.step and g.sample_index == st.sample_index == PRE_STEPS * B

@@ -11,12 +11,35 @@ import torch
 from megagrow.config import ModelConfig
 from megagrow.errors import UserError
 
-GPT2 = (dict(model_type="gpt2", vocab_size=520, n_positions=32, n_embd=64, n_layer=2, n_head=4),
-        ModelConfig(flavour="gpt2", n_layers=2, d_model=64, n_heads=4, vocab_size=520, seq_len=32))
-LLAMA = (dict(model_type="llama", vocab_size=600, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
-              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=False),
-         ModelConfig(flavour="llama", n_layers=2, d_model=64, n_heads=4, n_kv_heads=2, d_ff=160, vocab_size=600,
-                     seq_len=32, tie_embeddings=False, norm_eps=1e-6))
+GPT2 = (
+    dict(model_type="gpt2", vocab_size=520, n_positions=32, n_embd=64, n_layer=2, n_head=4),
+    ModelConfig(flavour="gpt2", n_layers=2, d_model=64, n_heads=4, vocab_size=520, seq_len=32),
+)
+LLAMA = (
+    dict(
+        model_type="llama",
+        vocab_size=600,
+        hidden_size=64,
+        intermediate_size=160,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        tie_word_embeddings=False,
+    ),
+    ModelConfig(
+        flavour="llama",
+        n_layers=2,
+        d_model=64,
+        n_heads=4,
+        n_kv_heads=2,
+        d_ff=160,
+        vocab_size=600,
+        seq_len=32,
+        tie_embeddings=False,
+        norm_eps=1e-6,
+    ),
+)
 
 
 class NotWeights:  # a pickled object: weights_only loading must refuse it (no code from the file runs)

@@ -19,12 +19,21 @@ def _random_hf(path, kind: str):
 
     torch.manual_seed(0)
     if kind == "gpt2":
-        model = GPT2LMHeadModel(GPT2Config(vocab_size=300, n_positions=256, n_embd=64, n_layer=2, n_head=4,
-                                                    bos_token_id=0, eos_token_id=0))
+        model = GPT2LMHeadModel(GPT2Config(vocab_size=300, n_positions=256, n_embd=64, n_layer=2, n_head=4, bos_token_id=0, eos_token_id=0))
     else:
-        model = LlamaForCausalLM(LlamaConfig(vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                                             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                                             rms_norm_eps=1e-6, tie_word_embeddings=False))
+        model = LlamaForCausalLM(
+            LlamaConfig(
+                vocab_size=300,
+                hidden_size=64,
+                intermediate_size=96,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                num_key_value_heads=2,
+                max_position_embeddings=128,
+                rms_norm_eps=1e-6,
+                tie_word_embeddings=False,
+            )
+        )
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for _, p in model.named_parameters():
@@ -79,8 +88,10 @@ def test_sharded_export_loads_in_transformers_with_the_same_logits(tmp_path, kin
     index = json.loads((tmp_path / "sharded" / "model.safetensors.index.json").read_text())
     with safe_open(str(tmp_path / "one" / "model.safetensors"), "pt") as f:
         ref = {k: f.get_tensor(k) for k in f.keys()}
-    assert sorted(index["weight_map"]) == sorted(ref) and index["metadata"]["total_size"] == sum(
-        t.numel() * 4 for t in ref.values()) == info["total_size"]
+    assert (
+        sorted(index["weight_map"]) == sorted(ref)
+        and index["metadata"]["total_size"] == sum(t.numel() * 4 for t in ref.values()) == info["total_size"]
+    )
     for fn in info["files"]:
         with safe_open(str(tmp_path / "sharded" / fn), "pt") as f:
             names = list(f.keys())
@@ -94,8 +105,10 @@ def test_sharded_export_loads_in_transformers_with_the_same_logits(tmp_path, kin
         a = AutoModelForCausalLM.from_pretrained(str(tmp_path / "one"), dtype=torch.float32).eval()(x).logits
         b = AutoModelForCausalLM.from_pretrained(str(tmp_path / "sharded"), dtype=torch.float32).eval()(x).logits
         src_logits = theirs(x).logits
-    print(f"\n[sharded] {kind}: {n} shards, max |logits(sharded) - logits(one file)| {(a - b).abs().max().item():.1e}, "
-          f"vs the source model {(b - src_logits).abs().max().item():.1e}")
+    print(
+        f"\n[sharded] {kind}: {n} shards, max |logits(sharded) - logits(one file)| {(a - b).abs().max().item():.1e}, "
+        f"vs the source model {(b - src_logits).abs().max().item():.1e}"
+    )
     assert torch.equal(a, b) and (b - src_logits).abs().max().item() < 1e-5
     _, back = _imported(tmp_path / "sharded", seq_len=64, **({"max_positions": 256} if kind == "gpt2" else {}))
     assert back.keys() == P.keys() and all(torch.equal(back[k], P[k]) for k in P)

@@ -12,7 +12,6 @@ import sysconfig
 
 import numpy as np
 import pytest
-
 from conftest import REPO, _env
 
 from megagrow.config import ModelConfig, Plan
@@ -53,8 +52,16 @@ def test_sentencepiece_model_exported_as_tokenizer_json_encodes_identically(data
 
 
 def _prepare(out, *extra):
-    cmd = [sys.executable, os.path.join(REPO, "tools", "prepare_data.py"), "--out", str(out), "--json", "--no-progress",
-           "--valid-fraction", "0"]
+    cmd = [
+        sys.executable,
+        os.path.join(REPO, "tools", "prepare_data.py"),
+        "--out",
+        str(out),
+        "--json",
+        "--no-progress",
+        "--valid-fraction",
+        "0",
+    ]
     for f in CORPUS:
         cmd += ["--input", f]
     return subprocess.run(cmd + list(extra), capture_output=True, text=True, env=_env(), timeout=300)
@@ -137,10 +144,13 @@ def test_hf_config_mapping_round_trip():
     architectures and RoPE types other than default, llama3, linear, dynamic, yarn are UserErrors; a heads-grown GPT-2 is not exportable."""
     from megagrow.hf import hf_config, model_fields_from_hf
 
-    for m in (ModelConfig(flavour="gpt2", n_layers=2, d_model=64, n_heads=4, vocab_size=500, seq_len=32),
-              ModelConfig(flavour="llama", n_layers=3, d_model=64, n_heads=4, n_kv_heads=2, vocab_size=700,
-                          tie_embeddings=False, rope_theta=5e5, d_ff=96),
-              ModelConfig(flavour="llama", n_layers=1, d_model=64, n_heads=2, head_dim=48, norm_eps=1e-6)):
+    for m in (
+        ModelConfig(flavour="gpt2", n_layers=2, d_model=64, n_heads=4, vocab_size=500, seq_len=32),
+        ModelConfig(
+            flavour="llama", n_layers=3, d_model=64, n_heads=4, n_kv_heads=2, vocab_size=700, tie_embeddings=False, rope_theta=5e5, d_ff=96
+        ),
+        ModelConfig(flavour="llama", n_layers=1, d_model=64, n_heads=2, head_dim=48, norm_eps=1e-6),
+    ):
         got = model_fields_from_hf(hf_config(m).to_dict(), "x")
         for k in ("flavour", "n_layers", "d_model", "n_heads", "n_kv_heads", "head_dim", "vocab_size", "tie_embeddings", "norm_eps"):
             assert got[k] == getattr(m, k), (k, got[k], getattr(m, k))
@@ -153,8 +163,13 @@ def test_hf_config_mapping_round_trip():
     with pytest.raises(UserError, match="architecture 'BertForMaskedLM' is not supported"):
         model_fields_from_hf({"architectures": ["BertForMaskedLM"], "model_type": "bert"}, "x")
     with pytest.raises(UserError, match=r"rope type 'longrope' is not supported \(supported: default, llama3, linear, dynamic, yarn\)"):
-        model_fields_from_hf(dict(LlamaConfig(hidden_size=64, num_attention_heads=4).to_dict(),
-                                  rope_parameters={"rope_type": "longrope", "rope_theta": 1e4, "factor": 2.0}), "x")
+        model_fields_from_hf(
+            dict(
+                LlamaConfig(hidden_size=64, num_attention_heads=4).to_dict(),
+                rope_parameters={"rope_type": "longrope", "rope_theta": 1e4, "factor": 2.0},
+            ),
+            "x",
+        )
     with pytest.raises(UserError, match="GPT2LMHeadModel needs n_heads x head_dim == d_model"):
         hf_config(ModelConfig(flavour="gpt2", d_model=32, n_heads=6, head_dim=8))
 
@@ -193,17 +208,27 @@ def test_init_from_bad_input_is_one_error_line_and_nothing_written(data_prefix, 
         return path
 
     gpt2 = dict(n_positions=16, n_embd=32, n_layer=1, n_head=2)
-    neox = save("neox", "gpt_neox", vocab_size=512, hidden_size=32, num_attention_heads=2, num_hidden_layers=1,
-                intermediate_size=64, max_position_embeddings=16)
+    neox = save(
+        "neox",
+        "gpt_neox",
+        vocab_size=512,
+        hidden_size=32,
+        num_attention_heads=2,
+        num_hidden_layers=1,
+        intermediate_size=64,
+        max_position_embeddings=16,
+    )
     nofile = save("nofile", "gpt2", vocab_size=512, **gpt2)
     os.unlink(nofile / "model.safetensors")
     big = save("big", "gpt2", vocab_size=600, **gpt2)
     wide = save("wide", "gpt2", vocab_size=512, **dict(gpt2, n_embd=64))
-    cases = [(neox, "architecture 'GPTNeoXForCausalLM' is not supported"),
-             (nofile, "no model.safetensors"),
-             (tmp_path / "absent", "transformers model directory not found"),
-             (big, "has a vocab of 600, larger than the vocab_size 512 of stage 's'"),
-             (wide, "does not match the model of stage 's': d_model 64 (stage: 32)")]
+    cases = [
+        (neox, "architecture 'GPTNeoXForCausalLM' is not supported"),
+        (nofile, "no model.safetensors"),
+        (tmp_path / "absent", "transformers model directory not found"),
+        (big, "has a vocab of 600, larger than the vocab_size 512 of stage 's'"),
+        (wide, "does not match the model of stage 's': d_model 64 (stage: 32)"),
+    ]
     from megagrow.cli import main
 
     for i, (hf, needle) in enumerate(cases):
@@ -213,10 +238,14 @@ def test_init_from_bad_input_is_one_error_line_and_nothing_written(data_prefix, 
         plan.write_text(INIT_PLAN.format(prefix=data_prefix, hf=hf))
         args = ["train", str(plan), "--run-dir", str(d / "run")]
         if i == 0:  # the real command line once (exit code, no traceback); the rest in this process (faster)
-            env = {k: v for k, v in _env().items()  # not this process's rendezvous (an in-process test may have set one)
-                   if k not in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK")}
-            r = subprocess.run([sys.executable, "-m", "megagrow.cli", *args], capture_output=True, text=True, env=env,
-                               cwd=REPO, timeout=300)
+            env = {
+                k: v
+                for k, v in _env().items()  # not this process's rendezvous (an in-process test may have set one)
+                if k not in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK")
+            }
+            r = subprocess.run(
+                [sys.executable, "-m", "megagrow.cli", *args], capture_output=True, text=True, env=env, cwd=REPO, timeout=300
+            )
             rc, err = r.returncode, r.stderr
         else:
             capfd.readouterr()
@@ -227,8 +256,14 @@ def test_init_from_bad_input_is_one_error_line_and_nothing_written(data_prefix, 
         assert not os.path.exists(d / "run" / "s" / "checkpoints") and not os.path.exists(d / "run" / "s" / "checkpoints.partial")
     # the controller checks init_from before it launches anything (reading config.json only, no torch)
     plan = tmp_path / "case4" / "plan.yaml"
-    r = subprocess.run([sys.executable, "-m", "megagrow.cli", "run", str(plan), "--run-dir", str(tmp_path / "ctl"),
-                        "--local", "--dry-run"], capture_output=True, text=True, env=_env(), cwd=REPO, timeout=300)
+    r = subprocess.run(
+        [sys.executable, "-m", "megagrow.cli", "run", str(plan), "--run-dir", str(tmp_path / "ctl"), "--local", "--dry-run"],
+        capture_output=True,
+        text=True,
+        env=_env(),
+        cwd=REPO,
+        timeout=300,
+    )
     assert r.returncode == 2 and r.stderr.count("error:") == 1 and "Traceback" not in r.stderr, r.stderr
     assert "stage 0 (s): init_from:" in r.stderr and "d_model 64 (stage: 32)" in r.stderr, r.stderr
     assert not os.path.exists(tmp_path / "ctl" / "s")

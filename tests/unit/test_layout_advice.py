@@ -59,7 +59,9 @@ def test_overlap_defaults_by_layout():
     assert zo(Layout(dp=4, zero_stage=3), overlap=True) == {"stage": 3}
     assert zo(Layout(dp=8, zero_stage=2)) == {"stage": 2}  # auto: CPU/gloo gets none
     tiny = ModelConfig(n_layers=2, d_model=64, n_heads=4, vocab_size=512)
-    assert ds_config(Stage(model=tiny, layout=Layout(dp=2, zero_stage=2)), overlap=True)["zero_optimization"]["reduce_bucket_size"] \
-        == tiny.num_params()  # at most the model: one bucket
+    assert (
+        ds_config(Stage(model=tiny, layout=Layout(dp=2, zero_stage=2)), overlap=True)["zero_optimization"]["reduce_bucket_size"]
+        == tiny.num_params()
+    )  # at most the model: one bucket
     js = ds_config(Stage(model=M1B, layout=Layout(dp=8, zero_stage=2, ds_config="ds_configs/zero2.json")), overlap=True)
     assert js["zero_optimization"]["reduce_bucket_size"] == 50_000_000  # the stage's JSON wins

@@ -42,8 +42,8 @@ def make_real_logits_negative(model, shift: float = 30.0) -> None:
     model.ln_f.weight.mul_(0.01)
     model.ln_f.bias.copy_(10 * u)
     w = model.head_weight()
-    w[c.vocab_size:] = 0
-    w[:c.vocab_size] += -(shift / 10) * u
+    w[c.vocab_size :] = 0
+    w[: c.vocab_size] += -(shift / 10) * u
 
 
 def _batch(c: ModelConfig, b: int = 3, seed: int = 0):
@@ -61,7 +61,7 @@ def test_padded_rows_never_take_probability(tie):
     x, y = _batch(c)
     with torch.no_grad():
         logits = model.logits(x)
-        assert logits[..., :c.vocab_size].max() < -20 and logits[..., c.vocab_size:].abs().max() == 0
+        assert logits[..., : c.vocab_size].max() < -20 and logits[..., c.vocab_size :].abs().max() == 0
         ref = reference_loss(logits, y, c.vocab_size).item()
         unmasked = F.cross_entropy(logits.flatten(0, 1), y.flatten()).item()
         got = model(x, y).item()  # eval path (no gradients)
@@ -69,7 +69,7 @@ def test_padded_rows_never_take_probability(tie):
     assert abs(got - ref) < 1e-5 and abs(train.item() - ref) < 1e-5, (got, train.item(), ref)
     assert unmasked - ref > 20  # what the padding would have taken
     train.backward()
-    assert model.head_weight().grad[c.vocab_size:].abs().max() == 0  # no gradient reaches a padded row
+    assert model.head_weight().grad[c.vocab_size :].abs().max() == 0  # no gradient reaches a padded row
 
 
 def test_no_op_when_the_vocabulary_needs_no_padding():
@@ -195,8 +195,13 @@ def test_chunked_loss_peak_memory_is_lower():
     forward + backward is far below the plain form's (numbers printed; the equality of values above)."""
     res = {}
     for form in ("plain", "chunked"):
-        r = subprocess.run([sys.executable, os.path.abspath(__file__), form], capture_output=True, text=True, timeout=300,
-                           env={**os.environ, "PYTHONPATH": REPO, "OMP_NUM_THREADS": "1"})
+        r = subprocess.run(
+            [sys.executable, os.path.abspath(__file__), form],
+            capture_output=True,
+            text=True,
+            timeout=300,
+            env={**os.environ, "PYTHONPATH": REPO, "OMP_NUM_THREADS": "1"},
+        )
         assert r.returncode == 0, r.stderr[-3000:]
         res[form] = json.loads(r.stdout.strip().splitlines()[-1])
     print(json.dumps(res))

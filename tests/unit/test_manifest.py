@@ -10,8 +10,8 @@ import sys
 import zlib
 
 import pytest
-
 from conftest import REPO, _env
+
 from megagrow.errors import SaveFailed, UserError
 from megagrow.state import manifest as mf
 from megagrow.state.verify import verify_distributed
@@ -21,13 +21,22 @@ def _tag(ckpt, step, files=None, seal=True, keep_last=0):
     tag = f"step_{step:08d}"
     d = ckpt / tag
     d.mkdir(parents=True, exist_ok=True)
-    for name, data in (files or {"mp_rank_00_model_states.pt": os.urandom(3000) + bytes([step]),
-                                 "zero_pp_rank_0_mp_rank_00_optim_states.pt": os.urandom(5000),
-                                 "zero_pp_rank_1_mp_rank_00_optim_states.pt": os.urandom(5000)}).items():
+    for name, data in (
+        files
+        or {
+            "mp_rank_00_model_states.pt": os.urandom(3000) + bytes([step]),
+            "zero_pp_rank_0_mp_rank_00_optim_states.pt": os.urandom(5000),
+            "zero_pp_rank_1_mp_rank_00_optim_states.pt": os.urandom(5000),
+        }
+    ).items():
         (d / name).write_bytes(data)
     if seal:
-        mf.seal(str(ckpt), tag, {"plan": "p", "stage": "s", "stage_index": 0, "step": step, "sample_index": 8 * step,
-                                 "layout": {"tp": 1, "dp": 2}}, keep_last=keep_last)
+        mf.seal(
+            str(ckpt),
+            tag,
+            {"plan": "p", "stage": "s", "stage_index": 0, "step": step, "sample_index": 8 * step, "layout": {"tp": 1, "dp": 2}},
+            keep_last=keep_last,
+        )
     return tag
 
 
@@ -150,8 +159,9 @@ def test_verify_cli(tmp_path):
     t = _tag(ckpt, 4)
 
     def run(*args):
-        return subprocess.run([sys.executable, "-m", "megagrow.cli", "verify", *args], capture_output=True, text=True,
-                              env=_env(), cwd=REPO, timeout=60)
+        return subprocess.run(
+            [sys.executable, "-m", "megagrow.cli", "verify", *args], capture_output=True, text=True, env=_env(), cwd=REPO, timeout=60
+        )
 
     r = run(str(ckpt))
     assert r.returncode == 0 and r.stdout.count("ok ") == 2, r.stdout + r.stderr

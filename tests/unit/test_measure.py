@@ -37,21 +37,25 @@ def _counted_train_flops_per_token(c: ModelConfig) -> float:
     return fc.get_total_flops() / x.numel()
 
 
-@pytest.mark.parametrize("flavour,tie,head_dim,kv", [("gpt2", True, None, None), ("llama", False, None, None),
-                                                     ("gpt2", False, 24, None), ("llama", True, None, 2)])
+@pytest.mark.parametrize(
+    "flavour,tie,head_dim,kv",
+    [("gpt2", True, None, None), ("llama", False, None, None), ("gpt2", False, 24, None), ("llama", True, None, 2)],
+)
 def test_flop_formulas_match_flops_counted_on_the_model(flavour, tie, head_dim, kv):
     """Megatron-LM's formula == FLOPs torch counts in forward + backward of the real model, exactly
     (it counts every weight GEMM, the logit GEMM and the attention matmuls); megagrow's convention
     == that count - the logit GEMM (6 V d) + 6 x (the bias and norm parameters, which megagrow's
     6N counts and the GEMM count does not)."""
-    c = ModelConfig(flavour=flavour, n_layers=2, d_model=64, n_heads=4, head_dim=head_dim, vocab_size=300, seq_len=48,
-                    tie_embeddings=tie, n_kv_heads=kv)
+    c = ModelConfig(
+        flavour=flavour, n_layers=2, d_model=64, n_heads=4, head_dim=head_dim, vocab_size=300, seq_len=48, tie_embeddings=tie, n_kv_heads=kv
+    )
     counted = _counted_train_flops_per_token(c)
     assert megatron_flops_per_token(c) == pytest.approx(counted, rel=1e-12)
     from megagrow.model.gpt import build_model
 
-    matrices = sum(p.numel() for n, p in build_model(c, 0).named_parameters()
-                   if p.dim() == 2 and not n.startswith(("tok_emb", "pos_emb", "lm_head")))
+    matrices = sum(
+        p.numel() for n, p in build_model(c, 0).named_parameters() if p.dim() == 2 and not n.startswith(("tok_emb", "pos_emb", "lm_head"))
+    )
     vectors = c.num_params(embeddings=False) - matrices
     assert flops_per_token(c) == pytest.approx(counted - 6 * c.padded_vocab * c.d_model + 6 * vectors, rel=1e-12)
 
@@ -113,9 +117,15 @@ def test_ledger_continues_from_its_start():
 
 # ---- validation split and the eval window list ----------------------------------------------
 
+
 def _prepare(tmp_path, name, *args):
-    return subprocess.run([sys.executable, os.path.join(REPO, "tools", "prepare_data.py"), "--out", str(tmp_path / name),
-                           "--json", "--no-progress", *args], capture_output=True, text=True, timeout=180, cwd=REPO)
+    return subprocess.run(
+        [sys.executable, os.path.join(REPO, "tools", "prepare_data.py"), "--out", str(tmp_path / name), "--json", "--no-progress", *args],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        cwd=REPO,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -123,8 +133,7 @@ def many_docs(tmp_path_factory):
     d = tmp_path_factory.mktemp("docs")
     rng = np.random.default_rng(0)
     words = ["alpha", "beta", "gamma", "delta", "epsilon", "zeta", "eta", "theta", "iota", "kappa"]
-    lines = [json.dumps({"text": f"doc {i}: " + " ".join(rng.choice(words, size=int(rng.integers(20, 200))))})
-             for i in range(400)]
+    lines = [json.dumps({"text": f"doc {i}: " + " ".join(rng.choice(words, size=int(rng.integers(20, 200))))}) for i in range(400)]
     (d / "docs.jsonl").write_text("\n".join(lines) + "\n")
     return d
 
@@ -155,8 +164,7 @@ def test_valid_split_is_whole_documents_and_deterministic(tmp_path, many_docs):
     assert again.returncode == 0
     for ext in (".bin", ".idx", ".valid.bin", ".valid.idx"):
         assert open(tmp_path / f"a{ext}", "rb").read() == open(tmp_path / f"b{ext}", "rb").read(), ext
-    other = _prepare(tmp_path, "c", "--input", str(many_docs), "--tokenizer", str(tmp_path / "a.model"), "--valid-fraction", "0.05",
-                     "--seed", "5")
+    _prepare(tmp_path, "c", "--input", str(many_docs), "--tokenizer", str(tmp_path / "a.model"), "--valid-fraction", "0.05", "--seed", "5")
     assert open(tmp_path / "c.valid.bin", "rb").read() != open(tmp_path / "a.valid.bin", "rb").read()
     stale = _prepare(tmp_path, "c", "--input", str(many_docs), "--tokenizer", str(tmp_path / "a.model"), "--valid-fraction", "0")
     assert stale.returncode == 0 and not os.path.exists(tmp_path / "c.valid.idx")
@@ -213,30 +221,48 @@ def test_eval_set_absent_without_split_or_with_zero_tokens(tmp_path):
 
 # ---- plot -----------------------------------------------------------------------------------
 
+
 def test_plot_writes_a_png_of_two_runs(tmp_path):
     """Two run directories (a staged one with two stages, a baseline) -> one PNG; a directory
     without logs is a one-line error and leaves no file."""
+
     def write(run, stage, recs):
         os.makedirs(tmp_path / run / stage, exist_ok=True)
         with open(tmp_path / run / stage / "log.jsonl", "w") as f:
             f.writelines(json.dumps(r) + "\n" for r in recs)
 
-    write("staged", "small", [{"stage": "small", "step": s, "loss": 5 - s / 10, "tokens": 100 * s, "flops": 1e9 * s}
-                              for s in range(1, 11)] + [{"stage": "small", "step": 10, "eval_loss": 4.1, "tokens": 1000,
-                                                         "flops": 1e10, "at": "stage_end"}])
-    write("staged", "wide", [{"stage": "wide", "step": 0, "eval_loss": 4.1, "tokens": 1000, "flops": 1e10, "at": "after_growth"}]
-          + [{"stage": "wide", "step": s, "loss": 4 - s / 10, "tokens": 1000 + 100 * s, "flops": 1e10 + 4e9 * s}
-             for s in range(1, 11)])
+    write(
+        "staged",
+        "small",
+        [{"stage": "small", "step": s, "loss": 5 - s / 10, "tokens": 100 * s, "flops": 1e9 * s} for s in range(1, 11)]
+        + [{"stage": "small", "step": 10, "eval_loss": 4.1, "tokens": 1000, "flops": 1e10, "at": "stage_end"}],
+    )
+    write(
+        "staged",
+        "wide",
+        [{"stage": "wide", "step": 0, "eval_loss": 4.1, "tokens": 1000, "flops": 1e10, "at": "after_growth"}]
+        + [{"stage": "wide", "step": s, "loss": 4 - s / 10, "tokens": 1000 + 100 * s, "flops": 1e10 + 4e9 * s} for s in range(1, 11)],
+    )
     write("base", "s0", [{"stage": "s0", "step": s, "loss": 5 - s / 12, "tokens": 100 * s, "flops": 4e9 * s} for s in range(1, 21)])
     out = tmp_path / "fig.png"
-    r = subprocess.run([sys.executable, "-m", "megagrow.cli", "plot", str(tmp_path / "staged"), str(tmp_path / "base"),
-                        "--out", str(out), "--json"], capture_output=True, text=True, timeout=120, cwd=REPO)
+    r = subprocess.run(
+        [sys.executable, "-m", "megagrow.cli", "plot", str(tmp_path / "staged"), str(tmp_path / "base"), "--out", str(out), "--json"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=REPO,
+    )
     assert r.returncode == 0, r.stderr
     assert open(out, "rb").read(8) == b"\x89PNG\r\n\x1a\n" and os.path.getsize(out) > 10_000
     info = json.loads(r.stdout)
     assert info["runs"][0]["stages"] == ["small", "wide"] and info["runs"][0]["eval_points"] == 2
-    bad = subprocess.run([sys.executable, "-m", "megagrow.cli", "plot", str(tmp_path / "nothing"), "--out", str(tmp_path / "x.png")],
-                         capture_output=True, text=True, timeout=120, cwd=REPO)
+    bad = subprocess.run(
+        [sys.executable, "-m", "megagrow.cli", "plot", str(tmp_path / "nothing"), "--out", str(tmp_path / "x.png")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=REPO,
+    )
     assert bad.returncode == 2 and bad.stderr.startswith("error:") and not os.path.exists(tmp_path / "x.png")
 
 
@@ -288,8 +314,16 @@ def test_option_rows_change_one_option_each(tmp_path):
 
     _, plan = _options_plan(tmp_path, dp=2, zero=2)
     rows = option_rows(plan, 0)
-    assert [r["option"] for r in rows] == ["base", "fused_qkv=false", "chunked_loss=false", "compile=on", "recompute=attention",
-                                           "recompute=mlp", "recompute=full", "overlap=true"]
+    assert [r["option"] for r in rows] == [
+        "base",
+        "fused_qkv=false",
+        "chunked_loss=false",
+        "compile=on",
+        "recompute=attention",
+        "recompute=mlp",
+        "recompute=full",
+        "overlap=true",
+    ]
     base = plan.stages[0].to_dict()
     for r in rows:
         over = {k: v for k, v in r.items() if k != "option"}
@@ -324,13 +358,25 @@ def test_bench_options_rows_in_one_run(tmp_path, capsys):
     assert main([path, "--synthetic", "--options", "--steps", "1", "--warmup", "0", "--no-baseline", "--out", str(out)]) == 0
     res = json.loads(out.read_text())
     rows = res["rows"]
-    assert [r["option"] for r in rows] == ["base", "fused_qkv=false", "chunked_loss=false", "compile=on", "recompute=attention",
-                                           "recompute=mlp", "recompute=full"]
+    assert [r["option"] for r in rows] == [
+        "base",
+        "fused_qkv=false",
+        "chunked_loss=false",
+        "compile=on",
+        "recompute=attention",
+        "recompute=mlp",
+        "recompute=full",
+    ]
     flags = {r["option"]: (r["fused_qkv"], r["chunked_loss"], r["compiled"], r["activation_checkpointing"], r["overlap"]) for r in rows}
-    assert flags == {"base": (True, True, False, "none", False), "fused_qkv=false": (False, True, False, "none", False),
-                     "chunked_loss=false": (True, False, False, "none", False), "compile=on": (True, True, True, "none", False),
-                     "recompute=attention": (True, True, False, "attention", False), "recompute=mlp": (True, True, False, "mlp", False),
-                     "recompute=full": (True, True, False, "full", False)}
+    assert flags == {
+        "base": (True, True, False, "none", False),
+        "fused_qkv=false": (False, True, False, "none", False),
+        "chunked_loss=false": (True, False, False, "none", False),
+        "compile=on": (True, True, True, "none", False),
+        "recompute=attention": (True, True, False, "attention", False),
+        "recompute=mlp": (True, True, False, "mlp", False),
+        "recompute=full": (True, True, False, "full", False),
+    }
     for r in rows:
         assert not r["oom"] and abs(r["loss_first"] - rows[0]["loss_first"]) <= 1e-5, r
         assert r["time_vs_base"] == pytest.approx(r["step_time_s"] / rows[0]["step_time_s"])

@@ -19,10 +19,21 @@ from megagrow.config import Layout, ModelConfig
 from megagrow.errors import UserError
 
 CASES = {
-    "llama-gqa-untied": dict(flavour="llama", n_layers=2, d_model=64, n_heads=4, n_kv_heads=2, vocab_size=300, seq_len=32,
-                             tie_embeddings=False, rope_theta=5e5, norm_eps=1e-6),
-    "llama-mqa-tied": dict(flavour="llama", n_layers=2, d_model=64, n_heads=4, n_kv_heads=1, vocab_size=300, seq_len=32,
-                           head_dim=24, d_ff=160),
+    "llama-gqa-untied": dict(
+        flavour="llama",
+        n_layers=2,
+        d_model=64,
+        n_heads=4,
+        n_kv_heads=2,
+        vocab_size=300,
+        seq_len=32,
+        tie_embeddings=False,
+        rope_theta=5e5,
+        norm_eps=1e-6,
+    ),
+    "llama-mqa-tied": dict(
+        flavour="llama", n_layers=2, d_model=64, n_heads=4, n_kv_heads=1, vocab_size=300, seq_len=32, head_dim=24, d_ff=160
+    ),
     "gpt2-tied": dict(flavour="gpt2", n_layers=2, d_model=64, n_heads=4, vocab_size=300, seq_len=32, max_positions=48),
     "gpt2-untied": dict(flavour="gpt2", n_layers=1, d_model=48, n_heads=3, vocab_size=200, seq_len=16, tie_embeddings=False),
 }
@@ -61,9 +72,9 @@ def test_megatron_core_loads_strictly_and_gives_megagrow_logits(tmp_path, case):
     mc.load_state_dict(payload["model"], strict=True)
     L = min(m.seq_len, 32)
     x = torch.randint(0, m.vocab_size, (2, L), generator=torch.Generator().manual_seed(5))
-    theirs = megatron_logits(mc, x)[..., :m.vocab_size]
+    theirs = megatron_logits(mc, x)[..., : m.vocab_size]
     with torch.no_grad():
-        mine = model.logits(x)[..., :m.vocab_size]
+        mine = model.logits(x)[..., : m.vocab_size]
     diff = (theirs - mine).abs().max().item()
     print(f"\n[megatron] {case}: max |logits(megatron-core) - logits(megagrow)| {diff:.2e} (max |logit| {mine.abs().max().item():.2f})")
     assert diff < 1e-4 and mine.abs().max().item() > 0.05
@@ -91,11 +102,12 @@ def test_refusals_are_one_line(tmp_path):
     line each, nothing written."""
     from megagrow.interop.megatron import read_megatron, write_megatron
 
-    m = ModelConfig(flavour="llama", n_layers=1, d_model=16, n_heads=2, vocab_size=128,
-                    rope_scaling={"rope_type": "linear", "factor": 2.0})
-    for args, msg in (((str(tmp_path / "a"), m, None, 1, {}), "rope_scaling 'linear' is not exported"),
-                      ((str(tmp_path / "b"), m.replace(rope_scaling=None), None, -1, {}), "--iteration must be an integer >= 0"),
-                      ((str(tmp_path), m.replace(rope_scaling=None), None, 1, {}), "exists and is not an empty directory")):
+    m = ModelConfig(flavour="llama", n_layers=1, d_model=16, n_heads=2, vocab_size=128, rope_scaling={"rope_type": "linear", "factor": 2.0})
+    for args, msg in (
+        ((str(tmp_path / "a"), m, None, 1, {}), "rope_scaling 'linear' is not exported"),
+        ((str(tmp_path / "b"), m.replace(rope_scaling=None), None, -1, {}), "--iteration must be an integer >= 0"),
+        ((str(tmp_path), m.replace(rope_scaling=None), None, 1, {}), "exists and is not an empty directory"),
+    ):
         (tmp_path / "x").write_text("keep")
         with pytest.raises(UserError) as e:
             write_megatron(*args)
@@ -148,8 +160,13 @@ def test_cli_bad_checkpoint_is_one_error_line(tmp_path):
     import sys
 
     repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    r = subprocess.run([sys.executable, os.path.join(repo, "tools", "export_megatron.py"), str(tmp_path), str(tmp_path / "out")],
-                       capture_output=True, text=True, timeout=300, cwd=repo)
+    r = subprocess.run(
+        [sys.executable, os.path.join(repo, "tools", "export_megatron.py"), str(tmp_path), str(tmp_path / "out")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=repo,
+    )
     lines = r.stderr.strip().splitlines()
     assert r.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: ") and "no DeepSpeed checkpoint" in lines[0], r.stderr
     assert os.listdir(tmp_path) == []

@@ -14,11 +14,13 @@ from megagrow.schedule.law import non_embedding_params
 
 CONFIGS = {
     "gpt2-tied": ModelConfig(n_layers=2, d_model=64, n_heads=4, vocab_size=300, seq_len=16),
-    "gpt2-untied-dff-headdim": ModelConfig(n_layers=3, d_model=48, n_heads=4, head_dim=16, d_ff=200, vocab_size=130,
-                                           seq_len=8, tie_embeddings=False),
+    "gpt2-untied-dff-headdim": ModelConfig(
+        n_layers=3, d_model=48, n_heads=4, head_dim=16, d_ff=200, vocab_size=130, seq_len=8, tie_embeddings=False
+    ),
     "llama-tied": ModelConfig(flavour="llama", n_layers=2, d_model=64, n_heads=4, vocab_size=300, seq_len=16),
-    "llama-untied-gqa": ModelConfig(flavour="llama", n_layers=1, d_model=64, n_heads=8, n_kv_heads=2, vocab_size=512,
-                                    seq_len=16, tie_embeddings=False),
+    "llama-untied-gqa": ModelConfig(
+        flavour="llama", n_layers=1, d_model=64, n_heads=8, n_kv_heads=2, vocab_size=512, seq_len=16, tie_embeddings=False
+    ),
     "llama-mqa": ModelConfig(flavour="llama", n_layers=2, d_model=32, n_heads=4, n_kv_heads=1, vocab_size=100, seq_len=8),
 }
 
@@ -54,8 +56,7 @@ def test_table_is_the_built_model(built, key):
     named = list(model.named_parameters())
     assert [(n, tuple(p.shape)) for n, p in named] == list(params.logical_tensors(c).items())
     assert c.num_params() == sum(p.numel() for _, p in named)
-    assert c.num_params(embeddings=False) == sum(p.numel() for n, p in named
-                                                 if not n.startswith(("tok_emb.", "pos_emb.", "lm_head.")))
+    assert c.num_params(embeddings=False) == sum(p.numel() for n, p in named if not n.startswith(("tok_emb.", "pos_emb.", "lm_head.")))
     modules = dict(model.named_modules())
     for n, p in named:
         owner, leaf = n.rsplit(".", 1)

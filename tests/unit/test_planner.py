@@ -74,8 +74,9 @@ def test_integrated_tokens_equal_quadrature_of_critical_batch_over_steps():
         # x = (L - L_inf)/L spans both branches of the closed form (switch at x = 0.3)
         for L in (limit * 1.02, limit * 1.2, limit / 0.7 * 0.999, limit / 0.7 * 1.001, limit * 2.5):
             S = law.steps_to_loss(N, L)
-            ref, _ = integrate.quad(lambda s: law.critical_batch(law.loss(N, s)), 0.0, S,
-                                    epsabs=0.0, epsrel=1e-12, limit=500, points=[S * 1e-6, S * 1e-3])
+            ref, _ = integrate.quad(
+                lambda s: law.critical_batch(law.loss(N, s)), 0.0, S, epsabs=0.0, epsrel=1e-12, limit=500, points=[S * 1e-6, S * 1e-3]
+            )
             assert abs(law.tokens_to_loss(N, L) / ref - 1) < 1e-8
 
 
@@ -370,7 +371,11 @@ def _cli(*args, cwd=None):
     env["PYTHONPATH"] = str(ROOT) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     return subprocess.run(
         [sys.executable, "-c", "import sys; from megagrow.cli.plan import main; sys.exit(main())", *args],
-        capture_output=True, text=True, env=env, cwd=cwd or ROOT, timeout=120,
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=cwd or ROOT,
+        timeout=120,
     )
 
 
@@ -378,8 +383,7 @@ def test_cli_plan_json_parses_and_has_the_fields():
     r = _cli("--law", "kaplan", "--target-loss", "3.2", "--sizes", "12x384,85e6", "--json")
     assert r.returncode == 0, r.stderr
     d = json.loads(r.stdout)
-    for k in ("target_loss", "stages", "total_compute", "total_pf_days", "single", "saving",
-              "best_single", "saving_vs_best_single", "law"):
+    for k in ("target_loss", "stages", "total_compute", "total_pf_days", "single", "saving", "best_single", "saving_vs_best_single", "law"):
         assert k in d
     assert len(d["stages"]) == 2
     for s in d["stages"]:
@@ -393,8 +397,7 @@ def test_cli_paper_json_has_four_pairs_with_predicted_and_measured():
     r = _cli("--paper", "--json")
     assert r.returncode == 0, r.stderr
     d = json.loads(r.stdout)
-    assert [p["pair"] for p in d["pairs"]] == [
-        "gpt2-base-depth", "gpt2-large-depth", "gpt2-base-width", "gpt2-large-width"]
+    assert [p["pair"] for p in d["pairs"]] == ["gpt2-base-depth", "gpt2-large-depth", "gpt2-base-width", "gpt2-large-width"]
     assert [p["measured_saving"] for p in d["pairs"]] == [0.132, 0.148, 0.216, 0.255]
     assert all(0 < p["predicted_saving"] < 1 for p in d["pairs"])
 
@@ -414,14 +417,18 @@ def test_cli_slope_reads_csv_and_reports_crossing_and_grown_step(tmp_path):
     assert r.returncode == 0 and "no crossing" in r.stdout
 
 
-@pytest.mark.parametrize("args", [
-    ("--sizes=-85e6,340e6", "--target-loss", "3.2"),  # negative size
-    ("--law", "chinchilla", "--sizes", "85e6", "--target-loss", "3.2"),  # unknown law
-    ("--sizes", "12x384,12x768", "--target-loss", "2.5"),  # below the irreducible loss of N_K
-    ("--sizes", "12x768,12x384", "--target-loss", "3.2"),  # not increasing
-    ("--slope", "/nonexistent/curve.csv", "--kind", "width"),  # missing file
-    ("--no-such-flag",),
-], ids=["negative-size", "unknown-law", "below-irreducible", "decreasing", "missing-csv", "bad-flag"])
+@pytest.mark.parametrize(
+    "args",
+    [
+        ("--sizes=-85e6,340e6", "--target-loss", "3.2"),  # negative size
+        ("--law", "chinchilla", "--sizes", "85e6", "--target-loss", "3.2"),  # unknown law
+        ("--sizes", "12x384,12x768", "--target-loss", "2.5"),  # below the irreducible loss of N_K
+        ("--sizes", "12x768,12x384", "--target-loss", "3.2"),  # not increasing
+        ("--slope", "/nonexistent/curve.csv", "--kind", "width"),  # missing file
+        ("--no-such-flag",),
+    ],
+    ids=["negative-size", "unknown-law", "below-irreducible", "decreasing", "missing-csv", "bad-flag"],
+)
 def test_cli_bad_input_is_one_error_line_and_exit_2(args):
     r = _cli(*args)
     assert r.returncode == 2

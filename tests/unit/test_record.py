@@ -5,8 +5,8 @@ from __future__ import annotations
 import os
 
 import pytest
-
 from conftest import REPO
+
 from megagrow.config import load_plan
 from megagrow.errors import UserError
 from megagrow.state.record import RECORD_VERSION, StageRecord
@@ -16,8 +16,19 @@ PLAN = load_plan(os.path.join(REPO, "recipes", "tiny_test.yaml"))
 
 def test_round_trip_keeps_every_field():
     """to_client_state -> from_client_state gives an equal record (every field, the plan included)."""
-    rec = StageRecord(PLAN, 1, step=7, sample_offset=128, lr_offset=9, rewarmup=2, final_step=7, loss=3.5,
-                      tokens_offset=4096, flops_offset=10**15, eval_loss=3.7)
+    rec = StageRecord(
+        PLAN,
+        1,
+        step=7,
+        sample_offset=128,
+        lr_offset=9,
+        rewarmup=2,
+        final_step=7,
+        loss=3.5,
+        tokens_offset=4096,
+        flops_offset=10**15,
+        eval_loss=3.7,
+    )
     cs = rec.to_client_state()
     assert cs["record_version"] == RECORD_VERSION and cs["sample_index"] == 128 + 7 * 8
     assert StageRecord.from_client_state(cs) == rec

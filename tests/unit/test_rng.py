@@ -16,8 +16,14 @@ KEY_BOX = ((0, 301), (0, 700))  # 210,700 elements: several CHUNKs, rows not a m
 def test_any_box_is_the_slice_of_the_whole(kind):
     """draw(box) == draw(whole)[box], bitwise, for TP-like row and column slices and odd boxes (1-d and 2-d)."""
     whole = rng.draw(kind, 5, "w", KEY_BOX, KEY_BOX, 0.02)
-    boxes = [((0, 150), (0, 700)), ((150, 301), (0, 700)), ((0, 301), (350, 700)), ((7, 8), (3, 699)), ((100, 299), (1, 2)),
-             ((13, 257), (91, 613))]
+    boxes = [
+        ((0, 150), (0, 700)),
+        ((150, 301), (0, 700)),
+        ((0, 301), (350, 700)),
+        ((7, 8), (3, 699)),
+        ((100, 299), (1, 2)),
+        ((13, 257), (91, 613)),
+    ]
     for box in boxes:
         sl = tuple(slice(a, b) for a, b in box)
         assert torch.equal(rng.draw(kind, 5, "w", KEY_BOX, box, 0.02), whole[sl]), box

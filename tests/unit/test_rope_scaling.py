@@ -13,11 +13,21 @@ import torch
 from megagrow.config import Layout, ModelConfig, Plan, RopeScaling
 from megagrow.errors import UserError
 
-LLAMA31 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-           "original_max_position_embeddings": 8192}  # Llama 3.1 / 3.3
+LLAMA31 = {
+    "rope_type": "llama3",
+    "factor": 8.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 8192,
+}  # Llama 3.1 / 3.3
 LLAMA32 = dict(LLAMA31, factor=32.0)  # Llama 3.2 1B / 3B
-TINY_LLAMA3 = {"rope_type": "llama3", "factor": 4.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-               "original_max_position_embeddings": 64}  # at head_dim 16, theta 5e5: all three bands
+TINY_LLAMA3 = {
+    "rope_type": "llama3",
+    "factor": 4.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 64,
+}  # at head_dim 16, theta 5e5: all three bands
 LINEAR = {"rope_type": "linear", "factor": 4.0}
 DYNAMIC = {"rope_type": "dynamic", "factor": 4.0, "original_max_position_embeddings": 32}  # 64 positions exercise it
 YARN = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32}  # head_dim 16: ramp over dims 0..7
@@ -40,17 +50,34 @@ def _hf_inv_freq(head_dim: int, theta: float, scaling: dict, seq_len: int | None
 
     hf = dict(scaling)
     max_pos = hf.pop("original_max_position_embeddings") if scaling["rope_type"] == "dynamic" else 131072
-    cfg = LlamaConfig(hidden_size=head_dim * 4, num_attention_heads=4, head_dim=head_dim, rope_theta=theta,
-                      rope_scaling=hf, max_position_embeddings=max_pos)
+    cfg = LlamaConfig(
+        hidden_size=head_dim * 4,
+        num_attention_heads=4,
+        head_dim=head_dim,
+        rope_theta=theta,
+        rope_scaling=hf,
+        max_position_embeddings=max_pos,
+    )
     inv, attention_factor = ROPE_INIT_FUNCTIONS[scaling["rope_type"]](cfg, None, seq_len=seq_len)
     return inv, float(attention_factor)
 
 
-@pytest.mark.parametrize("head_dim,theta,scaling,seq_len", [
-    (128, 5e5, LLAMA31, None), (64, 5e5, LLAMA32, None), (16, 5e5, TINY_LLAMA3, None), (128, 1e4, LINEAR, None),
-    (16, 5e5, dict(LINEAR, factor=2.5), None), (16, 1e4, DYNAMIC, 64), (128, 5e5, dict(DYNAMIC, factor=2.0), 100),
-    (16, 1e4, YARN, None), (128, 5e5, dict(YARN, factor=8.0, original_max_position_embeddings=8192), None),
-    (64, 1e4, YARN_MSCALE, None), (64, 1e4, dict(YARN, attention_factor=1.3), None)])
+@pytest.mark.parametrize(
+    "head_dim,theta,scaling,seq_len",
+    [
+        (128, 5e5, LLAMA31, None),
+        (64, 5e5, LLAMA32, None),
+        (16, 5e5, TINY_LLAMA3, None),
+        (128, 1e4, LINEAR, None),
+        (16, 5e5, dict(LINEAR, factor=2.5), None),
+        (16, 1e4, DYNAMIC, 64),
+        (128, 5e5, dict(DYNAMIC, factor=2.0), 100),
+        (16, 1e4, YARN, None),
+        (128, 5e5, dict(YARN, factor=8.0, original_max_position_embeddings=8192), None),
+        (64, 1e4, YARN_MSCALE, None),
+        (64, 1e4, dict(YARN, attention_factor=1.3), None),
+    ],
+)
 def test_inverse_frequencies_equal_transformers(head_dim, theta, scaling, seq_len):
     """rope_inv_freq (float64) and rope_attention_factor == transformers' ROPE_INIT_FUNCTIONS for the same type
     (float32) to 1e-6 relative; for llama3 and yarn every band (kept, mixed, divided) is hit where the config has it;
@@ -65,8 +92,10 @@ def test_inverse_frequencies_equal_transformers(head_dim, theta, scaling, seq_le
     assert mine.shape == theirs.shape == (head_dim // 2,) and mine.dtype == torch.float64
     rel = ((mine - theirs).abs() / theirs.abs()).max().item()
     af = rope_attention_factor(rs)
-    print(f"\n[inv_freq] {scaling['rope_type']} hd={head_dim} theta={theta:g}: max rel diff {rel:.2e}, "
-          f"attention factor {af:.6f} (transformers {their_af:.6f})")
+    print(
+        f"\n[inv_freq] {scaling['rope_type']} hd={head_dim} theta={theta:g}: max rel diff {rel:.2e}, "
+        f"attention factor {af:.6f} (transformers {their_af:.6f})"
+    )
     assert rel <= 1e-6, rel
     assert abs(af - their_af) <= 1e-7 * their_af and (af != 1.0) == (scaling["rope_type"] == "yarn")
     kept, divided = torch.isclose(mine, plain, rtol=1e-12), torch.isclose(mine, plain / scaling["factor"], rtol=1e-12)
@@ -107,8 +136,18 @@ def test_config_field_round_trip_and_errors():
     """rope_scaling in a plan (YAML numbers as strings too) is a typed RopeScaling, round trips through to_dict
     and JSON; unknown types are one line naming the supported ones; missing or foreign keys, gpt2, bad values
     are one-line errors."""
-    st = {"name": "a", "model": {"flavour": "llama", "n_layers": 1, "d_model": 64, "n_heads": 4, "vocab_size": 512,
-                                 "rope_theta": 5e5, "rope_scaling": dict(LLAMA31, factor="8.0")}}
+    st = {
+        "name": "a",
+        "model": {
+            "flavour": "llama",
+            "n_layers": 1,
+            "d_model": 64,
+            "n_heads": 4,
+            "vocab_size": 512,
+            "rope_theta": 5e5,
+            "rope_scaling": dict(LLAMA31, factor="8.0"),
+        },
+    }
     p = Plan.from_dict({"stages": [st]})
     rs = p.stages[0].model.rope_scaling
     assert isinstance(rs, RopeScaling) and rs.factor == 8.0 and rs.original_max_position_embeddings == 8192
@@ -130,13 +169,16 @@ def test_config_field_round_trip_and_errors():
         assert f"rope type '{kind}' is not supported (supported: llama3, linear, dynamic, yarn;" in err({"rope_type": kind, "factor": 2.0})
     assert "no rope_type (supported: llama3, linear, dynamic, yarn" in err({"factor": 2.0})
     assert "missing: high_freq_factor, original_max_position_embeddings" in err(
-        {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0})
+        {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0}
+    )
     assert "linear takes factor only (given: low_freq_factor)" in err(dict(LINEAR, low_freq_factor=1.0))
     assert "dynamic takes factor, original_max_position_embeddings only (given: beta_fast)" in err(dict(DYNAMIC, beta_fast=32))
-    assert "llama3 takes factor, low_freq_factor, high_freq_factor, original_max_position_embeddings only (given: mscale)" \
-        in err(dict(LLAMA31, mscale=1.0))
+    assert "llama3 takes factor, low_freq_factor, high_freq_factor, original_max_position_embeddings only (given: mscale)" in err(
+        dict(LLAMA31, mscale=1.0)
+    )
     assert "dynamic needs factor, original_max_position_embeddings (missing: original_max_position_embeddings)" in err(
-        {"rope_type": "dynamic", "factor": 2.0})
+        {"rope_type": "dynamic", "factor": 2.0}
+    )
     assert "yarn needs factor, original_max_position_embeddings (missing" in err({"rope_type": "yarn", "factor": 2.0})
     assert "yarn needs factor >= 1 (it extends the context), got 0.5" in err(dict(YARN, factor=0.5))
     assert "dynamic needs factor >= 1" in err(dict(DYNAMIC, factor=0.9))
@@ -153,8 +195,11 @@ def test_config_field_round_trip_and_errors():
         assert q.stages[0].model.to_dict()["rope_scaling"] == rope and Plan.from_dict(json.loads(json.dumps(q.to_dict()))) == q
     assert "rope_scaling is for the llama flavour only" in err(LINEAR, flavour="gpt2")
     grown = {"name": "b", "grow": "width", "model": dict(st["model"], d_model=128, n_heads=8)}
-    with pytest.raises(UserError, match=r"^plan: stage b: rope_scaling \{'rope_type': 'linear', 'factor': 4.0\} differs from "
-                                        r"stage a's \{'rope_type': 'llama3'.*\(growth keeps it: give every stage the same"):
+    with pytest.raises(
+        UserError,
+        match=r"^plan: stage b: rope_scaling \{'rope_type': 'linear', 'factor': 4.0\} differs from "
+        r"stage a's \{'rope_type': 'llama3'.*\(growth keeps it: give every stage the same",
+    ):
         Plan.from_dict({"stages": [st, dict(grown, model=dict(grown["model"], rope_scaling=LINEAR))]})
 
 
@@ -168,14 +213,21 @@ def test_growth_keeps_rope_scaling_and_the_function(rope):
     from megagrow.parallel.groups import init_distributed
 
     init_distributed(Layout())
-    m = ModelConfig(flavour="llama", n_layers=2, d_model=64, n_heads=4, n_kv_heads=2, vocab_size=300, seq_len=48,
-                    rope_theta=5e5, tie_embeddings=False).replace(rope_scaling=rope)
+    m = ModelConfig(
+        flavour="llama", n_layers=2, d_model=64, n_heads=4, n_kv_heads=2, vocab_size=300, seq_len=48, rope_theta=5e5, tie_embeddings=False
+    ).replace(rope_scaling=rope)
     for op in (Width(2), Depth(2), FFN(d_ff=256), Heads(6)):
         assert op.new_config(m).rope_scaling == m.rope_scaling
     small = {k: v for k, v in m.to_dict().items() if k != "rope_scaling"}
-    plan = Plan.from_dict({"defaults": {"model": {"rope_scaling": rope}},
-                           "stages": [{"name": "a", "model": small},
-                                      {"name": "b", "grow": "width", "model": dict(small, d_model=128, n_heads=8, n_kv_heads=4)}]})
+    plan = Plan.from_dict(
+        {
+            "defaults": {"model": {"rope_scaling": rope}},
+            "stages": [
+                {"name": "a", "model": small},
+                {"name": "b", "grow": "width", "model": dict(small, d_model=128, n_heads=8, n_kv_heads=4)},
+            ],
+        }
+    )
     assert plan.stages[0].model == m and plan_growth(Width(2), m, plan.stages[1].model).new.rope_scaling == m.rope_scaling
     x = torch.randint(0, 300, (2, 48), generator=torch.Generator().manual_seed(0))
     state = state_from_training(build_model(m, seed=5), None)
@@ -221,18 +273,19 @@ def test_hf_config_import_both_forms_and_export_both_forms():
         assert str(e.value) == f"x: rope type '{kind}' is not supported (supported: default, llama3, linear, dynamic, yarn)"
     dyn = model_fields_from_hf(dict(base, rope_parameters={"rope_type": "dynamic", "rope_theta": 1e4, "factor": 2.0}), "x")
     assert dyn["rope_scaling"] == RopeScaling(rope_type="dynamic", factor=2.0, original_max_position_embeddings=256)
-    yarn = model_fields_from_hf(dict(base, rope_parameters={"rope_type": "yarn", "rope_theta": 1e4, "factor": 2.0,
-                                                            "beta_fast": 16, "truncate": False}), "x")
-    assert yarn["rope_scaling"] == RopeScaling(rope_type="yarn", factor=2.0, original_max_position_embeddings=256,
-                                               beta_fast=16.0, truncate=False)
+    yarn = model_fields_from_hf(
+        dict(base, rope_parameters={"rope_type": "yarn", "rope_theta": 1e4, "factor": 2.0, "beta_fast": 16, "truncate": False}), "x"
+    )
+    assert yarn["rope_scaling"] == RopeScaling(
+        rope_type="yarn", factor=2.0, original_max_position_embeddings=256, beta_fast=16.0, truncate=False
+    )
     with pytest.raises(UserError, match=r"^x: rope scaling: llama3 needs factor.*missing: low_freq_factor"):
         model_fields_from_hf(dict(base, rope_parameters={"rope_type": "llama3", "rope_theta": 1e4, "factor": 8.0}), "x")
     with pytest.raises(UserError, match="partial_rotary_factor 0.5 is not supported"):
         model_fields_from_hf(dict(base, rope_parameters=dict(LINEAR, rope_theta=1e4, partial_rotary_factor=0.5)), "x")
 
     for rope in (LLAMA31, LINEAR, DYNAMIC, YARN_MSCALE):
-        m = ModelConfig(flavour="llama", n_layers=2, d_model=64, n_heads=4, vocab_size=300, rope_theta=5e5,
-                        rope_scaling=rope)
+        m = ModelConfig(flavour="llama", n_layers=2, d_model=64, n_heads=4, vocab_size=300, rope_theta=5e5, rope_scaling=rope)
         d = json.loads(json.dumps(portable_config(hf_config(m), m)))
         if rope is DYNAMIC:  # transformers' dynamic reads its original context from max_position_embeddings
             rope = {k: v for k, v in rope.items() if k != "original_max_position_embeddings"}
@@ -261,9 +314,19 @@ def _hf_model(path, rope: dict, theta: float):
 
     torch.manual_seed(0)
     hf_rope, max_pos = _hf_rope(rope)
-    cfg = LlamaConfig(vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, max_position_embeddings=max_pos, rms_norm_eps=1e-6, rope_theta=theta,
-                      rope_scaling=hf_rope, tie_word_embeddings=False)
+    cfg = LlamaConfig(
+        vocab_size=300,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=max_pos,
+        rms_norm_eps=1e-6,
+        rope_theta=theta,
+        rope_scaling=hf_rope,
+        tie_word_embeddings=False,
+    )
     model = LlamaForCausalLM(cfg).eval()
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():
@@ -276,8 +339,11 @@ def _hf_model(path, rope: dict, theta: float):
     return model
 
 
-@pytest.mark.parametrize("rope,theta", [(TINY_LLAMA3, 5e5), (LINEAR, 1e4), (DYNAMIC, 1e4), (YARN, 1e4), (YARN_MSCALE, 5e5)],
-                         ids=["llama3", "linear", "dynamic", "yarn", "yarn-mscale"])
+@pytest.mark.parametrize(
+    "rope,theta",
+    [(TINY_LLAMA3, 5e5), (LINEAR, 1e4), (DYNAMIC, 1e4), (YARN, 1e4), (YARN_MSCALE, 5e5)],
+    ids=["llama3", "linear", "dynamic", "yarn", "yarn-mscale"],
+)
 def test_import_and_export_give_transformers_logits(tmp_path, rope, theta):
     """A random transformers LlamaForCausalLM with RoPE scaling, saved locally, read through megagrow's importer
     (read_hf_dir -> ModelConfig fields, HFCheckpoint.tensors_for): megagrow's model gives transformers' logits to
@@ -313,8 +379,10 @@ def test_import_and_export_give_transformers_logits(tmp_path, rope, theta):
     mine = logits(m)
     diff = (mine - theirs).abs().max().item()
     unscaled = (logits(m.replace(rope_scaling=None)) - theirs).abs().max().item()
-    print(f"\n[import] {rope['rope_type']}: max |logit diff| {diff:.2e} (max |logit| {theirs.abs().max().item():.2f}; "
-          f"plain RoPE instead: {unscaled:.2e})")
+    print(
+        f"\n[import] {rope['rope_type']}: max |logit diff| {diff:.2e} (max |logit| {theirs.abs().max().item():.2f}; "
+        f"plain RoPE instead: {unscaled:.2e})"
+    )
     assert diff < 1e-5 and unscaled > 1e-2
     if rope["rope_type"] == "dynamic":  # the forward's own length picks the base, as in a fresh transformers model
         for T in (48, 24):

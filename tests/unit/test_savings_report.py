@@ -60,18 +60,24 @@ def test_read_curve_takes_eval_records_and_the_ledger(tmp_path):
     """Eval records give the curve (the repeated eval at a growth counted once, the later one),
     the last training record of the last stage gives the run's FLOPs; a torn last line is ignored."""
     run = tmp_path / "run"
-    _write_log(str(run / "a" / "log.jsonl"), [
-        {"stage": "a", "step": 10, "loss": 6.0, "tokens": 100, "flops": 1e9},
-        {"stage": "a", "step": 10, "eval_loss": 5.9, "tokens": 100, "flops": 1e9, "at": "periodic", "time": 0},
-        {"stage": "a", "step": 20, "loss": 5.5, "tokens": 200, "flops": 2e9},
-        {"stage": "a", "step": 20, "eval_loss": 5.4, "tokens": 200, "flops": 2e9, "at": "stage_end", "time": 0},
-        {"stage": "a", "step": 20, "eval_loss": 5.4, "tokens": 200, "flops": 2e9, "at": "before_growth", "time": 0},
-    ])
-    _write_log(str(run / "b" / "log.jsonl"), [
-        {"stage": "b", "step": 0, "eval_loss": 5.4, "tokens": 200, "flops": 2e9, "at": "after_growth", "time": 0},
-        {"stage": "b", "step": 10, "loss": 5.0, "tokens": 300, "flops": 6e9},
-        {"stage": "b", "step": 10, "eval_loss": 4.9, "tokens": 300, "flops": 6e9, "at": "stage_end", "time": 0},
-    ])
+    _write_log(
+        str(run / "a" / "log.jsonl"),
+        [
+            {"stage": "a", "step": 10, "loss": 6.0, "tokens": 100, "flops": 1e9},
+            {"stage": "a", "step": 10, "eval_loss": 5.9, "tokens": 100, "flops": 1e9, "at": "periodic", "time": 0},
+            {"stage": "a", "step": 20, "loss": 5.5, "tokens": 200, "flops": 2e9},
+            {"stage": "a", "step": 20, "eval_loss": 5.4, "tokens": 200, "flops": 2e9, "at": "stage_end", "time": 0},
+            {"stage": "a", "step": 20, "eval_loss": 5.4, "tokens": 200, "flops": 2e9, "at": "before_growth", "time": 0},
+        ],
+    )
+    _write_log(
+        str(run / "b" / "log.jsonl"),
+        [
+            {"stage": "b", "step": 0, "eval_loss": 5.4, "tokens": 200, "flops": 2e9, "at": "after_growth", "time": 0},
+            {"stage": "b", "step": 10, "loss": 5.0, "tokens": 300, "flops": 6e9},
+            {"stage": "b", "step": 10, "eval_loss": 4.9, "tokens": 300, "flops": 6e9, "at": "stage_end", "time": 0},
+        ],
+    )
     with open(run / "b" / "log.jsonl", "a") as f:
         f.write('{"stage": "b", "step": 11, "lo')
     c = read_curve(str(run), ["a", "b"])
@@ -101,7 +107,7 @@ def test_oracle_switch_is_the_argmin_of_total_compute():
     small_l = [6.0, 5.9, 5.85, 5.84]
     o = oracle_switch(small_c, small_l, big_c, big_l, 4.0)
     assert o["index"] == 1 and not o["at_end"]
-    assert o["total"] == pytest.approx(1e11 + 0.5e9 - 1e9 * 10 ** 0.1, rel=1e-9)
+    assert o["total"] == pytest.approx(1e11 + 0.5e9 - 1e9 * 10**0.1, rel=1e-9)
     o = oracle_switch(small_c[:2], small_l[:2], big_c, big_l, 4.0)
     assert o["index"] == 1 and o["at_end"]  # the minimum at the last point: the oracle may lie later
     assert oracle_switch(small_c, small_l, big_c, big_l, 2.0) is None  # the target is off the big curve
@@ -130,8 +136,7 @@ def test_lr_bracket_extends_an_edge_optimum():
     assert bracket({0.001: 5.4, 0.002: 5.3, 0.004: 5.2}, 2, 6) == {"state": "extend", "lr": 0.008}
     assert bracket({0.001: 5.1, 0.002: 5.3, 0.004: 5.2}, 2, 6) == {"state": "extend", "lr": 0.0005}
     assert bracket({0.001: 5.4, 0.002: 5.3, 0.004: 5.5}, 2, 6) == {"state": "done", "lr": 0.002, "bracketed": True}
-    assert bracket({0.001: 5.4, 0.002: 5.3, 0.004: 5.2, 0.008: math.inf}, 2, 6) == {"state": "done", "lr": 0.004,
-                                                                                    "bracketed": True}
+    assert bracket({0.001: 5.4, 0.002: 5.3, 0.004: 5.2, 0.008: math.inf}, 2, 6) == {"state": "done", "lr": 0.004, "bracketed": True}
     assert bracket({0.001: 5.4, 0.002: 5.3, 0.004: 5.2}, 2, 3) == {"state": "done", "lr": 0.004, "bracketed": False}
     assert bracket({0.001: 5.4, 0.002: None, 0.004: 5.2}, 2, 6) == {"state": "wait"}
     with pytest.raises(UserError, match="diverged"):
@@ -168,11 +173,20 @@ def _fake_experiment(tmp_path, data):
     with open(spec_path, "w") as f:
         yaml.safe_dump(spec, f)
     out = tmp_path / "exp"
-    choices = {"lr": {k: {"lr": 0.002, "bracketed": True, "losses": {"0.001": 4.7, "0.002": 4.6, "0.004": 4.8}}
-                      for k in ("final", "6x96", "3x192", "3x96")},
-               "calibration": {"thresholds": {"width": [-0.1], "depth": [-0.1], "both": [-0.1, -0.1]}, "target": 4.3,
-                               "runs": [], "fit": {"constants": {"N_c": 1e9, "alpha_N": 0.1, "S_c": 100.0, "alpha_S": 0.5}},
-                               "switches": {}}, "failed": []}
+    choices = {
+        "lr": {
+            k: {"lr": 0.002, "bracketed": True, "losses": {"0.001": 4.7, "0.002": 4.6, "0.004": 4.8}}
+            for k in ("final", "6x96", "3x192", "3x96")
+        },
+        "calibration": {
+            "thresholds": {"width": [-0.1], "depth": [-0.1], "both": [-0.1, -0.1]},
+            "target": 4.3,
+            "runs": [],
+            "fit": {"constants": {"N_c": 1e9, "alpha_N": 0.1, "S_c": 100.0, "alpha_S": 0.5}},
+            "switches": {},
+        },
+        "failed": [],
+    }
     os.makedirs(out)
     with open(out / "choices.json", "w") as f:
         json.dump(choices, f)
@@ -190,8 +204,13 @@ def _fake_experiment(tmp_path, data):
         else:
             flops, loss = 2e12, 4.45
         names = [s["name"] for s in plan["stages"]]
-        evals = {i: [((i + 0.5) / len(names) * flops, loss + 0.5 * (len(names) - i)),
-                     ((i + 1) / len(names) * flops, loss + 0.5 * (len(names) - 1 - i))] for i in range(len(names))}
+        evals = {
+            i: [
+                ((i + 0.5) / len(names) * flops, loss + 0.5 * (len(names) - i)),
+                ((i + 1) / len(names) * flops, loss + 0.5 * (len(names) - 1 - i)),
+            ]
+            for i in range(len(names))
+        }
         if r.name == "base-1.4":
             evals = {0: [(2e12, 4.5), (4e12, 4.25), (8e12, 4.1)]}
         for i, n in enumerate(names):
@@ -200,8 +219,17 @@ def _fake_experiment(tmp_path, data):
             recs = []
             for j, (c, l) in enumerate(evals[i]):
                 recs.append({"stage": n, "step": 10 * (j + 1), "loss": l + 0.1, "tokens": j + 1, "flops": c, "time": 100.0 * i + j})
-                recs.append({"stage": n, "step": 10 * (j + 1), "eval_loss": l, "tokens": j + 1, "flops": c,
-                             "at": "stage_end" if j == len(evals[i]) - 1 else "periodic", "time": 0})
+                recs.append(
+                    {
+                        "stage": n,
+                        "step": 10 * (j + 1),
+                        "eval_loss": l,
+                        "tokens": j + 1,
+                        "flops": c,
+                        "at": "stage_end" if j == len(evals[i]) - 1 else "periodic",
+                        "time": 0,
+                    }
+                )
             with open(d / "log.jsonl", "w") as f:
                 f.writelines(json.dumps(x) + "\n" for x in recs)
             with open(d / "status.json", "w") as f:
@@ -215,9 +243,28 @@ def _report(tmp_path, out, spec_path, data, *extra):
 
     root = os.path.join(os.path.dirname(__file__), "..", "..")
     md, png = tmp_path / "report" / "s.md", tmp_path / "plots" / "s.png"
-    r = subprocess.run([sys.executable, os.path.join(root, "tools", "savings.py"), "report", "--out", str(out), "--data", data,
-                        "--md", str(md), "--png", str(png), "--spec", str(spec_path), *extra], capture_output=True, text=True,
-                       env=dict(os.environ, PYTHONPATH=os.path.abspath(root)), timeout=300)
+    r = subprocess.run(
+        [
+            sys.executable,
+            os.path.join(root, "tools", "savings.py"),
+            "report",
+            "--out",
+            str(out),
+            "--data",
+            data,
+            "--md",
+            str(md),
+            "--png",
+            str(png),
+            "--spec",
+            str(spec_path),
+            *extra,
+        ],
+        capture_output=True,
+        text=True,
+        env=dict(os.environ, PYTHONPATH=os.path.abspath(root)),
+        timeout=300,
+    )
     return r, md, png
 
 
@@ -236,11 +283,11 @@ def test_report_reads_the_strongest_curve_and_intervals(tmp_path, data_prefix):
     assert [2e12, 4.6] in res["frontiers"]["0/decayed"] and [2e12, 4.5] not in res["frontiers"]["0/decayed"]
     rows = {x["name"]: x for x in res["rows"]}
     sw = rows["staged-width"]["readings"]
-    assert sw["strongest"]["saving"] == pytest.approx(1 - 2 ** -0.2, abs=1e-12)
-    assert sw["decayed"]["saving"] == pytest.approx(1 - 2 ** -0.5, abs=1e-12)
-    assert rows["staged-width-s2"]["readings"]["strongest"]["saving"] == pytest.approx(1 - 2 ** -0.5, abs=1e-12)
+    assert sw["strongest"]["saving"] == pytest.approx(1 - 2**-0.2, abs=1e-12)
+    assert sw["decayed"]["saving"] == pytest.approx(1 - 2**-0.5, abs=1e-12)
+    assert rows["staged-width-s2"]["readings"]["strongest"]["saving"] == pytest.approx(1 - 2**-0.5, abs=1e-12)
     g = res["groups"]["staged-width"]
-    want = mean_ci([1 - 2 ** -0.2, 1 - 2 ** -0.5])
+    want = mean_ci([1 - 2**-0.2, 1 - 2**-0.5])
     assert g["strongest"]["mean"] == pytest.approx(want["mean"], abs=1e-12) and g["strongest"]["n"] == 2
     assert g["strongest"]["lo"] == pytest.approx(want["lo"], abs=1e-12)
     text = md.read_text()
@@ -260,8 +307,11 @@ def test_report_names_its_corpus_and_plot(tmp_path, data_prefix):
     text = md.read_text()
     name = os.path.basename(data_prefix)
     ds = TokenDataset(data_prefix)
-    assert f"Savings on `{name}`" in text and f"Corpus: `{name}` ({ds.num_documents:,} training documents, " \
-                                              f"{ds.num_tokens:,} training tokens" in text and "sha256:" in text
+    assert (
+        f"Savings on `{name}`" in text
+        and f"Corpus: `{name}` ({ds.num_documents:,} training documents, {ds.num_tokens:,} training tokens" in text
+        and "sha256:" in text
+    )
     assert f"--data data_cache/{name} " in text and f"--md {md} --png {png}" in text
     assert f"- Plot: `{png}`" in text and "docs/results/savings.png" not in text and "make data " not in text
 
@@ -279,6 +329,11 @@ def test_report_says_which_runs_are_incomplete(tmp_path, data_prefix):
     text = md.read_text()
     assert f"Runs complete: {n - 1} of {n}" in text and "abl-width-sym4" in text.split("Not complete")[1].splitlines()[0]
     root = os.path.join(os.path.dirname(__file__), "..", "..")
-    r = subprocess.run([sys.executable, os.path.join(root, "tools", "savings.py"), "report", "--out", str(tmp_path / "none")],
-                       capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=os.path.abspath(root)), timeout=300)
+    r = subprocess.run(
+        [sys.executable, os.path.join(root, "tools", "savings.py"), "report", "--out", str(tmp_path / "none")],
+        capture_output=True,
+        text=True,
+        env=dict(os.environ, PYTHONPATH=os.path.abspath(root)),
+        timeout=300,
+    )
     assert r.returncode == 2 and r.stderr.count("error:") == 1 and "Traceback" not in r.stderr

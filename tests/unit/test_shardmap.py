@@ -6,11 +6,11 @@ from __future__ import annotations
 import math
 
 import pytest
+from conftest import REPO
 
 from megagrow.config import load_plan
 from megagrow.state.checkpoint import ShardMap, SourceCheckpoint
 from megagrow.state.executor import fragment_box
-from conftest import REPO
 
 
 @pytest.mark.parametrize("zero", [1, 2, 3])
@@ -86,8 +86,7 @@ def test_indexed_lookups_equal_the_scans(zero):
                     scan = [f for f in lst if f.param_offset < b and a < f.param_offset + f.numel]
                     assert m.overlapping(name, a, b) == scan
         for d in range(dp + 1):
-            assert m.rank_fragments(d) == [(nm, f.param_offset, f.numel) for nm, lst in m.frags.items()
-                                           for f in lst if f.dp_rank == d]
+            assert m.rank_fragments(d) == [(nm, f.param_offset, f.numel) for nm, lst in m.frags.items() for f in lst if f.dp_rank == d]
 
 
 def test_each_opened_file_is_verified_once_by_a_rank_that_opens_it():

@@ -31,9 +31,12 @@ def test_stop_config_defaults_round_trip_and_errors():
     assert p.stages[0].stop.rule == "steps" and StageStop.of(p, 0) is None
     p = _plan({"rule": "slope", "min_steps": 20, "window": 5})
     assert Plan.from_dict(p.to_dict()) == p
-    for bad, needle in [({"rule": "loss"}, "rule must be one of"), ({"rule": "slope", "window": 1}, "window must be"),
-                        ({"rule": "slope", "min_steps": 500}, "min_steps 500 > steps 200"),
-                        ({"rule": "slope", "thresh": 1}, "unknown key(s) thresh")]:
+    for bad, needle in [
+        ({"rule": "loss"}, "rule must be one of"),
+        ({"rule": "slope", "window": 1}, "window must be"),
+        ({"rule": "slope", "min_steps": 500}, "min_steps 500 > steps 200"),
+        ({"rule": "slope", "thresh": 1}, "unknown key(s) thresh"),
+    ]:
         with pytest.raises(UserError, match=needle.replace("(", r"\(").replace(")", r"\)")):
             _plan(bad)
 
@@ -52,7 +55,7 @@ def _kinked(stop: StageStop, kink: int, n: int) -> list[float]:
         x = math.log10(stop.compute(s))
         x0 = math.log10(stop.compute(kink))
         y = 0.8 - 0.1 * (min(x, x0) - math.log10(stop.compute(1))) - 0.02 * max(0.0, x - x0)
-        out.append(10 ** y)
+        out.append(10**y)
     return out
 
 
@@ -90,8 +93,9 @@ def test_replay_from_the_log_matches_the_online_rule(tmp_path):
 
 
 # ============================================================================ robust to loss spikes
-from megagrow.schedule import slope as SL  # noqa: E402
 import numpy as np  # noqa: E402
+
+from megagrow.schedule import slope as SL  # noqa: E402
 
 
 def _power_law(n=200, s=-0.1):
@@ -165,7 +169,7 @@ def test_kaplan_curve_with_spikes_fires_where_the_clean_curve_does_up_to_the_dro
     kept points)."""
     from megagrow.schedule.law import KaplanLaw
 
-    law, N = KaplanLaw(), 12 * 12 * 768.0 ** 2
+    law, N = KaplanLaw(), 12 * 12 * 768.0**2
     steps = np.arange(100, 60001, 100, dtype=float)
     L = np.array([law.loss(N, s) for s in steps])
     C = np.array([law.compute_to_loss(N, x) for x in L])
@@ -180,14 +184,15 @@ def test_kaplan_curve_with_spikes_fires_where_the_clean_curve_does_up_to_the_dro
 
 
 def test_rule_options_errors():
-    for kw, needle in [({"spike_tol": -0.1}, "spike_tol"), ({"estimator": "mean"}, "estimator"),
-                       ({"window": 1}, "window")]:
+    for kw, needle in [({"spike_tol": -0.1}, "spike_tol"), ({"estimator": "mean"}, "estimator"), ({"window": 1}, "window")]:
         with pytest.raises(UserError, match=needle):
             SL.SlopeRule(-0.05, **kw)
     p = _plan({"rule": "slope", "spike_tol": None, "estimator": "lsq"})
     assert p.stages[0].stop.spike_tol is None and Plan.from_dict(p.to_dict()) == p
-    for bad, needle in [({"rule": "slope", "spike_tol": -1}, "spike_tol must be"),
-                        ({"rule": "slope", "estimator": "median"}, "estimator must be")]:
+    for bad, needle in [
+        ({"rule": "slope", "spike_tol": -1}, "spike_tol must be"),
+        ({"rule": "slope", "estimator": "median"}, "estimator must be"),
+    ]:
         with pytest.raises(UserError, match=needle):
             _plan(bad)
 
@@ -200,8 +205,20 @@ def _mixed_log(path, losses, eval_every=5, stage="a", shift=1.0):
         for s in range(1, len(losses) + 1):
             f.write(json.dumps({"stage": stage, "step": s, "loss": losses[s - 1] * 1.3, "tokens": s, "flops": s}) + "\n")
             if s % eval_every == 0:
-                f.write(json.dumps({"stage": stage, "step": s, "eval_loss": losses[s - 1] * shift, "tokens": s,
-                                    "flops": s, "at": "periodic", "time": 0.0}) + "\n")
+                f.write(
+                    json.dumps(
+                        {
+                            "stage": stage,
+                            "step": s,
+                            "eval_loss": losses[s - 1] * shift,
+                            "tokens": s,
+                            "flops": s,
+                            "at": "periodic",
+                            "time": 0.0,
+                        }
+                    )
+                    + "\n"
+                )
 
 
 def test_rule_watches_validation_loss_when_the_stage_evaluates(tmp_path):

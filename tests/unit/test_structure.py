@@ -16,18 +16,31 @@ from conftest import REPO
 
 # rank of each room (a top-level module or a subpackage of megagrow); imports go to lower or equal ranks
 RANK = {
-    "megagrow": 0, "errors": 0, "fsutil": 0, "paths": 0, "nocompile": 0, "faults": 0, "params": 0, "rng": 0,
+    "megagrow": 0,
+    "errors": 0,
+    "fsutil": 0,
+    "paths": 0,
+    "nocompile": 0,
+    "faults": 0,
+    "params": 0,
+    "rng": 0,
     "collectives": 0,
-    "config": 1, "signals": 1,
-    "model": 2, "data": 2, "schedule": 2,
+    "config": 1,
+    "signals": 1,
+    "model": 2,
+    "data": 2,
+    "schedule": 2,
     "parallel": 3,
-    "growth": 4, "metrics": 4, "procs": 4,
+    "growth": 4,
+    "metrics": 4,
+    "procs": 4,
     "state": 5,
     "interop": 6,
     "hf": 7,
     "train": 8,
     "controller": 9,
-    "bench": 10, "results": 10,
+    "bench": 10,
+    "results": 10,
     "cli": 11,
 }
 
@@ -85,11 +98,12 @@ def layering_violations(modules) -> list[str]:
 def test_the_layering_check_sees_equal_floors():
     """The check itself: an import up a floor and an import between two rooms of one floor are both
     found; an import inside a room, down a floor, or of the package root is not."""
-    mods = [("megagrow.model.gpt", {"megagrow.data.dataset", "megagrow.model.layers", "megagrow.config", "megagrow"}),
-            ("megagrow.config", {"megagrow.parallel.groups"}),
-            ("megagrow.train.loop", {"megagrow.state.record"})]
-    assert layering_violations(mods) == ["megagrow.config -> megagrow.parallel.groups",
-                                         "megagrow.model.gpt -> megagrow.data.dataset"]
+    mods = [
+        ("megagrow.model.gpt", {"megagrow.data.dataset", "megagrow.model.layers", "megagrow.config", "megagrow"}),
+        ("megagrow.config", {"megagrow.parallel.groups"}),
+        ("megagrow.train.loop", {"megagrow.state.record"}),
+    ]
+    assert layering_violations(mods) == ["megagrow.config -> megagrow.parallel.groups", "megagrow.model.gpt -> megagrow.data.dataset"]
 
 
 def test_imports_point_down_the_layers():
@@ -105,8 +119,7 @@ def test_controller_does_not_import_torch():
     import sys
 
     code = "import sys, megagrow.controller, megagrow.cli; print('torch' in sys.modules)"
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO,
-                       env=dict(os.environ, PYTHONPATH=REPO))
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, env=dict(os.environ, PYTHONPATH=REPO))
     assert r.returncode == 0 and r.stdout.strip() == "False", r.stdout + r.stderr
 
 
@@ -116,20 +129,43 @@ def test_reading_a_checkpoint_does_not_import_megatron():
     import subprocess
     import sys
 
-    code = ("import sys, megagrow.state.checkpoint, megagrow.state.executor, megagrow.state.manifest, megagrow.state.reads, "
-            "megagrow.state.resume, megagrow.state.verify, megagrow.state.decision; "
-            "print(any(m.split('.')[0] == 'megatron' for m in sys.modules))")
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO,
-                       env=dict(os.environ, PYTHONPATH=REPO))
+    code = (
+        "import sys, megagrow.state.checkpoint, megagrow.state.executor, megagrow.state.manifest, megagrow.state.reads, "
+        "megagrow.state.resume, megagrow.state.verify, megagrow.state.decision; "
+        "print(any(m.split('.')[0] == 'megatron' for m in sys.modules))"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, env=dict(os.environ, PYTHONPATH=REPO))
     assert r.returncode == 0 and r.stdout.strip() == "False", r.stdout + r.stderr
 
 
 # torch.distributed's collectives (and deepspeed.comm's, which wrap them): only megagrow/collectives.py calls them
 COLLECTIVES = {
-    "all_reduce", "all_gather", "all_gather_into_tensor", "all_gather_object", "all_to_all", "all_to_all_single",
-    "broadcast", "broadcast_object_list", "barrier", "monitored_barrier", "reduce", "reduce_scatter",
-    "reduce_scatter_tensor", "gather", "gather_object", "scatter", "scatter_object_list", "send", "recv", "isend",
-    "irecv", "batch_isend_irecv", "send_object_list", "recv_object_list", "_all_gather_base", "_reduce_scatter_base",
+    "all_reduce",
+    "all_gather",
+    "all_gather_into_tensor",
+    "all_gather_object",
+    "all_to_all",
+    "all_to_all_single",
+    "broadcast",
+    "broadcast_object_list",
+    "barrier",
+    "monitored_barrier",
+    "reduce",
+    "reduce_scatter",
+    "reduce_scatter_tensor",
+    "gather",
+    "gather_object",
+    "scatter",
+    "scatter_object_list",
+    "send",
+    "recv",
+    "isend",
+    "irecv",
+    "batch_isend_irecv",
+    "send_object_list",
+    "recv_object_list",
+    "_all_gather_base",
+    "_reduce_scatter_base",
 }
 _DIST_MODULES = ("torch.distributed", "deepspeed.comm")
 
