@@ -265,8 +265,8 @@ def format_table(res: dict) -> str:
     return "\n".join(lines)
 
 
-@cli_entry
-def main(argv=None) -> int:
+def _parser() -> argparse.ArgumentParser:
+    """The `megagrow bench` command line."""
     p = argparse.ArgumentParser(prog="megagrow bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("plan", help="stage plan YAML")
     p.add_argument("--stage", default="0", help="stage index or name (default 0)")
@@ -293,7 +293,13 @@ def main(argv=None) -> int:
     p.add_argument(
         "--set", action="append", metavar="KEY=VALUE", help="override one plan value (repeatable), as `megagrow train --set` does"
     )
-    args = p.parse_args(argv)
+    return p
+
+
+def _checked_setup(args: argparse.Namespace) -> tuple[Plan, int, list[dict], list[Plan], int, int]:
+    """The argument checks, all before any engine is built: step counts, the plan (with --set and
+    --data), the stage, every row's plan and the dataset (unless --synthetic). Returns (plan, stage
+    index, grid of row overrides, their plans, rank, world size)."""
     for name in ("steps", "block"):
         if getattr(args, name) < 1:
             raise UserError(f"--{name} must be >= 1")
@@ -316,6 +322,12 @@ def main(argv=None) -> int:
         from megagrow.data.batches import Batches
 
         Batches.open(plan, plan.stages[k], 0, 1)  # a missing dataset is an error before any engine
+    return plan, k, grid, plans, rank, world
+
+
+def _bench_rows(args: argparse.Namespace, k: int, grid: list[dict], plans: list[Plan], rank: int) -> list[dict]:
+    """The work: one bench_row per row plan (an --options row keeps its option's name), and with
+    --options each row's step time and CPU time over the base (first) row's."""
     rows = []
     from tqdm import tqdm
 
@@ -337,6 +349,24 @@ def main(argv=None) -> int:
         for r in rows:
             r["time_vs_base"] = None if r["oom"] else r["step_time_s"] / rows[0]["step_time_s"]
             r["cpu_time_vs_base"] = None if r["oom"] else r["step_cpu_time_s"] / rows[0]["step_cpu_time_s"]
+    return rows
+
+
+def _report(args: argparse.Namespace, res: dict, rank: int) -> None:
+    """The report, rank 0 only: the JSON to --out (atomically), and the JSON or the table on stdout."""
+    if rank == 0:
+        if args.out:
+            from megagrow.fsutil import write_json_atomic
+
+            write_json_atomic(args.out, res)
+        print(json.dumps(res) if args.json else format_table(res), flush=True)
+
+
+@cli_entry
+def main(argv=None) -> int:
+    args = _parser().parse_args(argv)
+    plan, k, grid, plans, rank, world = _checked_setup(args)
+    rows = _bench_rows(args, k, grid, plans, rank)
     dev = next((r["device"] for r in rows if "device" in r), "?")
     res = {
         "plan": plan.name,
@@ -349,12 +379,7 @@ def main(argv=None) -> int:
     }
     if args.transition:
         res["transition"] = bench_transition(plan, k, args.synthetic)
-    if rank == 0:
-        if args.out:
-            from megagrow.fsutil import write_json_atomic
-
-            write_json_atomic(args.out, res)
-        print(json.dumps(res) if args.json else format_table(res), flush=True)
+    _report(args, res, rank)
     return 0
 
 

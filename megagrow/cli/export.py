@@ -112,6 +112,98 @@ def position_capacity(m, shapes: dict) -> int:
     return m.n_positions
 
 
+def _checked_source(ckpt: str, out: str, tag: str | None, tokenizer: str | None, no_tokenizer: bool):
+    """The argument checks, before anything is written: `out` must not be a non-empty directory or a
+    file, the checkpoint tag must resolve (and verify), its model must be exportable, and a tokenizer
+    must be found unless no_tokenizer. Returns (absolute out, checkpoint directory, open
+    SourceCheckpoint, tokenizer path or None)."""
+    from megagrow.hf import check_exportable
+    from megagrow.state.checkpoint import SourceCheckpoint
+
+    out = os.path.abspath(out)
+    if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
+        raise UserError(f"output {out} exists and is not an empty directory; refusing to overwrite")
+    d, tag = resolve_checkpoint(ckpt, tag)
+    src = SourceCheckpoint.open(d, tag)
+    check_exportable(src.model)
+    if not no_tokenizer:
+        tokenizer = tokenizer or default_tokenizer(src.client.get("plan", {}), d)
+        if tokenizer is None:
+            raise UserError("no tokenizer: the plan's dataset has no PREFIX.model here; pass --tokenizer PATH or --no-tokenizer")
+    return out, d, src, tokenizer
+
+
+def _write_export(tmp: str, d: str, src, shapes: dict, tokenizer: str | None, dtype: str, progress: bool, max_shard_bytes: int):
+    """The work: tokenizer, safetensors weights, config.json + generation_config.json and megagrow.json
+    into `tmp`. Returns (weights summary of write_safetensors, the HF config, tokenizer info or None)."""
+    import torch
+
+    from megagrow.hf import hf_config, set_dtype, write_config, write_tokenizer
+    from megagrow.interop.hf_export import write_safetensors
+
+    m = src.model
+    n_positions = position_capacity(m, shapes)
+    tok_info = write_tokenizer(tokenizer, tmp, m.vocab_size, n_positions) if tokenizer is not None else None
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(shapes), desc="export-hf", unit="tensor", file=sys.stderr)
+
+    def read(name):
+        t = src.read_box(name, "w", tuple((0, n) for n in shapes[name]))
+        if bar is not None:
+            bar.update(1)
+        return t
+
+    tdtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
+    # shard by shard; after each, the checkpoint's memory maps are dropped (their pages leave the process)
+    weights = write_safetensors(tmp, m, shapes, read, tdtype, max_shard_bytes, after_shard=src.close)
+    if bar is not None:
+        bar.close()
+    cfg = hf_config(m, tok_info and tok_info["bos_token_id"], tok_info and tok_info["eos_token_id"], n_positions)
+    set_dtype(cfg, {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}[dtype])
+    write_config(cfg, m, tmp)  # config.json (read alike by transformers 4.x and 5.x) and generation_config.json
+    with open(os.path.join(tmp, "megagrow.json"), "w") as f:  # where it came from
+        json.dump(
+            {
+                "checkpoint": os.path.abspath(d),
+                "tag": src.tag,
+                "stage": src.client["stage"],
+                "step": src.client.get("step"),
+                "sample_index": src.client.get("sample_index"),
+            },
+            f,
+            indent=1,
+        )
+    return weights, cfg, tok_info
+
+
+def _export_summary(out: str, d: str, src, weights: dict, cfg, tok_info: dict | None, dtype: str, t0: float) -> dict:
+    """The report: the summary dict `export` returns (and `--json` prints) of the finished `out`."""
+    m = src.model
+    return {
+        "out": out,
+        "architecture": cfg.architectures[0],
+        "flavour": m.flavour,
+        "checkpoint": os.path.abspath(d),
+        "tag": src.tag,
+        "stage": src.client["stage"]["name"],
+        "step": src.client.get("step"),
+        "source_layout": src.client["stage"]["layout"],
+        "params": weights["params"],
+        "vocab_size": m.vocab_size,
+        "dtype": dtype,
+        "tokenizer": tok_info,
+        "bytes_read": src.bytes_read,
+        "weight_files": weights["files"],
+        "largest_shard_bytes": weights["largest_shard"],
+        "largest_tensor_bytes": weights["largest_tensor"],
+        "bytes_written": sum(os.path.getsize(os.path.join(out, f)) for f in os.listdir(out)),
+        "seconds": round(time.perf_counter() - t0, 3),
+    }
+
+
 def export(
     ckpt: str,
     out: str,
@@ -123,95 +215,29 @@ def export(
     max_shard_size: str | int = "5GB",
 ) -> dict:
     """Write the transformers directory `out` from the checkpoint; returns the summary. The weights are
-    safetensors shards of at most max_shard_size (megagrow/interop/hf_export.py), one tensor in memory at a time."""
-    from megagrow.hf import check_exportable, need_hf
+    safetensors shards of at most max_shard_size (megagrow/interop/hf_export.py), one tensor in memory at a time.
+    Everything is written to OUT.export-tmp, renamed to `out` at the end and removed on any failure."""
+    from megagrow.hf import need_hf
 
     need_hf()
-    import torch
-
-    from megagrow.hf import hf_config, set_dtype, write_config, write_tokenizer
-    from megagrow.interop.hf_export import parse_size, write_safetensors
-    from megagrow.state.checkpoint import SourceCheckpoint
+    from megagrow.interop.hf_export import parse_size
 
     t0 = time.perf_counter()
     max_shard_bytes = parse_size(max_shard_size)
-    out = os.path.abspath(out)
-    if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
-        raise UserError(f"output {out} exists and is not an empty directory; refusing to overwrite")
-    d, tag = resolve_checkpoint(ckpt, tag)
-    src = SourceCheckpoint.open(d, tag)
-    m = src.model
-    check_exportable(m)
-    if not no_tokenizer:
-        tokenizer = tokenizer or default_tokenizer(src.client.get("plan", {}), d)
-        if tokenizer is None:
-            raise UserError("no tokenizer: the plan's dataset has no PREFIX.model here; pass --tokenizer PATH or --no-tokenizer")
+    out, d, src, tokenizer = _checked_source(ckpt, out, tag, tokenizer, no_tokenizer)
     shapes = src.logical_shapes()
-    n_positions = position_capacity(m, shapes)
     tmp = f"{out}.export-tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
     try:
-        tok_info = write_tokenizer(tokenizer, tmp, m.vocab_size, n_positions) if not no_tokenizer else None
-        bar = None
-        if progress:
-            from tqdm import tqdm
-
-            bar = tqdm(total=len(shapes), desc="export-hf", unit="tensor", file=sys.stderr)
-
-        def read(name):
-            t = src.read_box(name, "w", tuple((0, n) for n in shapes[name]))
-            if bar is not None:
-                bar.update(1)
-            return t
-
-        tdtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
-        # shard by shard; after each, the checkpoint's memory maps are dropped (their pages leave the process)
-        weights = write_safetensors(tmp, m, shapes, read, tdtype, max_shard_bytes, after_shard=src.close)
-        if bar is not None:
-            bar.close()
-        cfg = hf_config(m, tok_info and tok_info["bos_token_id"], tok_info and tok_info["eos_token_id"], n_positions)
-        set_dtype(cfg, {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}[dtype])
-        write_config(cfg, m, tmp)  # config.json (read alike by transformers 4.x and 5.x) and generation_config.json
-        with open(os.path.join(tmp, "megagrow.json"), "w") as f:  # where it came from
-            json.dump(
-                {
-                    "checkpoint": os.path.abspath(d),
-                    "tag": src.tag,
-                    "stage": src.client["stage"],
-                    "step": src.client.get("step"),
-                    "sample_index": src.client.get("sample_index"),
-                },
-                f,
-                indent=1,
-            )
+        weights, cfg, tok_info = _write_export(tmp, d, src, shapes, None if no_tokenizer else tokenizer, dtype, progress, max_shard_bytes)
         if os.path.isdir(out):
             os.rmdir(out)
         os.replace(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    n_params = weights["params"]
-    return {
-        "out": out,
-        "architecture": cfg.architectures[0],
-        "flavour": m.flavour,
-        "checkpoint": os.path.abspath(d),
-        "tag": src.tag,
-        "stage": src.client["stage"]["name"],
-        "step": src.client.get("step"),
-        "source_layout": src.client["stage"]["layout"],
-        "params": n_params,
-        "vocab_size": m.vocab_size,
-        "dtype": dtype,
-        "tokenizer": tok_info,
-        "bytes_read": src.bytes_read,
-        "weight_files": weights["files"],
-        "largest_shard_bytes": weights["largest_shard"],
-        "largest_tensor_bytes": weights["largest_tensor"],
-        "bytes_written": sum(os.path.getsize(os.path.join(out, f)) for f in os.listdir(out)),
-        "seconds": round(time.perf_counter() - t0, 3),
-    }
+    return _export_summary(out, d, src, weights, cfg, tok_info, dtype, t0)
 
 
 @cli_entry

@@ -116,7 +116,7 @@ class Driver:
         return runs(self.spec, self.data, self.ch)
 
     def states(self) -> dict:
-        from megagrow.results.report import load_all
+        from megagrow.results.states import load_all
 
         return load_all(self.out, self.spec, self.data, self.ch)
 
@@ -126,7 +126,8 @@ class Driver:
         can be, and then kept (a rerun must not change the config of runs already started)."""
         from megagrow.fsutil import write_json_atomic
         from megagrow.results.experiment import bracket, sweep_sizes
-        from megagrow.results.report import calibrate, sweep_losses
+        from megagrow.results.report import calibrate
+        from megagrow.results.states import sweep_losses
 
         ch, changed = self.ch, False
         sw = self.spec["lr_sweep"]
@@ -183,7 +184,7 @@ class Driver:
 
     def start(self, r, ch: dict) -> None:
         from megagrow.results.experiment import plan_of
-        from megagrow.results.report import plan_path, run_dir
+        from megagrow.results.states import plan_path, run_dir
 
         plan = r.build(ch)
         plan_of(plan)  # validates: a bad spec is an error before anything trains
@@ -211,7 +212,7 @@ class Driver:
         self.say(f"start  {r.name} ({r.kind})")
 
     def reload(self, name: str):
-        from megagrow.results.report import load_state
+        from megagrow.results.states import load_state
 
         return load_state(self.out, next(r for r in self.runs if r.name == name))
 
@@ -388,7 +389,8 @@ def commands(args) -> list[str]:
 
 
 def cmd_report(args, spec) -> int:
-    from megagrow.results.render import markdown, plot
+    from megagrow.results.figure import plot
+    from megagrow.results.render import markdown
     from megagrow.results.report import build
 
     if not os.path.isdir(args.out):

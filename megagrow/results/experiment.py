@@ -337,14 +337,11 @@ def _lrs(choices: dict) -> dict:
     return {k: v["lr"] for k, v in choices.get("lr", {}).items()}
 
 
-def runs(spec: dict, data: str, choices: dict | None = None) -> list[RunSpec]:
-    """Every run of the experiment so far, in priority order (what starts first when there is room).
-    The sweeps grow as the driver extends them (`choices`)."""
-    ch = choices or {}
+def _sweep_runs(spec: dict, data: str, ch: dict) -> list[RunSpec]:
+    """The LR sweeps of every size (first seed), one run per LR tried so far."""
     seeds = list(spec["seeds"])
-    sizes = sweep_sizes(spec)
     out: list[RunSpec] = []
-    for key, (shape, steps) in sizes.items():
+    for key, (shape, steps) in sweep_sizes(spec).items():
         for lr in sweep_lrs(spec, ch, key):
             n = sweep_name(key, lr)
             out.append(
@@ -363,12 +360,19 @@ def runs(spec: dict, data: str, choices: dict | None = None) -> list[RunSpec]:
                     },
                 )
             )
+    return out
 
-    def chain_needs(kind):
-        return tuple(("lr", label(link["shape"])) for link in chain(spec, kind)[:-1]) + (("lr", FINAL),)
 
+def _chain_needs(spec: dict, kind: str) -> tuple:
+    """The choices a staged run of this chain waits for: the best LR of each of its sizes."""
+    return tuple(("lr", label(link["shape"])) for link in chain(spec, kind)[:-1]) + (("lr", FINAL),)
+
+
+def _baseline_and_staged_runs(spec: dict, data: str) -> tuple[list[RunSpec], list[RunSpec]]:
+    """Every seed's from-scratch baselines (the first seed's at the sweep budget is the sweep's
+    best run, not listed again) and staged runs of each chain."""
     staged, baselines = [], []
-    for i, s in enumerate(seeds):
+    for i, s in enumerate(spec["seeds"]):
         for b in spec["baseline_budgets"]:
             if i == 0 and b == spec["lr_sweep"]["budget"]:
                 continue  # the sweep's best run
@@ -392,25 +396,35 @@ def runs(spec: dict, data: str, choices: dict | None = None) -> list[RunSpec]:
                     [],
                     lambda c, n=n, k=k, s=s: staged_plan(spec, n, k, _lrs(c), s, data),
                     {"chain": k, "seed": s, "seed_index": i},
-                    chain_needs(k),
+                    _chain_needs(spec, k),
                 )
             )
-    slope = [
+    return baselines, staged
+
+
+def _slope_runs(spec: dict, data: str) -> list[RunSpec]:
+    """One slope-rule run per chain (first seed), once the law is calibrated."""
+    seed = spec["seeds"][0]
+    return [
         RunSpec(
             f"slope-{k}",
             "slope",
             [],
-            lambda c, k=k: staged_plan(spec, f"slope-{k}", k, _lrs(c), seeds[0], data, thresholds=c["calibration"]["thresholds"][k]),
-            {"chain": k, "seed": seeds[0], "seed_index": 0},
-            chain_needs(k) + (("calibration",),),
+            lambda c, k=k: staged_plan(spec, f"slope-{k}", k, _lrs(c), seed, data, thresholds=c["calibration"]["thresholds"][k]),
+            {"chain": k, "seed": seed, "seed_index": 0},
+            _chain_needs(spec, k) + (("calibration",),),
         )
         for k in KINDS
     ]
+
+
+def _ablation_runs(spec: dict, data: str) -> list[RunSpec]:
+    """The ablation base with one knob changed, for as many seeds as the spec gives each knob."""
     abl = []
     n_abl = {k: int(spec.get("ablation_seeds", 1)) for k in ABLATIONS}
     if spec.get("ablations") is not None:  # knob -> how many seeds it runs with (knobs not named: none)
         n_abl = {k: int(spec["ablations"].get(k, 0)) for k in ABLATIONS}
-    for i, s in enumerate(seeds):
+    for i, s in enumerate(spec["seeds"]):
         for key, kb in ABLATIONS.items():
             if i >= n_abl[key]:
                 continue
@@ -432,9 +446,19 @@ def runs(spec: dict, data: str, choices: dict | None = None) -> list[RunSpec]:
                         first_factor=kb.first_factor,
                     ),
                     {"chain": base, "knob": key, "what": kb.what, "of": f"staged-{base}{seed_suffix(i)}", "seed": s, "seed_index": i},
-                    chain_needs(base),
+                    _chain_needs(spec, base),
                 )
             )
+    return abl
+
+
+def runs(spec: dict, data: str, choices: dict | None = None) -> list[RunSpec]:
+    """Every run of the experiment so far, in priority order (what starts first when there is room).
+    The sweeps grow as the driver extends them (`choices`)."""
+    out = _sweep_runs(spec, data, choices or {})
+    baselines, staged = _baseline_and_staged_runs(spec, data)
+    slope = _slope_runs(spec, data)
+    abl = _ablation_runs(spec, data)
     # priority: sweeps; the first seed's reference baseline and staged runs (the first readings);
     # its other baselines; the other seeds (the intervals); the first seed's ablations; the slope
     # runs (once calibrated); the other seeds' ablations

@@ -1,51 +1,17 @@
-"""The savings report rendered: the markdown of docs/results/savings.md and the plot, from the
-numbers `megagrow.results.report.build` reads off the runs' logs."""
+"""The savings report rendered: the markdown of docs/results/savings.md, section by section, from
+the numbers `megagrow.results.report.build` reads off the runs' logs (the plot: megagrow.results.figure)."""
 
 from __future__ import annotations
 
 import datetime
 import os
 
+from megagrow.results.cells import fmt_ci, fmt_e, fmt_f, fmt_g, fmt_pct, fmt_speed, md_table
 from megagrow.results.experiment import chain, steps_for
-from megagrow.results.report import plan_path, run_dir, shape_label
-
-
-# ----------------------------------------------------------------------------- formatting
-def _e(x: float | None) -> str:
-    return "-" if x is None else f"{x:.3e}"
-
-
-def _f(x: float | None, nd: int = 4) -> str:
-    return "-" if x is None else f"{x:.{nd}f}"
-
-
-def _pct(x: float | None) -> str:
-    return "-" if x is None else ("0.0%" if abs(x) < 5e-4 else f"{100 * x:+.1f}%")
-
-
-def _table(header: list[str], rows: list[list[str]]) -> str:
-    out = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    out += ["| " + " | ".join(r) + " |" for r in rows]
-    return "\n".join(out)
+from megagrow.results.states import shape_label
 
 
 # ----------------------------------------------------------------------------- markdown
-def _ci(c: dict, pct: bool = True) -> str:
-    """mean [lo, hi] (n) of a mean_ci dict."""
-    if not c or c.get("mean") is None:
-        return "-"
-    f = (lambda x: f"{100 * x:+.1f}%") if pct else (lambda x: f"{x:+.4f}")
-    if c.get("lo") is None:
-        return f"{f(c['mean'])} (1 seed)"
-    return f"{f(c['mean'])} [{f(c['lo'])}, {f(c['hi'])}] (n={c['n']})"
-
-
-def _speed(c: dict) -> str:
-    if not c or c.get("mean") is None:
-        return "-"
-    return f"{100 * c['mean']:.0f}%" + (f" [{100 * c['lo']:.0f}, {100 * c['hi']:.0f}]" if c.get("lo") is not None else "")
-
-
 def _stages(r: dict) -> str:
     st = (
         " -> ".join(
@@ -127,17 +93,17 @@ def _headline(res: dict, spec: dict, png: str) -> list[str]:
             [
                 f"`{g}`",
                 str(x["strongest"]["n"]),
-                _ci(x["strongest"]),
-                _ci(x["decayed"]),
-                _ci(x["strongest_logits"]),
-                _ci(x["delta_loss"], pct=False),
-                _ci(x["loss"], pct=False).replace("+", ""),
-                _speed(x.get("speed")),
+                fmt_ci(x["strongest"]),
+                fmt_ci(x["decayed"]),
+                fmt_ci(x["strongest_logits"]),
+                fmt_ci(x["delta_loss"], pct=False),
+                fmt_ci(x["loss"], pct=False).replace("+", ""),
+                fmt_speed(x.get("speed")),
                 ", ".join(x["not_reached"]) or "-",
             ]
         )
     L.append(
-        _table(
+        md_table(
             [
                 "staged run",
                 "seeds",
@@ -167,8 +133,8 @@ def _headline(res: dict, spec: dict, png: str) -> list[str]:
         L.append("")
         for k, (g, x) in best.items():
             L.append(
-                f"- {k}: `{g}`: {_ci(x['strongest'])} on the strongest curve, {_ci(x['decayed'])} decayed only, "
-                f"{_ci(x['strongest_logits'])} with the logits counted; learning speed after growth {_speed(x.get('speed'))}."
+                f"- {k}: `{g}`: {fmt_ci(x['strongest'])} on the strongest curve, {fmt_ci(x['decayed'])} decayed only, "
+                f"{fmt_ci(x['strongest_logits'])} with the logits counted; learning speed after growth {fmt_speed(x.get('speed'))}."
             )
         L.append("")
     L.append(
@@ -233,7 +199,7 @@ def _setup(res: dict, spec: dict, png: str) -> list[str]:
             for lr, v in measured.items()
         )
         body.append([key, losses, f"{c['lr']:g}", "yes" if c.get("bracketed") else "**no: the best LR is at the edge**"])
-    L.append(_table(["size", "peak LR -> final val loss", "chosen", "bracketed"], body) if body else "Not finished.")
+    L.append(md_table(["size", "peak LR -> final val loss", "chosen", "bracketed"], body) if body else "Not finished.")
     added = {k: v for k, v in ch.get("sweeps", {}).items() if v}
     if added:
         L.append("")
@@ -276,16 +242,16 @@ def _every_run(res: dict, spec: dict, png: str) -> list[str]:
                 r["kind"],
                 str(r["seed"]),
                 _stages(r),
-                _e(r["flops"]) if ok else "-",
-                _f(r["final_loss"]) if ok else "-",
-                _pct(rd["strongest"]["saving"]) if ok and rd["strongest"]["saving"] is not None else ("not reached" if ok else "-"),
-                _pct(rd["decayed"]["saving"]) if ok and rd["decayed"]["saving"] is not None else ("not reached" if ok else "-"),
-                _pct(rd["strongest_logits"]["saving"]) if ok else "-",
-                _f(rd["strongest"]["delta_loss"]) if ok else "-",
+                fmt_e(r["flops"]) if ok else "-",
+                fmt_f(r["final_loss"]) if ok else "-",
+                fmt_pct(rd["strongest"]["saving"]) if ok and rd["strongest"]["saving"] is not None else ("not reached" if ok else "-"),
+                fmt_pct(rd["decayed"]["saving"]) if ok and rd["decayed"]["saving"] is not None else ("not reached" if ok else "-"),
+                fmt_pct(rd["strongest_logits"]["saving"]) if ok else "-",
+                fmt_f(rd["strongest"]["delta_loss"]) if ok else "-",
                 f"{r['wall_s']:.0f}" if r["wall_s"] else "-",
             ]
         )
-    L.append(_table(hdr, body))
+    L.append(md_table(hdr, body))
     L.append("")
     L.append(
         "\"not reached\": the run's loss lies outside the curve's range (below its best point, or above its "
@@ -303,10 +269,10 @@ def _seeds(res: dict, spec: dict, png: str) -> list[str]:
     L.append("## Seed-to-seed noise")
     L.append("")
     body = [
-        [f"{b['budget']:g}", ", ".join(f"seed {spec['seeds'][int(i)]}: {v:.4f}" for i, v in b["losses"].items()), _f(b["spread"])]
+        [f"{b['budget']:g}", ", ".join(f"seed {spec['seeds'][int(i)]}: {v:.4f}" for i, v in b["losses"].items()), fmt_f(b["spread"])]
         for b in res["baseline_seeds"]
     ]
-    L.append(_table(["baseline budget", "final val loss per seed", "spread (max - min)"], body))
+    L.append(md_table(["baseline budget", "final val loss per seed", "spread (max - min)"], body))
     L.append("")
     noise = [b["spread"] for b in res["baseline_seeds"] if b["spread"] is not None]
     sds = [x["loss"]["sd"] for x in res["groups"].values() if x["loss"].get("sd") is not None]
@@ -333,7 +299,7 @@ def _ablations(res: dict, spec: dict, png: str) -> list[str]:
             bases.append(a["base"])
     for b in bases:
         g0 = res["groups"].get(b) or {}
-        body.append([f"`{b}`", "the defaults", "-", "-", _ci(g0.get("strongest")), _speed(g0.get("speed"))])
+        body.append([f"`{b}`", "the defaults", "-", "-", fmt_ci(g0.get("strongest")), fmt_speed(g0.get("speed"))])
         for a in res["ablations"]:
             if a["base"] != b:
                 continue
@@ -343,13 +309,13 @@ def _ablations(res: dict, spec: dict, png: str) -> list[str]:
                     f"`{a['group']}`",
                     a["what"],
                     ", ".join(f"{d:+.4f}" for d in a["diffs"]) or "-",
-                    _ci(a["delta_vs_base"], pct=False),
-                    _ci(g.get("strongest")),
-                    _speed(g.get("speed")),
+                    fmt_ci(a["delta_vs_base"], pct=False),
+                    fmt_ci(g.get("strongest")),
+                    fmt_speed(g.get("speed")),
                 ]
             )
     L.append(
-        _table(
+        md_table(
             [
                 "run",
                 "change",
@@ -365,16 +331,12 @@ def _ablations(res: dict, spec: dict, png: str) -> list[str]:
     return L
 
 
-def _slope_rule(res: dict, spec: dict, png: str) -> list[str]:
-    """The calibrated slope rule against the plan and the oracle."""
+def _calibration(cal: dict) -> list[str]:
+    """The law fitted for the slope rule: its constants against Kaplan's, the target loss, and
+    whether the fit can be trusted (or why there is no fit)."""
     from megagrow.schedule.law import KaplanLaw
-    from megagrow.schedule.slope import THRESHOLDS
 
-    ch = res["choices"]
     L = []
-    L.append("## When to grow: the calibrated slope rule, the plan and the oracle")
-    L.append("")
-    cal = ch.get("calibration") or {}
     if "fit" in cal:
         fit = cal["fit"]
         k0 = KaplanLaw()
@@ -383,7 +345,7 @@ def _slope_rule(res: dict, spec: dict, png: str) -> list[str]:
         L.append(
             "The law L(N, S) = (N_c / N)^alpha_N + (2 S_c / S)^alpha_S fitted (`megagrow plan --calibrate`) to the "
             f"first seed's from-scratch runs of every size (mid-run points included; {len(cal.get('runs', []))} runs): "
-            + ", ".join(f"{n} {_g(fitted.get(key))} (Kaplan {v:g})" for n, key, v in consts)
+            + ", ".join(f"{n} {fmt_g(fitted.get(key))} (Kaplan {v:g})" for n, key, v in consts)
             + (f"; rmse {fit['rmse']:.4f} nats" if fit.get("rmse") is not None else "")
             + ". Target loss: the first "
             f"seed's reference baseline's final loss, {cal['target']:.4f}. The threshold of each growth is the "
@@ -409,33 +371,46 @@ def _slope_rule(res: dict, spec: dict, png: str) -> list[str]:
         L.append(f"The law could not be calibrated: {cal['error']}. The slope-rule runs did not run.")
     else:
         L.append("The law is not calibrated yet (it waits for the first seed's from-scratch runs).")
+    return L
+
+
+def _slope_row(x: dict) -> list[str]:
+    """One slope-rule run's row: its threshold, where the rule fired, the planned and the oracle
+    switch and the saving of each."""
+    from megagrow.schedule.slope import THRESHOLDS
+
+    rule = (
+        f"fired at step {x['ended_at']}"
+        if x["fired"]
+        else (f"did not fire by step {x['ended_at']} (upper bound {x['upper_steps']})" if x["state"] == "done" else "incomplete")
+    )
+    o = x["oracle"]
+    return [
+        x["run"],
+        fmt_f(x["threshold"]),
+        fmt_f(THRESHOLDS.get("width" if x["chain"] == "width" else "depth")),
+        fmt_f(x["slope_at_end"]),
+        "-" if x["law_switch_step"] is None else f"{x['law_switch_step']:.0f}",
+        rule,
+        fmt_pct(x["saving_rule"]),
+        f"step {x['planned_steps']}" if x["planned_steps"] else "-",
+        fmt_pct(x["saving_planned_seed1"]),
+        "-" if not o else f"step {o['step']} (loss {o['loss']:.4f}{', at the end' if o['at_end'] else ''})",
+        "-" if not o or o.get("saving") is None else fmt_pct(o["saving"]),
+    ]
+
+
+def _slope_rule(res: dict, spec: dict, png: str) -> list[str]:
+    """The calibrated slope rule against the plan and the oracle."""
+    L = []
+    L.append("## When to grow: the calibrated slope rule, the plan and the oracle")
     L.append("")
-    body = []
-    for x in res["slope"]:
-        rule = (
-            f"fired at step {x['ended_at']}"
-            if x["fired"]
-            else (f"did not fire by step {x['ended_at']} (upper bound {x['upper_steps']})" if x["state"] == "done" else "incomplete")
-        )
-        o = x["oracle"]
-        body.append(
-            [
-                x["run"],
-                _f(x["threshold"]),
-                _f(THRESHOLDS.get("width" if x["chain"] == "width" else "depth")),
-                _f(x["slope_at_end"]),
-                "-" if x["law_switch_step"] is None else f"{x['law_switch_step']:.0f}",
-                rule,
-                _pct(x["saving_rule"]),
-                f"step {x['planned_steps']}" if x["planned_steps"] else "-",
-                _pct(x["saving_planned_seed1"]),
-                "-" if not o else f"step {o['step']} (loss {o['loss']:.4f}{', at the end' if o['at_end'] else ''})",
-                "-" if not o or o.get("saving") is None else _pct(o["saving"]),
-            ]
-        )
+    L += _calibration(res["choices"].get("calibration") or {})
+    L.append("")
+    body = [_slope_row(x) for x in res["slope"]]
     if body:
         L.append(
-            _table(
+            md_table(
                 [
                     "run",
                     "calibrated threshold",
@@ -499,94 +474,3 @@ def markdown(res: dict, spec: dict, commands: list[str], png: str) -> str:
     for section in (_headline, _setup, _every_run, _seeds, _ablations, _slope_rule, _exact_and_notes):
         L += section(res, spec, png)
     return "\n".join(L) + "\n"
-
-
-def _g(x) -> str:
-    return "-" if x is None else f"{float(x):.4g}"
-
-
-# ----------------------------------------------------------------------------- plot
-def plot(res: dict, out: str, png: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import yaml
-
-    from megagrow.results.savings import read_curve as rc
-
-    fig, axes = plt.subplots(1, 2, figsize=(15, 6))
-    colors = {"width": "tab:blue", "depth": "tab:orange", "both": "tab:green"}
-    for ax, zoom in zip(axes, (False, True)):
-        for r in res["rows"]:
-            name, kind = r["name"], r["kind"]
-            p = plan_path(out, name)
-            if not r["started"] or not os.path.isfile(p):
-                continue
-            with open(p) as f:
-                plan = yaml.safe_load(f)
-            c = rc(run_dir(out, name), [s["name"] for s in plan["stages"]], name)
-            if not c.eval_flops:
-                continue
-            chain_kind = next((k for k in colors if f"-{k}" in name), None)
-            style = dict(lw=1.2, alpha=0.9)
-            first_seed = r.get("seed_index", 0) == 0
-            if kind == "small-sweep":
-                continue  # other sizes: their curves are in the LR table
-            if kind in ("sweep", "baseline"):
-                style.update(color="0.55" if first_seed else "0.8", lw=0.9, ls="-" if first_seed else ":")
-            elif kind == "staged":
-                style.update(color=colors.get(chain_kind, "k"), lw=1.8 if first_seed else 0.9, alpha=1.0 if first_seed else 0.5)
-            elif kind == "slope":
-                style.update(color=colors.get(chain_kind, "k"), ls="--", lw=1.5)
-            elif kind == "ablation":
-                knob = r["info"].get("knob")
-                style.update(
-                    lw=1.0,
-                    ls="-.",
-                    color={
-                        "lrrestart": "tab:pink",
-                        "sym4": "tab:olive",
-                        "early": "tab:purple",
-                        "fresh": "tab:cyan",
-                        "freshrestart": "tab:red",
-                        "lrhalf": "tab:brown",
-                        "freshlrhalf": "tab:gray",
-                        "lr2restart": "gold",
-                        "lrfinal": "darkgreen",
-                    }.get(knob, "k"),
-                    alpha=1.0 if first_seed else 0.5,
-                )
-            else:
-                style.update(color="k", ls=":", lw=1.5)
-            label = name + ("" if r["done"] else " (incomplete)")
-            ax.plot(c.eval_flops, c.eval_loss, label=label, **style)
-            for _, fl in c.stage_ends[:-1]:  # growth points
-                i = min(range(len(c.eval_flops)), key=lambda j: abs(c.eval_flops[j] - fl))
-                ax.plot([c.eval_flops[i]], [c.eval_loss[i]], marker="o", ms=4, color=style.get("color", "k"))
-        front = res["frontiers"].get("0/strongest") or []
-        decayed = res["frontiers"].get("0/decayed") or []
-        if front:
-            xs, ys = zip(*front)
-            ax.plot(xs, ys, "k-", lw=2.2, label="strongest from-scratch curve (first seed)", zorder=5)
-        if decayed:
-            xs, ys = zip(*decayed)
-            ax.plot(xs, ys, "k--", marker="s", lw=1.2, ms=5, label="decayed-only curve (first seed)", zorder=5)
-        ax.set_xscale("log")
-        ax.set_xlabel("training FLOPs (ledger)")
-        ax.set_ylabel("validation loss")
-        ax.grid(alpha=0.3, which="both")
-        if zoom and decayed:
-            xs, ys = zip(*decayed)
-            ax.set_xlim(min(xs) * 0.5, max(xs) * 1.3)
-            finals = [r["final_loss"] for r in res["rows"] if r["done"] and r["final_loss"] is not None]
-            ax.set_ylim(min(finals + list(ys)) - 0.05, max(ys) + 0.3)
-            ax.set_title("zoom: the end of the runs")
-        else:
-            ax.set_title("validation loss vs FLOPs (o: growth)")
-    axes[0].legend(fontsize=6, ncol=2, loc="upper right")
-    fig.tight_layout()
-    tmp = png + ".tmp.png"
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, png)

@@ -85,7 +85,7 @@ def verify_reads(plan: Plan, k: int, src: SourceCheckpoint, growth: Growth) -> t
     checked against the source's manifest once, by one of the ranks that open it (`assign_verifiers`:
     the ranks exchange the names of the files they open, a few names each); rank 0 also checks the
     metadata file every rank opens (the growth reads only its few metadata entries, so one rank
-    checking it is enough). A rank stats only the files it checks (rank 0 sized every file of the tag
+    checking them is enough: `metadata_problems`). A rank stats only the files it checks (rank 0 sized every file of the tag
     when it chose it): metadata operations per rank stay O(its files), not O(the source's files). A
     mismatch is one UserError on every rank. A source without a manifest (unsealed: an old
     checkpoint, or one from elsewhere) is read as it is (SourceCheckpoint checks its structure).
@@ -102,11 +102,12 @@ def verify_reads(plan: Plan, k: int, src: SourceCheckpoint, growth: Growth) -> t
         owner = assign_verifiers(every, {n: f.get("size", 0) for n, f in files.items()})
         mine = [n for n in opens if owner.get(n) == rank]
         covered = list(opens)
+        bad = problems(tag_dir, deep=True, names=mine, only=True)
         if rank == 0 and src.opened:
             meta = os.path.basename(src.opened[0])
+            bad += metadata_problems(src, tag_dir, meta)
             mine.insert(0, meta)
             covered.insert(0, meta)
-        bad = problems(tag_dir, deep=True, names=mine, only=True)
     if torch.distributed.is_initialized():
         bad = sorted({p for part in collectives.all_gather_object(bad) for p in part})
     if bad:
@@ -115,6 +116,21 @@ def verify_reads(plan: Plan, k: int, src: SourceCheckpoint, growth: Growth) -> t
             all_ranks=True,
         )
     return mine, covered
+
+
+def metadata_problems(src: SourceCheckpoint, tag_dir: str, name: str) -> list[str]:
+    """Problems of the metadata file `name` every rank of a regrow or resume opens, checked as far as
+    it is read. At ZeRO-1/2 it is the TP-rank-0 module file (8.7 GB at 70B), of which a reader uses
+    only the pickled record and shapes, never the weights (they come from the fp32 master in the
+    optimizer files): its size and the CRC-32 of its record entries recorded at seal time
+    (`verify.record_problems`; a manifest without one: the whole file). Otherwise (a ZeRO-3
+    model-states file, small) the whole file."""
+    from megagrow.state.manifest import problems
+    from megagrow.state.verify import record_problems
+
+    if src.zero_stage in (1, 2):
+        return record_problems(tag_dir, name)
+    return problems(tag_dir, deep=True, names=[name], only=True)
 
 
 def read_plan(plan: Plan, k: int, src: SourceCheckpoint, growth: Growth) -> dict:
@@ -128,7 +144,7 @@ def read_plan(plan: Plan, k: int, src: SourceCheckpoint, growth: Growth) -> dict
     stage k as `ShardMap` does (every opened source file is checked against that rule).
     Verification (`verify_reads`, reliability.verify_on_resume): `verify_bytes_per_rank` the bytes
     whose CRC-32 each rank computes (whole optimizer files, each once, by a rank that opens it; on
-    rank 0 also the metadata file), `verify_files_per_rank` how many files that is (each also one
+    rank 0 also what is read of the metadata file: `metadata_problems`), `verify_files_per_rank` how many files that is (each also one
     stat: the only metadata operations a rank's check makes). Sizes from the source's manifest, or for a planned source what
     DeepSpeed writes (`SourceCheckpoint.file_bytes`). Linear in ranks at every ZeRO stage."""
     target = target_map(plan, k)
@@ -152,7 +168,9 @@ def read_plan(plan: Plan, k: int, src: SourceCheckpoint, growth: Growth) -> dict
     for n, r in owner.items():
         vbytes[r] += size[n]
         vfiles[r] += 1
-    vbytes[0] += src.file_bytes("model", 0, 0)  # the metadata file every rank opens: rank 0 checks it
+    # the metadata file every rank opens: rank 0 checks what is read of it (metadata_problems): at
+    # ZeRO-1/2 its record entries (a few kB, counted 0 here), else the whole (small) file
+    vbytes[0] += 0 if src.zero_stage in (1, 2) else src.file_bytes("model", 0, 0)
     vfiles[0] += 1
     return {
         "op": growth.describe(),

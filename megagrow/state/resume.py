@@ -18,7 +18,7 @@ from megagrow.errors import UserError
 from megagrow.state.checkpoint import SourceCheckpoint
 from megagrow.state.decision import check_source
 from megagrow.state.executor import _z3, fp32_partitions, init_optimizer_state, sync_module_weights, target_fragments
-from megagrow.state.reads import assign_verifiers
+from megagrow.state.reads import assign_verifiers, metadata_problems
 
 
 def own_files(src: SourceCheckpoint, tp_rank: int, dp_rank: int) -> list[tuple[int, int]]:
@@ -146,7 +146,7 @@ def verify_resume(src: SourceCheckpoint, tp: int) -> list[str]:
     A mismatch is one UserError on every rank (verify.verification_failed). Returns the names this
     rank checked."""
     from megagrow.state import manifest as mf
-    from megagrow.state.verify import record_problems, verification_failed
+    from megagrow.state.verify import verification_failed
 
     rank = torch.distributed.get_rank()
     tag_dir = os.path.join(src.dir, src.tag)
@@ -161,8 +161,7 @@ def verify_resume(src: SourceCheckpoint, tp: int) -> list[str]:
         bad = mf.problems(tag_dir, deep=True, names=mine, only=True) if mine else []
         if rank == 0:
             meta = os.path.basename(src.opened[0])
-            whole = src.zero_stage == 3
-            bad += mf.problems(tag_dir, deep=True, names=[meta], only=True) if whole else record_problems(tag_dir, meta)
+            bad += metadata_problems(src, tag_dir, meta)
             mine.insert(0, meta)
     bad = sorted({p for part in collectives.all_gather_object(bad) for p in part})
     if bad:

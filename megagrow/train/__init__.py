@@ -2,6 +2,8 @@
 end or to a signal, save.
 
 - `megagrow.train.loop.train_stage`: the stage (the step loop, saving, signals)
+- `megagrow.train.start.start_stage`: its start-up (the stage lock, the data; the engine resumed,
+  grown or fresh)
 - `megagrow.train.transition.transition`: the previous stage's final checkpoint -> this
   stage's first, grown and resharded shard to shard
 - `megagrow.train.step.train_step`: the training step, once (the trainer runs it, `megagrow bench` times it)

@@ -75,7 +75,7 @@ def old_path(plan, ckpt, tag):
 
 
 def new_path(plan, ckpt, tag):
-    """What the trainer's resume runs (megagrow.train.loop._resume), step by step, keeping the reader."""
+    """What the trainer's resume runs (megagrow.train.start._resume), step by step, keeping the reader."""
     from megagrow.state.checkpoint import SourceCheckpoint
     from megagrow.state.resume import resume_engine, verify_resume
     from megagrow.train.transition import gather_persistent

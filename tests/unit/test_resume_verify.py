@@ -103,3 +103,26 @@ def test_resume_read_plan_arithmetic():
     assert old["verify_bytes_per_rank"][2:] == new["verify_bytes_per_rank"][2:]
     z3 = resume_read_plan(m, tp=1, dp=2, zero_stage=3, dtype="fp32")
     assert z3["load_checkpoint"]["bytes_read_per_rank"] == z3["shard_reader"]["bytes_read_per_rank"]
+
+
+@pytest.mark.parametrize("zero_stage", [1, 2, 3])
+def test_the_metadata_file_is_checked_as_far_as_a_regrow_or_resume_reads_it(tmp_path, zero_stage):
+    """Property: the metadata file every rank of a regrow or resume opens is checked by what is read of it:
+    from a ZeRO-1/2 source its record only (a byte flipped in a weight storage, which no reader of that file
+    touches, is not reported; one flipped in the record is), from any other source the whole file (the weight
+    flip is reported)."""
+    from types import SimpleNamespace
+
+    from megagrow.state.reads import metadata_problems
+
+    tag_dir, name = _module_file(tmp_path)
+    path = os.path.join(tag_dir, name)
+    good = open(path, "rb").read()
+    src = SimpleNamespace(zero_stage=zero_stage)
+    assert metadata_problems(src, tag_dir, name) == []
+    _flip(path, torch.tensor([3.25] * 4).numpy().tobytes())
+    weight_flip = metadata_problems(src, tag_dir, name)
+    assert weight_flip == [] if zero_stage in (1, 2) else weight_flip[0].startswith(f"{name}: checksum"), weight_flip
+    open(path, "wb").write(good)
+    _flip(path, MARK.encode())
+    assert len(metadata_problems(src, tag_dir, name)) == 1
