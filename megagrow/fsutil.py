@@ -3,8 +3,10 @@ quiet unlinks."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import shutil
 import time
 
 
@@ -29,6 +31,24 @@ def write_file_atomic(path: str, data: str | bytes, durable: bool = False) -> No
 def write_json_atomic(path: str, obj: dict) -> None:
     """Write `obj` as JSON to `path` with write_file_atomic."""
     write_file_atomic(path, json.dumps(obj, indent=1, sort_keys=True))
+
+
+@contextlib.contextmanager
+def publish_dir(out: str, suffix: str = ".export-tmp"):
+    """Build directory `out` atomically: yields OUT+suffix (emptied first), which replaces `out` (absent
+    or empty) when the block ends normally; on any failure, the temporary directory is removed and
+    nothing is left."""
+    tmp = f"{out}{suffix}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    try:
+        yield tmp
+        if os.path.isdir(out):
+            os.rmdir(out)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def fsync_dir(path: str) -> None:

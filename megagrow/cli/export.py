@@ -24,11 +24,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import sys
 import time
 
 from megagrow.errors import UserError, cli_entry
+from megagrow.fsutil import publish_dir
 
 DTYPES = ("fp32", "bf16", "fp16")
 
@@ -226,17 +226,8 @@ def export(
     max_shard_bytes = parse_size(max_shard_size)
     out, d, src, tokenizer = _checked_source(ckpt, out, tag, tokenizer, no_tokenizer)
     shapes = src.logical_shapes()
-    tmp = f"{out}.export-tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    try:
+    with publish_dir(out) as tmp:
         weights, cfg, tok_info = _write_export(tmp, d, src, shapes, None if no_tokenizer else tokenizer, dtype, progress, max_shard_bytes)
-        if os.path.isdir(out):
-            os.rmdir(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return _export_summary(out, d, src, weights, cfg, tok_info, dtype, t0)
 
 

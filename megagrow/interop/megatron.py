@@ -37,13 +37,13 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import time
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
 from megagrow.config import ModelConfig
 from megagrow.errors import UserError
+from megagrow.fsutil import publish_dir
 
 if TYPE_CHECKING:
     import torch
@@ -211,9 +211,7 @@ def write_megatron(out: str, m: ModelConfig, read: Callable[[str], torch.Tensor]
     out = os.path.abspath(out)
     if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
         raise UserError(f"output {out} exists and is not an empty directory; refusing to overwrite")
-    tmp = f"{out}.export-tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
+    with publish_dir(out) as tmp:
         sd = megatron_state_dict(m, read)
         path = checkpoint_file(tmp, iteration)
         os.makedirs(os.path.dirname(path))
@@ -224,12 +222,6 @@ def write_megatron(out: str, m: ModelConfig, read: Callable[[str], torch.Tensor]
             json.dump(
                 {**source, "model": m.to_dict(), "megatron_args": megatron_args(m), "checkpoint_version": CHECKPOINT_VERSION}, f, indent=1
             )
-        if os.path.isdir(out):
-            os.rmdir(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     n = sum(t.numel() for t in sd.values() if t is not None)
     return {
         "out": out,

@@ -63,3 +63,23 @@ def test_controller_lock_warns_where_the_file_system_cannot_lock(tmp_path, monke
     assert lock_run_dir(run) is None
     err = capsys.readouterr().err
     assert err.startswith("warning: ") and "cannot be locked" in err and "second `megagrow run`" in err
+
+
+def test_publish_dir_is_all_or_nothing(tmp_path):
+    """Property: a directory built under publish_dir appears at `out` whole when the block ends (an empty
+    `out` is replaced), and a failure inside the block leaves neither `out` nor the temporary directory."""
+    import pytest
+
+    from megagrow.fsutil import publish_dir
+
+    out = tmp_path / "model"
+    out.mkdir()
+    with publish_dir(str(out)) as tmp:
+        (tmp_path / "model.export-tmp" / "a.txt").write_text("x")
+        assert not (out / "a.txt").exists()
+    assert (out / "a.txt").read_text() == "x" and not (tmp_path / "model.export-tmp").exists()
+    other = tmp_path / "other"
+    with pytest.raises(RuntimeError), publish_dir(str(other)) as tmp:
+        (tmp_path / "other.export-tmp" / "b.txt").write_text("y")
+        raise RuntimeError("disk full")
+    assert not other.exists() and not (tmp_path / "other.export-tmp").exists()
