@@ -75,11 +75,13 @@ def test_publish_dir_is_all_or_nothing(tmp_path):
     out = tmp_path / "model"
     out.mkdir()
     with publish_dir(str(out)) as tmp:
+        assert tmp == str(tmp_path / "model.export-tmp")
         (tmp_path / "model.export-tmp" / "a.txt").write_text("x")
         assert not (out / "a.txt").exists()
     assert (out / "a.txt").read_text() == "x" and not (tmp_path / "model.export-tmp").exists()
     other = tmp_path / "other"
     with pytest.raises(RuntimeError), publish_dir(str(other)) as tmp:
         (tmp_path / "other.export-tmp" / "b.txt").write_text("y")
+        assert os.path.isfile(os.path.join(tmp, "b.txt"))
         raise RuntimeError("disk full")
     assert not other.exists() and not (tmp_path / "other.export-tmp").exists()
