@@ -30,6 +30,7 @@ import os
 from dataclasses import dataclass, field
 
 from megagrow.errors import UserError
+from megagrow.paths import StagePaths
 
 EVAL_KEY = "eval_loss"
 
@@ -81,7 +82,7 @@ def read_curve(run_dir: str, stage_names: list[str], name: str | None = None, ex
         return float(r["flops"]) + extra_base + (float(r["tokens"]) - start_tokens) * extra_per_token[i]
 
     for i, s in enumerate(stage_names):
-        recs = _records(os.path.join(run_dir, s, "log.jsonl"))
+        recs = _records(StagePaths(os.path.join(run_dir, s)).log)
         last_train = None
         for r in recs:
             if EVAL_KEY in r:

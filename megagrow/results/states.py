@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from megagrow.config import ModelConfig
 from megagrow.fsutil import read_json
 from megagrow.metrics.flops import logit_flops_per_token
+from megagrow.paths import StagePaths
 from megagrow.results.experiment import RunSpec, runs
 from megagrow.results.savings import Curve, Frontier, read_curve
 
@@ -58,7 +59,7 @@ def load_state(out: str, spec: RunSpec) -> RunState:
         with open(p) as f:
             st.plan = yaml.safe_load(f)
         names = [s["name"] for s in st.plan["stages"]]
-        st.stages = [read_json(os.path.join(run_dir(out, spec.name), n, "status.json")) for n in names]
+        st.stages = [read_json(StagePaths(os.path.join(run_dir(out, spec.name), n)).status) for n in names]
         if st.started:
             st.curve = read_curve(run_dir(out, spec.name), names, spec.name)
             logits = [float(logit_flops_per_token(ModelConfig.from_dict(s["model"]))) for s in st.plan["stages"]]
@@ -135,7 +136,7 @@ def wall_seconds(out: str, st: RunState) -> float | None:
     total = 0.0
     for s in st.plan["stages"]:
         times = [
-            float(r["time"]) for r in _records(os.path.join(run_dir(out, st.name), s["name"], "log.jsonl")) if r.get("time") is not None
+            float(r["time"]) for r in _records(StagePaths(os.path.join(run_dir(out, st.name), s["name"])).log) if r.get("time") is not None
         ]
         if times:
             total += max(times) - min(times)
@@ -153,7 +154,7 @@ def transitions(st: RunState) -> list[dict]:
     for k in range(1, len(stage_names)):
         prev, cur = stage_names[k - 1], stage_names[k]
         found = {}
-        for r in _records(os.path.join(st.dir, cur, "log.jsonl")):
+        for r in _records(StagePaths(os.path.join(st.dir, cur)).log):
             if r.get("at") in ("before_growth", "after_growth") and "eval_loss" in r and r.get("step") == 0:
                 found.setdefault(r["at"], r)
         status = st.stages[k - 1] or {}

@@ -12,7 +12,7 @@ import time
 import zlib
 
 from megagrow.errors import UserError
-from megagrow.paths import LATEST
+from megagrow.paths import LATEST, StagePaths
 from megagrow.state.manifest import (
     _MP,
     _ZERO,
@@ -189,8 +189,8 @@ def checkpoint_dir_problem(path: str) -> str | None:
     if any(n.startswith(TAG_PREFIX) or _has_tag_content(os.path.join(path, n)) for n in subs):
         return None
     hint = ""
-    if os.path.isdir(os.path.join(path, "checkpoints")):
+    if os.path.isdir(StagePaths(path).ckpt):
         hint = f" (a stage directory: verify {os.path.join(path, 'checkpoints')})"
-    elif any(os.path.isdir(os.path.join(path, n, "checkpoints")) for n in subs):
+    elif any(os.path.isdir(StagePaths(os.path.join(path, n)).ckpt) for n in subs):
         hint = f" (a run directory: verify {os.path.join(path, '<stage>', 'checkpoints')})"
     return f"not a checkpoint directory: {path} (no {MANIFEST}, DeepSpeed files, `{LATEST}` or {TAG_PREFIX}N tags in it){hint}"

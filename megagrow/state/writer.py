@@ -34,6 +34,7 @@ from collections import OrderedDict
 
 import torch
 
+from megagrow.paths import LATEST
 from megagrow.state.checkpoint import SourceCheckpoint
 
 # the module (last path component) of every megatron-core Column/RowParallelLinear in megagrow's GPT:
@@ -331,7 +332,7 @@ def write_shared(ckpt_dir: str, tag: str) -> None:
         dst = os.path.join(ckpt_dir, script)
         shutil.copyfile(os.path.join(base, script), dst)
         os.chmod(dst, os.stat(dst).st_mode | stat.S_IEXEC)
-    with open(os.path.join(ckpt_dir, "latest"), "w") as fd:
+    with open(os.path.join(ckpt_dir, LATEST), "w") as fd:
         fd.write(tag)
 
 
