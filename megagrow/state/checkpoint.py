@@ -302,7 +302,8 @@ class SourceCheckpoint:
         if key not in self._files:
             path = self.path("optim", tp_rank, dp_rank)
             sd = _load(path)["optimizer_state_dict"]
-            self.opened.append(path)
+            if path not in self.opened:  # reopened after close(): listed once
+                self.opened.append(path)
             self.map.check_file(sd, dp_rank, path)
             self._files[key] = sd
         return self._files[key]

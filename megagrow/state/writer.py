@@ -106,17 +106,25 @@ class RankWriter:
         return [(n, f) for n, lst in self.map.frags.items() for f in lst if f.dp_rank == self.d and f.numel > 0]
 
     def fill(self, progress: bool = False) -> dict:
-        """{state: [flat partition per group]}: this rank's fp32 master and Adam moments (zero padding)."""
+        """{state: [flat partition per group]}: this rank's fp32 master and Adam moments (zero padding).
+        One state at a time, the source files' memory maps dropped after each: the source pages a rank
+        has touched (counted in its RSS while mapped) are at most one state's share, not all three."""
         flats = {s: [torch.zeros(P, dtype=torch.float32) for P in self.map.partition_numel] for s in ("w", "m", "v")}
         frags = self.my_fragments()
+        bar = None
         if progress:
             from tqdm import tqdm
 
-            frags = tqdm(frags, desc="regrow", unit="tensor", file=sys.stderr)
-        for name, f in frags:
-            for s in ("w", "m", "v"):
+            bar = tqdm(total=3 * len(frags), desc="regrow", unit="tensor", file=sys.stderr)
+        for s in ("w", "m", "v"):
+            for name, f in frags:
                 flats[s][f.group][f.flat_start : f.flat_start + f.numel] = self.values(name, s, f.param_offset, f.numel)
-            self.bytes_filled += f.numel * 4 * 3
+                if bar is not None:
+                    bar.update()
+            self.src.close()  # reopened (metadata only) for the next state's reads
+        if bar is not None:
+            bar.close()
+        self.bytes_filled += sum(f.numel for _, f in frags) * 4 * 3
         return flats
 
     def module_weights(self, w_flats: list) -> OrderedDict | None:
