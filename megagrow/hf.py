@@ -49,13 +49,7 @@ from megagrow.interop.hf_config import (  # noqa: F401
     set_dtype,
     write_config,
 )
-from megagrow.interop.hf_tokenizer import (  # noqa: F401
-    BOS_NAMES,
-    EOS_NAMES,
-    TOKENIZER_CLASS,
-    load_tokenizer_object,
-    write_tokenizer,
-)
+from megagrow.interop.hf_tokenizer import BOS_NAMES, EOS_NAMES, TOKENIZER_CLASS, load_tokenizer_object, write_tokenizer  # noqa: F401
 from megagrow.interop.hf_weights import (  # noqa: F401
     HFCheckpoint,
     WeightsSource,
