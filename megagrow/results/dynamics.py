@@ -39,36 +39,10 @@ def prepare(work: str, vocab: int) -> tuple[str, str]:
     eval_in = [os.path.join(stdlib, f) for f in ("argparse.py", "textwrap.py", "dataclasses.py")]
     tr, ev = os.path.join(work, "train"), os.path.join(work, "eval")
     env = dict(os.environ, PYTHONPATH=REPO)
-    if not os.path.exists(tr + ".bin"):
-        cmd = [
-            sys.executable,
-            "-m",
-            "megagrow.cli",
-            "prepare-data",
-            "--out",
-            tr,
-            "--vocab-size",
-            str(vocab),
-            "--no-progress",
-            "--input",
-            *train_in,
-        ]
-        subprocess.run(cmd, check=True, env=env, capture_output=True)
-    if not os.path.exists(ev + ".bin"):
-        cmd = [
-            sys.executable,
-            "-m",
-            "megagrow.cli",
-            "prepare-data",
-            "--out",
-            ev,
-            "--tokenizer",
-            tr + ".model",
-            "--no-progress",
-            "--input",
-            *eval_in,
-        ]
-        subprocess.run(cmd, check=True, env=env, capture_output=True)
+    for out, extra, inputs in ((tr, ["--vocab-size", str(vocab)], train_in), (ev, ["--tokenizer", tr + ".model"], eval_in)):
+        if not os.path.exists(out + ".bin"):
+            cmd = [sys.executable, "-m", "megagrow.cli", "prepare-data", "--out", out, *extra, "--no-progress", "--input", *inputs]
+            subprocess.run(cmd, check=True, env=env, capture_output=True)
     return tr, ev
 
 

@@ -379,10 +379,19 @@ class SourceCheckpoint:
         base = sd["optimizer_state_dict"] if self.zero_stage == 3 else sd["base_optimizer_state"]
         return base["state"][group][STATE_KEYS[state]]
 
-    def read_flat(self, tp_rank: int, name: str, state: str, start: int, stop: int) -> torch.Tensor:
-        """Elements [start, stop) of the flattened TP-local param `name` of TP rank `tp_rank`."""
+    def read_flat(self, tp_rank: int, name: str, state: str, start: int, stop: int, view: bool = False) -> torch.Tensor:
+        """Elements [start, stop) of the flattened TP-local param `name` of TP rank `tp_rank`. view: when one
+        fragment holds them all, the memory-mapped slice itself (read-only to the caller: no copy), else a
+        new float32 tensor assembled from the fragments."""
+        frags = self.map.overlapping(name, start, stop)
+        if view and len(frags) == 1 and frags[0].param_offset <= start and stop <= frags[0].param_offset + frags[0].numel:
+            f = frags[0]
+            flat = self._flat(tp_rank, f.dp_rank, f.group, state)
+            a = f.flat_start + start - f.param_offset
+            self.bytes_read += (stop - start) * flat.element_size()
+            return flat[a : a + stop - start]
         out = torch.empty(stop - start, dtype=torch.float32)
-        for f in self.map.overlapping(name, start, stop):
+        for f in frags:
             lo, hi = max(start, f.param_offset), min(stop, f.param_offset + f.numel)
             flat = self._flat(tp_rank, f.dp_rank, f.group, state)
             a = f.flat_start + lo - f.param_offset

@@ -53,7 +53,7 @@ def fill_own(engine, src: SourceCheckpoint) -> dict:
     step = None
     for state in ("w", "m", "v"):
         for name, _, start, numel, setter in frags:
-            setter(state, _own_fragment(src, tp_rank, name, state, start, numel))
+            setter(state, src.read_flat(tp_rank, name, state, start, start + numel, view=True))  # the setter copies it
             written += numel * 4
         if step is None:
             step = src.adam_step()  # from a file open now (its own): every optimizer file holds it
@@ -89,20 +89,6 @@ def update_lp_params_bounded(optimizer, bucket_elems: int = 1 << 18) -> None:
                 for q, got in enumerate(collectives.all_gather(own[pid].narrow(0, s, m), group=group)):
                     if q != pid:
                         own[q].narrow(0, s, m).copy_(got)
-
-
-def _own_fragment(src: SourceCheckpoint, tp_rank: int, name: str, state: str, start: int, numel: int) -> torch.Tensor:
-    """Flat elements [start, start+numel) of TP-local param `name`: at the source's own layout one
-    fragment of one file holds them all, and the memory-mapped slice itself is returned (the setter
-    copies it into the engine: no temporary copy); else `read_flat` assembles them."""
-    frags = src.map.overlapping(name, start, start + numel)
-    f = frags[0] if len(frags) == 1 else None
-    if f is None or f.param_offset > start or f.param_offset + f.numel < start + numel:
-        return src.read_flat(tp_rank, name, state, start, start + numel)
-    flat = src._flat(tp_rank, f.dp_rank, f.group, state)
-    a = f.flat_start + start - f.param_offset
-    src.bytes_read += numel * flat.element_size()
-    return flat[a : a + numel]
 
 
 def resume_engine(plan: Plan, k: int, src: SourceCheckpoint) -> tuple:
