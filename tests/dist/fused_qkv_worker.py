@@ -119,6 +119,9 @@ def main():
     if torch.distributed.get_rank() == 0:
         with open(os.path.join(out_dir, "result.json"), "w") as f:
             json.dump(every, f)
+    # every rank leaves together, as the other workers do: no rank's exit meets a peer still in gloo
+    collectives.barrier()
+    torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
