@@ -21,8 +21,6 @@ path's weight draw touches them, so `growth` compares the loads alone.
 from __future__ import annotations
 
 import argparse
-import ctypes
-import gc
 import json
 import os
 import subprocess
@@ -33,25 +31,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 from megagrow.errors import UserError, cli_entry  # noqa: E402
-
-
-def _status() -> dict:
-    """VmRSS, VmHWM, RssAnon, RssFile of this process, in bytes."""
-    out = {}
-    with open("/proc/self/status") as f:
-        for line in f:
-            key, _, val = line.partition(":")
-            if key in ("VmRSS", "VmHWM", "RssAnon", "RssFile"):
-                out[key] = int(val.split()[0]) * 1024
-    return out
-
-
-def _reset_peak() -> None:
-    """Free heap pages back to the OS (reusing them must show as growth), then VmHWM := VmRSS."""
-    gc.collect()
-    ctypes.CDLL("libc.so.6").malloc_trim(0)
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
+from megagrow.procs import memory_status as _status  # noqa: E402
+from megagrow.procs import reset_peak_rss as _reset_peak  # noqa: E402
 
 
 def _plan(a):

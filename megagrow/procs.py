@@ -59,6 +59,66 @@ def spawn_ranks(cmd: list[str], n: int, env: dict | None = None, master_port: in
     return procs
 
 
+class Forked:
+    """A rank forked from this process, waited for as a subprocess.Popen is (poll, kill, returncode)."""
+
+    def __init__(self, pid: int):
+        self.pid, self.returncode = pid, None
+
+    def poll(self) -> int | None:
+        if self.returncode is None:
+            pid, status = os.waitpid(self.pid, os.WNOHANG)
+            if pid:
+                self.returncode = os.waitstatus_to_exitcode(status)  # -N when killed by signal N, as Popen
+        return self.returncode
+
+    def wait(self) -> int:
+        while self.poll() is None:
+            time.sleep(0.02)
+        return self.returncode
+
+    def kill(self) -> None:
+        if self.poll() is None:
+            os.kill(self.pid, signal.SIGKILL)
+
+
+def fork_ranks(fn, n: int, master_port: int | None = None) -> list[Forked]:
+    """Start `n` ranks on this machine as forks of this process, each running `fn()` (its return value
+    the exit code) with RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT set, dying with this process.
+    A fork inherits every module this process imported (torch's import alone is 1.5-2 s per process)
+    and every object it built. Only before this process starts threads of its own or a process group:
+    a fork copies one thread and no connection."""
+    from megagrow.parallel.groups import free_port
+
+    port = str(master_port or free_port())
+    sys.stdout.flush()
+    sys.stderr.flush()
+    procs = []
+    for r in range(n):
+        pid = os.fork()
+        if pid:
+            procs.append(Forked(pid))
+            continue
+        rc = 1
+        try:
+            set_parent_death_signal(signal.SIGKILL)
+            for k in [k for k in os.environ if k.startswith("SLURM_STEP") or k in ("SLURM_PROCID", "SLURM_LOCALID", "SLURM_NTASKS")]:
+                os.environ.pop(k, None)
+            os.environ.update(RANK=str(r), WORLD_SIZE=str(n), LOCAL_RANK=str(r), MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
+            rc = fn()
+        except SystemExit as e:
+            rc = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+        except BaseException:
+            import traceback
+
+            traceback.print_exc()
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(rc or 0)
+    return procs
+
+
 def rc_of(code: int) -> int:
     """A Popen return code as a shell would show it (-9 -> 137)."""
     return 128 - code if code < 0 else code
@@ -188,3 +248,43 @@ def exit_rank(rc: int):
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(rc)
+
+
+def memory_status() -> dict:
+    """This process's VmRSS, VmHWM (peak RSS), RssAnon and RssFile in bytes (Linux /proc); {} elsewhere."""
+    out = {}
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                key, _, val = line.partition(":")
+                if key in ("VmRSS", "VmHWM", "RssAnon", "RssFile"):
+                    out[key] = int(val.split()[0]) * 1024
+    except OSError:
+        pass
+    return out
+
+
+def reset_peak_rss() -> None:
+    """Give freed heap pages back to the OS (reusing them then shows as growth) and start the peak
+    RSS (VmHWM) again from the current RSS (Linux; elsewhere the collection alone)."""
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except (OSError, AttributeError):
+        pass
+
+
+def return_large_frees(threshold: int = 1 << 20) -> bool:
+    """glibc: serve each allocation of `threshold` bytes or more by its own mapping, given back to the
+    OS when freed (mallopt M_MMAP_THRESHOLD). Fixing the threshold also stops glibc from raising it
+    (up to 32 MiB) each time such a block is freed, after which same-sized temporaries come from the
+    heap and stay in the process's RSS once freed. For a process that streams large tensors through
+    memory (regrow). False where it cannot be set."""
+    try:
+        return ctypes.CDLL("libc.so.6").mallopt(-3, int(threshold)) == 1  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        return False

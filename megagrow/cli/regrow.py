@@ -5,12 +5,14 @@ target stage's layout, shard to shard.
     torchrun --nproc_per_node=W tools/regrow.py ...      (or srun: the same, one process per rank)
 
 Started directly, it validates every input first (one `error:` line, exit 2, nothing started),
-then starts the W = tp x dp ranks of the target stage's layout itself on this machine (they die
-with it). Under torchrun or srun, W must equal the target stage's tp x dp (torchrun adds its own
-traceback to any failing worker; the direct start does not). Each rank reads only the bytes of the source its own
-fragments need. The output is a native DeepSpeed checkpoint, usable with engine.load_checkpoint at the target layout or
-as the stage's checkpoint directory: each rank writes its own files directly (megagrow/state/writer.py,
-no engine or model is built; ZeRO-0 targets go through a DeepSpeed engine).
+then forks the W = tp x dp ranks of the target stage's layout from itself on this machine (they
+inherit its imports and die with it). Under torchrun or srun, W must equal the target stage's
+tp x dp (torchrun adds its own traceback to any failing worker; the direct start does not). Each
+rank reads only the bytes of the source its own fragments need, and checks the CRC-32 of the source
+files it opens (each file once, by one of the ranks that open it). The output is a native DeepSpeed
+checkpoint, usable with engine.load_checkpoint at the target layout or as the stage's checkpoint
+directory: each rank writes its own files directly, streamed, never whole in memory
+(megagrow/state/writer.py, no engine or model is built; ZeRO-0 targets go through a DeepSpeed engine).
 Refuses a non-empty --out; writes to a temporary name, seals it (a manifest of every file's size
 and CRC-32, `megagrow verify` checks it) and renames it at the end.
 """
@@ -91,7 +93,9 @@ def _dry_run(args, plan, k: int) -> int:
 def main(argv=None) -> int:
     import signal
 
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, (signal.SIGUSR1, signal.SIGTERM))  # blocked by spawn_ranks
+    signal.pthread_sigmask(
+        signal.SIG_UNBLOCK, (signal.SIGUSR1, signal.SIGTERM)
+    )  # blocked when a launcher started it through procs.spawn_ranks
     args = _parser().parse_args(argv)
     from megagrow.config import load_plan
 
@@ -101,7 +105,12 @@ def main(argv=None) -> int:
         return _dry_run(args, plan, k)
     job = _validate(args, plan, k)
     if job.direct and plan.stages[k].layout.world_size > 1:
-        return _spawn(args, argv, plan.stages[k], job)
+        return _spawn(args, plan, k, job)
+    return _rank_part(args, plan, k, job)
+
+
+def _rank_part(args, plan, k: int, job) -> int:
+    """One rank's regrow (the only one when the target has one rank): its files, rank 0 the report."""
     info, rank, allr = _run(args, plan, k, job)
     if rank == 0:
         _report(args, plan.stages[k], job, info, allr)
@@ -118,8 +127,7 @@ class _Job:
     src: object  # SourceCheckpoint
     tag: str
     growth: object  # decision.Growth
-    direct: bool  # started directly (not under torchrun/srun): this process checked every source file
-    worker: bool  # one of the ranks a direct start spawned
+    direct: bool  # started directly (not under torchrun/srun): this process forks the ranks
     verify: bool  # each rank checks the checksums of the files it opens
     t0: float
 
@@ -138,31 +146,34 @@ def _validate(args, plan, k: int) -> _Job:
     from megagrow.state.manifest import current
 
     direct = not any(k in os.environ for k in ("RANK", "SLURM_PROCID"))
-    worker = bool(os.environ.get("MEGAGROW_REGROW_WORKER"))
     if not os.path.isdir(args.src):
         raise UserError(f"checkpoint directory not found: {args.src}")
-    # the source tag: --tag, else the newest complete one (a torn or corrupted tag is refused, naming the
-    # older complete one); started directly, every source file's checksum is checked here, once. The ranks
-    # the direct start spawns are handed the tag it chose.
-    tag = args.tag if worker else current(args.src, args.tag, verify=direct)
+    # the source tag: --tag, else the newest complete one (a torn tag is refused, naming the older complete
+    # one; every file's size is checked against the tag's manifest)
+    tag = current(args.src, args.tag)
     src = SourceCheckpoint.open(args.src, tag)  # reads the metadata (one file); validates it
     growth = decide_for(plan, k, src, args.grow)
-    if direct:  # one process checks every source file before any rank starts; ranks open only their own
+    if direct:  # every optimizer file's structure is checked once, before any rank starts
         src.check_files()
         src.close()
-    # under torchrun or srun each rank checks the checksums of exactly the files it opens (regrow(verify=True));
-    # the ranks the direct start spawns skip it: the launcher checked every file above
-    return _Job(out, src, tag, growth, direct, worker, not direct and not worker, t0)
+    # each rank checks the checksums of exactly the source files it opens (regrow(verify=True)): under
+    # torchrun or srun, and the ranks a direct start forks
+    return _Job(out, src, tag, growth, direct, True, t0)
 
 
-def _spawn(args, argv, stage, job: _Job) -> int:
-    """Started directly: everything was checked once, here; now the ranks of the target layout."""
-    from megagrow.procs import spawn_ranks, wait_ranks
+def _spawn(args, plan, k: int, job: _Job) -> int:
+    """Started directly: everything was checked once, here; now the ranks of the target layout, forked
+    from this process (the imports and the checks above are not done again), each with the source
+    opened afresh (what it opens and reads is its own to count)."""
+    import dataclasses
 
-    argv = [*(sys.argv[1:] if argv is None else argv), *(() if args.tag else ("--tag", job.tag))]
-    procs = spawn_ranks(
-        [sys.executable, "-m", "megagrow.cli.regrow", *argv], stage.layout.world_size, env={**os.environ, "MEGAGROW_REGROW_WORKER": "1"}
-    )
+    from megagrow.procs import fork_ranks, wait_ranks
+    from megagrow.state.checkpoint import SourceCheckpoint
+
+    def rank():
+        return cli_entry(_rank_part)(args, plan, k, dataclasses.replace(job, src=SourceCheckpoint.open(args.src, job.tag)))
+
+    procs = fork_ranks(rank, plan.stages[k].layout.world_size)
     try:
         res = wait_ranks(procs, grace_s=60.0)
     except KeyboardInterrupt:
@@ -184,6 +195,7 @@ def _run(args, plan, k: int, job: _Job) -> tuple:
     import torch
 
     from megagrow import collectives
+    from megagrow.procs import memory_status, reset_peak_rss, return_large_frees
     from megagrow.state.executor import regrow, regrow_offline
     from megagrow.state.manifest import checkpoint_meta, seal
     from megagrow.state.writer import init_ranks, supported
@@ -198,6 +210,9 @@ def _run(args, plan, k: int, job: _Job) -> tuple:
         init_distributed(stage.layout)
         rank = torch.distributed.get_rank()
     dist = torch.distributed.is_initialized()
+    return_large_frees()  # the fill's and the gathers' temporaries go back to the OS when freed
+    reset_peak_rss()  # the regrow's own peak from here: the source's metadata and every import are loaded
+    rss_before = memory_status().get("VmRSS", 0)
     tmp = f"{job.out}.regrow-tmp"
     if rank == 0 and os.path.exists(tmp):
         shutil.rmtree(tmp)
@@ -224,7 +239,7 @@ def _run(args, plan, k: int, job: _Job) -> tuple:
         if rank == 0:
             shutil.rmtree(tmp, ignore_errors=True)
         raise
-    peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024.0  # Linux: KiB
+    peak_rss = memory_status().get("VmHWM") or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024.0  # Linux: KiB
     mine = torch.tensor(
         [
             float(info["bytes_read"]),
@@ -233,6 +248,7 @@ def _run(args, plan, k: int, job: _Job) -> tuple:
             float(info["files_opened"]),
             float(info["files_verified"]),
             float(-1 if info["files_unverified"] is None else info["files_unverified"]),
+            float(rss_before),
         ],
         dtype=torch.float64,
     )
@@ -262,7 +278,11 @@ def _report(args, stage, job: _Job, info: dict, allr: list) -> None:
         },
         "bytes_read_per_rank": [int(t[0]) for t in allr],
         "state_bytes_per_rank": [int(t[1]) for t in allr],
+        # RSS when the rank began its part (interpreter, imports, the source's metadata), and the peak above
+        # it while it read, filled, wrote and sealed its files
+        "rss_before_bytes_per_rank": [int(t[6]) for t in allr],
         "peak_rss_bytes_per_rank": [int(t[2]) for t in allr],
+        "rss_growth_bytes_per_rank": [int(t[2] - t[6]) for t in allr],
         "files_opened_per_rank": [int(t[3]) for t in allr],  # source files: its metadata file + the optimizer files it read
         # checksums checked by each rank before reading (torchrun/srun: the files it opens, rank 0 also the
         # metadata file; started directly, the launcher checked every file and this is 0); opened unchecked (-1: not asked)

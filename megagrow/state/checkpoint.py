@@ -36,6 +36,7 @@ import functools
 import glob
 import math
 import os
+import sys
 from dataclasses import dataclass, field
 
 import torch
@@ -56,6 +57,28 @@ def _load(path: str) -> dict:
         raise UserError(f"checkpoint file missing: {path}") from None
     except Exception as e:  # truncated / corrupt zip
         raise UserError(f"cannot read checkpoint file {path}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
+
+
+def _dontneed(t: torch.Tensor) -> None:
+    """madvise(MADV_DONTNEED) over the whole pages of `t`'s memory (Linux; elsewhere nothing). Only for
+    tensors of a file `_load` memory-mapped: on anonymous memory it would zero the data."""
+    global _libc
+    if _libc is None:
+        import ctypes
+        import ctypes.util
+
+        _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True) if sys.platform == "linux" else False
+    if not _libc or t.numel() == 0:
+        return
+    import ctypes
+
+    page = os.sysconf("SC_PAGE_SIZE")
+    a = t.data_ptr()
+    start, end = a - a % page, -(-(a + t.numel() * t.element_size()) // page) * page
+    _libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), 4)  # MADV_DONTNEED
+
+
+_libc = None
 
 
 @dataclass
@@ -329,6 +352,18 @@ class SourceCheckpoint:
         """Drop the opened files' mappings (the object stays usable: files reopen on demand)."""
         self._files.clear()
 
+    def release(self, state: str | None = None) -> None:
+        """Take the pages read so far out of this process's memory, keeping the files open: the flat
+        partitions of every opened file are memory-mapped privately and only read, so dropping their
+        pages (madvise DONTNEED) loses nothing; they stay in the page cache and fault back on the next
+        read. A column box of a row-major matrix touches every page of its rows, twice the bytes it
+        reads at TP=2: without this a rank's RSS holds all of it until the file is closed. state: only
+        that state's partitions (w | m | v)."""
+        for sd in self._files.values():
+            for s in [state] if state else STATE_KEYS:
+                for g in range(len(self.map.groups)):
+                    _dontneed(self._flat_of(sd, g, s))
+
     # ---------------------------------------------------------------- metadata
     @functools.cached_property
     def record(self) -> StageRecord:
@@ -373,7 +408,9 @@ class SourceCheckpoint:
 
     # ---------------------------------------------------------------- reading
     def _flat(self, tp_rank: int, dp_rank: int, group: int, state: str) -> torch.Tensor:
-        sd = self._optim(tp_rank, dp_rank)
+        return self._flat_of(self._optim(tp_rank, dp_rank), group, state)
+
+    def _flat_of(self, sd: dict, group: int, state: str) -> torch.Tensor:
         if state == "w":
             return sd["fp32_flat_groups" if self.zero_stage == 3 else "single_partition_of_fp32_groups"][group]
         base = sd["optimizer_state_dict"] if self.zero_stage == 3 else sd["base_optimizer_state"]

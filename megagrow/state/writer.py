@@ -24,6 +24,7 @@ loads the result in a real engine and compares it with what the engine path writ
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import shutil
@@ -41,6 +42,7 @@ from megagrow.state.checkpoint import SourceCheckpoint
 # their state dict carries an `_extra_state` entry (None) after their parameters
 LINEARS = {"q", "k", "v", "o", "fc1", "fc2", "gate", "up", "down", "lm_head"}
 DTYPE = {"fp32": torch.float32, "bf16": torch.bfloat16}
+CHUNK = 1 << 20  # elements of the fp32 master a rank rounds and DP rank 0 gathers at a time, for the module file
 
 
 def module_keys(names: list[str]) -> list[str]:
@@ -105,56 +107,82 @@ class RankWriter:
         """(name, fragment) of every fragment this DP rank owns, in flat order."""
         return [(n, f) for n, lst in self.map.frags.items() for f in lst if f.dp_rank == self.d and f.numel > 0]
 
-    def fill(self, progress: bool = False) -> dict:
-        """{state: [flat partition per group]}: this rank's fp32 master and Adam moments (zero padding).
-        One state at a time, the source files' memory maps dropped after each: the source pages a rank
-        has touched (counted in its RSS while mapped) are at most one state's share, not all three."""
-        flats = {s: [torch.zeros(P, dtype=torch.float32) for P in self.map.partition_numel] for s in ("w", "m", "v")}
-        frags = self.my_fragments()
-        bar = None
-        if progress:
-            from tqdm import tqdm
+    def _bar(self, progress: bool):
+        if not progress:
+            return None
+        from tqdm import tqdm
 
-            bar = tqdm(total=3 * len(frags), desc="regrow", unit="tensor", file=sys.stderr)
-        for s in ("w", "m", "v"):
-            for name, f in frags:
-                flats[s][f.group][f.flat_start : f.flat_start + f.numel] = self.values(name, s, f.param_offset, f.numel)
+        return tqdm(total=3 * len(self.my_fragments()), desc="regrow", unit="tensor", file=sys.stderr)
+
+    def fill(self, state: str, group: int, put, bar=None) -> None:
+        """Compute this rank's elements of `state` (w | m | v, fp32) in param group `group`, fragment by
+        fragment in flat order: put(flat_start, values). After each fragment the source pages it touched
+        leave this process's memory (`SourceCheckpoint.release`): a rank's RSS holds at most one
+        fragment's source pages, not every page of every source file it reads."""
+        for name, f in self.my_fragments():
+            if f.group == group:
+                put(f.flat_start, self.values(name, state, f.param_offset, f.numel))
+                self.src.release(state)
                 if bar is not None:
                     bar.update()
-            self.src.close()  # reopened (metadata only) for the next state's reads
-        if bar is not None:
-            bar.close()
-        self.bytes_filled += sum(f.numel for _, f in frags) * 4 * 3
-        return flats
 
-    def module_weights(self, w_flats: list) -> OrderedDict | None:
-        """ZeRO-1/2, collective over the DP group: the TP-local weights in the training dtype, as
-        DeepSpeed's update_lp_params leaves them -- each DP rank rounds its fp32 partition, DP rank 0
-        gathers the partitions into one flat buffer per group (DeepSpeed's bit16 flat layout: the
-        partitions in DP order) and each weight is a view into it. None on the other DP ranks."""
-        from megagrow import collectives
+    def placeholders(self) -> dict:
+        """{state: [flat partition per group]} of fp32 placeholders (`torch.empty`, never touched: no memory)
+        for the optimizer file's master and moments, which `stream_states` writes into the file."""
+        return {s: [torch.empty(P, dtype=torch.float32) for P in self.map.partition_numel] for s in ("w", "m", "v")}
 
-        dtype, dp = DTYPE[self.L.dtype], self.L.dp
-        flats = []
-        for g, P in enumerate(self.map.partition_numel):
-            mine = w_flats[g].to(dtype)
-            if dp == 1:
-                flats.append(mine)
-                continue
-            flat = torch.empty(P * dp, dtype=dtype) if self.d == 0 else None
-            collectives.gather(mine, dst=self.t, group=self.dp_group, out=list(flat.split(P)) if flat is not None else None)
-            flats.append(flat)
+    def stream_states(self, f, flats: dict, bar=None) -> None:
+        """Write this rank's fp32 master and Adam moments into the optimizer file `f` (a StreamedSave),
+        fragment by fragment, straight from the growth map. The padding is never written: it reads as
+        zeros. A reset (zeroed) moment writes nothing."""
+        for s in ("w", "m", "v"):
+            for g, flat in enumerate(flats[s]):
+                if s == "w" or not self.reset:
+                    self.fill(s, g, lambda start, x, flat=flat: f.write(flat, 4 * start, x), bar)
+
+    def module_flats(self) -> list:
+        """Per group, DP rank 0's placeholder for the flat buffer its module weights view (DeepSpeed's bit16
+        flat layout: the DP ranks' partitions in DP order, in the training dtype); None elsewhere."""
         if self.d != 0:
-            return None
+            return [None] * len(self.map.partition_numel)
+        return [torch.empty(P * self.L.dp, dtype=DTYPE[self.L.dtype]) for P in self.map.partition_numel]
+
+    def module_weights(self, flats: list) -> OrderedDict:
+        """The TP-local weights, each a view into its group's flat buffer `flats[g]`."""
         out = OrderedDict()
         for name, shape in self.shapes.items():
             lst = self.map.frags[name]
             if not lst:  # an empty parameter: no elements anywhere
-                out[name] = torch.zeros(shape, dtype=dtype)
+                out[name] = torch.zeros(shape, dtype=DTYPE[self.L.dtype])
                 continue
             start = lst[0].dp_rank * self.map.partition_numel[lst[0].group] + lst[0].flat_start  # its offset in the flat group
             out[name] = flats[lst[0].group][start : start + math.prod(shape)].view(shape)
         return out
+
+    def stream_module(self, optim, w: list, module, flats: list) -> None:
+        """ZeRO-1/2, collective over the DP group: the module weights in the training dtype, as DeepSpeed's
+        update_lp_params leaves them -- each DP rank rounds its fp32 master (read back, chunk by chunk, from
+        its optimizer file `optim`) and DP rank 0 gathers the chunks and writes them into its module file
+        `module` (a StreamedSave; None on the other DP ranks) at their place in `flats`."""
+        from megagrow import collectives
+
+        dtype, dp = DTYPE[self.L.dtype], self.L.dp
+        size = torch.empty((), dtype=dtype).element_size()
+        # the same few buffers for every chunk: a new allocation per chunk would stay in the heap's free lists
+        master = torch.empty(CHUNK, dtype=torch.float32)
+        parts = [torch.empty(CHUNK, dtype=dtype) for _ in range(dp)] if self.d == 0 else None
+        mine = parts[0] if parts is not None else torch.empty(CHUNK, dtype=dtype)
+        for g, P in enumerate(self.map.partition_numel):
+            for c0 in range(0, P, CHUNK):
+                n = min(CHUNK, P - c0)
+                optim.read(w[g], 4 * c0, out=master[:n])
+                mine[:n].copy_(master[:n])
+                got = [p[:n] for p in parts] if parts is not None else None
+                if dp > 1:
+                    collectives.gather(mine[:n], dst=self.t, group=self.dp_group, out=got)
+                if module is not None:
+                    for d, part in enumerate(got):
+                        module.write(flats[g], (d * P + c0) * size, part)
 
     # ------------------------------------------------------------------ file contents
     def param_groups(self) -> list:
@@ -285,23 +313,38 @@ class RankWriter:
     # ------------------------------------------------------------------ writing
     @torch.no_grad()  # the source's fp32 master is saved as a leaf that requires grad: copies must not track it
     def write(self, tag_dir: str, step: int, client_state: dict, ds_config: dict, progress: bool = False, adam_step=lambda: 0) -> dict:
-        """Write this rank's files into `tag_dir`: `step` DeepSpeed's global step, `adam_step()` Adam's
-        (asked after the fill, which opened the source files it reads). Returns timings and byte counts."""
+        """Write this rank's files into `tag_dir`: `step` DeepSpeed's global step, `adam_step()` Adam's.
+        Neither file is ever whole in memory: the optimizer file's states are written fragment by fragment,
+        the module file chunk by chunk (`StreamedSave`). Returns timings and byte counts."""
+        from megagrow.state.streamsave import StreamedSave
+
         t0 = time.perf_counter()
         optim_name, model_name = file_names(self.L, self.t, self.d)
-        flats = self.fill(progress)
-        t1 = time.perf_counter()
+        bar = self._bar(progress)
         astep = adam_step()
-        save(
-            {"optimizer_state_dict": self.optimizer_state(flats, astep), "ds_config": ds_config, "ds_version": _version()},
-            os.path.join(tag_dir, optim_name),
-        )
-        w = flats["w"]
-        del flats
-        module = {} if self.L.zero_stage == 3 else self.module_weights(w)  # every DP rank takes part
-        del w
-        if model_name:
-            save(self.model_state(module, step, client_state, ds_config), os.path.join(tag_dir, model_name))
+        flats = self.placeholders()
+        obj = {"optimizer_state_dict": self.optimizer_state(flats, astep), "ds_config": ds_config, "ds_version": _version()}
+        with no_record_crc(), StreamedSave(obj, os.path.join(tag_dir, optim_name), lazy=[t for s in flats.values() for t in s]) as optim:
+            del obj
+            self.stream_states(optim, flats, bar)
+            self.bytes_filled += sum(f.numel for _, f in self.my_fragments()) * 4 * 3
+            if bar is not None:
+                bar.close()
+            t1 = time.perf_counter()
+            if self.L.zero_stage in (1, 2):  # every DP rank takes part; DP rank 0 writes the module file
+                mflats = self.module_flats()
+                module = None
+                if model_name:
+                    obj = self.model_state(self.module_weights(mflats), step, client_state, ds_config)
+                    module = StreamedSave(obj, os.path.join(tag_dir, model_name), lazy=mflats)
+                    del obj
+                try:
+                    self.stream_module(optim, flats["w"], module, mflats)
+                finally:
+                    if module is not None:
+                        module.close()
+            elif model_name:
+                torch.save(self.model_state({}, step, client_state, ds_config), os.path.join(tag_dir, model_name))
         return {
             "bytes_written_state": self.bytes_filled,
             "fill_seconds": t1 - t0,
@@ -310,7 +353,8 @@ class RankWriter:
         }
 
 
-def save(obj, path: str) -> None:
+@contextlib.contextmanager
+def no_record_crc():
     """torch.save without the zip records' own CRC-32 (half of torch.save's time for a large tensor
     on this machine: 1.04 -> 0.51 s for 0.48 GB): torch.load never checks it, and megagrow's
     manifest holds the CRC-32 of every whole file, which `seal` computes and `megagrow verify` and
@@ -320,7 +364,7 @@ def save(obj, path: str) -> None:
     before = config.save.compute_crc32
     config.save.compute_crc32 = False
     try:
-        torch.save(obj, path)
+        yield
     finally:
         config.save.compute_crc32 = before
 
