@@ -1,17 +1,20 @@
-"""Regrow (tools/regrow.py under torchrun, 2 CPU ranks) against `cp -r` of the bytes it writes.
+"""Regrow (tools/regrow.py, 2 CPU ranks) against `cp -r` of the bytes it writes.
 
     .venv/bin/python bench/regrow_offline.py [--workdir W] [--base TREE] [--size 1.3|0.25] [--only reshard|depth]
-        [--repeat N] [--no-import-time]
+        [--repeat N] [--launch torchrun direct] [--settle S] [--no-import-time]
 
 Trains a GPT-2 source (DP=2 ZeRO-2, fp32, 1 step; ~1.3 GB checkpoint at --size 1.3) once, then
 regrows it into (1) the same model at TP=2 ZeRO-1 (a pure reshard) and (2) depth x2 at DP=2
 ZeRO-1. For each: the regrow's wall time with the source cold (page cache dropped) and warm, its
-peak RSS per rank, and `cp -r` of its output, cold (page cache dropped before) and warm (the output
-just read once); each timed up to a `sync` after it. --base: another megagrow checkout (e.g.
-`git archive HEAD`) whose tools/regrow.py is timed on the same source and targets. Import time:
-one more run per tree with PYTHONPROFILEIMPORTTIME=1, rank 0's top-level imports summed.
-Dropping the page cache needs root (`/proc/sys/vm/drop_caches`); without it "cold" is reported
-as null. Prints one JSON object per (target, tree), then a summary line.
+peak RSS per rank and, where the tree reports it, the RSS growth above what a rank held when it
+began its part, and `cp -r` of its output, cold (page cache dropped before) and warm (the output
+just read once); each timed up to a `sync` after it. --launch: under torchrun (one interpreter
+per rank), started directly (`python tools/regrow.py`: it forks its ranks), or both. --settle:
+seconds to wait after each drop of the page cache, for regrow and cp alike. --base: another
+megagrow checkout (e.g. `git archive HEAD`) whose tools/regrow.py is timed on the same source and
+targets. Import time: one more run per tree with PYTHONPROFILEIMPORTTIME=1, rank 0's top-level
+imports summed. Dropping the page cache needs root (`/proc/sys/vm/drop_caches`); without it
+"cold" is reported as null. Prints one JSON object per (target, tree, launch), then a summary line.
 """
 
 from __future__ import annotations
@@ -62,14 +65,18 @@ def torchrun(tree: str, args: list, log_dir: str | None = None, **extra) -> subp
     return subprocess.run(cmd + args, cwd=tree, env=env(tree, **extra), capture_output=True, text=True)
 
 
+SETTLE = [0.0]  # seconds waited after dropping the page cache (--settle)
+
+
 def drop_caches() -> bool:
     subprocess.run(["sync"])
     try:
         with open("/proc/sys/vm/drop_caches", "w") as f:
             f.write("3\n")
-        return True
     except OSError:
         return False
+    time.sleep(SETTLE[0])
+    return True
 
 
 def timed(fn) -> float:
@@ -84,15 +91,17 @@ def dir_bytes(d: str) -> int:
     return sum(os.path.getsize(os.path.join(p, f)) for p, _, fs in os.walk(d) for f in fs)
 
 
-def regrow(tree: str, src: str, plan: str, stage: str, out: str, cold: bool) -> dict:
+def regrow(tree: str, src: str, plan: str, stage: str, out: str, cold: bool, launch: str = "torchrun") -> dict:
     shutil.rmtree(out, ignore_errors=True)
     dropped = drop_caches() if cold else None
     holder = {}
+    args = [os.path.join(tree, "tools", "regrow.py"), "--src", src, "--plan", plan, "--to-stage", stage, "--out", out, "--json"]
 
     def go():
-        holder["r"] = torchrun(
-            tree, [os.path.join(tree, "tools", "regrow.py"), "--src", src, "--plan", plan, "--to-stage", stage, "--out", out, "--json"]
-        )
+        if launch == "torchrun":
+            holder["r"] = torchrun(tree, args)
+        else:  # started directly: it forks (older trees: spawns) the ranks itself
+            holder["r"] = subprocess.run([sys.executable, *args], cwd=tree, env=env(tree), capture_output=True, text=True)
 
     wall = timed(go)
     r = holder["r"]
@@ -155,12 +164,16 @@ def bound(summary: dict, model_line: str) -> dict:
         share.append(sum(files[n] for n in mine))
     lim = [s + 2 * largest for s in share]
     rss = summary["peak_rss_bytes_per_rank"]
-    return {
+    out = {
         "share_bytes_per_rank": share,
         "largest_tensor_bytes": largest,
         "rss_bound_bytes_per_rank": lim,
         "rss_over_bound": [round(a / b, 2) for a, b in zip(rss, lim)],
     }
+    if "rss_growth_bytes_per_rank" in summary:  # trees that report the RSS a rank began its part with
+        out["rss_growth_bytes_per_rank"] = summary["rss_growth_bytes_per_rank"]
+        out["rss_growth_over_bound"] = [round(a / b, 2) for a, b in zip(summary["rss_growth_bytes_per_rank"], lim)]
+    return out
 
 
 def main() -> int:
@@ -172,7 +185,22 @@ def main() -> int:
     ap.add_argument("--no-import-time", action="store_true")
     ap.add_argument("--only", choices=["reshard", "depth"], help="run one of the two targets")
     ap.add_argument("--repeat", type=int, default=1, help="time each (target, tree) this many times, trees interleaved")
+    ap.add_argument(
+        "--launch",
+        nargs="+",
+        default=["torchrun"],
+        choices=["torchrun", "direct"],
+        help="how the regrow is started: torchrun (one interpreter per rank) and/or direct (python tools/regrow.py)",
+    )
+    ap.add_argument(
+        "--settle",
+        type=float,
+        default=0.0,
+        help="seconds to wait after dropping the page cache before a cold timing (regrow and cp alike): on a VM "
+        "that hands freed guest pages back to its host, memory first touched seconds after the drop costs far more",
+    )
     args = ap.parse_args()
+    SETTLE[0] = args.settle
     if not os.path.exists(args.data + ".idx"):
         print(f"error: dataset {args.data} not found (make demo prepares data_cache/stdlib)", file=sys.stderr)
         return 2
@@ -205,14 +233,16 @@ def main() -> int:
     for key, (plan, stage, m2) in plans.items():
         if args.only and not key.startswith(args.only):
             continue
-        for tree in trees * args.repeat:
+        for tree, launch in [(t, la) for t in trees for la in args.launch] * args.repeat:
             out = os.path.join(W, f"out_{stage}")
-            cold = regrow(tree, src, plan, stage, out, cold=True)
-            warm = regrow(tree, src, plan, stage, out, cold=False)
+            cold = regrow(tree, src, plan, stage, out, cold=True, launch=launch)
+            warm = regrow(tree, src, plan, stage, out, cold=False, launch=launch)
             s = warm["summary"]
             row = {
                 "target": key,
                 "tree": tree,
+                "launch": launch,
+                "settle_s": args.settle,
                 "source_bytes": src_bytes,
                 "bytes_written": dir_bytes(out),
                 "regrow_cold_s": cold["wall_s"],
@@ -242,6 +272,7 @@ def main() -> int:
                         for k in (
                             "target",
                             "tree",
+                            "launch",
                             "regrow_cold_s",
                             "cp_cold_s",
                             "cold_ratio",
@@ -249,6 +280,7 @@ def main() -> int:
                             "cp_warm_s",
                             "warm_ratio",
                             "rss_over_bound",
+                            "rss_growth_over_bound",
                             "import_s",
                         )
                     }

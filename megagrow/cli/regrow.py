@@ -222,6 +222,7 @@ def _run(args, plan, k: int, job: _Job) -> tuple:
         info = (regrow_offline if offline else regrow)(
             plan, k, job.src, tmp, args.grow, progress=(rank == 0 and not args.json), verify=job.verify, growth=job.growth
         )
+        t_seal = time.perf_counter()
         seal(
             tmp,
             info["tag"],
@@ -234,6 +235,7 @@ def _run(args, plan, k: int, job: _Job) -> tuple:
             ),
             tp=stage.layout.tp,
         )
+        info.setdefault("phase_seconds", {})["seal"] = time.perf_counter() - t_seal  # checksums, fsync, manifest
         faults.point("regrow.sealed", info["step"])
     except BaseException:
         if rank == 0:
