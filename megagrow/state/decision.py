@@ -41,10 +41,24 @@ def decide(plan: Plan, k: int, src_model, spec: str | None = None, same_stage: b
     from megagrow.growth.ops import growth_between
 
     stage = plan.stages[k]
+    _need_zero(stage, "into")
+    if k > 0 and not same_stage:
+        _need_zero(plan.stages[k - 1], "from")
     name = "identity" if same_stage else (spec or stage.grow or "identity")
     op, gp = growth_between(name, src_model, stage.model, symmetry_breaking=stage.growth.symmetry_breaking)
     reset = not same_stage and stage.growth.optimizer_state == "reset"  # stage.growth: the plan's ablation knobs
     return Growth(op, gp.tensors, same_stage, reset)
+
+
+def _need_zero(stage, way: str) -> None:
+    """Growth and resharding read and write ZeRO's flat fp32 partitions: stages 1-3. A ZeRO-0 checkpoint
+    keeps Adam's state in torch's own per-parameter state dict, which neither the shard reader nor the
+    writer addresses."""
+    if stage.layout.zero_stage == 0:
+        raise UserError(
+            f"stage {stage.name!r} has zero_stage 0: growing or resharding {way} a ZeRO-0 stage is not supported "
+            "(its optimizer state is not in ZeRO's flat partitions); use zero_stage 1 (at dp 1 it partitions nothing, as ZeRO-0)"
+        )
 
 
 def decide_for(plan: Plan, k: int, src, spec: str | None = None) -> Growth:

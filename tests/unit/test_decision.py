@@ -76,3 +76,17 @@ def test_decision_refuses_an_operator_that_does_not_reach_the_stage():
     plan = load_plan(PLAN)
     with pytest.raises(UserError, match="depth growth"):
         decide(plan, 2, plan.stages[1].model, spec="depth")
+
+
+@pytest.mark.parametrize("stage, way", [("s350m", "into"), ("s185m", "from")])
+def test_growth_into_or_from_a_zero0_stage_is_refused_in_one_line(stage, way):
+    """Property: a transition whose target, or whose source stage, has zero_stage 0 is refused by the
+    decision itself (so `megagrow run`'s plan check, the trainer's transition and regrow all refuse it),
+    as one UserError naming the stage; before, regrow into ZeRO-0 died in the engine fill with an
+    AttributeError traceback on every rank. The reshard of a ZeRO-0 stage into itself is refused too."""
+    plan = load_plan(PLAN, [f"stages.{stage}.layout.zero_stage=0", f"stages.{stage}.layout.tp=1"])
+    with pytest.raises(UserError, match=f"stage '{stage}' has zero_stage 0: growing or resharding {way} a ZeRO-0 stage"):
+        decide(plan, 1, plan.stages[0].model)
+    k = [s.name for s in plan.stages].index(stage)
+    with pytest.raises(UserError, match="zero_stage 0"):
+        decide(plan, k, plan.stages[k].model, same_stage=True)
