@@ -1,9 +1,9 @@
 """Regrow (tools/regrow.py, 2 CPU ranks) against `cp -r` of the bytes it writes.
 
-    .venv/bin/python bench/regrow_offline.py [--workdir W] [--base TREE] [--size 1.3|0.25] [--only reshard|depth]
+    .venv/bin/python bench/regrow_offline.py [--workdir W] [--base TREE] [--size 0.25|1.3|5] [--only reshard|depth]
         [--repeat N] [--launch torchrun direct] [--settle S] [--no-import-time]
 
-Trains a GPT-2 source (DP=2 ZeRO-2, fp32, 1 step; ~1.3 GB checkpoint at --size 1.3) once, then
+Trains a GPT-2 source (DP=2 ZeRO-2, fp32, 1 step; a ~0.25, 1.3 or 5.1 GB checkpoint by --size) once, then
 regrows it into (1) the same model at TP=2 ZeRO-1 (a pure reshard) and (2) depth x2 at DP=2
 ZeRO-1. For each: the regrow's wall time with the source cold (page cache dropped) and warm, its
 peak RSS per rank and, where the tree reports it, the RSS growth above what a rank held when it
@@ -30,7 +30,11 @@ import sys
 import time
 
 HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-MODELS = {"0.25": "n_layers: {L}, d_model: 384, n_heads: 6", "1.3": "n_layers: {L}, d_model: 896, n_heads: 14"}
+MODELS = {
+    "0.25": "n_layers: {L}, d_model: 384, n_heads: 6",
+    "1.3": "n_layers: {L}, d_model: 896, n_heads: 14",
+    "5": "n_layers: {L}, d_model: 1792, n_heads: 14",  # 316M parameters: a 5.1 GB source; the depth target writes 10 GB
+}
 PLAN = """name: regrow_bench
 data: {{prefix: {data}}}
 defaults: {{steps: 1, save_every: 1, log_every: 1}}
