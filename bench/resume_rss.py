@@ -31,8 +31,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 from megagrow.errors import UserError, cli_entry  # noqa: E402
-from megagrow.procs import memory_status as _status  # noqa: E402
-from megagrow.procs import reset_peak_rss as _reset_peak  # noqa: E402
+from megagrow.memory import reset_peak as _reset_peak  # noqa: E402
+from megagrow.memory import status as _status  # noqa: E402
 
 
 def _plan(a):

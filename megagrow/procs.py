@@ -52,11 +52,17 @@ def spawn_ranks(cmd: list[str], n: int, env: dict | None = None, master_port: in
     procs = []
     for r in range(n):
         e = dict(os.environ if env is None else env)
-        for k in [k for k in e if k.startswith("SLURM_STEP") or k in ("SLURM_PROCID", "SLURM_LOCALID", "SLURM_NTASKS")]:
-            e.pop(k, None)
-        e.update(RANK=str(r), WORLD_SIZE=str(n), LOCAL_RANK=str(r), MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
+        _set_rank_env(e, r, n, port)
         procs.append(subprocess.Popen(cmd, env=e, preexec_fn=_child_setup, **popen))
     return procs
+
+
+def _set_rank_env(env, r: int, n: int, port: str) -> None:
+    """Make `env` (a dict, or os.environ itself) rank r of n local ranks meeting at 127.0.0.1:port,
+    with no Slurm step variables left to make a rank think srun started it."""
+    for k in [k for k in env if k.startswith("SLURM_STEP") or k in ("SLURM_PROCID", "SLURM_LOCALID", "SLURM_NTASKS")]:
+        env.pop(k, None)
+    env.update(RANK=str(r), WORLD_SIZE=str(n), LOCAL_RANK=str(r), MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
 
 
 class Forked:
@@ -70,11 +76,6 @@ class Forked:
             pid, status = os.waitpid(self.pid, os.WNOHANG)
             if pid:
                 self.returncode = os.waitstatus_to_exitcode(status)  # -N when killed by signal N, as Popen
-        return self.returncode
-
-    def wait(self) -> int:
-        while self.poll() is None:
-            time.sleep(0.02)
         return self.returncode
 
     def kill(self) -> None:
@@ -102,9 +103,7 @@ def fork_ranks(fn, n: int, master_port: int | None = None) -> list[Forked]:
         rc = 1
         try:
             set_parent_death_signal(signal.SIGKILL)
-            for k in [k for k in os.environ if k.startswith("SLURM_STEP") or k in ("SLURM_PROCID", "SLURM_LOCALID", "SLURM_NTASKS")]:
-                os.environ.pop(k, None)
-            os.environ.update(RANK=str(r), WORLD_SIZE=str(n), LOCAL_RANK=str(r), MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
+            _set_rank_env(os.environ, r, n, port)
             rc = fn()
         except SystemExit as e:
             rc = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
@@ -248,43 +247,3 @@ def exit_rank(rc: int):
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(rc)
-
-
-def memory_status() -> dict:
-    """This process's VmRSS, VmHWM (peak RSS), RssAnon and RssFile in bytes (Linux /proc); {} elsewhere."""
-    out = {}
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                key, _, val = line.partition(":")
-                if key in ("VmRSS", "VmHWM", "RssAnon", "RssFile"):
-                    out[key] = int(val.split()[0]) * 1024
-    except OSError:
-        pass
-    return out
-
-
-def reset_peak_rss() -> None:
-    """Give freed heap pages back to the OS (reusing them then shows as growth) and start the peak
-    RSS (VmHWM) again from the current RSS (Linux; elsewhere the collection alone)."""
-    import gc
-
-    gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    except (OSError, AttributeError):
-        pass
-
-
-def return_large_frees(threshold: int = 1 << 20) -> bool:
-    """glibc: serve each allocation of `threshold` bytes or more by its own mapping, given back to the
-    OS when freed (mallopt M_MMAP_THRESHOLD). Fixing the threshold also stops glibc from raising it
-    (up to 32 MiB) each time such a block is freed, after which same-sized temporaries come from the
-    heap and stay in the process's RSS once freed. For a process that streams large tensors through
-    memory (regrow). False where it cannot be set."""
-    try:
-        return ctypes.CDLL("libc.so.6").mallopt(-3, int(threshold)) == 1  # M_MMAP_THRESHOLD
-    except (OSError, AttributeError):
-        return False

@@ -93,9 +93,8 @@ def _dry_run(args, plan, k: int) -> int:
 def main(argv=None) -> int:
     import signal
 
-    signal.pthread_sigmask(
-        signal.SIG_UNBLOCK, (signal.SIGUSR1, signal.SIGTERM)
-    )  # blocked when a launcher started it through procs.spawn_ranks
+    # blocked when a launcher started this process through procs.spawn_ranks
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, (signal.SIGUSR1, signal.SIGTERM))
     args = _parser().parse_args(argv)
     from megagrow.config import load_plan
 
@@ -194,8 +193,7 @@ def _run(args, plan, k: int, job: _Job) -> tuple:
 
     import torch
 
-    from megagrow import collectives
-    from megagrow.procs import memory_status, reset_peak_rss, return_large_frees
+    from megagrow import collectives, memory
     from megagrow.state.executor import regrow, regrow_offline
     from megagrow.state.manifest import checkpoint_meta, seal
     from megagrow.state.writer import init_ranks, supported
@@ -210,9 +208,9 @@ def _run(args, plan, k: int, job: _Job) -> tuple:
         init_distributed(stage.layout)
         rank = torch.distributed.get_rank()
     dist = torch.distributed.is_initialized()
-    return_large_frees()  # the fill's and the gathers' temporaries go back to the OS when freed
-    reset_peak_rss()  # the regrow's own peak from here: the source's metadata and every import are loaded
-    rss_before = memory_status().get("VmRSS", 0)
+    memory.return_large_frees()  # the fill's and the gathers' temporaries go back to the OS when freed
+    memory.reset_peak()  # the regrow's own peak from here: the source's metadata and every import are loaded
+    rss_before = memory.status().get("VmRSS", 0)
     tmp = f"{job.out}.regrow-tmp"
     if rank == 0 and os.path.exists(tmp):
         shutil.rmtree(tmp)
@@ -241,7 +239,7 @@ def _run(args, plan, k: int, job: _Job) -> tuple:
         if rank == 0:
             shutil.rmtree(tmp, ignore_errors=True)
         raise
-    peak_rss = memory_status().get("VmHWM") or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024.0  # Linux: KiB
+    peak_rss = memory.status().get("VmHWM") or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024.0  # Linux: KiB
     mine = torch.tensor(
         [
             float(info["bytes_read"]),
@@ -286,8 +284,8 @@ def _report(args, stage, job: _Job, info: dict, allr: list) -> None:
         "peak_rss_bytes_per_rank": [int(t[2]) for t in allr],
         "rss_growth_bytes_per_rank": [int(t[2] - t[6]) for t in allr],
         "files_opened_per_rank": [int(t[3]) for t in allr],  # source files: its metadata file + the optimizer files it read
-        # checksums checked by each rank before reading (torchrun/srun: the files it opens, rank 0 also the
-        # metadata file; started directly, the launcher checked every file and this is 0); opened unchecked (-1: not asked)
+        # checksums checked by each rank before reading (the files it opens, each by one of the ranks that open
+        # it; rank 0 also the metadata file); opened unchecked (-1: not asked)
         "files_verified_per_rank": [int(t[4]) for t in allr],
         "files_unverified_per_rank": [int(t[5]) for t in allr],
         "bytes_written": written,

@@ -36,7 +36,6 @@ import functools
 import glob
 import math
 import os
-import sys
 from dataclasses import dataclass, field
 
 import torch
@@ -57,28 +56,6 @@ def _load(path: str) -> dict:
         raise UserError(f"checkpoint file missing: {path}") from None
     except Exception as e:  # truncated / corrupt zip
         raise UserError(f"cannot read checkpoint file {path}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
-
-
-def _dontneed(t: torch.Tensor) -> None:
-    """madvise(MADV_DONTNEED) over the whole pages of `t`'s memory (Linux; elsewhere nothing). Only for
-    tensors of a file `_load` memory-mapped: on anonymous memory it would zero the data."""
-    global _libc
-    if _libc is None:
-        import ctypes
-        import ctypes.util
-
-        _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True) if sys.platform == "linux" else False
-    if not _libc or t.numel() == 0:
-        return
-    import ctypes
-
-    page = os.sysconf("SC_PAGE_SIZE")
-    a = t.data_ptr()
-    start, end = a - a % page, -(-(a + t.numel() * t.element_size()) // page) * page
-    _libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), 4)  # MADV_DONTNEED
-
-
-_libc = None
 
 
 @dataclass
@@ -359,10 +336,13 @@ class SourceCheckpoint:
         read. A column box of a row-major matrix touches every page of its rows, twice the bytes it
         reads at TP=2: without this a rank's RSS holds all of it until the file is closed. state: only
         that state's partitions (w | m | v)."""
-        for sd in self._files.values():
+        from megagrow.memory import drop_pages
+
+        for sd in self._files.values():  # every file here was mapped by `_load` (torch.load mmap=True)
             for s in [state] if state else STATE_KEYS:
                 for g in range(len(self.map.groups)):
-                    _dontneed(self._flat_of(sd, g, s))
+                    t = self._flat_of(sd, g, s)
+                    drop_pages(t.data_ptr(), t.numel() * t.element_size())
 
     # ---------------------------------------------------------------- metadata
     @functools.cached_property

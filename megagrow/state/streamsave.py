@@ -67,7 +67,6 @@ class StreamedSave:
         for s in order:
             if s._cdata not in lazy_ids:
                 self._pwrite(_bytes(torch.empty(0, dtype=torch.uint8).set_(s)), self.place[s._cdata][0])
-        self.written = 0  # bytes written through `write`
 
     def _where(self, t: torch.Tensor, offset: int, n: int) -> int:
         base, size = self.place[t.untyped_storage()._cdata]
@@ -84,7 +83,6 @@ class StreamedSave:
         """Write `data`'s bytes into the storage of placeholder `t`, at `byte_offset` in it."""
         b = _bytes(data)
         self._pwrite(b, self._where(t, byte_offset, len(b)))
-        self.written += len(b)
 
     def read(self, t: torch.Tensor, byte_offset: int, out: torch.Tensor) -> torch.Tensor:
         """Fill `out` (contiguous) with its bytes read back from the storage of `t` in the file, from `byte_offset`."""

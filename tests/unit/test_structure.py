@@ -25,6 +25,7 @@ RANK = {
     "params": 0,
     "rng": 0,
     "collectives": 0,
+    "memory": 0,
     "config": 1,
     "signals": 1,
     "model": 2,
